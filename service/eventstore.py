@@ -1,0 +1,332 @@
+"""The event log: append with optimistic concurrency and idempotency, gap-safe reads.
+
+Every SQL statement on `events` lives here (the upcaster's audited rewrite excepted).
+Tailing readers only take rows whose writing transaction is below the snapshot xmin
+and order by (tx_id, global_position), so an event whose transaction commits late is
+delivered late, never skipped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from functools import reduce
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+from projections import upcast
+from service.domain.events import EVENT_TYPES, AnyEvent, type_name
+from service.errors import IdempotencyConflict, VersionConflict
+
+# asyncpg pools and connections both offer fetch/execute; commands take either.
+Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+
+_encode = msgspec.json.Encoder().encode
+_decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+_DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event to append, with the id that makes a retry idempotent."""
+
+    event: AnyEvent
+    event_id: str = msgspec.field(default_factory=lambda: str(uuid.uuid4()))
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Appended(msgspec.Struct, frozen=True, kw_only=True):
+    stream_version: int
+    global_position: int
+    recorded_at: datetime
+    duplicate: bool
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    """A tailing reader's place: the last (tx_id, global_position) it took."""
+
+    tx_id: int = 0
+    position: int = 0
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as stored, upcast to the current schema."""
+
+    global_position: int
+    tx_id: int
+    event_id: str
+    stream_id: str
+    stream_version: int
+    schema_version: int
+    event: AnyEvent
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+    @property
+    def type(self) -> str:
+        return type_name(self.event)
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.tx_id, self.global_position)
+
+
+# --- codec -------------------------------------------------------------------------
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb travels as raw JSON bytes both ways: msgspec encodes and decodes it."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        format="binary",
+        encoder=_jsonb_encode,
+        decoder=_jsonb_decode,
+    )
+
+
+def _jsonb_encode(value: bytes | Any) -> bytes:
+    return b"\x01" + (value if isinstance(value, bytes) else _encode(value))
+
+
+def _jsonb_decode(value: bytes) -> bytes:
+    return bytes(value[1:])
+
+
+async def create_pool(dsn: str, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, init=init_connection, **kwargs)
+    assert pool is not None
+    return pool
+
+
+def encode_event(event: AnyEvent) -> bytes:
+    """The `data` column of an event: its fields without the tag, money as strings."""
+    return _encode(msgspec.structs.asdict(event))
+
+
+def decode_event(type_: str, schema_version: int, data: bytes) -> AnyEvent:
+    """Decode a stored event, upcasting a legacy schema version on the way."""
+    cls = EVENT_TYPES.get(type_)
+    if cls is not None and schema_version == cls.schema_version:
+        return _DECODERS[type_].decode(data)
+    name, current = upcast.upcast(type_, schema_version, msgspec.json.decode(data))
+    return msgspec.convert(current, EVENT_TYPES[name], strict=False)
+
+
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    event = decode_event(row["type"], row["schema_version"], row["data"])
+    return RecordedEvent(
+        global_position=row["global_position"],
+        tx_id=row["tx_id"],
+        event_id=str(row["event_id"]),
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        schema_version=type(event).schema_version,
+        event=event,
+        metadata=_decode_metadata(row["metadata"]),
+        recorded_at=row["recorded_at"],
+    )
+
+
+# --- append ------------------------------------------------------------------------
+
+_APPEND = "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8)"
+
+
+async def append(
+    conn: Executor,
+    stream_id: str,
+    expected_version: int | None,
+    events: Sequence[NewEvent],
+    *,
+    recorded_at: datetime | None = None,
+) -> list[Appended]:
+    """Append to one stream in one statement (its own transaction unless inside one).
+
+    `expected_version`: None = any, 0 = the stream must be new, n = exactly n.
+    A retry with the same event ids returns the original positions marked duplicate.
+    """
+    try:
+        rows = await conn.fetch(
+            _APPEND,
+            stream_id,
+            expected_version,
+            [e.event_id for e in events],
+            [type_name(e.event) for e in events],
+            [type(e.event).schema_version for e in events],
+            [encode_event(e.event) for e in events],
+            [_encode(e.metadata) for e in events],
+            recorded_at,
+        )
+    except asyncpg.PostgresError as exc:
+        raise _translate(exc, stream_id) from exc
+    return [
+        Appended(
+            stream_version=r["stream_version"],
+            global_position=r["global_position"],
+            recorded_at=r["recorded_at"],
+            duplicate=r["duplicate"],
+        )
+        for r in rows
+    ]
+
+
+def _translate(exc: asyncpg.PostgresError, stream_id: str) -> Exception:
+    state = exc.sqlstate
+    constraint = getattr(exc, "constraint_name", None)
+    if state == "GL001" or constraint == "events_stream_version_key":
+        return VersionConflict(f"{stream_id} was changed by someone else; reload it")
+    if state == "GL002" or constraint == "events_event_id_key":
+        return IdempotencyConflict(
+            f"an event id of this append to {stream_id} was already used elsewhere"
+        )
+    return exc
+
+
+async def append_streams(
+    pool: asyncpg.Pool,
+    appends: Sequence[tuple[str, int | None, Sequence[NewEvent]]],
+    *,
+    recorded_at: datetime | None = None,
+) -> list[list[Appended]]:
+    """Append to several streams atomically (REPEATABLE READ, retried on 40001).
+
+    Several appends in one transaction would break the per-stream delivery order under
+    READ COMMITTED (a later append could carry an older tx_id than a commit it saw).
+    """
+    for _attempt in range(5):
+        try:
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read"),
+            ):
+                return [
+                    await append(conn, s, v, evs, recorded_at=recorded_at)
+                    for s, v, evs in appends
+                ]
+        except asyncpg.SerializationError:
+            continue
+    raise VersionConflict("the streams kept changing under this command; retry it")
+
+
+# --- read --------------------------------------------------------------------------
+
+_COLUMNS = (
+    "global_position, tx_id, event_id, stream_id, stream_version, type,"
+    " schema_version, data, metadata, recorded_at"
+)
+
+
+async def read_stream(
+    conn: Executor, stream_id: str
+) -> tuple[int, list[RecordedEvent]]:
+    """A stream's version and its events in order (version 0: no such stream)."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version",
+        stream_id,
+    )
+    events = [_record(r) for r in rows]
+    return (events[-1].stream_version if events else 0), events
+
+
+_READ_ALL = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (tx_id, global_position) > ($1::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, global_position
+LIMIT $3
+"""
+
+
+async def read_all(
+    conn: Executor, after: Checkpoint, limit: int = 500
+) -> list[RecordedEvent]:
+    """The next events after a checkpoint, only from finished transactions."""
+    rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+    return [_record(r) for r in rows]
+
+
+async def read_all_rows(
+    conn: Executor, after: Checkpoint, limit: int = 500
+) -> list[asyncpg.Record]:
+    """`read_all` without decoding, for bulk readers that decode themselves."""
+    return await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+
+
+async def read_page(
+    conn: Executor, *, after: int, limit: int, stream_id: str | None = None
+) -> list[RecordedEvent]:
+    """Events by position for inspection and export: committed ones only."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM events
+        WHERE global_position > $1 AND ($3::text IS NULL OR stream_id = $3)
+          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY global_position LIMIT $2
+        """,
+        after,
+        limit,
+        stream_id,
+    )
+    return [_record(r) for r in rows]
+
+
+async def head(conn: Executor) -> Checkpoint:
+    """The last safely readable (tx_id, position): what a reader has to reach."""
+    row = await conn.fetchrow(
+        """
+        SELECT tx_id, global_position FROM events
+        WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY tx_id DESC, global_position DESC LIMIT 1
+        """
+    )
+    return Checkpoint(row["tx_id"], row["global_position"]) if row else Checkpoint()
+
+
+async def max_position(conn: Executor) -> int:
+    return int(
+        await conn.fetchval("SELECT coalesce(max(global_position), 0) FROM events")
+    )
+
+
+# --- commands ----------------------------------------------------------------------
+
+S = TypeVar("S")
+C = TypeVar("C")
+
+
+async def execute(
+    conn: Executor,
+    stream_id: str,
+    command: C,
+    decide: Callable[[C, S | None], Sequence[AnyEvent]],
+    evolve: Callable[[S | None, AnyEvent], S | None],
+    *,
+    expected_version: int | None = None,
+    event_ids: Callable[[int], str] | None = None,
+    recorded_at: datetime | None = None,
+) -> tuple[S | None, list[Appended]]:
+    """Load the stream, decide, append with optimistic concurrency.
+
+    Returns the resulting state and what was appended ([] when decide found nothing to
+    do). `decide` is pure, so a caller may retry a VersionConflict when the client sent
+    no If-Match.
+    """
+    version, history = await read_stream(conn, stream_id)
+    if expected_version is not None and expected_version != version:
+        raise VersionConflict(
+            f"{stream_id} is at version {version}, not {expected_version}"
+        )
+    state = reduce(evolve, (r.event for r in history), None)
+    events = decide(command, state)
+    if not events:
+        return state, []
+    new = [
+        NewEvent(event=e, event_id=event_ids(i)) if event_ids else NewEvent(event=e)
+        for i, e in enumerate(events)
+    ]
+    appended = await append(conn, stream_id, version, new, recorded_at=recorded_at)
+    return reduce(evolve, events, state), appended
