@@ -1,0 +1,70 @@
+"""create_app(settings): the routes table, middlewares, and the pool's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import structlog
+from aiohttp import web
+
+from service import eventstore
+from service.config import Settings
+from service.http import (
+    MIDDLEWARES,
+    Handler,
+    Right,
+    quiet_key,
+    rights_key,
+    settings_key,
+)
+from service.routes import events, health
+from service.state import pool_key, readiness_key
+
+log = structlog.get_logger()
+
+RouteSpec = tuple[str, str, Handler, Right]
+
+ROUTE_TABLES: tuple[Iterable[RouteSpec], ...] = (health.ROUTES, events.ROUTES)
+# Hot paths: their successful requests are counted in /metrics, not logged one by one.
+QUIET_PATHS: frozenset[str] = frozenset()
+
+
+def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=MIDDLEWARES,
+        # The largest body any route takes; each route applies its own smaller limit.
+        client_max_size=settings.max_batch_body_bytes,
+    )
+    app[settings_key] = settings
+    app[readiness_key] = {}
+    rights: dict[web.AbstractRoute, Right] = {}
+    quiet: set[web.AbstractRoute] = set()
+    for table in ROUTE_TABLES:
+        for method, path, handler, right in table:
+            route = app.router.add_route(method, path, handler)
+            rights[route] = right
+            if path in QUIET_PATHS:
+                quiet.add(route)
+    app[rights_key] = rights
+    app[quiet_key] = quiet
+    app.cleanup_ctx.append(_pool(dsn or settings.database_url, settings))
+    return app
+
+
+def _pool(
+    dsn: str | None, settings: Settings
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if dsn is None:
+            raise RuntimeError("create_app needs a DSN: set DATABASE_URL")
+        pool = await eventstore.create_pool(
+            dsn, min_size=2, max_size=settings.pool_size
+        )
+        app[pool_key] = pool
+        log.info("database_pool_opened", size=settings.pool_size)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return ctx

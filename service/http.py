@@ -1,0 +1,232 @@
+"""The HTTP edge: body decoding, JSON answers, error, auth and log middlewares."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from enum import Enum
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from service.config import Settings
+from service.errors import (
+    BodyTooLarge,
+    Forbidden,
+    IdempotencyConflict,
+    Invalid,
+    NotFound,
+    ProjectionLag,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+    VersionConflict,
+)
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATUS: Mapping[type[ServiceError], int] = {
+    Invalid: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    VersionConflict: 409,
+    BodyTooLarge: 413,
+    IdempotencyConflict: 422,
+    Unavailable: 503,
+    ProjectionLag: 503,
+}
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+class Right(Enum):
+    """What a route needs; each role holds a set of rights."""
+
+    PUBLIC = "public"
+    READ = "read"  # GET endpoints and /metrics
+    CHECK = "check"  # POST /api/governance/check
+    RECORD = "record"  # usage ingest
+    ADMIN = "admin"  # commands and /api/events
+
+
+ROLE_RIGHTS: Mapping[str, frozenset[Right]] = {
+    "admin": frozenset(Right),
+    "recorder": frozenset({Right.PUBLIC, Right.CHECK, Right.RECORD}),
+    "reader": frozenset({Right.PUBLIC, Right.CHECK, Right.READ}),
+}
+
+settings_key = web.AppKey("settings", Settings)
+rights_key = web.AppKey("route_rights", dict[web.AbstractRoute, Right])
+quiet_key = web.AppKey("quiet_routes", set[web.AbstractRoute])
+
+
+# --- answers -----------------------------------------------------------------------
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(body), status=status, content_type="application/json"
+    )
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response(error_body(code, message), status)
+
+
+# --- bodies ------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or a 413 once it passes `limit` bytes (chunked bodies too)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the request body is larger than the limit of {limit} bytes")
+
+
+def decode_bytes(body: bytes, type_: type[T]) -> T:
+    """Strict decoding at the edge: every failure is a 400 naming the JSON path."""
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"the request body is invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise Invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+async def decode(request: web.Request, type_: type[T]) -> T:
+    body = await read_body(request, request.app[settings_key].max_body_bytes)
+    return decode_bytes(body, type_)
+
+
+def query_int(
+    request: web.Request, name: str, default: int | None = None, *, minimum: int = 0
+) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Invalid(
+            f"query parameter {name} must be an integer, got {raw!r}"
+        ) from None
+    if value < minimum:
+        raise Invalid(f"query parameter {name} must be at least {minimum}")
+    return value
+
+
+# --- middlewares -------------------------------------------------------------------
+
+_HTTP_CODES = {
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "this endpoint does not accept that method"),
+    413: ("body_too_large", "the request body is larger than the limit"),
+}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        status = next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
+        if status >= 500:
+            log.warning("request_unavailable", code=exc.code, error=exc.message)
+        return error_response(status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        response = error_response(exc.status, code, message)
+        for name in ("Allow",):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("request_failed")
+        return error_response(
+            500, "internal_error", "the server failed on this request"
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route
+    right = request.app[rights_key].get(route, Right.PUBLIC)
+    settings = request.app[settings_key]
+    if right is Right.PUBLIC or settings.is_open:
+        return await handler(request)
+    role = authenticate(settings, request.headers.get("Authorization"))
+    if right not in ROLE_RIGHTS[role]:
+        raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
+    return await handler(request)
+
+
+def authenticate(settings: Settings, header: str | None) -> str:
+    """The role of a bearer token, compared in constant time against every token."""
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("send Authorization: Bearer <token>")
+    token = header[len("Bearer ") :].encode()
+    found: str | None = None
+    for role, tokens in (
+        ("admin", settings.admin_tokens),
+        ("recorder", settings.recorder_tokens),
+        ("reader", settings.reader_tokens),
+    ):
+        for candidate in tokens:
+            # No early exit: the time taken does not depend on which token matched.
+            if hmac.compare_digest(candidate.encode(), token) and found is None:
+                found = role
+    if found is None:
+        raise Unauthorized("the bearer token is not known")
+    return found
+
+
+@web.middleware
+async def log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One canonical line per request, with a request id bound for everything below."""
+    structlog.contextvars.clear_contextvars()
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, method=request.method, path=request.path
+    )
+    started = time.perf_counter()
+    response = await handler(request)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    status = response.status
+    if status >= 400 or request.match_info.route not in request.app[quiet_key]:
+        log.info(
+            "request_finished",
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+    return response
+
+
+MIDDLEWARES = (log_middleware, error_middleware, auth_middleware)

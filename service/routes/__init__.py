@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per part of the API; app.py assembles their routes."""

@@ -1,0 +1,48 @@
+"""GET /api/events: the log as stored, upcast on read (admin only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from service import eventstore
+from service.eventstore import RecordedEvent
+from service.http import Right, json_response, query_int
+from service.state import pool_key
+
+MAX_LIMIT = 10_000
+
+
+def envelope(record: RecordedEvent) -> dict[str, Any]:
+    """The wire form of a stored event (also the JSONL line of import/export)."""
+    return {
+        "global_position": record.global_position,
+        "event_id": record.event_id,
+        "stream_id": record.stream_id,
+        "stream_version": record.stream_version,
+        "type": record.type,
+        "schema_version": record.schema_version,
+        "data": msgspec.structs.asdict(record.event),
+        "metadata": record.metadata,
+        "recorded_at": record.recorded_at,
+    }
+
+
+async def list_events(request: web.Request) -> web.Response:
+    after = query_int(request, "after", 0) or 0
+    limit = min(query_int(request, "limit", 1000, minimum=1) or 1000, MAX_LIMIT)
+    stream_id = request.query.get("stream_id") or None
+    records = await eventstore.read_page(
+        request.app[pool_key], after=after, limit=limit, stream_id=stream_id
+    )
+    return json_response(
+        {
+            "events": [envelope(r) for r in records],
+            "next_after": records[-1].global_position if records else after,
+        }
+    )
+
+
+ROUTES = [("GET", "/api/events", list_events, Right.ADMIN)]

@@ -1,0 +1,165 @@
+"""GET /api/events and the auth rules of API.md, through a real aiohttp server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from service import eventstore
+from service.app import create_app
+from service.config import ConfigError, Settings, check_exposure
+from service.domain.events import Budget, TeamCreated
+from service.eventstore import NewEvent
+
+TOKENS = {
+    "admin_tokens": frozenset({"adm-secret"}),
+    "recorder_tokens": frozenset({"rec-secret"}),
+    "reader_tokens": frozenset({"read-secret"}),
+}
+
+
+@asynccontextmanager
+async def serve(settings: Settings, dsn: str) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(create_app(settings, dsn))) as client:
+        yield client
+
+
+async def append_team(pool) -> int:
+    [appended] = await eventstore.append(
+        pool,
+        "team-t1",
+        0,
+        [
+            NewEvent(
+                event=TeamCreated(
+                    team_id="t1",
+                    name="platform",
+                    budgets=(
+                        Budget(
+                            budget_id="b1",
+                            max_limit=Decimal("12.000000001"),
+                            reset_duration="1M",
+                        ),
+                    ),
+                ),
+                event_id="00000000-0000-4000-8000-000000000001",
+            )
+        ],
+    )
+    return appended.global_position
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        (None, 401, "unauthorized"),
+        ("adm-secret", 401, "unauthorized"),  # no Bearer prefix
+        ("Bearer nope", 401, "unauthorized"),
+        ("Bearer rec-secret", 403, "forbidden"),
+        ("Bearer read-secret", 403, "forbidden"),
+    ],
+)
+async def test_events_refuse_callers_without_the_admin_right(
+    database, pool, header, status, code
+):
+    async with serve(Settings(**TOKENS), database) as client:
+        headers = {"Authorization": header} if header else {}
+        response = await client.get("/api/events", headers=headers)
+        body = await response.json()
+
+    assert response.status == status
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+
+
+async def test_events_list_the_log_for_an_admin_with_exact_money(database, pool):
+    position = await append_team(pool)
+    async with serve(Settings(**TOKENS), database) as client:
+        response = await client.get(
+            "/api/events?after=0", headers={"Authorization": "Bearer adm-secret"}
+        )
+        text = await response.text()
+        body = await response.json()
+
+    assert response.status == 200
+    assert '"max_limit":12.000000001' in text
+    [event] = body["events"]
+    assert {k: v for k, v in event.items() if k != "recorded_at"} == {
+        "global_position": position,
+        "event_id": "00000000-0000-4000-8000-000000000001",
+        "stream_id": "team-t1",
+        "stream_version": 1,
+        "type": "TeamCreated",
+        "schema_version": 2,
+        "data": {
+            "team_id": "t1",
+            "name": "platform",
+            "customer_id": None,
+            "budgets": [
+                {
+                    "budget_id": "b1",
+                    "max_limit": 12.000000001,
+                    "reset_duration": "1M",
+                    "calendar_aligned": False,
+                    "reset_usage": False,
+                }
+            ],
+            "rate_limit": None,
+        },
+        "metadata": {},
+    }
+    assert event["recorded_at"].endswith(("Z", "+00:00"))
+    assert body["next_after"] == position
+
+
+async def test_events_page_by_after_and_filter_by_stream(database, pool):
+    position = await append_team(pool)
+    async with serve(Settings(), database) as client:
+        after = await (await client.get(f"/api/events?after={position}")).json()
+        other = await (await client.get("/api/events?stream_id=team-zz")).json()
+        bad = await client.get("/api/events?after=x")
+        bad_body = await bad.json()
+
+    assert after == {"events": [], "next_after": position}
+    assert other == {"events": [], "next_after": 0}
+    assert bad.status == 400
+    assert bad_body["error"]["code"] == "invalid_request"
+
+
+async def test_the_service_is_open_on_loopback_when_no_token_is_configured(
+    database, pool
+):
+    async with serve(Settings(), database) as client:
+        response = await client.get("/api/events")
+
+    assert response.status == 200
+
+
+async def test_health_needs_no_token_and_unknown_paths_are_404_in_the_error_shape(
+    database, pool
+):
+    async with serve(Settings(**TOKENS), database) as client:
+        health = await client.get("/healthz")
+        health_body = await health.json()
+        missing = await client.get("/nope")
+        missing_body = await missing.json()
+
+    assert (health.status, health_body) == (200, {"status": "ok"})
+    assert missing.status == 404
+    assert missing_body["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
+def test_the_service_refuses_to_start_open_on_a_non_loopback_address(host):
+    with pytest.raises(ConfigError, match="without tokens"):
+        check_exposure(Settings(host=host))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_the_service_may_start_open_on_loopback(host):
+    check_exposure(Settings(host=host))
+    check_exposure(Settings(host="0.0.0.0", admin_tokens=frozenset({"t"})))
