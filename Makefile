@@ -1,0 +1,61 @@
+.DEFAULT_GOAL := check
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The venv is (re)built only when pyproject.toml changes; every target depends on it.
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "govledger needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+.PHONY: run
+run: $(INSTALLED)
+	exec $(BIN)/govledger serve
+
+.PHONY: migrate
+migrate: $(INSTALLED)
+	$(BIN)/govledger migrate
+
+.PHONY: test
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+.PHONY: soak
+soak: $(INSTALLED)
+	$(BIN)/pytest -m soak
+
+.PHONY: bench
+bench: $(INSTALLED)
+	$(BIN)/govledger bench
+
+.PHONY: fmt
+fmt: $(INSTALLED)
+	$(BIN)/ruff format
+	$(BIN)/ruff check --fix
+
+.PHONY: lint
+lint: $(INSTALLED)
+	$(BIN)/ruff format --check
+	$(BIN)/ruff check
+	$(BIN)/mypy
+
+.PHONY: check
+check: lint test
+
+.PHONY: clean
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./.data -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Separate from clean on purpose: .data is the local cluster of `make run`.
+.PHONY: clean-data
+clean-data: $(INSTALLED)
+	$(BIN)/python -m service.pgcluster stop .data
+	rm -rf .data

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real PostgreSQL with the production migrations applied
+(`database`), one pool for the session (`pool`), and a TRUNCATE after every test that
+touched the database (`clean`)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from service import eventstore, pgcluster
+
+# A test that asks for any of these gets the tables emptied after it.
+DATABASE_FIXTURES = frozenset({"database", "pool", "client"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes seconds rather than milliseconds")
+    config.addinivalue_line("markers", "soak: long load run; only with `-m soak`")
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    if "soak" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="soak tests run only with -m soak (make soak)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+async def database() -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database: on DATABASE_URL's server when it is set,
+    else in a throwaway cluster started for the session."""
+    from service.migrate import migrate  # deferred: tests/domain must not need it
+
+    server = os.environ.get("DATABASE_URL")
+    if server:
+        name = f"govledger_test_{secrets.token_hex(6)}"
+        await _execute(server, f'CREATE DATABASE "{name}"')
+        try:
+            dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+            await migrate(dsn)
+            yield dsn
+        finally:
+            await _execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        with pgcluster.throwaway(settings={"max_connections": "200"}) as dsn:
+            await migrate(dsn)
+            yield dsn
+
+
+@pytest.fixture(scope="session")
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await eventstore.create_pool(database, min_size=2, max_size=20)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture(autouse=True)
+def clean(request: pytest.FixtureRequest) -> None:
+    """Empty every table but schema_migrations after a test that used the database.
+
+    A sync gate, so tests without the database pay nothing; the async work is in
+    `truncate_after`, requested only when needed (and torn down after `client`).
+    """
+    if DATABASE_FIXTURES.intersection(request.fixturenames):
+        request.getfixturevalue("truncate_after")
+
+
+@pytest.fixture
+async def truncate_after(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    yield
+    # Listed afresh each time so tables added by later migrations are covered.
+    tables = await pool.fetch(
+        "SELECT format('%I.%I', schemaname, tablename) AS name FROM pg_tables"
+        " WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+    )
+    if tables:
+        names = ", ".join(row["name"] for row in tables)
+        await pool.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
