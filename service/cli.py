@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +41,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=settings.host,
             hint="set GOVLEDGER_ADMIN_TOKENS to require bearer tokens",
         )
+    embedded = not settings.database_url
+    started_here = embedded and _embedded_status(settings) is None
     dsn = database_url(settings)
     asyncio.run(migrate(dsn))
     app = create_app(settings, dsn)
+    app.on_startup.append(_freeze_heap)
     log.info("serving", host=settings.host, port=settings.port)
     web.run_app(
         app,
@@ -53,7 +57,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=10,
         reuse_port=args.reuse_port,
     )
+    if started_here:
+        # Leave the machine as we found it: a cluster this serve started stops with it.
+        from service import pgcluster
+
+        pgcluster.stop(Path(settings.data_dir))
     return 0
+
+
+def _embedded_status(settings: Settings) -> str | None:
+    from service import pgcluster
+
+    return pgcluster.status(Path(settings.data_dir))
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Move start-up objects out of the cyclic GC's sight: full collections then walk
+    only what requests allocate (the ingest research measured +25% from this)."""
+    gc.collect()
+    gc.freeze()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
