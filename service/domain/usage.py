@@ -1,0 +1,275 @@
+"""A usage record as recorders send it: strict decoding (NDJSON lines too),
+validation, key resolution through the cache's interface, its event and its row.
+
+Rejection codes (each answered with a sentence):
+- `invalid_record`: not JSON, wrong types, unknown or missing fields, a bad `event_id`,
+  neither or both of `virtual_key` and `virtual_key_id`, counts out of range, U+0000
+  in `provider` or `model` (jsonb cannot store it).
+- `negative_cost`: `cost` below zero.
+- `invalid_cost`: `cost` not finite, with more than 9 fractional digits, or absurdly
+  large (≥ 10^12, which no single request costs and which keeps sums in range).
+- `future_occurred_at`: `occurred_at` more than 5 minutes ahead of the receive time.
+- `unknown_virtual_key`: no such key (decided by the shell, which holds the cache).
+
+`requests` defaults to 1 and may be 0: a record may correct the cost or tokens of a
+request that an earlier record already counted, exactly as `cost` may be 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, NamedTuple, Protocol
+
+import msgspec
+
+from service.domain.events import UsageRecorded
+
+MAX_FUTURE = timedelta(minutes=5)
+MAX_COST = Decimal(10) ** 12
+NANO = Decimal("1e-9")
+# Per record; sums over millions of records still fit a bigint.
+MAX_COUNT = 2**31 - 1
+
+_UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+# event_id stays a str: str is not tracked by the cyclic GC, uuid.UUID is (see
+# research/ingest-pipeline.md), and the canonical form is enforced by the pattern.
+EventId = Annotated[str, msgspec.Meta(pattern=_UUID)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class UsageRecord(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """One record of POST /api/usage, a batch line or a stream frame's element."""
+
+    event_id: EventId
+    provider: Name
+    model: Name
+    cost: Decimal
+    virtual_key: Name | None = None
+    virtual_key_id: Name | None = None
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    requests: Count = 1
+    occurred_at: Instant | None = None
+
+
+class UsageChain(msgspec.Struct, frozen=True):
+    """The owners a key's usage is charged to, as the cache resolves them."""
+
+    virtual_key_id: str
+    provider_config_id: str | None
+    team_id: str | None
+    customer_id: str | None
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """Why a record was refused: a snake_case code and a human sentence."""
+
+    code: str
+    message: str
+
+
+NEGATIVE_COST = Rejection("negative_cost", "cost must be zero or more")
+INVALID_COST = Rejection(
+    "invalid_cost",
+    "cost must be a finite number below 10^12 with at most 9 fractional digits",
+)
+FUTURE_OCCURRED_AT = Rejection(
+    "future_occurred_at", "occurred_at is more than 5 minutes in the future"
+)
+UNKNOWN_VIRTUAL_KEY = Rejection(
+    "unknown_virtual_key", "the virtual key is not known (or was deleted)"
+)
+KEY_CHOICE = Rejection(
+    "invalid_record", "send exactly one of virtual_key and virtual_key_id"
+)
+NUL_CHARACTER = Rejection(
+    "invalid_record", "provider and model must not contain the character U+0000"
+)
+
+
+def invalid_record(error: msgspec.MsgspecError) -> Rejection:
+    """The rejection of a record that did not decode."""
+    if isinstance(error, msgspec.ValidationError):
+        return Rejection("invalid_record", f"the record is invalid: {error}")
+    return Rejection("invalid_record", f"the record is not valid JSON: {error}")
+
+
+def validate(record: UsageRecord, now: datetime) -> Rejection | None:
+    """What is wrong with a decoded record that its types cannot say, if anything."""
+    if (record.virtual_key is None) == (record.virtual_key_id is None):
+        return KEY_CHOICE
+    # PostgreSQL's jsonb cannot hold U+0000: one such record would fail its group.
+    if "\x00" in record.provider or "\x00" in record.model:
+        return NUL_CHARACTER
+    cost = record.cost
+    if not cost.is_finite():
+        return INVALID_COST
+    if cost < 0:
+        return NEGATIVE_COST
+    if cost >= MAX_COST:
+        return INVALID_COST
+    # Below MAX_COST, quantize stays within the context's 28 digits. 0.1000000000
+    # passes: only one of its fractional digits is not zero.
+    if cost != cost.quantize(NANO):
+        return INVALID_COST
+    if record.occurred_at is not None and record.occurred_at > now + MAX_FUTURE:
+        return FUTURE_OCCURRED_AT
+    return None
+
+
+def event_key(record: UsageRecord) -> int:
+    """The record's idempotency key as an int (untracked by the GC, cheap to hash)."""
+    return int(record.event_id.replace("-", ""), 16)
+
+
+def to_event(record: UsageRecord, chain: UsageChain, now: datetime) -> UsageRecorded:
+    """The event of a valid record whose key resolved to `chain`."""
+    occurred_at = record.occurred_at
+    if occurred_at is None:
+        occurred_at = now
+    elif occurred_at.tzinfo is not UTC:
+        occurred_at = occurred_at.astimezone(UTC)
+    return UsageRecorded(
+        virtual_key_id=chain.virtual_key_id,
+        provider=record.provider,
+        model=record.model,
+        # A zero may arrive as -0; the log keeps a plain 0.
+        cost=record.cost or Decimal(0),
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+        requests=record.requests,
+        occurred_at=occurred_at,
+        provider_config_id=chain.provider_config_id,
+        team_id=chain.team_id,
+        customer_id=chain.customer_id,
+    )
+
+
+# --- screening -------------------------------------------------------------------
+
+
+class KeyResolver(Protocol):
+    """What ingest needs from the enforcement cache (projections/cache.py)."""
+
+    def resolve_usage(
+        self,
+        *,
+        virtual_key_sha256: str | None,
+        virtual_key_id: str | None,
+        provider: str,
+    ) -> UsageChain | None: ...
+
+
+class Row(msgspec.Struct, frozen=True, gc=False):
+    """A screened record, ready to append (untracked by the GC: no references)."""
+
+    key: int  # event_id as an int: the idempotency key
+    event_id: str
+    stream_id: str
+    data: bytes  # the event's `data` column
+
+
+class Rejected(NamedTuple):
+    """A record refused before the queue: where it was (line or index) and why."""
+
+    where: int
+    why: Rejection
+
+
+_encode = msgspec.json.Encoder().encode
+decode_record = msgspec.json.Decoder(UsageRecord).decode
+_decode_records = msgspec.json.Decoder(UsageRecord).decode_lines
+# A line that ends one JSON value and starts another (false positives only cost speed).
+_TWO_VALUES = re.compile(rb"\}[ \t\r]*\{")
+_BLANK = b" \t\r"
+
+# `data` is the event without its tag, as eventstore.encode_event writes it. Encoding
+# the tagged struct and cutting the tag off is a third cheaper than asdict() + encode
+# and gives the same bytes (tests/test_ingest.py checks it).
+_TAG = b'{"type":"UsageRecorded",'
+
+
+def encode_usage(event: UsageRecorded) -> bytes:
+    return b"{" + _encode(event)[len(_TAG) :]
+
+
+def decode_lines(body: bytes) -> tuple[list[tuple[int, UsageRecord]], list[Rejected]]:
+    """NDJSON → (line, record) pairs and rejected lines (1-based); blank lines skipped.
+
+    One decode_lines() over the whole body when it holds exactly one value per line (the
+    common case); else line by line, which also names the lines that fail.
+    """
+    try:
+        records = _decode_records(body)
+    except msgspec.MsgspecError:
+        pass
+    else:
+        lines = body.count(b"\n") + (not body.endswith(b"\n"))
+        if len(records) == lines and not _TWO_VALUES.search(body):
+            return list(enumerate(records, 1)), []
+    good: list[tuple[int, UsageRecord]] = []
+    bad: list[Rejected] = []
+    for number, line in enumerate(body.split(b"\n"), 1):
+        if not line.strip(_BLANK):
+            continue
+        try:
+            good.append((number, decode_record(line)))
+        except msgspec.MsgspecError as exc:
+            bad.append(Rejected(number, invalid_record(exc)))
+    return good, bad
+
+
+class Screened(NamedTuple):
+    rows: list[Row]
+    rejected: list[Rejected]
+
+
+def screen(
+    records: Sequence[tuple[int, UsageRecord]], resolver: KeyResolver, now: datetime
+) -> Screened:
+    """Validate records and resolve their keys; chains are looked up once per
+    (key, provider) in a request."""
+    rows: list[Row] = []
+    rejected: list[Rejected] = []
+    # (chain, stream id) per (secret, key id, provider) of this request
+    chains: dict[tuple[str | None, str | None, str], tuple[UsageChain, str] | None] = {}
+    for at, record in records:
+        rejection = validate(record, now)
+        if rejection is not None:
+            rejected.append(Rejected(at, rejection))
+            continue
+        lookup = (record.virtual_key, record.virtual_key_id, record.provider)
+        try:
+            found = chains[lookup]
+        except KeyError:
+            found = chains[lookup] = _resolve(resolver, record)
+        if found is None:
+            rejected.append(Rejected(at, UNKNOWN_VIRTUAL_KEY))
+            continue
+        chain, stream_id = found
+        data = encode_usage(to_event(record, chain, now))
+        rows.append(Row(event_key(record), record.event_id, stream_id, data))
+    return Screened(rows, rejected)
+
+
+def _resolve(
+    resolver: KeyResolver, record: UsageRecord
+) -> tuple[UsageChain, str] | None:
+    secret = record.virtual_key
+    chain = resolver.resolve_usage(
+        virtual_key_sha256=(
+            None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
+        ),
+        virtual_key_id=record.virtual_key_id,
+        provider=record.provider,
+    )
+    return None if chain is None else (chain, "usage-" + chain.virtual_key_id)

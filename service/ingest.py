@@ -1,0 +1,516 @@
+"""Usage group commit: screen records, dedupe by event_id, append, ack after commit.
+
+Records of many concurrent requests and stream frames meet in one bounded queue. One
+writer task per process takes what is queued (at most `group_max` records), draws that
+many positions in one round trip and appends them with one binary COPY on its own
+autocommit connection: one statement, one transaction, one fsync, one NOTIFY. Each
+sender is answered only after the COPY that holds its records returned, so an answer
+means committed (synchronous_commit stays on). A full queue makes senders wait; nothing
+is dropped. Idempotency: the unique index on event_id is the truth; a bounded map of
+recently written ids (ints, which the cyclic GC does not track) answers most repeats
+without the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+from aiohttp import web
+
+from service import eventstore, metrics
+from service.domain.events import UsageRecorded
+from service.domain.usage import KeyResolver, Rejected, Row, UsageRecord, screen
+from service.errors import Unavailable
+
+log = structlog.get_logger()
+
+
+class Outcome(msgspec.Struct, frozen=True, gc=False):
+    """Where a row is stored: its own new position, or its original's (duplicate)."""
+
+    position: int
+    duplicate: bool
+
+
+# --- queueing ----------------------------------------------------------------------
+
+# Records screened between two turns of the event loop.
+SLICE = 1000
+
+
+async def queue_records(
+    writer: Writer,
+    records: Sequence[tuple[int, UsageRecord]],
+    resolver: KeyResolver,
+    now: datetime,
+    metadata: bytes,
+) -> tuple[Submitted, list[Rejected]]:
+    """Screen records and queue the valid ones, a slice at a time.
+
+    Between slices the loop runs other callbacks: the writer's COPY round trips must
+    not wait behind the screening of a whole large body, and the first slices commit
+    while later ones are screened.
+    """
+    submitted = Submitted()
+    rejected: list[Rejected] = []
+    for start in range(0, len(records), SLICE):
+        if start:
+            await asyncio.sleep(0)
+        rows, refused = screen(records[start : start + SLICE], resolver, now)
+        rejected.extend(refused)
+        await writer.submit(rows, metadata, submitted)
+    return submitted, rejected
+
+
+# --- the writer --------------------------------------------------------------------
+
+_COLUMNS = (
+    "global_position",
+    "stream_version",
+    "event_id",
+    "stream_id",
+    "type",
+    "schema_version",
+    "data",
+    "metadata",
+)
+_TYPE = "UsageRecorded"
+_SCHEMA_VERSION = UsageRecorded.schema_version
+# The server refused a group for what it holds (the connection is fine).
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+_EXISTING = (
+    "SELECT event_id, global_position FROM events WHERE event_id = ANY($1::uuid[])"
+)
+
+
+class _Chunk:
+    """Rows of one sender that go into one group; answered through `future`."""
+
+    __slots__ = ("future", "metadata", "rows")
+
+    def __init__(
+        self, rows: list[Row], metadata: bytes, future: asyncio.Future[list[Outcome]]
+    ) -> None:
+        self.rows = rows
+        self.metadata = metadata
+        self.future = future
+
+
+class Submitted:
+    """Rows handed to the writer; `outcomes()` waits for their commit."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._known: dict[int, Outcome] = {}  # answered from memory
+        self._chunks: list[tuple[list[int], asyncio.Future[list[Outcome]]]] = []
+
+    async def outcomes(self) -> list[Outcome]:
+        """One outcome per row, in order; Unavailable if a group failed to commit
+        (other rows of the same call may have committed: a retry finds them as
+        duplicates)."""
+        results = await asyncio.gather(
+            *(future for _, future in self._chunks), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if not self._known and len(self._chunks) == 1:
+            return results[0]  # type: ignore[return-value]
+        outcomes: list[Outcome | None] = [None] * self.size
+        for index, outcome in self._known.items():
+            outcomes[index] = outcome
+        for (indexes, _), chunk_outcomes in zip(self._chunks, results, strict=True):
+            for index, outcome in zip(indexes, chunk_outcomes, strict=True):  # type: ignore[arg-type]
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+
+class Writer:
+    """The group-commit writer of one process, on its own connection."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        group_max: int = 2000,
+        queue_limit: int = 64,
+        max_wait: float = 0.0,
+        recent_capacity: int = 250_000,
+        reconnect_delay: float = 0.5,
+    ) -> None:
+        self._dsn = dsn
+        self.group_max = group_max
+        self.max_wait = max_wait
+        self._reconnect_delay = reconnect_delay
+        # Chunks of at most group_max rows: the queue holds at most that many records
+        # times queue_limit (plus one group in flight and one carried over).
+        self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(queue_limit)
+        self._carry: _Chunk | None = None
+        self._inflight: list[_Chunk] = []
+        self._recent: dict[int, int] = {}
+        self._older: dict[int, int] = {}
+        self._recent_capacity = recent_capacity
+        self._conn: asyncpg.Connection | None = None
+        self._retry_at = 0.0
+        self._nextval = ""
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stopped = False
+        self.backlog = 0  # records queued or carried, not yet taken into a group
+
+    # --- senders ---
+
+    async def write(
+        self, rows: Sequence[Row], metadata: bytes = b"{}"
+    ) -> list[Outcome]:
+        """Append rows; return where each one is stored, once committed."""
+        return await (await self.submit(rows, metadata)).outcomes()
+
+    async def submit(
+        self,
+        rows: Sequence[Row],
+        metadata: bytes = b"{}",
+        into: Submitted | None = None,
+    ) -> Submitted:
+        """Queue rows (waiting while the queue is full), after those already in
+        `into`; the caller awaits `outcomes()` later, so it can screen or read more
+        meanwhile."""
+        if self._closing:
+            raise Unavailable("the service is shutting down; retry on another replica")
+        submitted = Submitted() if into is None else into
+        base = submitted.size
+        submitted.size += len(rows)
+        todo: list[int] = []
+        recent, older = self._recent, self._older
+        known = 0
+        for index, row in enumerate(rows, base):
+            position = recent.get(row.key)
+            if position is None:
+                position = older.get(row.key)
+            if position is None:
+                todo.append(index)
+            else:
+                submitted._known[index] = Outcome(position, True)
+                known += 1
+        if known:
+            metrics.count_records(duplicates=known)
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(todo), self.group_max):
+            indexes = todo[start : start + self.group_max]
+            future: asyncio.Future[list[Outcome]] = loop.create_future()
+            chunk = _Chunk([rows[i - base] for i in indexes], metadata, future)
+            # Registered before the wait: outcomes() must see every queued chunk.
+            submitted._chunks.append((indexes, future))
+            await self._queue.put(chunk)
+            self.backlog += len(chunk.rows)
+            if self._stopped and not future.done():
+                # Queued after the writer stopped and drained: nobody will take it.
+                future.set_exception(_shutting_down())
+        return submitted
+
+    # --- lifetime ---
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop taking records, commit what is queued (for up to `grace` seconds),
+        then stop; whatever is left is answered 503."""
+        self._closing = True
+        task = self._task
+        graceful = True
+        if task is not None:
+            try:
+                await asyncio.wait_for(self._finish(task), grace)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                graceful = False  # a statement may be in flight: just hang up
+        self._stopped = True
+        self._fail_leftovers()
+        await self._drop_connection(graceful=graceful)
+
+    def _fail_leftovers(self) -> None:
+        """Answer every chunk taken or queued but not committed: 503."""
+        leftovers: list[_Chunk | None] = [
+            *self._inflight,
+            *([self._carry] if self._carry else []),
+        ]
+        self._inflight, self._carry = [], None
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for chunk in leftovers:
+            if chunk is not None:
+                _fail(chunk, _shutting_down())
+
+    async def _finish(self, task: asyncio.Task[None]) -> None:
+        await self._queue.put(None)
+        await task
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The writer connection's server process (None while disconnected)."""
+        conn = self._conn
+        return None if conn is None or conn.is_closed() else conn.get_server_pid()
+
+    # --- the loop ---
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                group = await self._take()
+                if not group:
+                    return
+                chunks = self._inflight = [c for c in group if c is not None]
+                await self._commit(chunks, isolate=len(chunks) > 1)
+                self._inflight = []
+                if group[-1] is None:
+                    return
+        except Exception:
+            # Not expected (every database failure is answered in _commit); without
+            # a writer nothing can be acknowledged, so refuse instead of hanging.
+            log.exception("ingest_writer_failed")
+            self._closing = self._stopped = True
+            self._fail_leftovers()
+            raise
+
+    async def _take(self) -> list[_Chunk | None]:
+        """The next group: whatever is queued, up to group_max records, after
+        waiting max_wait (default 0) for more once the first chunk is in."""
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        if first is None:
+            return []
+        group: list[_Chunk | None] = [first]
+        size = len(first.rows)
+        self.backlog -= size
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while size < self.group_max:
+            if not self._queue.empty():
+                chunk = self._queue.get_nowait()
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                # Sleep rather than wait_for(get()): a get cancelled by the timeout
+                # just as it receives a chunk could lose that chunk (Python 3.11).
+                await asyncio.sleep(remaining)
+                continue
+            if chunk is None:
+                group.append(None)  # closing: commit this group, then stop
+                break
+            if size + len(chunk.rows) > self.group_max:
+                self._carry = chunk
+                break
+            group.append(chunk)
+            size += len(chunk.rows)
+            self.backlog -= len(chunk.rows)
+        return group
+
+    async def _commit(self, chunks: list[_Chunk], *, isolate: bool) -> None:
+        """Write one group and answer its senders. If the server refuses the group
+        for its content, each sender's chunk is retried alone (`isolate`), so one
+        bad record fails only its own request."""
+        # A repeat within the group is a duplicate of its first occurrence.
+        unique: list[tuple[Row, bytes]] = []
+        slots: list[int] = []  # per row of the group, in order: index into unique
+        seen: dict[int, int] = {}
+        for chunk in chunks:
+            for row in chunk.rows:
+                slot = seen.get(row.key)
+                if slot is None:
+                    slot = seen[row.key] = len(unique)
+                    unique.append((row, chunk.metadata))
+                    slots.append(slot)
+                else:
+                    slots.append(~slot)  # negative: a repeat of `slot`
+        started = time.perf_counter()
+        try:
+            conn = await self._connection()
+            positions, existing = await self._append(conn, unique)
+        except Exception as exc:  # every failure must answer the senders
+            refused = isinstance(exc, _REFUSED)
+            if refused and isolate:
+                for chunk in chunks:
+                    await self._commit([chunk], isolate=False)
+                return
+            if not isinstance(exc, Unavailable):
+                log.warning("ingest_group_failed", error=repr(exc), records=len(slots))
+            if not refused:
+                await self._drop_connection(graceful=False)
+            error = Unavailable("the database did not commit these records; retry them")
+            for chunk in chunks:
+                _fail(chunk, error)
+            return
+        written = len(unique) - len(existing)
+        metrics.observe_group(written, time.perf_counter() - started)
+        metrics.count_records(accepted=written, duplicates=len(slots) - written)
+        self._remember(unique, positions)
+        index = 0
+        for chunk in chunks:
+            outcomes: list[Outcome] = []
+            for _ in chunk.rows:
+                slot = slots[index]
+                index += 1
+                if slot >= 0:
+                    outcomes.append(Outcome(positions[slot], slot in existing))
+                else:
+                    outcomes.append(Outcome(positions[~slot], True))
+            if not chunk.future.done():
+                chunk.future.set_result(outcomes)
+
+    async def _append(
+        self, conn: asyncpg.Connection, unique: list[tuple[Row, bytes]]
+    ) -> tuple[list[int], set[int]]:
+        """COPY the rows; a row whose event_id is already stored is not written.
+
+        Returns the position of every row (new, or the original's) and the indexes of
+        those that were already stored.
+        """
+        drawn: list[int] = await conn.fetchval(self._nextval, len(unique))
+        live = list(range(len(unique)))
+        positions = [0] * len(unique)
+        existing: set[int] = set()
+        while live:
+            records = []
+            for position, slot in zip(drawn, live, strict=False):
+                row, metadata = unique[slot]
+                positions[slot] = position
+                records.append(
+                    (
+                        position,
+                        position,  # usage streams are unversioned
+                        row.event_id,
+                        row.stream_id,
+                        _TYPE,
+                        _SCHEMA_VERSION,
+                        row.data,
+                        metadata,
+                    )
+                )
+            try:
+                await conn.copy_records_to_table(
+                    "events", records=records, columns=_COLUMNS
+                )
+                break
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "events_event_id_key":
+                    raise
+                # The COPY rolled back whole; its positions were not used, so the
+                # rows that remain take them again in order.
+                stored = {
+                    r["event_id"].int: r["global_position"]
+                    for r in await conn.fetch(
+                        _EXISTING, [unique[slot][0].event_id for slot in live]
+                    )
+                }
+                if not stored:
+                    raise
+                remaining = []
+                for slot in live:
+                    original = stored.get(unique[slot][0].key)
+                    if original is None:
+                        remaining.append(slot)
+                    else:
+                        positions[slot] = original
+                        existing.add(slot)
+                live = remaining
+        return positions, existing
+
+    def _remember(self, unique: list[tuple[Row, bytes]], positions: list[int]) -> None:
+        recent = self._recent
+        for (row, _), position in zip(unique, positions, strict=True):
+            recent[row.key] = position
+        if len(recent) >= self._recent_capacity:
+            self._older, self._recent = recent, {}
+
+    # --- the connection ---
+
+    async def _connection(self) -> asyncpg.Connection:
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        if time.monotonic() < self._retry_at:
+            raise Unavailable("the database is unreachable")
+        return await self._connect()
+
+    async def _connect(self) -> asyncpg.Connection:
+        self._retry_at = time.monotonic() + self._reconnect_delay
+        conn = await asyncpg.connect(self._dsn, timeout=5)
+        try:
+            await eventstore.init_connection(conn)
+            sequence = await conn.fetchval(
+                "SELECT pg_get_serial_sequence('events', 'global_position')"
+            )
+        except BaseException:
+            conn.terminate()
+            raise
+        # One round trip for a whole group's positions, in the order they are drawn.
+        self._nextval = (
+            f"SELECT array_agg(nextval({_literal(sequence)}::regclass)) "
+            "FROM generate_series(1, $1)"
+        )
+        self._conn = conn
+        log.info("ingest_writer_connected", backend_pid=conn.get_server_pid())
+        return conn
+
+    async def _drop_connection(self, *, graceful: bool) -> None:
+        """Forget the connection; after a failure, hang up without waiting (the
+        writer uses no explicit transaction, so nothing is left half done)."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        if not graceful:
+            conn.terminate()
+            return
+        try:
+            await asyncio.wait_for(conn.close(), 2)
+        except Exception:  # a broken connection is dropped anyway
+            conn.terminate()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _fail(chunk: _Chunk, error: Exception) -> None:
+    if not chunk.future.done():
+        chunk.future.set_exception(error)
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the service is shutting down; retry these records")
+
+
+# --- wiring ------------------------------------------------------------------------
+
+writer_key = web.AppKey("usage_writer", Writer)
+resolver_key = web.AppKey("usage_key_resolver", KeyResolver)
+
+
+def writer_context(
+    dsn: str | None, **options: Any
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """cleanup_ctx: the process's writer runs while the app does."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if dsn is None:
+            raise RuntimeError("the usage writer needs a DSN: set DATABASE_URL")
+        writer = Writer(dsn, **options)
+        await writer.start()
+        app[writer_key] = writer
+        try:
+            yield
+        finally:
+            await writer.close()
+
+    return ctx
