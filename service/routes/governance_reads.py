@@ -1,0 +1,130 @@
+"""GET /api/governance/*: customers, teams, virtual keys and budgets from the read
+model, after waiting for ?min_position= when asked."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from aiohttp import web
+
+from projections import governance
+from projections.governance import OWNER_TYPES, Connection
+from service.errors import Invalid, InvalidPosition, NotFound
+from service.http import Right, json_response, query_int, settings_key
+from service.state import governance_projector_key, pool_key
+
+T = TypeVar("T")
+
+
+async def _read(
+    request: web.Request, query: Callable[[Connection, datetime], Awaitable[T]]
+) -> T:
+    """Run `query` on one snapshot of the read model, once it reached min_position."""
+    try:
+        position = query_int(request, "min_position")
+    except Invalid as exc:
+        raise InvalidPosition(exc.message) from None
+    if position is not None:
+        await request.app[governance_projector_key].wait_for(
+            position, request.app[settings_key].min_position_wait_s
+        )
+    async with (
+        request.app[pool_key].acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        return await query(conn, datetime.now(UTC))
+
+
+def _path_id(request: web.Request, what: str) -> str:
+    """The canonical form of the UUID in the path; anything else names nothing."""
+    raw = request.match_info["id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise NotFound(f"{what} {raw!r} does not exist") from None
+
+
+def _query_id(request: web.Request, name: str) -> str | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise Invalid(f"query parameter {name} must be a UUID, got {raw!r}") from None
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    customers = await _read(request, governance.list_customers)
+    return json_response({"customers": customers})
+
+
+async def get_customer(request: web.Request) -> web.Response:
+    customer_id = _path_id(request, "customer")
+    customer = await _read(
+        request, lambda conn, now: governance.fetch_customer(conn, customer_id, now)
+    )
+    return json_response({"customer": customer})
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    customer_id = _query_id(request, "customer_id")
+    teams = await _read(
+        request, lambda conn, now: governance.list_teams(conn, now, customer_id)
+    )
+    return json_response({"teams": teams})
+
+
+async def get_team(request: web.Request) -> web.Response:
+    team_id = _path_id(request, "team")
+    team = await _read(
+        request, lambda conn, now: governance.fetch_team(conn, team_id, now)
+    )
+    return json_response({"team": team})
+
+
+async def list_virtual_keys(request: web.Request) -> web.Response:
+    team_id = _query_id(request, "team_id")
+    customer_id = _query_id(request, "customer_id")
+    keys = await _read(
+        request,
+        lambda conn, now: governance.list_virtual_keys(conn, now, team_id, customer_id),
+    )
+    return json_response({"virtual_keys": keys})
+
+
+async def get_virtual_key(request: web.Request) -> web.Response:
+    key_id = _path_id(request, "virtual key")
+    key = await _read(
+        request, lambda conn, now: governance.fetch_virtual_key(conn, key_id, now)
+    )
+    return json_response({"virtual_key": key})
+
+
+async def list_budgets(request: web.Request) -> web.Response:
+    owner_type = request.query.get("owner_type") or None
+    if owner_type is not None and owner_type not in OWNER_TYPES:
+        raise Invalid(
+            f"query parameter owner_type must be one of {', '.join(OWNER_TYPES)},"
+            f" got {owner_type!r}"
+        )
+    owner_id = _query_id(request, "owner_id")
+    budgets = await _read(
+        request,
+        lambda conn, now: governance.list_budgets(conn, now, owner_type, owner_id),
+    )
+    return json_response({"budgets": budgets})
+
+
+ROUTES = [
+    ("GET", "/api/governance/customers", list_customers, Right.READ),
+    ("GET", "/api/governance/customers/{id}", get_customer, Right.READ),
+    ("GET", "/api/governance/teams", list_teams, Right.READ),
+    ("GET", "/api/governance/teams/{id}", get_team, Right.READ),
+    ("GET", "/api/governance/virtual-keys", list_virtual_keys, Right.READ),
+    ("GET", "/api/governance/virtual-keys/{id}", get_virtual_key, Right.READ),
+    ("GET", "/api/governance/budgets", list_budgets, Right.READ),
+]
