@@ -112,7 +112,7 @@ def decode_event(type_: str, schema_version: int, data: bytes) -> AnyEvent:
     cls = EVENT_TYPES.get(type_)
     if cls is not None and schema_version == cls.schema_version:
         return _DECODERS[type_].decode(data)
-    name, current = upcast.upcast(type_, schema_version, msgspec.json.decode(data))
+    name, current = upcast.upcast(type_, schema_version, upcast.decode_legacy(data))
     return msgspec.convert(current, EVENT_TYPES[name], strict=False)
 
 
