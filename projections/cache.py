@@ -1,0 +1,870 @@
+"""The in-memory enforcement cache: keys, owners, budgets and rate limits folded from
+the log, and `check()`, which decides "may this key spend more?" without any I/O.
+
+Pure: no SQL, no clock (`now` is a parameter), no logging. The shell
+(`projections.cache_loader`) fills it from the read model and tails the log into
+`apply()`.
+
+Hot state is kept small and few objects are read per check:
+- money is held as integer nanos (9 fractional digits, the precision of the service),
+  so the check compares ints and converts to Decimal only for its answer;
+- each budget or rate-limit half (a `Meter`) keeps the usage of its *current* period
+  with the period's bounds; it rolls lazily once a check's `now` (or a usage event's
+  `recorded_at`, the service clock when it was accepted) passes the period's end.
+  Usage of later periods (`occurred_at` ahead of the clock) waits in a small dict;
+  usage of past periods is dropped: no check asks for it and the read model keeps it;
+- each owner caches its smallest headroom (max_limit - used), whether a rate limit is
+  exhausted, and its earliest period end; each key caches its chain (key, provider
+  config, team, customer) and the chain's earliest end, so a check reads two fields
+  per owner and looks at single meters only to name the one that blocks.
+Entries are `gc=False` Structs, so a full GC pass does not walk the million objects
+of a large cache; the one cycle (a key's chain holds the key) is cut on unlink.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import ClassVar, TypeGuard, TypeVar
+
+import msgspec
+
+from service.domain.budgets import Duration, parse_duration, period_bounds
+from service.domain.events import (
+    Budget,
+    CustomerBudgetsReplaced,
+    CustomerCreated,
+    CustomerEvent,
+    CustomerUpdated,
+    ProviderConfig,
+    RateLimit,
+    TeamBudgetsReplaced,
+    TeamCreated,
+    TeamEvent,
+    TeamUpdated,
+    UsageRecorded,
+    VirtualKeyBudgetsReplaced,
+    VirtualKeyCreated,
+    VirtualKeyEvent,
+    VirtualKeyUpdated,
+)
+from service.domain.usage import UsageChain
+from service.eventstore import Checkpoint, RecordedEvent
+
+NANOS = 10**9
+# Headroom of an owner without budgets (or rate limits): larger than any limit.
+UNLIMITED = 1 << 127
+FOREVER = datetime.max.replace(tzinfo=UTC)
+_HUGE = Decimal(10) ** 19
+
+
+def to_nanos(amount: Decimal) -> int:
+    """Money as whole nanos; a finer amount rounds up (ceil(x) > h iff x > h)."""
+    scaled = amount.scaleb(9)
+    whole = int(scaled)
+    return whole if whole == scaled else math.ceil(scaled)
+
+
+def to_money(nanos: int) -> Decimal:
+    """Whole nanos back to an exact Decimal, without trailing zeros."""
+    whole, fraction = divmod(nanos, NANOS)
+    if not fraction:
+        return Decimal(whole)
+    return Decimal(nanos).scaleb(-9).normalize()
+
+
+# --- state -------------------------------------------------------------------------
+
+
+class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The decision of a check, as API.md words it (the route adds `position`).
+
+    A blocked answer names the budget or rate limit that blocks; for a rate limit
+    `budget_id` is absent and `rate_limit` says which half ("tokens" or "requests"),
+    with `current_usage` and `max_limit` in tokens or requests.
+    """
+
+    allowed: bool
+    reason: str
+    http_status: int
+    budget_id: str | None = None
+    owner_type: str | None = None
+    owner_id: str | None = None
+    current_usage: Decimal | None = None
+    max_limit: Decimal | None = None
+    remaining: Decimal | None = None
+    rate_limit: str | None = None
+
+
+ALLOWED = CheckResult(allowed=True, reason="ok", http_status=200)
+UNKNOWN_KEY = CheckResult(allowed=False, reason="unknown_virtual_key", http_status=401)
+KEY_INACTIVE = CheckResult(allowed=False, reason="key_inactive", http_status=403)
+PROVIDER_NOT_ALLOWED = CheckResult(
+    allowed=False, reason="provider_not_allowed", http_status=403
+)
+MODEL_NOT_ALLOWED = CheckResult(
+    allowed=False, reason="model_not_allowed", http_status=403
+)
+
+
+class Meter(msgspec.Struct, gc=False):
+    """A budget (money in nanos) or one half of a rate limit (tokens or requests)
+    with its usage in the current period `[start, end)`."""
+
+    name: str  # the budget_id, or "tokens" / "requests" for a rate limit
+    limit: int
+    duration: Duration
+    calendar_aligned: bool
+    anchor: datetime
+    floor: datetime  # usage before this instant never counts (creation or reset)
+    start: datetime
+    end: datetime
+    used: int = 0
+    ahead: dict[datetime, int] | None = None  # period start → usage, later periods
+
+
+class Owner(msgspec.Struct, gc=False, kw_only=True):
+    """Anything that owns budgets and a rate limit, with its cached aggregates
+    (the fields a check reads come first: they share the first cache lines)."""
+
+    owner_type: ClassVar[str]
+    left: int = UNLIMITED  # smallest max_limit - used over the budgets, in nanos
+    rate_blocked: bool = False  # a rate meter has used >= limit
+    # The allowed answer naming `left` as remaining and that amount as a Decimal,
+    # made when a check first needs them.
+    allowed: CheckResult | None = None
+    left_money: Decimal = Decimal(0)
+    next_end: datetime = FOREVER  # earliest end of a current period
+    id: str
+    version: int = 0
+    budgets: tuple[Meter, ...] = ()
+    rates: tuple[Meter, ...] = ()  # the token meter first, then the request meter
+
+
+_O = TypeVar("_O", bound=Owner)
+
+
+class Customer(Owner, gc=False, kw_only=True):
+    owner_type: ClassVar[str] = "customer"
+
+
+class Team(Owner, gc=False, kw_only=True):
+    owner_type: ClassVar[str] = "team"
+    customer_id: str | None = None
+
+
+class ProviderConfigState(Owner, gc=False, kw_only=True):
+    """A key's provider config; it holds the chain checks of that provider walk."""
+
+    owner_type: ClassVar[str] = "provider_config"
+    models: frozenset[str] | None = None  # None: every model
+    chain: tuple[Owner, ...] = ()  # key, this config, team, customer (those that exist)
+    chain_end: datetime = FOREVER  # the earliest next_end in `chain`
+    charged: UsageChain | None = None  # `chain` as ingest names it, made on demand
+    provider: str
+
+
+class VirtualKey(Owner, gc=False, kw_only=True):
+    """A key; it holds the chain of checks without a provider config."""
+
+    owner_type: ClassVar[str] = "virtual_key"
+    # None: any provider. A tuple, scanned: a key has few configs, and the scan
+    # reads the configs (needed anyway) instead of a dict's table besides.
+    providers: tuple[ProviderConfigState, ...] | None = None
+    is_active: bool = True
+    linked: int = -1  # the cache generation `chain` (and its configs') resolved in
+    chain: tuple[Owner, ...] = ()  # key, team, customer (those that exist)
+    chain_end: datetime = FOREVER  # the earliest next_end in `chain`
+    charged: UsageChain | None = None  # `chain` as ingest names it, made on demand
+    value_sha256: str
+    team_id: str | None = None
+    customer_id: str | None = None
+
+
+Holder = VirtualKey | ProviderConfigState
+
+
+# --- meters ------------------------------------------------------------------------
+
+
+def _new_meter(
+    name: str, limit: int, duration: Duration, calendar_aligned: bool, at: datetime
+) -> Meter:
+    start, end = period_bounds(
+        at, anchor=at, duration=duration, calendar_aligned=calendar_aligned
+    )
+    return Meter(name, limit, duration, calendar_aligned, at, at, start, end)
+
+
+def _bounds(meter: Meter, at: datetime) -> tuple[datetime, datetime]:
+    return period_bounds(
+        at,
+        anchor=meter.anchor,
+        duration=meter.duration,
+        calendar_aligned=meter.calendar_aligned,
+    )
+
+
+def _roll(meter: Meter, at: datetime) -> None:
+    """Make the period containing `at` (≥ the current end) the current one."""
+    start, end = _bounds(meter, at)
+    used = 0
+    ahead = meter.ahead
+    if ahead:
+        used = ahead.pop(start, 0)
+        for later in [s for s in ahead if s < start]:
+            del ahead[later]
+        if not ahead:
+            meter.ahead = None
+    meter.start, meter.end, meter.used = start, end, used
+
+
+def _charge(meter: Meter, occurred_at: datetime, amount: int, clock: datetime) -> None:
+    if occurred_at < meter.floor or not amount:
+        return
+    if clock >= meter.end:
+        _roll(meter, clock)
+    if occurred_at < meter.start:
+        return  # a past period: only the read model keeps it
+    if occurred_at < meter.end:
+        meter.used += amount
+        return
+    start = _bounds(meter, occurred_at)[0]
+    if meter.ahead is None:
+        meter.ahead = {}
+    meter.ahead[start] = meter.ahead.get(start, 0) + amount
+
+
+def _reshape(
+    meter: Meter, duration: Duration, calendar_aligned: bool, at: datetime
+) -> None:
+    """New period shape from `at` on. Turning calendar alignment off keeps the
+    usage of the period containing `at` (DESIGN.md); any other change of shape
+    starts from 0, as in the read model, whose old periods no longer line up."""
+    if at >= meter.end:
+        _roll(meter, at)
+    keep = (
+        meter.calendar_aligned
+        and not calendar_aligned
+        and meter.duration == duration
+        and meter.start <= at
+    )
+    meter.duration, meter.calendar_aligned = duration, calendar_aligned
+    meter.start, meter.end = _bounds(meter, at)
+    meter.used = meter.used if keep else 0
+    meter.ahead = None
+
+
+def _reset(meter: Meter, at: datetime) -> None:
+    """Usage counts from `at` on: the current period shows 0 at once when it began
+    before `at`; later periods (all after `at`) keep their usage."""
+    meter.floor = at
+    if at >= meter.end:
+        _roll(meter, at)
+    if at > meter.start:
+        meter.used = 0
+    if meter.ahead:
+        meter.ahead = {s: u for s, u in meter.ahead.items() if s >= at} or None
+
+
+def _budget_meters(
+    current: tuple[Meter, ...], budgets: tuple[Budget, ...], at: datetime
+) -> tuple[Meter, ...]:
+    """An owner's meters after an event that carries its whole budget set."""
+    by_id = {meter.name: meter for meter in current}
+    meters = []
+    for budget in budgets:
+        duration = parse_duration(budget.reset_duration)
+        limit = to_nanos(budget.max_limit)
+        meter = by_id.get(budget.budget_id)
+        if meter is None:
+            meter = _new_meter(
+                budget.budget_id, limit, duration, budget.calendar_aligned, at
+            )
+        else:
+            meter.limit = limit
+            if (
+                meter.duration != duration
+                or meter.calendar_aligned != budget.calendar_aligned
+            ):
+                _reshape(meter, duration, budget.calendar_aligned, at)
+            if budget.reset_usage:
+                _reset(meter, at)
+        meters.append(meter)
+    return tuple(meters)
+
+
+def _rate_meter(
+    name: str,
+    current: Meter | None,
+    limit: int | None,
+    reset_duration: str | None,
+    at: datetime,
+) -> Meter | None:
+    """A rate limit half is anchored (and its usage starts) when it is first set or
+    its duration changes; a new limit alone keeps its usage."""
+    if limit is None or reset_duration is None:
+        return None
+    duration = parse_duration(reset_duration)
+    if current is not None and current.duration == duration:
+        current.limit = limit
+        return current
+    return _new_meter(name, limit, duration, False, at)
+
+
+def _rate_meters(
+    current: tuple[Meter, ...], rate_limit: RateLimit | None, at: datetime
+) -> tuple[Meter, ...]:
+    if rate_limit is None:
+        return ()
+    by_name = {meter.name: meter for meter in current}
+    token = _rate_meter(
+        "tokens",
+        by_name.get("tokens"),
+        rate_limit.token_max_limit,
+        rate_limit.token_reset_duration,
+        at,
+    )
+    request = _rate_meter(
+        "requests",
+        by_name.get("requests"),
+        rate_limit.request_max_limit,
+        rate_limit.request_reset_duration,
+        at,
+    )
+    return tuple(meter for meter in (token, request) if meter is not None)
+
+
+def restored_meter(
+    name: str,
+    *,
+    limit: int,
+    reset_duration: str,
+    calendar_aligned: bool,
+    anchor: datetime,
+    floor: datetime,
+    usage: Mapping[datetime, int],
+    now: datetime,
+) -> Meter:
+    """A budget or rate-limit half as the read model stores it.
+
+    `usage` maps an *effective* period start (the later of the period's start and the
+    usage floor, the read model's key) to the amount used, for the period containing
+    `now` and any later one; earlier keys are ignored.
+    """
+    duration = parse_duration(reset_duration)
+    start, end = period_bounds(
+        now, anchor=anchor, duration=duration, calendar_aligned=calendar_aligned
+    )
+    meter = Meter(name, limit, duration, calendar_aligned, anchor, floor, start, end)
+    meter.used = usage.get(max(start, floor), 0)
+    ahead: dict[datetime, int] = {}
+    for key, amount in usage.items():
+        if key >= end:
+            period = _bounds(meter, key)[0]
+            ahead[period] = ahead.get(period, 0) + amount
+    meter.ahead = ahead or None
+    return meter
+
+
+# --- owners ------------------------------------------------------------------------
+
+
+def _aggregate(owner: Owner) -> None:
+    left = UNLIMITED
+    next_end = FOREVER
+    for meter in owner.budgets:
+        headroom = meter.limit - meter.used
+        if headroom < left:
+            left = headroom
+        if meter.end < next_end:
+            next_end = meter.end
+    rate_blocked = False
+    for meter in owner.rates:
+        if meter.used >= meter.limit:
+            rate_blocked = True
+        if meter.end < next_end:
+            next_end = meter.end
+    owner.left, owner.rate_blocked, owner.next_end = left, rate_blocked, next_end
+    owner.allowed = None
+
+
+def _allowed(owner: Owner) -> CheckResult:
+    """The allowed answer whose `remaining` is this owner's headroom."""
+    money = owner.left_money = to_money(owner.left)
+    answer = owner.allowed = CheckResult(
+        allowed=True, reason="ok", http_status=200, remaining=money
+    )
+    return answer
+
+
+def _advance(owner: Owner, now: datetime) -> None:
+    """Roll every meter whose period ended by `now`, then refresh the aggregates."""
+    for meter in owner.budgets:
+        if now >= meter.end:
+            _roll(meter, now)
+    for meter in owner.rates:
+        if now >= meter.end:
+            _roll(meter, now)
+    _aggregate(owner)
+
+
+def _advance_chain(holder: Holder, now: datetime) -> None:
+    """Roll what ended by `now` in the holder's chain; note the chain's next end."""
+    chain_end = FOREVER
+    for owner in holder.chain:
+        if now >= owner.next_end:
+            _advance(owner, now)
+        if owner.next_end < chain_end:
+            chain_end = owner.next_end
+    holder.chain_end = chain_end
+
+
+def _unlink(key: VirtualKey) -> None:
+    """Drop the key's chains: they hold the key and its configs themselves, a cycle
+    the GC would never see (the entries are gc=False); the next check relinks."""
+    key.chain = ()
+    for config in key.providers or ():
+        config.chain = ()
+    key.linked = -1
+
+
+def _replace_budgets(owner: Owner, budgets: tuple[Budget, ...], at: datetime) -> None:
+    owner.budgets = _budget_meters(owner.budgets, budgets, at)
+    _aggregate(owner)
+
+
+def _replace_rate_limit(
+    owner: Owner, rate_limit: RateLimit | None, at: datetime
+) -> None:
+    owner.rates = _rate_meters(owner.rates, rate_limit, at)
+    _aggregate(owner)
+
+
+def _charge_owner(owner: Owner, usage: UsageRecorded, clock: datetime) -> None:
+    cost = to_nanos(usage.cost)
+    for meter in owner.budgets:
+        _charge(meter, usage.occurred_at, cost, clock)
+    for meter in owner.rates:
+        amount = (
+            usage.input_tokens + usage.output_tokens
+            if meter.name == "tokens"
+            else usage.requests
+        )
+        _charge(meter, usage.occurred_at, amount, clock)
+    _aggregate(owner)
+
+
+def _provider_configs(
+    current: tuple[ProviderConfigState, ...] | None,
+    configs: tuple[ProviderConfig, ...],
+    at: datetime,
+) -> tuple[ProviderConfigState, ...] | None:
+    """A key's provider configs after an event carrying the whole set (by id).
+
+    Provider and model names are interned: every key shares one string per name,
+    which stays in the CPU cache when a check compares it.
+    """
+    by_id = {pc.id: pc for pc in current} if current else {}
+    result = []
+    for config in configs:
+        provider = sys.intern(config.provider)
+        models = config.allowed_models
+        state = by_id.get(config.provider_config_id)
+        if state is None:
+            state = ProviderConfigState(id=config.provider_config_id, provider=provider)
+        state.provider = provider
+        state.models = (
+            None
+            if models is None or "*" in models
+            else frozenset(sys.intern(model) for model in models)
+        )
+        state.budgets = _budget_meters(state.budgets, config.budgets, at)
+        _replace_rate_limit(state, config.rate_limit, at)
+        result.append(state)
+    return tuple(result) or None
+
+
+# --- the cache ---------------------------------------------------------------------
+
+
+class GovernanceCache:
+    """Every customer, team and key with their limits; `apply` folds one event in."""
+
+    def __init__(self) -> None:
+        self.customers: dict[str, Customer] = {}
+        self.teams: dict[str, Team] = {}
+        self.keys: dict[str, VirtualKey] = {}
+        self.keys_by_sha256: dict[str, VirtualKey] = {}
+        # Streams of deleted entities: a redelivered *Created must not revive them.
+        self.deleted: set[str] = set()
+        # Per usage stream (by key id), the (tx_id, position) of its last applied
+        # event as one int: the tail delivers in that order, not by position.
+        self.usage_seen: dict[str, int] = {}
+        self.checkpoint = Checkpoint()
+        # Keys cache their chain and its earliest period end. Any change to a team or
+        # customer (membership, limits, deletion) bumps this, so each key resolves
+        # its chain again at its next check; a key's own changes relink just it.
+        self.generation = 0
+        # Team and customer ids a key named but that did not exist when it linked.
+        self.awaited: set[str] = set()
+
+    @property
+    def position(self) -> int:
+        return self.checkpoint.position
+
+    # --- apply -----------------------------------------------------------------
+
+    def apply(self, record: RecordedEvent) -> None:
+        """Fold one recorded event in; a redelivered event changes nothing."""
+        event = record.event
+        if isinstance(event, UsageRecorded):
+            self._apply_usage(record, event)
+        elif isinstance(event, CustomerEvent):
+            self._apply_customer(record, event)
+        elif isinstance(event, TeamEvent):
+            self._apply_team(record, event)
+        else:
+            self._apply_key(record, event)
+        self.checkpoint = record.checkpoint
+
+    def _apply_customer(self, record: RecordedEvent, event: CustomerEvent) -> None:
+        at = record.recorded_at
+        customer = self.customers.get(event.customer_id)
+        if isinstance(event, CustomerCreated):
+            if self._is_new(customer, record):
+                customer = Customer(id=event.customer_id)
+                self._created(self.customers, customer, record)
+                _replace_budgets(customer, event.budgets, at)
+                _replace_rate_limit(customer, event.rate_limit, at)
+            return
+        if not self._is_next(customer, record):
+            return
+        if isinstance(event, CustomerUpdated):
+            _replace_rate_limit(customer, event.rate_limit, at)
+        elif isinstance(event, CustomerBudgetsReplaced):
+            _replace_budgets(customer, event.budgets, at)
+        else:
+            del self.customers[customer.id]
+            self.deleted.add(record.stream_id)
+        self.generation += 1  # keys under it link again
+
+    def _apply_team(self, record: RecordedEvent, event: TeamEvent) -> None:
+        at = record.recorded_at
+        team = self.teams.get(event.team_id)
+        if isinstance(event, TeamCreated):
+            if self._is_new(team, record):
+                team = Team(id=event.team_id, customer_id=event.customer_id)
+                self._created(self.teams, team, record)
+                _replace_budgets(team, event.budgets, at)
+                _replace_rate_limit(team, event.rate_limit, at)
+            return
+        if not self._is_next(team, record):
+            return
+        if isinstance(event, TeamUpdated):
+            team.customer_id = event.customer_id
+            _replace_rate_limit(team, event.rate_limit, at)
+        elif isinstance(event, TeamBudgetsReplaced):
+            _replace_budgets(team, event.budgets, at)
+        else:
+            del self.teams[team.id]
+            self.deleted.add(record.stream_id)
+        self.generation += 1  # keys under it link again
+
+    def _apply_key(self, record: RecordedEvent, event: VirtualKeyEvent) -> None:
+        at = record.recorded_at
+        key = self.keys.get(event.virtual_key_id)
+        if isinstance(event, VirtualKeyCreated):
+            if self._is_new(key, record):
+                key = VirtualKey(
+                    id=event.virtual_key_id,
+                    value_sha256=event.value_sha256,
+                    is_active=event.is_active,
+                    team_id=event.team_id,
+                    customer_id=event.customer_id,
+                    providers=_provider_configs(None, event.provider_configs, at),
+                )
+                self._created(self.keys, key, record)
+                self.keys_by_sha256[key.value_sha256] = key
+                _replace_budgets(key, event.budgets, at)
+                _replace_rate_limit(key, event.rate_limit, at)
+        elif not self._is_next(key, record):
+            return
+        elif isinstance(event, VirtualKeyUpdated):
+            self._update_key(key, event, at)
+        elif isinstance(event, VirtualKeyBudgetsReplaced):
+            _replace_budgets(key, event.budgets, at)
+            _unlink(key)
+        else:
+            del self.keys[key.id]
+            if self.keys_by_sha256.get(key.value_sha256) is key:
+                del self.keys_by_sha256[key.value_sha256]
+            self.deleted.add(record.stream_id)
+            _unlink(key)
+
+    def restore(
+        self,
+        *,
+        customers: Iterable[Customer],
+        teams: Iterable[Team],
+        keys: Iterable[VirtualKey],
+        checkpoint: Checkpoint,
+    ) -> None:
+        """Take owners rebuilt from the read model (meters from `restored_meter`),
+        as of `checkpoint`."""
+        for customer in customers:
+            _aggregate(customer)
+            self.customers[customer.id] = customer
+        for team in teams:
+            _aggregate(team)
+            self.teams[team.id] = team
+        for key in keys:
+            _aggregate(key)
+            for config in key.providers or ():
+                config.provider = sys.intern(config.provider)
+                if config.models is not None:
+                    config.models = frozenset(sys.intern(m) for m in config.models)
+                _aggregate(config)
+            self.keys[key.id] = key
+            self.keys_by_sha256[key.value_sha256] = key
+        self.generation += 1
+        self.checkpoint = checkpoint
+
+    def _is_new(self, existing: Owner | None, record: RecordedEvent) -> bool:
+        return existing is None and record.stream_id not in self.deleted
+
+    @staticmethod
+    def _is_next(owner: _O | None, record: RecordedEvent) -> TypeGuard[_O]:
+        """Whether `owner` exists and `record` is newer than its last event."""
+        if owner is None or record.stream_version <= owner.version:
+            return False
+        owner.version = record.stream_version
+        return True
+
+    def _created(self, owners: dict[str, _O], owner: _O, record: RecordedEvent) -> None:
+        owner.version = record.stream_version
+        owners[owner.id] = owner
+        if owner.id in self.awaited:
+            self.awaited.discard(owner.id)
+            self.generation += 1
+
+    def _update_key(
+        self, key: VirtualKey, event: VirtualKeyUpdated, at: datetime
+    ) -> None:
+        if key.value_sha256 != event.value_sha256:
+            if self.keys_by_sha256.get(key.value_sha256) is key:
+                del self.keys_by_sha256[key.value_sha256]
+            key.value_sha256 = event.value_sha256
+            self.keys_by_sha256[key.value_sha256] = key
+        key.is_active = event.is_active
+        key.team_id = event.team_id
+        key.customer_id = event.customer_id
+        _unlink(key)
+        key.providers = _provider_configs(key.providers, event.provider_configs, at)
+        _replace_rate_limit(key, event.rate_limit, at)
+
+    def _apply_usage(self, record: RecordedEvent, usage: UsageRecorded) -> None:
+        key = self.keys.get(usage.virtual_key_id)
+        stream = usage.virtual_key_id if key is None else key.id
+        seen = (record.tx_id << 64) | record.global_position
+        if seen <= self.usage_seen.get(stream, -1):
+            return
+        self.usage_seen[stream] = seen
+        clock = record.recorded_at
+        if key is not None:
+            _charge_owner(key, usage, clock)
+            if usage.provider_config_id is not None and key.providers:
+                for config in key.providers:
+                    if config.id == usage.provider_config_id:
+                        _charge_owner(config, usage, clock)
+        if usage.team_id is not None:
+            team = self.teams.get(usage.team_id)
+            if team is not None:
+                _charge_owner(team, usage, clock)
+        if usage.customer_id is not None:
+            customer = self.customers.get(usage.customer_id)
+            if customer is not None:
+                _charge_owner(customer, usage, clock)
+
+    # --- read ------------------------------------------------------------------
+
+    def _link(self, key: VirtualKey) -> None:
+        """Resolve the key's chain: its team and the team's customer, else its own
+        customer (a dangling reference counts as none)."""
+        team: Team | None = None
+        customer: Customer | None = None
+        customer_id = key.customer_id
+        if key.team_id is not None:
+            team = self.teams.get(key.team_id)
+            if team is None:
+                self.awaited.add(key.team_id)
+            customer_id = None if team is None else team.customer_id
+        if customer_id is not None:
+            customer = self.customers.get(customer_id)
+            if customer is None:
+                self.awaited.add(customer_id)
+        above = tuple(owner for owner in (team, customer) if owner is not None)
+        key.chain = (key, *above)
+        key.chain_end = min(owner.next_end for owner in key.chain)
+        key.charged = None
+        for config in key.providers or ():
+            config.chain = (key, config, *above)
+            config.chain_end = min(owner.next_end for owner in config.chain)
+            config.charged = None
+        key.linked = self.generation
+
+    def _key(
+        self, virtual_key_sha256: str | None, virtual_key_id: str | None
+    ) -> VirtualKey | None:
+        if virtual_key_sha256 is not None:
+            return self.keys_by_sha256.get(virtual_key_sha256)
+        if virtual_key_id is not None:
+            return self.keys.get(virtual_key_id)
+        return None
+
+    def resolve_usage(
+        self,
+        *,
+        virtual_key_sha256: str | None,
+        virtual_key_id: str | None,
+        provider: str | None,
+    ) -> UsageChain | None:
+        """The owners a usage record is charged to now; None for an unknown key."""
+        key = self._key(virtual_key_sha256, virtual_key_id)
+        if key is None:
+            return None
+        if key.linked != self.generation:
+            self._link(key)
+        holder: Holder = key
+        if key.providers is not None and provider is not None:
+            holder = _config(key.providers, provider) or key
+        charged = holder.charged
+        if charged is None:
+            charged = holder.charged = _charged(holder.chain)
+        return charged
+
+    def check(
+        self,
+        *,
+        virtual_key_sha256: str | None,
+        virtual_key_id: str | None,
+        provider: str | None,
+        model: str | None,
+        estimated_cost: Decimal | None,
+        now: datetime,
+    ) -> CheckResult:
+        """Walk the chain: key, provider and model, rate limits, then budgets.
+
+        `now` must be timezone-aware UTC and not run behind the clock readings
+        already applied (periods only roll forward). `estimated_cost` must be ≥ 0.
+        An allowed answer's `remaining` is the smallest `max_limit - current_usage`
+        in the chain, before the estimate.
+        """
+        if virtual_key_sha256 is not None:
+            key = self.keys_by_sha256.get(virtual_key_sha256)
+        else:
+            key = self._key(None, virtual_key_id)
+        if key is None:
+            return UNKNOWN_KEY
+        if not key.is_active:
+            return KEY_INACTIVE
+        if key.linked != self.generation:
+            self._link(key)
+        holder: Holder = key
+        providers = key.providers
+        if providers is not None:
+            for config in providers:
+                if config.provider == provider:
+                    break
+            else:
+                return PROVIDER_NOT_ALLOWED
+            models = config.models
+            if models is not None and model not in models:
+                return MODEL_NOT_ALLOWED
+            holder = config
+        # A period ends in the chain: roll it. Ends only move later, except when
+        # limits change, and that relinks (see `generation`).
+        if now >= holder.chain_end:
+            _advance_chain(holder, now)
+        chain = holder.chain
+        # One pass: every rate limit in the chain comes before any budget, and an
+        # owner is over budget exactly when the chain's smallest headroom is.
+        remaining = UNLIMITED
+        least: Owner | None = None
+        for owner in chain:
+            if owner.rate_blocked:
+                return _rate_limited(owner)
+            left = owner.left
+            if left < remaining:
+                remaining = left
+                least = owner
+        if least is None:
+            return ALLOWED
+        if remaining <= 0:
+            return _budget_exceeded(chain, estimated_cost)
+        answer = least.allowed
+        if answer is None:
+            answer = _allowed(least)
+        if estimated_cost is not None and estimated_cost > least.left_money:
+            return _budget_exceeded(chain, estimated_cost)
+        return answer
+
+
+def _charged(chain: tuple[Owner, ...]) -> UsageChain:
+    ids = {type(owner): owner.id for owner in chain}
+    return UsageChain(
+        virtual_key_id=ids[VirtualKey],
+        provider_config_id=ids.get(ProviderConfigState),
+        team_id=ids.get(Team),
+        customer_id=ids.get(Customer),
+    )
+
+
+def _config(
+    providers: tuple[ProviderConfigState, ...], provider: str
+) -> ProviderConfigState | None:
+    for config in providers:
+        if config.provider == provider:
+            return config
+    return None
+
+
+def _rate_limited(owner: Owner) -> CheckResult:
+    meter = next(m for m in owner.rates if m.used >= m.limit)
+    return CheckResult(
+        allowed=False,
+        reason="rate_limited",
+        http_status=429,
+        owner_type=owner.owner_type,
+        owner_id=owner.id,
+        current_usage=Decimal(meter.used),
+        max_limit=Decimal(meter.limit),
+        rate_limit=meter.name,
+    )
+
+
+def _budget_exceeded(
+    chain: tuple[Owner, ...], estimated_cost: Decimal | None
+) -> CheckResult:
+    """The answer naming the first budget in chain order that blocks."""
+    # Above every limit (< 10^18) the exact size of an estimate no longer matters.
+    estimate = 0 if estimated_cost is None else to_nanos(min(estimated_cost, _HUGE))
+    owner, meter = next(
+        (owner, meter)
+        for owner in chain
+        for meter in owner.budgets
+        if meter.used >= meter.limit or estimate > meter.limit - meter.used
+    )
+    return CheckResult(
+        allowed=False,
+        reason="budget_exceeded",
+        http_status=402,
+        budget_id=meter.name,
+        owner_type=owner.owner_type,
+        owner_id=owner.id,
+        current_usage=to_money(meter.used),
+        max_limit=to_money(meter.limit),
+    )

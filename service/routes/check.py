@@ -1,0 +1,77 @@
+"""POST /api/governance/check: may this key spend more? Answered from the in-memory
+enforcement cache only; the database is touched at most to wait for min_position."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import msgspec
+from aiohttp import web
+
+from service import metrics
+from service.errors import Invalid, InvalidPosition
+from service.http import Right, decode, json_response, settings_key
+from service.state import cache_key, cache_projector_key
+
+
+class CheckRequest(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """The body: exactly one of `virtual_key` (the secret) and `virtual_key_id`."""
+
+    virtual_key: str | None = None
+    virtual_key_id: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    estimated_cost: Decimal | None = None
+    min_position: int | None = None
+
+
+def _validate(body: CheckRequest) -> None:
+    if (body.virtual_key is None) == (body.virtual_key_id is None):
+        raise Invalid("send exactly one of virtual_key and virtual_key_id")
+    cost = body.estimated_cost
+    if cost is not None and not (cost.is_finite() and cost >= 0):
+        raise Invalid(f"estimated_cost must be a finite number ≥ 0, got {cost}")
+    if body.min_position is not None and body.min_position < 0:
+        raise InvalidPosition("min_position must be at least 0")
+
+
+async def check(request: web.Request) -> web.Response:
+    body = await decode(request, CheckRequest)
+    _validate(body)
+    app = request.app
+    if body.min_position:
+        await app[cache_projector_key].wait_for(
+            body.min_position, app[settings_key].min_position_wait_s
+        )
+    cache = app[cache_key]
+    secret = body.virtual_key
+    started = time.perf_counter()
+    result = cache.check(
+        virtual_key_sha256=(
+            None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
+        ),
+        virtual_key_id=body.virtual_key_id,
+        provider=body.provider,
+        model=body.model,
+        estimated_cost=body.estimated_cost,
+        now=datetime.now(UTC),
+    )
+    metrics.observe_check(time.perf_counter() - started, result.reason)
+    answer = {
+        name: value
+        for name, value in msgspec.structs.asdict(result).items()
+        if value is not None
+    }
+    answer["position"] = cache.position
+    if app[cache_projector_key].failing:
+        # The cache cannot read the log right now: the answer is as of `position`.
+        answer["stale"] = True
+    return json_response(answer)
+
+
+ROUTES = [("POST", "/api/governance/check", check, Right.CHECK)]
