@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import reduce
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -298,6 +298,15 @@ S = TypeVar("S")
 C = TypeVar("C")
 
 
+class Executed(NamedTuple, Generic[S]):
+    """A stream after a command: its state and every event with its recorded_at."""
+
+    state: S | None
+    timeline: list[tuple[AnyEvent, datetime]]
+    version: int
+    position: int  # of the stream's last event, appended now or before
+
+
 async def execute(
     conn: Executor,
     stream_id: str,
@@ -305,28 +314,37 @@ async def execute(
     decide: Callable[[C, S | None], Sequence[AnyEvent]],
     evolve: Callable[[S | None, AnyEvent], S | None],
     *,
+    recorded_at: datetime,
     expected_version: int | None = None,
-    event_ids: Callable[[int], str] | None = None,
-    recorded_at: datetime | None = None,
-) -> tuple[S | None, list[Appended]]:
+    metadata: dict[str, Any] | None = None,
+) -> Executed[S]:
     """Load the stream, decide, append with optimistic concurrency.
 
-    Returns the resulting state and what was appended ([] when decide found nothing to
-    do). `decide` is pure, so a caller may retry a VersionConflict when the client sent
-    no If-Match.
+    `decide` is pure, so a caller may retry a VersionConflict when the client sent no
+    If-Match. An entity that does not exist is decide's 404, whatever If-Match says.
     """
     version, history = await read_stream(conn, stream_id)
-    if expected_version is not None and expected_version != version:
+    state = reduce(evolve, (r.event for r in history), None)
+    if state is not None and expected_version not in (None, version):
         raise VersionConflict(
             f"{stream_id} is at version {version}, not {expected_version}"
         )
-    state = reduce(evolve, (r.event for r in history), None)
     events = decide(command, state)
+    timeline = [(r.event, r.recorded_at) for r in history]
     if not events:
-        return state, []
-    new = [
-        NewEvent(event=e, event_id=event_ids(i)) if event_ids else NewEvent(event=e)
-        for i, e in enumerate(events)
-    ]
-    appended = await append(conn, stream_id, version, new, recorded_at=recorded_at)
-    return reduce(evolve, events, state), appended
+        position = history[-1].global_position if history else 0
+        return Executed(state, timeline, version, position)
+    appended = await append(
+        conn,
+        stream_id,
+        version,
+        [NewEvent(event=e, metadata=metadata or {}) for e in events],
+        recorded_at=recorded_at,
+    )
+    timeline += [(e, a.recorded_at) for e, a in zip(events, appended, strict=True)]
+    return Executed(
+        reduce(evolve, events, state),
+        timeline,
+        appended[-1].stream_version,
+        appended[-1].global_position,
+    )

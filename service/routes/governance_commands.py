@@ -66,7 +66,7 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.errors import IdempotencyConflict, Invalid, NotFound, VersionConflict
-from service.eventstore import Executor, NewEvent
+from service.eventstore import Executed, Executor
 from service.http import Right, decode_bytes, json_response, read_body, settings_key
 from service.state import pool_key
 
@@ -85,15 +85,6 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # --- one stream: read, decide, append ----------------------------------------------
 
 
-class Step(NamedTuple, Generic[S]):
-    """A stream after a command: its state and every event with its recorded_at."""
-
-    state: S | None
-    timeline: list[tuple[AnyEvent, datetime]]
-    version: int
-    position: int  # of the stream's last event, appended now or before
-
-
 async def _step(
     conn: Executor,
     stream_id: str,
@@ -102,36 +93,20 @@ async def _step(
     evolve: Callable[[S | None, AnyEvent], S | None],
     at: datetime,
     expected_version: int | None = None,
-) -> Step[S]:
-    version, history = await eventstore.read_stream(conn, stream_id)
-    state = reduce(evolve, (r.event for r in history), None)
-    # An entity that does not exist is a 404 from decide, whatever If-Match says.
-    if state is not None and expected_version not in (None, version):
-        raise VersionConflict(
-            f"{stream_id} is at version {version}, not {expected_version}"
-        )
-    events = decide(command, state)
-    timeline = [(r.event, r.recorded_at) for r in history]
-    if not events:
-        position = history[-1].global_position if history else 0
-        return Step(state, timeline, version, position)
+) -> Executed[S]:
     metadata = {
         "command": type(command).__name__,
         "request_id": structlog.contextvars.get_contextvars().get("request_id"),
     }
-    appended = await eventstore.append(
+    return await eventstore.execute(
         conn,
         stream_id,
-        version,
-        [NewEvent(event=e, metadata=metadata) for e in events],
+        command,
+        decide,
+        evolve,
         recorded_at=at,
-    )
-    timeline += [(e, a.recorded_at) for e, a in zip(events, appended, strict=True)]
-    return Step(
-        reduce(evolve, events, state),
-        timeline,
-        appended[-1].stream_version,
-        appended[-1].global_position,
+        expected_version=expected_version,
+        metadata=metadata,
     )
 
 
@@ -253,7 +228,7 @@ class _View(NamedTuple):
         ]
 
 
-def _view(step: Step[Any], now: datetime) -> _View:
+def _view(step: Executed[Any], now: datetime) -> _View:
     anchors: dict[str, datetime] = {}
     for event, recorded_at in step.timeline:
         for budget in _budgets_in(event):
@@ -270,7 +245,7 @@ def _rate_limit(rate_limit: RateLimit | None) -> dict[str, Any] | None:
     }
 
 
-def _stamps(step: Step[Any]) -> dict[str, Any]:
+def _stamps(step: Executed[Any]) -> dict[str, Any]:
     return {
         "version": step.version,
         "created_at": step.timeline[0][1],
@@ -278,7 +253,9 @@ def _stamps(step: Step[Any]) -> dict[str, Any]:
     }
 
 
-def render_customer(step: Step[customers.Customer], now: datetime) -> dict[str, Any]:
+def render_customer(
+    step: Executed[customers.Customer], now: datetime
+) -> dict[str, Any]:
     customer = step.state
     assert customer is not None
     return {
@@ -290,7 +267,7 @@ def render_customer(step: Step[customers.Customer], now: datetime) -> dict[str, 
     }
 
 
-def render_team(step: Step[teams.Team], now: datetime) -> dict[str, Any]:
+def render_team(step: Executed[teams.Team], now: datetime) -> dict[str, Any]:
     team = step.state
     assert team is not None
     return {
@@ -304,7 +281,7 @@ def render_team(step: Step[teams.Team], now: datetime) -> dict[str, Any]:
 
 
 def render_virtual_key(
-    step: Step[virtual_keys.VirtualKey], now: datetime
+    step: Executed[virtual_keys.VirtualKey], now: datetime
 ) -> dict[str, Any]:
     key = step.state
     assert key is not None
@@ -488,7 +465,7 @@ class Entity(NamedTuple, Generic[S, C]):
     name: str
     decide: Callable[[C, S | None], Sequence[AnyEvent]]
     evolve: Callable[[S | None, AnyEvent], S | None]
-    render: Callable[[Step[S], datetime], dict[str, Any]]
+    render: Callable[[Executed[S], datetime], dict[str, Any]]
 
 
 CUSTOMER = Entity("customer", customers.decide, customers.evolve, render_customer)
@@ -513,12 +490,25 @@ async def _decode(request: web.Request, type_: type[B]) -> tuple[bytes, B]:
     """The raw body and its strict decoding, references in their stored spelling."""
     raw = await read_body(request, request.app[settings_key].max_body_bytes)
     body = decode_bytes(raw, type_)
+    if _has_nul(msgspec.to_builtins(body)):
+        # PostgreSQL's text and jsonb cannot hold U+0000.
+        raise Invalid("strings in the body must not contain the character U+0000")
     references = {
         name: _canonical(getattr(body, name))
         for name in ("team_id", "customer_id")
         if name in body.__struct_fields__
     }
     return raw, msgspec.structs.replace(body, **references)
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _canonical(reference: object) -> object:
