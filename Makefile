@@ -35,6 +35,10 @@ soak: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/govledger bench
 
+.PHONY: screenshot
+screenshot: $(INSTALLED)
+	$(BIN)/python -m service.dashboard_screenshot docs/dashboard.png
+
 .PHONY: fmt
 fmt: $(INSTALLED)
 	$(BIN)/ruff format

@@ -1,0 +1,221 @@
+"""The dashboard's view of the governance read model: one consistent snapshot of
+customers, teams and keys, each budget with its next reset and each key with the limit
+that blocks it (the check's semantics), and a budget's spend per past period.
+
+`snapshot` and `periods` read; `dress` is pure: it adds `next_reset` to budgets,
+`token_next_reset`/`request_next_reset` to rate limits, and `blocked` to keys and
+provider configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from projections import governance, runner
+from projections.governance import Connection, Wire
+from service.domain.budgets import parse_duration, period_bounds
+from service.errors import NotFound
+
+# The SQL projector whose tables the snapshot reads (projections.runner).
+GOVERNANCE_PROJECTION = "governance"
+
+_BUDGET_ANCHORS = "SELECT id, anchor FROM governance_budgets"
+_RATE_LIMIT_ANCHORS = """
+SELECT owner_type, owner_id, token_anchor, token_reset_duration, request_anchor,
+    request_reset_duration
+FROM governance_rate_limits
+"""
+_BUDGET_EXISTS = "SELECT EXISTS (SELECT 1 FROM governance_budgets WHERE id = $1)"
+# The latest `limit` periods (all when NULL), oldest first.
+_PERIODS = """
+SELECT period_start, spend FROM (
+    SELECT period_start, spend FROM governance_budget_spend WHERE budget_id = $1
+    ORDER BY period_start DESC LIMIT $2
+) latest ORDER BY period_start
+"""
+
+
+async def snapshot(conn: Connection, now: datetime) -> Wire:
+    """`{position, generated_at, customers, teams, virtual_keys}` as of one snapshot
+    of the read model; `position` is the governance projection's checkpoint."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        checkpoint = await runner.load_checkpoint(conn, GOVERNANCE_PROJECTION)
+        customers = await governance.list_customers(conn, now)
+        teams = await governance.list_teams(conn, now)
+        keys = await governance.list_virtual_keys(conn, now)
+        anchors = {r["id"]: r["anchor"] for r in await conn.fetch(_BUDGET_ANCHORS)}
+        rate_anchors = {
+            (r["owner_type"], r["owner_id"]): dict(r)
+            for r in await conn.fetch(_RATE_LIMIT_ANCHORS)
+        }
+    dress(customers, teams, keys, anchors, rate_anchors, now)
+    return {
+        "position": checkpoint.position,
+        "generated_at": now,
+        "customers": customers,
+        "teams": teams,
+        "virtual_keys": keys,
+    }
+
+
+async def periods(conn: Connection, budget_id: str, limit: int | None) -> list[Wire]:
+    """The budget's spend per period, oldest first: the latest `limit` (or all).
+
+    A period's start is the *effective* one of the read model: after an explicit reset
+    a period shows as two entries, before and from the reset.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if not await conn.fetchval(_BUDGET_EXISTS, budget_id):
+            raise NotFound(f"budget {budget_id} does not exist")
+        rows = await conn.fetch(_PERIODS, budget_id, limit)
+    return [{"period_start": r["period_start"], "spend": r["spend"]} for r in rows]
+
+
+# --- dressing (pure) ---------------------------------------------------------------
+
+
+def dress(
+    customers: Sequence[Wire],
+    teams: Sequence[Wire],
+    keys: Sequence[Wire],
+    anchors: Mapping[str, datetime],
+    rate_anchors: Mapping[tuple[str, str], Mapping[str, Any]],
+    now: datetime,
+) -> None:
+    """Add next resets and blocking limits to the wire dicts, in place."""
+    for owner_type, owner in _owners(customers, teams, keys):
+        for budget in owner["budgets"]:
+            budget["next_reset"] = _budget_end(budget, anchors.get(budget["id"]), now)
+        rate_limit = owner["rate_limit"]
+        if rate_limit is not None:
+            anchor_row = rate_anchors.get((owner_type, owner["id"]))
+            for prefix in ("token", "request"):
+                rate_limit[f"{prefix}_next_reset"] = _rate_end(anchor_row, prefix, now)
+    teams_by_id = {t["id"]: t for t in teams}
+    customers_by_id = {c["id"]: c for c in customers}
+    for key in keys:
+        _mark_blocked(key, teams_by_id, customers_by_id)
+
+
+def _owners(
+    customers: Iterable[Wire], teams: Iterable[Wire], keys: Iterable[Wire]
+) -> Iterable[tuple[str, Wire]]:
+    yield from (("customer", c) for c in customers)
+    yield from (("team", t) for t in teams)
+    for key in keys:
+        yield "virtual_key", key
+        yield from (("provider_config", p) for p in key["provider_configs"])
+
+
+def _budget_end(
+    budget: Wire, anchor: datetime | None, now: datetime
+) -> datetime | None:
+    if anchor is None:
+        return None
+    return period_bounds(
+        now,
+        anchor=anchor,
+        duration=parse_duration(budget["reset_duration"]),
+        calendar_aligned=budget["calendar_aligned"],
+    )[1]
+
+
+def _rate_end(
+    row: Mapping[str, Any] | None, prefix: str, now: datetime
+) -> datetime | None:
+    if row is None or row[f"{prefix}_anchor"] is None:
+        return None
+    return period_bounds(
+        now,
+        anchor=row[f"{prefix}_anchor"],
+        duration=parse_duration(row[f"{prefix}_reset_duration"]),
+        calendar_aligned=False,
+    )[1]
+
+
+def _mark_blocked(
+    key: Wire, teams: Mapping[str, Wire], customers: Mapping[str, Wire]
+) -> None:
+    """Set `blocked` on the key and each of its provider configs: None while a check
+    could pass, else what the check answers (reason and the limit that blocks).
+
+    A key with provider configs is blocked when its own chain is, or when every
+    provider's chain is (then it names the first provider's limit).
+    """
+    above: list[tuple[str, Wire]] = []
+    team = teams.get(key["team_id"]) if key["team_id"] is not None else None
+    if team is not None:
+        above.append(("team", team))
+    # Under a team, the team's customer applies (none when the team is gone).
+    customer_id = key["customer_id"] if key["team_id"] is None else None
+    if team is not None:
+        customer_id = team["customer_id"]
+    customer = customers.get(customer_id) if customer_id is not None else None
+    if customer is not None:
+        above.append(("customer", customer))
+    own = ("virtual_key", key)
+    inactive: Wire | None = None if key["is_active"] else {"reason": "key_inactive"}
+    configs = key["provider_configs"]
+    for config in configs:
+        config["blocked"] = inactive or blocking(
+            [own, ("provider_config", config), *above]
+        )
+    blocked = inactive or blocking([own, *above])
+    if blocked is None and configs and all(c["blocked"] for c in configs):
+        blocked = configs[0]["blocked"]
+    key["blocked"] = blocked
+
+
+def blocking(chain: Sequence[tuple[str, Wire]]) -> Wire | None:
+    """What POST /api/governance/check answers for this chain when it blocks (no
+    estimate): the first exhausted rate limit in chain order, else the first budget
+    with current_usage >= max_limit; None when nothing blocks."""
+    for owner_type, owner in chain:
+        rate_limit = owner["rate_limit"]
+        if rate_limit is None:
+            continue
+        for kind, prefix in (("tokens", "token"), ("requests", "request")):
+            limit = rate_limit[f"{prefix}_max_limit"]
+            used = rate_limit[f"{prefix}_current_usage"]
+            if limit is not None and used >= limit:
+                return {
+                    "reason": "rate_limited",
+                    "owner_type": owner_type,
+                    "owner_id": owner["id"],
+                    "rate_limit": kind,
+                    "current_usage": Decimal(used),
+                    "max_limit": Decimal(limit),
+                }
+    for owner_type, owner in chain:
+        for budget in owner["budgets"]:
+            if budget["current_usage"] >= budget["max_limit"]:
+                return {
+                    "reason": "budget_exceeded",
+                    "owner_type": owner_type,
+                    "owner_id": owner["id"],
+                    "budget_id": budget["id"],
+                    "current_usage": budget["current_usage"],
+                    "max_limit": budget["max_limit"],
+                }
+    return None
+
+
+def earliest_reset(view: Wire) -> datetime | None:
+    """The first instant a period in the snapshot ends: its usage changes then."""
+    ends: list[datetime] = []
+    for _, owner in _owners(view["customers"], view["teams"], view["virtual_keys"]):
+        ends.extend(b["next_reset"] for b in owner["budgets"] if b["next_reset"])
+        rate_limit = owner["rate_limit"]
+        if rate_limit is not None:
+            ends.extend(
+                end
+                for end in (
+                    rate_limit["token_next_reset"],
+                    rate_limit["request_next_reset"],
+                )
+                if end is not None
+            )
+    return min(ends, default=None)
