@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import IO, TypeVar
 
+import asyncpg
+import msgspec
 import structlog
 from aiohttp import web
 
 from service import log as logging_setup
+from service.bench import runner as bench_runner
 from service.config import ConfigError, Settings, check_exposure
 
 log = structlog.get_logger()
@@ -30,9 +38,11 @@ def database_url(settings: Settings) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from projections.upcast import validate_chains
     from service.app import create_app
     from service.migrate import migrate
 
+    validate_chains()
     settings = Settings.from_env()
     check_exposure(settings)
     if settings.is_open:
@@ -90,6 +100,217 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- operational tools: each a thin call into its module ---------------------------
+
+T = TypeVar("T")
+
+
+class Meter:
+    """Progress lines (at most one a second) and the summary line of a long run,
+    on stderr, so stdout stays free for data and reports."""
+
+    def __init__(self, name: str, detail: str = "position") -> None:
+        self.name = name
+        self.detail = detail
+        self.started = time.monotonic()
+        self.shown = self.started
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def rate(self, events: int) -> float:
+        return events / self.seconds if self.seconds > 0 else 0.0
+
+    def progress(self, events: int, detail: int) -> None:
+        now = time.monotonic()
+        if now - self.shown >= 1.0:
+            self.shown = now
+            print(
+                f"{self.name}: {events} events, {self.detail} {detail},"
+                f" {self.rate(events):.0f} events/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def summary(self, events: int, what: str = "") -> None:
+        print(
+            f"{self.name}: {events} events{what} in {self.seconds:.2f} s"
+            f" ({self.rate(events):.0f} events/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Migrate the database, then run `work` on a small pool of it."""
+    from service import eventstore
+    from service.migrate import migrate
+
+    dsn = database_url(Settings.from_env())
+
+    async def run() -> T:
+        await migrate(dsn)
+        pool = await eventstore.create_pool(dsn, min_size=1, max_size=4)
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"govledger {command}: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_upcast(args: argparse.Namespace) -> int:
+    from projections import rewrite, upcast
+
+    upcast.validate_chains()
+    meter = Meter("upcast")
+    if args.dry_run:
+        report = _with_pool(
+            lambda pool: rewrite.dry_run(pool, on_progress=meter.progress)
+        )
+        for key, count in report.counts.items():
+            print(f"{key}: {count}")
+        for sample in report.samples:
+            print(rewrite.render_diff(sample), end="")
+        for failure in report.failures:
+            print(f"cannot upcast: {failure}")
+        meter.summary(report.events, " to rewrite (dry run)")
+        return 1 if report.failures else 0
+    try:
+        done = _with_pool(
+            lambda pool: rewrite.rewrite(
+                pool, batch_size=args.batch_size, on_progress=meter.progress
+            )
+        )
+    except (rewrite.RewriteFailed, rewrite.RewriteBusy) as exc:
+        return _fail("upcast", exc)
+    for key, count in done.counts.items():
+        print(f"{key}: {count}", file=sys.stderr)
+    meter.summary(done.events, f" rewritten by run {done.run_id}")
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[bytes]]:
+    if path is None or path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+    else:
+        with open(path, "wb") as out:
+            yield out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from service import transfer
+
+    meter = Meter("export", detail="written")
+    with _output(args.file) as out:
+        count = _with_pool(
+            lambda pool: transfer.export(pool, out, on_progress=meter.progress)
+        )
+    meter.summary(count, " exported")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from service import transfer
+
+    meter = Meter("import", detail="appended")
+    with open(args.file, "rb") as lines:
+        try:
+            report = _with_pool(
+                lambda pool: transfer.import_lines(
+                    pool, lines, batch_size=args.batch_size, on_progress=meter.progress
+                )
+            )
+        except transfer.ImportFailed as exc:
+            return _fail("import", exc)
+    meter.summary(
+        report.lines, f" read, {report.appended} appended, {report.present} present"
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from projections import replay
+
+    meter = Meter("replay")
+    try:
+        if args.at is not None and args.verify:
+            raise replay.ReplayError("--verify compares with the live tables; not --at")
+        if args.at is not None:
+            at = replay.parse_at(args.at)
+            return _with_pool(lambda pool: _replay_at(pool, args, at, meter))
+        if args.print:
+            raise replay.ReplayError("--print needs --at")
+        report = _with_pool(
+            lambda pool: replay.rebuild(
+                pool,
+                args.projection,
+                verify=args.verify,
+                batch_size=args.batch_size,
+                on_progress=meter.progress,
+            )
+        )
+    except replay.ReplayError as exc:
+        return _fail("replay", exc)
+    where = f" up to position {report.checkpoint.position}"
+    if report.differences:
+        print(replay.render(report.differences))
+        meter.summary(report.events, f" replayed{where}; the live read model differs")
+        return 1
+    if args.verify:
+        meter.summary(report.events, f" replayed{where}; identical to the live tables")
+    else:
+        meter.summary(report.events, f" replayed{where} and swapped in")
+    return 0
+
+
+async def _replay_at(
+    pool: asyncpg.Pool, args: argparse.Namespace, at: int | datetime, meter: Meter
+) -> int:
+    from projections import replay
+
+    report = await replay.build_at(
+        pool,
+        at,
+        args.projection,
+        batch_size=args.batch_size,
+        on_progress=meter.progress,
+    )
+    assert report.schema is not None
+    assert report.as_of is not None
+    if args.print:
+        async with pool.acquire() as conn:
+            state = await replay.read_state(conn, report.schema, report.as_of)
+        sys.stdout.buffer.write(
+            msgspec.json.format(_state_encoder.encode(state), indent=2) + b"\n"
+        )
+    rows = ", ".join(f"{t} {n}" for t, n in report.rows.items())
+    print(f"schema {report.schema} ({rows})", file=sys.stderr)
+    meter.summary(
+        report.events,
+        f" applied as of {args.at} (log read to position {report.checkpoint.position})",
+    )
+    return 0
+
+
+_state_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from service import client
+
+    token = args.token or os.environ.get("GOVLEDGER_TOKEN") or None
+    return client.record_file(args.file, url=args.url, token=token)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="govledger", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +324,54 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending migrations").set_defaults(
         func=cmd_migrate
     )
+    up = sub.add_parser("upcast", help="rewrite legacy events once, in place")
+    up.add_argument(
+        "--dry-run", action="store_true", help="change nothing; counts and a diff"
+    )
+    up.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
+    up.set_defaults(func=cmd_upcast)
+    export = sub.add_parser("export", help="write the log as JSONL envelopes")
+    export.add_argument("file", nargs="?", help="output file (default: stdout)")
+    export.set_defaults(func=cmd_export)
+    imp = sub.add_parser("import", help="append JSONL envelopes to the log")
+    imp.add_argument("file", help="a JSONL file of event envelopes")
+    imp.add_argument(
+        "--batch-size", type=int, default=1000, help="lines per transaction"
+    )
+    imp.set_defaults(func=cmd_import)
+    rep = sub.add_parser(
+        "replay",
+        help="rebuild a projection from the log and swap it in, verify it, or"
+        " build it as of a past time or position",
+    )
+    rep.add_argument("--projection", default="governance", help="default: governance")
+    rep.add_argument(
+        "--at",
+        metavar="TIME|POSITION",
+        help="build the state as of then into an audit_* schema; live is untouched",
+    )
+    rep.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare a replay with the live tables; exit 1 with a diff if they differ",
+    )
+    rep.add_argument(
+        "--print", action="store_true", help="with --at: print that state as JSON"
+    )
+    rep.add_argument("--batch-size", type=int, default=2000, help="events per batch")
+    rep.set_defaults(func=cmd_replay)
+    record = sub.add_parser(
+        "record", help="send NDJSON usage records to a running service"
+    )
+    record.add_argument("file", help="an NDJSON file of usage records; - for stdin")
+    record.add_argument("--url", default="http://127.0.0.1:8080", help="the service")
+    record.add_argument("--token", help="bearer token (default: $GOVLEDGER_TOKEN)")
+    record.set_defaults(func=cmd_record)
+    bench = sub.add_parser(
+        "bench", help="benchmarks, each figure beside a baseline from the same run"
+    )
+    bench_runner.add_arguments(bench)
+    bench.set_defaults(func=bench_runner.main)
     return p
 
 

@@ -1,0 +1,1 @@
+"""`govledger bench`: each scenario's figure beside a baseline from the same run."""

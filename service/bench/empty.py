@@ -1,0 +1,26 @@
+"""The check baseline: an aiohttp handler doing no work (`-m service.bench.empty N`)."""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+_BODY = b'{"allowed":true,"reason":"ok","http_status":200,"position":0}'
+
+
+async def answer(request: web.Request) -> web.Response:
+    return web.Response(body=_BODY, content_type="application/json")
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/api/governance/check", answer)
+    app.router.add_get("/healthz", answer)
+    web.run_app(
+        app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The processes a benchmark measures: govledger serve, and the do-nothing baseline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)  # start-up poll of a child process, bounded by the deadline
+    raise RuntimeError(f"{url} did not become ready in {timeout} s")
+
+
+@contextlib.contextmanager
+def govledger(
+    dsn: str, *, processes: int = 1, port: int | None = None
+) -> Iterator[str]:
+    """`processes` serve processes on one port (SO_REUSEPORT); yields the base URL."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "GOVLEDGER_HOST": "127.0.0.1",
+        "GOVLEDGER_PORT": str(port),
+    }
+    for name in (
+        "GOVLEDGER_ADMIN_TOKENS",
+        "GOVLEDGER_RECORDER_TOKENS",
+        "GOVLEDGER_READER_TOKENS",
+    ):
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--reuse-port"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for proc in procs:
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(procs)
+
+
+@contextlib.contextmanager
+def empty_handler() -> Iterator[str]:
+    """The baseline server: aiohttp answering a fixed body, doing no work."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.bench.empty", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop([proc])
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
