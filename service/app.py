@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import structlog
 from aiohttp import web
 
-from service import eventstore
+from projections import cache_loader, runner
+from service import eventstore, ingest
 from service.config import Settings
 from service.http import (
     MIDDLEWARES,
@@ -17,16 +18,43 @@ from service.http import (
     rights_key,
     settings_key,
 )
-from service.routes import events, health
+from service.routes import (
+    check,
+    dashboard,
+    events,
+    governance_commands,
+    governance_reads,
+    health,
+)
+from service.routes import metrics as metrics_routes
+from service.routes import openapi as openapi_routes
+from service.routes import usage as usage_routes
 from service.state import pool_key, readiness_key
 
 log = structlog.get_logger()
 
 RouteSpec = tuple[str, str, Handler, Right]
 
-ROUTE_TABLES: tuple[Iterable[RouteSpec], ...] = (health.ROUTES, events.ROUTES)
+ROUTE_TABLES: tuple[Iterable[RouteSpec], ...] = (
+    health.ROUTES,
+    events.ROUTES,
+    usage_routes.ROUTES,
+    metrics_routes.ROUTES,
+    governance_commands.ROUTES,
+    governance_reads.ROUTES,
+    check.ROUTES,
+    openapi_routes.ROUTES,
+    dashboard.ROUTES,
+)
 # Hot paths: their successful requests are counted in /metrics, not logged one by one.
-QUIET_PATHS: frozenset[str] = frozenset()
+QUIET_PATHS: frozenset[str] = frozenset(
+    {
+        "/api/usage",
+        "/api/usage/batch",
+        "/api/usage/stream",
+        "/api/governance/check",
+    }
+)
 
 
 def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
@@ -47,7 +75,14 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
                 quiet.add(route)
     app[rights_key] = rights
     app[quiet_key] = quiet
+    # Open dashboard streams end at shutdown instead of holding it up.
+    app.on_shutdown.append(dashboard.close_streams)
     app.cleanup_ctx.append(_pool(dsn or settings.database_url, settings))
+    app.cleanup_ctx.append(runner.run_projectors(dsn or settings.database_url))
+    # The enforcement cache: loaded from the read model, then tailing the log.
+    app.cleanup_ctx.append(cache_loader.run_cache())
+    # Usage ingest: the process's group-commit writer, on its own connection.
+    app.cleanup_ctx.append(ingest.writer_context(dsn or settings.database_url))
     return app
 
 

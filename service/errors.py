@@ -59,6 +59,12 @@ class InvalidPosition(Invalid):
     code = "invalid_position"
 
 
+class UnsupportedMediaType(Invalid):
+    """A body declared as a form or plain text: what any web page can send."""
+
+    code = "unsupported_media_type"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
 

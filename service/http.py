@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from typing import Any, TypeVar
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -24,6 +25,7 @@ from service.errors import (
     ServiceError,
     Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
     VersionConflict,
 )
 
@@ -43,6 +45,16 @@ STATUS: Mapping[type[ServiceError], int] = {
     Unavailable: 503,
     ProjectionLag: 503,
 }
+
+# The database cannot be reached (down, restarting, refusing connections, or the
+# connection dropped mid-request): a 503 the client may retry, never a 500.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
@@ -88,17 +100,34 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 # --- bodies ------------------------------------------------------------------------
 
 
+# What a browser sends cross-site without a CORS preflight: a body declared as one of
+# these may come from any web page the user visits (an open service on loopback too).
+FORM_TYPES = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or a 413 once it passes `limit` bytes (chunked bodies too)."""
+    """The whole body, or a 413 once it passes `limit` bytes (chunked bodies too);
+    a 400 for a body declared as a form or plain text."""
+    if request.content_type in FORM_TYPES:
+        raise UnsupportedMediaType(
+            f"a {request.content_type} body is not accepted: send application/json"
+            " (application/x-ndjson for a batch)"
+        )
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, not gzip
+        why = getattr(exc.__cause__, "message", None) or "it is malformed"
+        raise Invalid(f"the request body cannot be read: {why}") from None
     return b"".join(chunks)
 
 
@@ -114,11 +143,17 @@ def decode_bytes(body: bytes, type_: type[T]) -> T:
         raise Invalid(f"the request body is invalid: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Invalid(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 in a string
+        raise Invalid(f"the request body is not valid UTF-8: {exc}") from None
 
 
 async def decode(request: web.Request, type_: type[T]) -> T:
     body = await read_body(request, request.app[settings_key].max_body_bytes)
     return decode_bytes(body, type_)
+
+
+# Positions and counts are PostgreSQL bigints: a larger number can name nothing.
+MAX_QUERY_INT = 2**63 - 1
 
 
 def query_int(
@@ -135,6 +170,8 @@ def query_int(
         ) from None
     if value < minimum:
         raise Invalid(f"query parameter {name} must be at least {minimum}")
+    if value > MAX_QUERY_INT:
+        raise Invalid(f"query parameter {name} must be at most {MAX_QUERY_INT}")
     return value
 
 
@@ -167,6 +204,11 @@ async def error_middleware(
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except UNREACHABLE as exc:
+        log.warning("request_unavailable", code=Unavailable.code, error=repr(exc))
+        return error_response(
+            503, Unavailable.code, "the database cannot be reached right now; retry"
+        )
     except Exception:
         log.exception("request_failed")
         return error_response(

@@ -180,8 +180,7 @@ VirtualKeyEvent = (
 AnyEvent = CustomerEvent | TeamEvent | VirtualKeyEvent | UsageRecorded
 
 EVENT_TYPES: dict[str, type[AnyEvent]] = {
-    t.__struct_config__.tag: t
-    for t in get_args(AnyEvent)
+    t.__struct_config__.tag: t for t in get_args(AnyEvent)
 }
 
 STREAM_PREFIXES = ("customer", "team", "virtual_key", "usage")

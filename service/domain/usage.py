@@ -186,7 +186,7 @@ class Rejected(NamedTuple):
 
 
 _encode = msgspec.json.Encoder().encode
-decode_record = msgspec.json.Decoder(UsageRecord).decode
+_decode_record = msgspec.json.Decoder(UsageRecord).decode
 _decode_records = msgspec.json.Decoder(UsageRecord).decode_lines
 # A line that ends one JSON value and starts another (false positives only cost speed).
 _TWO_VALUES = re.compile(rb"\}[ \t\r]*\{")
@@ -202,6 +202,15 @@ def encode_usage(event: UsageRecorded) -> bytes:
     return b"{" + _encode(event)[len(_TAG) :]
 
 
+def decode_record(data: bytes | str | msgspec.Raw) -> UsageRecord:
+    """Strict decoding of one record; every failure is a msgspec.MsgspecError
+    (msgspec reports invalid UTF-8 inside a string as a UnicodeDecodeError)."""
+    try:
+        return _decode_record(data)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8: {exc}") from None
+
+
 def decode_lines(body: bytes) -> tuple[list[tuple[int, UsageRecord]], list[Rejected]]:
     """NDJSON → (line, record) pairs and rejected lines (1-based); blank lines skipped.
 
@@ -210,7 +219,7 @@ def decode_lines(body: bytes) -> tuple[list[tuple[int, UsageRecord]], list[Rejec
     """
     try:
         records = _decode_records(body)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         pass
     else:
         lines = body.count(b"\n") + (not body.endswith(b"\n"))

@@ -13,7 +13,13 @@ from aiohttp import web
 
 from service import metrics
 from service.errors import Invalid, InvalidPosition
-from service.http import Right, decode, json_response, settings_key
+from service.http import (
+    MAX_QUERY_INT,
+    Right,
+    decode,
+    json_response,
+    settings_key,
+)
 from service.state import cache_key, cache_projector_key
 
 
@@ -36,8 +42,8 @@ def _validate(body: CheckRequest) -> None:
     cost = body.estimated_cost
     if cost is not None and not (cost.is_finite() and cost >= 0):
         raise Invalid(f"estimated_cost must be a finite number ≥ 0, got {cost}")
-    if body.min_position is not None and body.min_position < 0:
-        raise InvalidPosition("min_position must be at least 0")
+    if body.min_position is not None and not 0 <= body.min_position <= MAX_QUERY_INT:
+        raise InvalidPosition(f"min_position must be from 0 to {MAX_QUERY_INT}")
 
 
 async def check(request: web.Request) -> web.Response:

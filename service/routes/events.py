@@ -8,6 +8,7 @@ import msgspec
 from aiohttp import web
 
 from service import eventstore
+from service.errors import Invalid
 from service.eventstore import RecordedEvent
 from service.http import Right, json_response, query_int
 from service.state import pool_key
@@ -34,6 +35,8 @@ async def list_events(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0) or 0
     limit = min(query_int(request, "limit", 1000, minimum=1) or 1000, MAX_LIMIT)
     stream_id = request.query.get("stream_id") or None
+    if stream_id is not None and "\x00" in stream_id:
+        raise Invalid("query parameter stream_id must not contain U+0000")
     records = await eventstore.read_page(
         request.app[pool_key], after=after, limit=limit, stream_id=stream_id
     )

@@ -182,6 +182,9 @@ async def _accept_frame(
             raw = _decode_raw_frame(data)
         except msgspec.MsgspecError as exc:
             return _ready(_frame_error(data, exc))
+        except RecursionError:  # msgspec.Raw skips nested values recursively
+            message = "the frame is not valid JSON: it is nested too deeply"
+            return _ready(_error_frame("invalid_frame", message))
         frame = _Frame(raw.seq, [])
         records, bad = _decode_elements(raw.records)
     if len(records) + len(bad) > MAX_FRAME_RECORDS:
@@ -270,7 +273,7 @@ async def _send_acks(
 def _frame_error(data: str, exc: msgspec.MsgspecError) -> bytes:
     try:
         seq: int | None = _decode_seq(data).seq
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError):  # deep unknown fields are skipped
         seq = None
     if isinstance(exc, msgspec.ValidationError):
         message = f'the frame must be {{"seq": n, "records": [...]}}: {exc}'

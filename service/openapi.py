@@ -1,0 +1,862 @@
+"""The OpenAPI 3.1 document of the HTTP API: the structs of its answers, one entry per
+route saying what the route takes and answers, and the generator joining them to the
+routes of an app. Bodies are described by the very structs that decode them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, NamedTuple
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET, UnsetType
+
+from service.domain.commands import (
+    CustomerBody,
+    CustomerChanges,
+    TeamBody,
+    TeamChanges,
+    VirtualKeyBody,
+    VirtualKeyChanges,
+)
+from service.domain.usage import UsageRecord
+from service.http import ROLE_RIGHTS, Right, rights_key
+from service.routes.check import CheckRequest
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+REF = "#/components/schemas/{name}"
+
+# --- the answers -------------------------------------------------------------------
+# msgspec describes Decimal as a "decimal" string; _money() turns those marked x-number
+# into plain JSON numbers, which is what the encoder writes.
+
+Uuid = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+Money = Annotated[Decimal, msgspec.Meta(extra_json_schema={"x-number": True})]
+Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+Position = Annotated[
+    int, msgspec.Meta(ge=0, description="global position in the event log")
+]
+OwnerType = Literal["customer", "team", "virtual_key", "provider_config"]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    code: Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]*$")]
+    message: str
+
+
+class Error(msgspec.Struct, frozen=True):
+    """Every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+class BudgetView(msgspec.Struct, frozen=True, kw_only=True):
+    """A budget with its spend in the current period (`last_reset` is its start)."""
+
+    id: Uuid
+    max_limit: Money
+    reset_duration: str
+    calendar_aligned: bool
+    current_usage: Money
+    last_reset: Instant
+    owner_type: OwnerType
+    owner_id: Uuid
+
+
+class RateLimitView(msgspec.Struct, frozen=True, kw_only=True):
+    """Token and request limits with their use in the current window."""
+
+    token_max_limit: int | None
+    token_reset_duration: str | None
+    request_max_limit: int | None
+    request_reset_duration: str | None
+    token_current_usage: int
+    request_current_usage: int
+
+
+class ProviderConfigView(msgspec.Struct, frozen=True, kw_only=True):
+    """`allowed_models` is `["*"]` for every model, `[]` for none."""
+
+    id: Uuid
+    provider: str
+    allowed_models: list[str]
+    budgets: list[BudgetView]
+    rate_limit: RateLimitView | None
+
+
+class CustomerView(msgspec.Struct, frozen=True, kw_only=True):
+    id: Uuid
+    name: str
+    budgets: list[BudgetView]
+    rate_limit: RateLimitView | None
+    version: int
+    created_at: Instant
+    updated_at: Instant
+
+
+class TeamView(msgspec.Struct, frozen=True, kw_only=True):
+    id: Uuid
+    name: str
+    customer_id: Uuid | None
+    budgets: list[BudgetView]
+    rate_limit: RateLimitView | None
+    version: int
+    created_at: Instant
+    updated_at: Instant
+
+
+class VirtualKeyView(msgspec.Struct, frozen=True, kw_only=True):
+    """`value`, the secret, is only in the answer of a PUT with `rotate_value`."""
+
+    id: Uuid
+    name: str
+    team_id: Uuid | None
+    customer_id: Uuid | None
+    is_active: bool
+    budgets: list[BudgetView]
+    rate_limit: RateLimitView | None
+    provider_configs: list[ProviderConfigView]
+    value_hint: str
+    version: int
+    created_at: Instant
+    updated_at: Instant
+    value: str | UnsetType = UNSET
+
+
+class NewVirtualKeyView(msgspec.Struct, frozen=True, kw_only=True):
+    """A created key: the only answer, with a rotation's, that carries its secret."""
+
+    id: Uuid
+    name: str
+    team_id: Uuid | None
+    customer_id: Uuid | None
+    is_active: bool
+    budgets: list[BudgetView]
+    rate_limit: RateLimitView | None
+    provider_configs: list[ProviderConfigView]
+    value_hint: str
+    version: int
+    created_at: Instant
+    updated_at: Instant
+    value: Annotated[str, msgspec.Meta(pattern="^sk-gl-[A-Za-z0-9_-]{32}$")]
+
+
+class CustomerSaved(msgspec.Struct, frozen=True):
+    customer: CustomerView
+    position: Position
+
+
+class TeamSaved(msgspec.Struct, frozen=True):
+    team: TeamView
+    position: Position
+
+
+class VirtualKeyCreated(msgspec.Struct, frozen=True):
+    virtual_key: NewVirtualKeyView
+    position: Position
+
+
+class VirtualKeySaved(msgspec.Struct, frozen=True):
+    virtual_key: VirtualKeyView
+    position: Position
+
+
+class Deleted(msgspec.Struct, frozen=True):
+    position: Position
+
+
+class CustomerFound(msgspec.Struct, frozen=True):
+    customer: CustomerView
+
+
+class CustomerList(msgspec.Struct, frozen=True):
+    customers: list[CustomerView]
+
+
+class TeamFound(msgspec.Struct, frozen=True):
+    team: TeamView
+
+
+class TeamList(msgspec.Struct, frozen=True):
+    teams: list[TeamView]
+
+
+class VirtualKeyFound(msgspec.Struct, frozen=True):
+    virtual_key: VirtualKeyView
+
+
+class VirtualKeyList(msgspec.Struct, frozen=True):
+    virtual_keys: list[VirtualKeyView]
+
+
+class BudgetList(msgspec.Struct, frozen=True):
+    budgets: list[BudgetView]
+
+
+class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """A blocked answer names the blocking budget or rate limit (`rate_limit` says
+    which half, `tokens` or `requests`, and then has no `budget_id`); an allowed one
+    carries `remaining` whenever the chain has a budget. `position` is the cache's."""
+
+    allowed: bool
+    reason: Literal[
+        "ok",
+        "unknown_virtual_key",
+        "key_inactive",
+        "provider_not_allowed",
+        "model_not_allowed",
+        "rate_limited",
+        "budget_exceeded",
+    ]
+    http_status: Literal[200, 401, 402, 403, 429]
+    position: Position
+    budget_id: Uuid | UnsetType = UNSET
+    owner_type: OwnerType | UnsetType = UNSET
+    owner_id: Uuid | UnsetType = UNSET
+    current_usage: Money | UnsetType = UNSET
+    max_limit: Money | UnsetType = UNSET
+    remaining: Money | UnsetType = UNSET
+    rate_limit: Literal["tokens", "requests"] | UnsetType = UNSET
+
+
+class UsageAccepted(msgspec.Struct, frozen=True):
+    """A repeat of an `event_id` is acknowledged as a duplicate and counted once."""
+
+    position: Position
+    duplicate: bool
+
+
+class RejectedLine(msgspec.Struct, frozen=True):
+    line: Annotated[int, msgspec.Meta(ge=1)]
+    code: str
+    message: str
+
+
+class BatchAnswer(msgspec.Struct, frozen=True):
+    accepted: int
+    duplicates: int
+    rejected: list[RejectedLine]
+    position: Position
+
+
+class UsageFrame(msgspec.Struct, frozen=True):
+    """A client text frame of GET /api/usage/stream."""
+
+    seq: int
+    records: list[UsageRecord]
+
+
+class RejectedElement(msgspec.Struct, frozen=True):
+    index: Annotated[int, msgspec.Meta(ge=0)]
+    code: str
+    message: str
+
+
+class UsageFrameAck(msgspec.Struct, frozen=True):
+    """The answer to one frame, sent after its records committed."""
+
+    seq: int
+    accepted: int
+    duplicates: int
+    rejected: list[RejectedElement]
+    position: Position
+
+
+class UsageFrameError(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to a frame that is not `{seq, records}` (`seq` when it has one)."""
+
+    error: ErrorDetail
+    seq: int | UnsetType = UNSET
+
+
+class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored event, upcast to the current schema."""
+
+    global_position: Position
+    event_id: Uuid
+    stream_id: str
+    stream_version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: Instant
+
+
+class EventPage(msgspec.Struct, frozen=True):
+    """`next_after` is the `after` of the next page."""
+
+    events: list[EventEnvelope]
+    next_after: Position
+
+
+class BudgetPeriod(msgspec.Struct, frozen=True):
+    """The spend of one period; after an explicit reset a period shows as two."""
+
+    period_start: Instant
+    spend: Money
+
+
+class BudgetPeriods(msgspec.Struct, frozen=True):
+    """Oldest first."""
+
+    periods: list[BudgetPeriod]
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    """`pending` names the projections still catching up."""
+
+    status: Literal["ready", "starting", "catching_up"]
+    pending: list[str] | UnsetType = UNSET
+
+
+# --- parameters --------------------------------------------------------------------
+
+
+class Param(NamedTuple):
+    name: str
+    where: Literal["path", "query", "header"]
+    schema: Mapping[str, Any]
+    description: str
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "in": self.where,
+            "required": self.where == "path",
+            "description": self.description,
+            "schema": dict(self.schema),
+        }
+
+
+_UUID = {"type": "string", "format": "uuid"}
+PATH_ID = Param("id", "path", _UUID, "The entity's id")
+LATEST = Param(
+    "limit", "query", {"type": "integer", "minimum": 1}, "Only the latest this many"
+)
+MIN_POSITION = Param(
+    "min_position",
+    "query",
+    {"type": "integer", "minimum": 0},
+    "Wait up to 2 s for the read model to reach this position, else 503 projection_lag",
+)
+AFTER = Param(
+    "after", "query", {"type": "integer", "minimum": 0}, "Events after this position"
+)
+LIMIT = Param(
+    "limit",
+    "query",
+    {"type": "integer", "minimum": 1},
+    "At most this many events (capped at 10000; default 1000)",
+)
+STREAM_ID = Param("stream_id", "query", {"type": "string"}, "Only this stream")
+OWNER_TYPE = Param(
+    "owner_type",
+    "query",
+    {"type": "string", "enum": ["customer", "team", "virtual_key", "provider_config"]},
+    "Only budgets of this kind of owner",
+)
+OWNER_ID = Param("owner_id", "query", _UUID, "Only budgets of this owner")
+TEAM_ID = Param("team_id", "query", _UUID, "Only keys of this team")
+CUSTOMER_ID = Param("customer_id", "query", _UUID, "Only those of this customer")
+IF_MATCH = Param(
+    "If-Match",
+    "header",
+    {"type": "string", "pattern": "^[0-9]{1,18}$"},
+    "The entity's version; another version is a 409",
+)
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 255},
+    "A retry with the same key returns the first answer and appends nothing",
+)
+
+# --- operations --------------------------------------------------------------------
+
+
+class Answer(NamedTuple):
+    status: int
+    type: Any  # a struct (or type msgspec describes); None: no body
+    media: str = JSON
+    description: str = ""
+
+
+class Operation(NamedTuple):
+    """What one route takes and answers; the generator adds 401/403 from its right,
+    400/413 from its body and 404 from an id in its path."""
+
+    id: str
+    summary: str
+    answer: Answer
+    other_answers: tuple[Answer, ...] = ()
+    body: Any = None
+    body_media: str = JSON
+    parameters: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    extensions: Mapping[str, Any] = {}
+
+
+READ = (MIN_POSITION,)
+COMMAND = (IDEMPOTENCY_KEY,)
+CHANGE = (PATH_ID, IF_MATCH, IDEMPOTENCY_KEY)
+READ_ERRORS = (400, 503)
+COMMAND_ERRORS = (409, 422, 503)
+_GOV = ("governance",)
+_CUSTOMERS = "/api/governance/customers"
+_TEAMS = "/api/governance/teams"
+_KEYS = "/api/governance/virtual-keys"
+
+_STREAM_DESCRIPTION = """\
+A WebSocket (send the usual upgrade headers; the bearer token goes in the handshake).
+Each client **text** frame is a JSON object `{"seq": n, "records": [record, ...]}`
+(schema `UsageFrame`, each record a `UsageRecord`, at most 10000 records and 4 MiB per
+frame). The server answers every client frame with exactly one text frame, in the order
+the frames came, after the frame's records committed (frames may be pipelined):
+`{"seq", "accepted", "duplicates", "rejected": [{"index", "code", "message"}],
+"position"}` (schema `UsageFrameAck`; `index` is 0-based). A frame that is not such an
+object, or a binary frame, is answered with an error frame
+`{"seq"?, "error": {"code", "message"}}` (schema `UsageFrameError`, code
+`invalid_frame`) and the socket stays open."""
+
+OPERATIONS: Mapping[tuple[str, str], Operation] = {
+    ("GET", "/healthz"): Operation(
+        "healthz", "Liveness", Answer(200, Health), tags=("operations",)
+    ),
+    ("GET", "/readyz"): Operation(
+        "readyz",
+        "Readiness: caught up with the log head seen at start",
+        Answer(200, Readiness),
+        other_answers=(
+            Answer(503, Readiness, description="A projection is still catching up"),
+        ),
+        tags=("operations",),
+    ),
+    ("GET", "/metrics"): Operation(
+        "metrics",
+        "Prometheus metrics: ingest rate, check latency, projection lag",
+        Answer(200, str, "text/plain", "The Prometheus text exposition format"),
+        tags=("operations",),
+    ),
+    ("GET", "/api/openapi.json"): Operation(
+        "openapi", "This document", Answer(200, dict[str, Any]), tags=("operations",)
+    ),
+    ("GET", "/api/events"): Operation(
+        "list_events",
+        "The event log, upcast on read",
+        Answer(200, EventPage),
+        parameters=(AFTER, LIMIT, STREAM_ID),
+        errors=READ_ERRORS,
+        tags=("events",),
+    ),
+    # --- the dashboard (beyond API.md)
+    ("GET", "/"): Operation(
+        "dashboard",
+        "The live governance dashboard page",
+        Answer(200, str, "text/html"),
+        tags=("dashboard",),
+    ),
+    ("GET", "/dashboard.js"): Operation(
+        "dashboard_script",
+        "The dashboard's script",
+        Answer(200, str, "text/javascript"),
+        tags=("dashboard",),
+    ),
+    ("GET", "/dashboard.css"): Operation(
+        "dashboard_style",
+        "The dashboard's style sheet",
+        Answer(200, str, "text/css"),
+        tags=("dashboard",),
+    ),
+    ("GET", "/api/dashboard/events"): Operation(
+        "dashboard_events",
+        "Server-Sent Events: a `snapshot` of the read model at once, then one per"
+        " change",
+        Answer(200, str, "text/event-stream"),
+        description="Each event is `event: snapshot`, `id: <position>` and `data:`"
+        " `{position, generated_at, customers, teams, virtual_keys}` (the entities"
+        " as the governance reads answer them). The stream stays open.",
+        errors=(503,),
+        tags=("dashboard",),
+    ),
+    ("GET", "/api/governance/budgets/{id}/periods"): Operation(
+        "list_budget_periods",
+        "A budget's spend per period",
+        Answer(200, BudgetPeriods),
+        parameters=(PATH_ID, LATEST, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    # --- governance commands
+    ("POST", _CUSTOMERS): Operation(
+        "create_customer",
+        "Create a customer",
+        Answer(201, CustomerSaved),
+        body=CustomerBody,
+        parameters=COMMAND,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("PUT", _CUSTOMERS + "/{id}"): Operation(
+        "update_customer",
+        "Change a customer (omitted fields unchanged; budgets: the full set)",
+        Answer(200, CustomerSaved),
+        body=CustomerChanges,
+        parameters=CHANGE,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("DELETE", _CUSTOMERS + "/{id}"): Operation(
+        "delete_customer",
+        "Delete a customer and its budgets; its teams and keys are detached",
+        Answer(200, Deleted),
+        parameters=CHANGE,
+        errors=(400, *COMMAND_ERRORS),
+        tags=_GOV,
+    ),
+    ("POST", _TEAMS): Operation(
+        "create_team",
+        "Create a team",
+        Answer(201, TeamSaved),
+        body=TeamBody,
+        parameters=COMMAND,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("PUT", _TEAMS + "/{id}"): Operation(
+        "update_team",
+        "Change a team (omitted fields unchanged; customer_id null detaches)",
+        Answer(200, TeamSaved),
+        body=TeamChanges,
+        parameters=CHANGE,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("DELETE", _TEAMS + "/{id}"): Operation(
+        "delete_team",
+        "Delete a team and its budgets; its keys are detached",
+        Answer(200, Deleted),
+        parameters=CHANGE,
+        errors=(400, *COMMAND_ERRORS),
+        tags=_GOV,
+    ),
+    ("POST", _KEYS): Operation(
+        "create_virtual_key",
+        "Create a virtual key; the answer carries its secret `value`, once",
+        Answer(201, VirtualKeyCreated),
+        body=VirtualKeyBody,
+        parameters=COMMAND,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("PUT", _KEYS + "/{id}"): Operation(
+        "update_virtual_key",
+        "Change a virtual key; `rotate_value: true` returns a new secret",
+        Answer(200, VirtualKeySaved),
+        body=VirtualKeyChanges,
+        parameters=CHANGE,
+        errors=COMMAND_ERRORS,
+        tags=_GOV,
+    ),
+    ("DELETE", _KEYS + "/{id}"): Operation(
+        "delete_virtual_key",
+        "Delete a virtual key with its budgets and provider configs",
+        Answer(200, Deleted),
+        parameters=CHANGE,
+        errors=(400, *COMMAND_ERRORS),
+        tags=_GOV,
+    ),
+    # --- governance reads
+    ("GET", _CUSTOMERS): Operation(
+        "list_customers",
+        "Every customer",
+        Answer(200, CustomerList),
+        parameters=READ,
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", _CUSTOMERS + "/{id}"): Operation(
+        "get_customer",
+        "One customer",
+        Answer(200, CustomerFound),
+        parameters=(PATH_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", _TEAMS): Operation(
+        "list_teams",
+        "Every team, or a customer's",
+        Answer(200, TeamList),
+        parameters=(CUSTOMER_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", _TEAMS + "/{id}"): Operation(
+        "get_team",
+        "One team",
+        Answer(200, TeamFound),
+        parameters=(PATH_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", _KEYS): Operation(
+        "list_virtual_keys",
+        "Every virtual key, or a team's or customer's",
+        Answer(200, VirtualKeyList),
+        parameters=(TEAM_ID, CUSTOMER_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", _KEYS + "/{id}"): Operation(
+        "get_virtual_key",
+        "One virtual key (without its secret)",
+        Answer(200, VirtualKeyFound),
+        parameters=(PATH_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("GET", "/api/governance/budgets"): Operation(
+        "list_budgets",
+        "Every budget, or those of an owner or a kind of owner",
+        Answer(200, BudgetList),
+        parameters=(OWNER_TYPE, OWNER_ID, *READ),
+        errors=READ_ERRORS,
+        tags=_GOV,
+    ),
+    ("POST", "/api/governance/check"): Operation(
+        "check",
+        "May this key spend more? Answered from the in-memory cache",
+        Answer(200, CheckAnswer),
+        body=CheckRequest,
+        errors=(503,),
+        description="`min_position` in the body waits up to 2 s for the cache to"
+        " reach it, else 503 projection_lag.",
+        tags=("enforcement",),
+    ),
+    # --- usage
+    ("POST", "/api/usage"): Operation(
+        "record_usage",
+        "Record one usage record",
+        Answer(202, UsageAccepted),
+        body=UsageRecord,
+        errors=(503,),
+        description="A rejected record is a 400 whose code says why: `invalid_record`,"
+        " `negative_cost`, `invalid_cost`, `future_occurred_at` or"
+        " `unknown_virtual_key`. An acknowledged record is durable.",
+        tags=("usage",),
+    ),
+    ("POST", "/api/usage/batch"): Operation(
+        "record_usage_batch",
+        "Record an NDJSON batch, one usage record a line",
+        Answer(200, BatchAnswer),
+        body=str,
+        body_media=NDJSON,
+        errors=(503,),
+        description="Each line is a `UsageRecord`. A line that is not valid JSON, or"
+        " not a valid record, is a rejected line (`line` is 1-based); the valid lines"
+        " commit even when others are rejected. Body limit 16 MiB.",
+        tags=("usage",),
+        extensions={"x-line-schema": {"$ref": REF.format(name="UsageRecord")}},
+    ),
+    ("GET", "/api/usage/stream"): Operation(
+        "usage_stream",
+        "Record usage over a WebSocket",
+        Answer(101, None, description="Switching Protocols: the WebSocket is open"),
+        errors=(400,),
+        description=_STREAM_DESCRIPTION,
+        tags=("usage",),
+        extensions={
+            "x-websocket": {
+                "client_frame": {"$ref": REF.format(name="UsageFrame")},
+                "ack_frame": {"$ref": REF.format(name="UsageFrameAck")},
+                "error_frame": {"$ref": REF.format(name="UsageFrameError")},
+            }
+        },
+    ),
+}
+
+# Described in the document although no operation answers or takes them directly.
+FRAME_TYPES: tuple[type, ...] = (UsageFrame, UsageFrameAck, UsageFrameError)
+
+_REASONS = {
+    400: "A client mistake: bad JSON, wrong types, unknown fields, invalid values,"
+    " or a body declared as a form or plain text (unsupported_media_type)",
+    401: "Missing or unknown bearer token",
+    403: "The token lacks the right this operation needs",
+    404: "No entity with this id",
+    409: "If-Match differs from the entity's version, or a concurrent change won",
+    413: "The body is over the limit (1 MiB; 16 MiB for a batch); nothing committed",
+    422: "The Idempotency-Key was already used for a different request",
+    503: "The projection did not reach min_position in time (projection_lag), or the"
+    " database is unavailable",
+}
+
+# --- the document ------------------------------------------------------------------
+
+RouteEntry = tuple[str, str, Right]
+
+
+def routes_of(app: web.Application) -> list[RouteEntry]:
+    """(method, path, right) of every route of an app made by create_app."""
+    entries: list[RouteEntry] = []
+    for route, right in app[rights_key].items():
+        assert route.resource is not None
+        entries.append((route.method, route.resource.canonical, right))
+    return entries
+
+
+def missing(routes: Iterable[RouteEntry]) -> list[tuple[str, str]]:
+    """The routes OPERATIONS has no entry for."""
+    return [(m, p) for m, p, _ in routes if (m, p) not in OPERATIONS]
+
+
+def document(routes: Iterable[RouteEntry]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of these routes; each needs an entry in OPERATIONS."""
+    routes = sorted(routes, key=lambda r: (r[1], _METHOD_ORDER.get(r[0], 9)))
+    if gaps := missing(routes):
+        raise LookupError(f"openapi.OPERATIONS has no entry for {gaps}")
+    entries = [
+        (method, path, right, OPERATIONS[method, path])
+        for method, path, right in routes
+    ]
+    types = _unique(
+        [Error]
+        + [t for *_, op in entries for t in _types(op) if t is not None]
+        + list(FRAME_TYPES)
+    )
+    schemas, components = msgspec.json.schema_components(types, ref_template=REF)
+    schema_of = {t: _money(s) for t, s in zip(types, schemas, strict=True)}
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, right, op in entries:
+        paths.setdefault(path, {})[method.lower()] = _operation(op, right, schema_of)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "govledger",
+            "version": "1",
+            "description": "Event-sourced budget and rate-limit governance for LLM"
+            ' gateways. Errors are `{"error": {"code", "message"}}`; money is a'
+            " JSON number on output and a number or decimal string on input, exact"
+            " to 9 fractional digits; timestamps are RFC 3339 UTC.",
+        },
+        "tags": [
+            {"name": t} for t in _unique([t for *_, o in entries for t in o.tags])
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": _money(components),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "GOVLEDGER_ADMIN_TOKENS, GOVLEDGER_RECORDER_TOKENS"
+                    " or GOVLEDGER_READER_TOKENS; an operation's security names the"
+                    " right it needs",
+                }
+            },
+        },
+    }
+
+
+def encode(routes: Iterable[RouteEntry]) -> bytes:
+    return msgspec.json.encode(document(routes))
+
+
+_METHOD_ORDER = {"GET": 0, "POST": 1, "PUT": 2, "DELETE": 3}
+
+
+def _operation(
+    op: Operation, right: Right, schema_of: Mapping[Any, Any]
+) -> dict[str, Any]:
+    holders = sorted(role for role, rights in ROLE_RIGHTS.items() if right in rights)
+    public = right is Right.PUBLIC
+    note = f"Needs the `{right.value}` right (roles: {', '.join(holders)})."
+    if public:
+        note = "No token needed."
+    spec: dict[str, Any] = {
+        "operationId": op.id,
+        "summary": op.summary,
+        "description": f"{op.description}\n\n{note}".strip(),
+        "tags": list(op.tags),
+        "security": [] if public else [{"bearer": [right.value]}],
+        "x-right": right.value,
+    }
+    if op.parameters:
+        spec["parameters"] = [p.spec() for p in op.parameters]
+    errors = set(op.errors)
+    if op.body is not None:
+        errors |= {400, 413}
+        spec["requestBody"] = {
+            "required": True,
+            "content": {op.body_media: {"schema": _body_schema(op, schema_of)}},
+        }
+    if not public:
+        errors |= {401, 403}
+    if any(p.where == "path" for p in op.parameters):
+        errors.add(404)
+    responses: dict[str, Any] = {str(op.answer.status): _answer(op.answer, schema_of)}
+    for other in op.other_answers:
+        responses[str(other.status)] = _answer(other, schema_of)
+        errors.discard(other.status)
+    for status in sorted(errors):
+        responses[str(status)] = {
+            "description": _REASONS[status],
+            "content": {JSON: {"schema": schema_of[Error]}},
+        }
+    spec["responses"] = responses
+    spec.update(op.extensions)
+    return spec
+
+
+def _body_schema(op: Operation, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
+    if op.body_media == NDJSON:
+        return {"type": "string", "contentMediaType": NDJSON}
+    return dict(schema_of[op.body])
+
+
+def _answer(answer: Answer, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"description": answer.description or "Success"}
+    if answer.type is not None:
+        spec["content"] = {answer.media: {"schema": schema_of[answer.type]}}
+    return spec
+
+
+_NUMBER = "x-number"
+# A decimal string as the request decoders take one (numbers are taken too).
+_DECIMAL_STRING = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$"}
+
+
+def _money(node: Any) -> Any:
+    """msgspec's Decimal schema, rewritten: a plain number in answers (x-number),
+    a number or a decimal string in requests."""
+    if isinstance(node, list):
+        return [_money(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("format") == "decimal":
+        rest = {
+            k: _money(v)
+            for k, v in node.items()
+            if k not in ("format", "type", _NUMBER)
+        }
+        if node.get(_NUMBER):
+            return {"type": "number", **rest}
+        return {"anyOf": [{"type": "number"}, _DECIMAL_STRING], **rest}
+    return {k: _money(v) for k, v in node.items()}
+
+
+def _types(op: Operation) -> list[Any]:
+    return [op.body, op.answer.type, *(a.type for a in op.other_answers)]
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))

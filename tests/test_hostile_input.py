@@ -1,0 +1,999 @@
+"""Hostile input against a real server and PostgreSQL: schemathesis over the service's
+own OpenAPI document, then abuse made by hand — bodies over the limit, deep nesting,
+huge NDJSON lines, invalid UTF-8, NUL characters, wrong content types, ids that are not
+UUIDs, extreme numbers, and WebSocket frames that are not JSON. Never a 5xx; every
+4xx in the error shape of API.md; a refused body commits nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import io
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import hypothesis
+import pytest
+import schemathesis
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.core.result import Ok
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from service import openapi
+from service.app import create_app
+from service.config import Settings
+from service.http import Right
+from service.state import cache_projector_key, governance_projector_key
+
+Client = TestClient[web.Request, web.Application]
+
+ADMIN_TOKEN = "adm-hostile"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# A min_position ahead of the log is a 503 after this wait: short, for the fuzzer.
+SETTINGS = Settings(admin_tokens=frozenset({ADMIN_TOKEN}), min_position_wait_s=0.05)
+CUSTOMERS = "/api/governance/customers"
+TEAMS = "/api/governance/teams"
+KEYS = "/api/governance/virtual-keys"
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+CODE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Examples per operation and generation mode: ~30 operations x 2 modes take ~30 s.
+EXAMPLES = 30
+CHECKS = [
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+# Streams that answer with an open-ended body: not for a request-per-example fuzzer.
+ENDLESS = frozenset({"/api/dashboard/events"})
+
+# The batch body is text: one record a line.
+schemathesis.serializer.alias("application/x-ndjson", "text/plain")
+
+
+@pytest.fixture
+async def client(database: str) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(create_app(SETTINGS, database))) as client:
+        yield client
+
+
+async def call(
+    client: Client, method: str, path: str, body: Any = None, **headers: str
+) -> tuple[int, Any]:
+    """Send `body` as JSON (bytes as they are) and read the answer as JSON."""
+    data = body if isinstance(body, bytes) else None
+    payload = None if isinstance(body, bytes) else body
+    response = await client.request(
+        method, path, json=payload, data=data, headers={**ADMIN, **headers}
+    )
+    return response.status, await response.json(content_type=None)
+
+
+def assert_error(status: int, answer: Any, expected: int, code: str | None = None):
+    """An answer in the error shape: exactly {"error": {"code", "message"}}."""
+    assert status == expected, answer
+    assert isinstance(answer, dict), answer
+    assert list(answer) == ["error"], answer
+    assert sorted(answer["error"]) == ["code", "message"], answer
+    assert CODE.match(answer["error"]["code"]), answer
+    assert isinstance(answer["error"]["message"], str), answer
+    assert answer["error"]["message"], answer
+    if code is not None:
+        assert answer["error"]["code"] == code, answer
+
+
+async def event_count(client: Client) -> int:
+    status, page = await call(client, "GET", "/api/events?limit=10000")
+    assert status == 200, page
+    return len(page["events"])
+
+
+async def seed(client: Client) -> dict[str, str]:
+    """A customer, a team under it, a key under the team; read model and cache
+    caught up with them."""
+    status, created = await call(
+        client,
+        "POST",
+        CUSTOMERS,
+        {"name": "acme", "budgets": [{"max_limit": 100, "reset_duration": "1M"}]},
+    )
+    assert status == 201, created
+    customer = created["customer"]["id"]
+    status, created = await call(
+        client, "POST", TEAMS, {"name": "platform", "customer_id": customer}
+    )
+    assert status == 201, created
+    team = created["team"]["id"]
+    status, created = await call(
+        client,
+        "POST",
+        KEYS,
+        {
+            "name": "gateway",
+            "team_id": team,
+            "budgets": [{"max_limit": "5", "reset_duration": "1d"}],
+            "provider_configs": [{"provider": "openai"}],
+        },
+    )
+    assert status == 201, created
+    key = created["virtual_key"]
+    position = created["position"]
+    await client.app[governance_projector_key].wait_for(position, 10)
+    await client.app[cache_projector_key].wait_for(position, 10)
+    status, checked = await call(
+        client,
+        "POST",
+        "/api/governance/check",
+        {"virtual_key_id": key["id"], "provider": "openai"},
+    )
+    assert (status, checked["allowed"]) == (200, True), checked
+    return {
+        "customer": customer,
+        "team": team,
+        "virtual_key": key["id"],
+        "secret": key["value"],
+    }
+
+
+# --- the OpenAPI document -----------------------------------------------------------
+
+
+def test_every_route_of_the_app_has_an_openapi_entry():
+    routes = openapi.routes_of(create_app(SETTINGS, "postgresql://unused"))
+
+    assert openapi.missing(routes) == []
+    assert {(m, p) for m, p, _ in routes} == set(openapi.OPERATIONS)
+
+
+def test_a_route_without_an_entry_cannot_be_documented():
+    routes = [
+        ("GET", "/healthz", Right.PUBLIC),
+        ("GET", "/nowhere", Right.READ),
+    ]
+
+    with pytest.raises(LookupError, match="/nowhere"):
+        openapi.document(routes)
+
+
+async def test_the_document_describes_every_endpoint_with_rights_and_bodies(client):
+    response = await client.get("/api/openapi.json")  # no token
+
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    spec = await response.json()
+    assert spec["openapi"] == "3.1.0"
+    paths = spec["paths"]
+    assert sorted((m.upper(), p) for p, ops in paths.items() for m in ops) == sorted(
+        openapi.OPERATIONS
+    )
+    check = paths["/api/governance/check"]["post"]
+    assert check["security"] == [{"bearer": ["check"]}]
+    assert check["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CheckRequest"
+    }
+    assert paths["/healthz"]["get"]["security"] == []
+    assert paths["/api/events"]["get"]["security"] == [{"bearer": ["admin"]}]
+    batch = paths["/api/usage/batch"]["post"]["requestBody"]["content"]
+    assert batch == {
+        "application/x-ndjson": {
+            "schema": {"type": "string", "contentMediaType": "application/x-ndjson"}
+        }
+    }
+    stream = paths["/api/usage/stream"]["get"]
+    assert "WebSocket" in stream["description"]
+    assert stream["security"] == [{"bearer": ["record"]}]
+    put = paths[f"{KEYS}/{{id}}"]["put"]
+    assert {p["name"]: p["in"] for p in put["parameters"]} == {
+        "id": "path",
+        "If-Match": "header",
+        "Idempotency-Key": "header",
+    }
+    assert put["parameters"][0]["schema"] == {"type": "string", "format": "uuid"}
+    for code in ("400", "401", "403", "404", "409", "413", "422"):
+        assert put["responses"][code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
+    schemas = spec["components"]["schemas"]
+    assert schemas["UsageRecord"]["properties"]["cost"] == {
+        "anyOf": [
+            {"type": "number"},
+            {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$"},
+        ]
+    }
+    assert schemas["BudgetView"]["properties"]["current_usage"] == {"type": "number"}
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # The same bytes every time: encoded once per app.
+    again = await client.get("/api/openapi.json")
+    assert await again.read() == await response.read()
+
+
+# --- schemathesis -------------------------------------------------------------------
+
+
+def error_shape_problem(status: int, body: bytes) -> str | None:
+    if status < 400:
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return f"{status} with a body that is not JSON: {body[:200]!r}"
+    try:
+        assert_error(status, answer, status)
+    except AssertionError:
+        return f"{status} not in the error shape: {answer!r}"
+    return None
+
+
+def server_error_problem(response: Any) -> str | None:
+    """A 5xx is a bug, but for the 503 of a min_position the log has not reached."""
+    if response.status_code < 500:
+        return None
+    request = response.request
+    asked = "min_position" in request.url or b"min_position" in (request.body or b"")
+    try:
+        code = json.loads(response.content)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = None
+    if response.status_code == 503 and code == "projection_lag" and asked:
+        return None
+    return f"server error {response.status_code}"
+
+
+def fuzz(base_url: str, known: dict[str, str]) -> list[str]:
+    """Run every operation of the live document; the problems found, described."""
+    schema = schemathesis.openapi.from_url(
+        f"{base_url}/api/openapi.json", headers=ADMIN
+    )
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()  # the document itself is valid
+        if result.ok().path not in ENDLESS:
+            operations.append(result.ok())
+    # Deletes last, so the seeded entities live through the other operations.
+    operations.sort(key=lambda op: op.method.upper() == "DELETE")
+    problems: list[str] = []
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            problems += fuzz_operation(operation, mode, base_url, known)
+    return problems
+
+
+def fuzz_operation(
+    operation: Any, mode: GenerationMode, base_url: str, known: dict[str, str]
+) -> list[str]:
+    problems: list[str] = []
+    label = f"{operation.method.upper()} {operation.path} ({mode.value})"
+
+    @hypothesis.settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    )
+    @hypothesis.given(
+        case=operation.as_strategy(generation_mode=mode), aim=st.booleans()
+    )
+    def run(case: Any, aim: bool) -> None:
+        if aim and mode is GenerationMode.POSITIVE:
+            aim_at(case, known)
+        response = case.call(base_url=base_url, headers=ADMIN, timeout=60)
+        found: list[str] = []
+        checks = CHECKS + [negative_data_rejection] * must_reject(case)
+        try:
+            case.validate_response(response, checks=checks, headers=ADMIN)
+        except AssertionError as exc:
+            found.append(str(exc).strip().splitlines()[0])
+        except BaseExceptionGroup as group:
+            found += [str(e).strip().splitlines()[0] for e in group.exceptions]
+        for problem in (
+            server_error_problem(response),
+            error_shape_problem(response.status_code, response.content),
+        ):
+            if problem:
+                found.append(problem)
+        for problem in found:
+            if len(problems) < 5:
+                request = response.request
+                problems.append(
+                    f"{label}: {problem}\n    request: {request.method} {request.url}"
+                    f" {request.body!r:.300}\n    answer: {response.status_code}"
+                    f" {response.content[:300]!r}"
+                )
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        # Nothing to negate: the operation takes no parameters and no body.
+        assert mode is GenerationMode.NEGATIVE, label
+    return problems
+
+
+def must_reject(case: Any) -> bool:
+    """Whether a negative case must be refused: a JSON body or a path id that breaks
+    the schema does. Query strings and headers are lenient by design: an unknown
+    parameter or header is ignored, an empty query value means "not given"; and an
+    NDJSON body is text, whatever the fuzzer meant it to be."""
+    meta = case.meta
+    if meta is None:
+        return False
+    if meta.is_negative_at(ParameterLocation.PATH):
+        return True
+    return bool(meta.is_negative_at(ParameterLocation.BODY) and case.media_type == JSON)
+
+
+def aim_at(case: Any, known: dict[str, str]) -> None:
+    """Point a generated case at the seeded entities, so it goes past the 404s."""
+    path = case.operation.path
+    for prefix, name in (
+        (CUSTOMERS, "customer"),
+        (TEAMS, "team"),
+        (KEYS, "virtual_key"),
+    ):
+        if path == f"{prefix}/{{id}}":
+            case.path_parameters = {"id": known[name]}
+    if isinstance(case.body, dict):
+        if "virtual_key_id" in case.body or "virtual_key" in case.body:
+            case.body = {
+                **{k: v for k, v in case.body.items() if k != "virtual_key"},
+                "virtual_key_id": known["virtual_key"],
+                "provider": "openai",
+            }
+            if "event_id" in case.body:  # a usage record: one the service can take
+                case.body = {**case.body, "cost": "0.01", "occurred_at": None}
+        for name in ("team_id", "customer_id"):
+            if case.body.get(name) is not None and path.startswith(KEYS):
+                case.body = {**case.body, name: None}
+            elif case.body.get(name) is not None:
+                case.body = {**case.body, name: known[name.removesuffix("_id")]}
+
+
+@pytest.mark.slow
+async def test_schemathesis_finds_no_server_error_and_only_error_shaped_4xx(client):
+    known = await seed(client)
+    base_url = str(client.make_url("")).rstrip("/")
+
+    problems = await asyncio.to_thread(fuzz, base_url, known)
+
+    assert problems == [], "\n".join(problems)
+
+
+# --- explicit abuse -----------------------------------------------------------------
+
+JSON_BODIES = [
+    ("POST", CUSTOMERS),
+    ("PUT", CUSTOMERS + "/{customer}"),
+    ("POST", TEAMS),
+    ("PUT", TEAMS + "/{team}"),
+    ("POST", KEYS),
+    ("PUT", KEYS + "/{virtual_key}"),
+    ("POST", "/api/governance/check"),
+    ("POST", "/api/usage"),
+]
+MIB = 1 << 20
+
+
+def usage_record(key: dict[str, str], **fields: Any) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "virtual_key_id": key["virtual_key"],
+        "provider": "openai",
+        "model": "gpt-4o",
+        "cost": "0.01",
+        **fields,
+    }
+
+
+def ndjson(*lines: dict[str, Any] | bytes) -> bytes:
+    return b"\n".join(
+        line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines
+    )
+
+
+async def send(
+    client: Client,
+    method: str,
+    path: str,
+    data: Any,
+    content_type: str | None = JSON,
+    **headers: str,
+) -> tuple[int, Any]:
+    """Send raw bytes (or a stream of them) as the body, with this content type."""
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if isinstance(data, bytes):
+        data = io.BytesIO(data)  # aiohttp warns about large bytes bodies
+    response = await client.request(
+        method, path, data=data, headers={**ADMIN, **headers}
+    )
+    return response.status, await response.json(content_type=None)
+
+
+async def chunks(body: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
+    """A body without Content-Length: sent chunked."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_BODIES)
+async def test_a_body_over_the_limit_is_a_413_in_the_error_shape_and_commits_nothing(
+    client, method, path
+):
+    known = await seed(client)
+    before = await event_count(client)
+    path = path.format(**known)
+    # Valid JSON: only the limit stands between it and a commit.
+    body = json.dumps({"name": "n" * MIB}).encode()
+
+    for data in (body, chunks(body)):
+        status, answer = await send(client, method, path, data)
+
+        assert_error(status, answer, 413, "body_too_large")
+    assert await event_count(client) == before
+
+
+async def test_a_batch_over_16_mib_is_a_413_in_the_error_shape_and_commits_nothing(
+    client,
+):
+    known = await seed(client)
+    before = await event_count(client)
+    line = ndjson(usage_record(known, model="m" * 200))
+    body = ndjson(*([line] * (16 * MIB // len(line) + 1)))
+    assert len(body) > 16 * MIB
+
+    for data in (body, chunks(body, MIB)):
+        status, answer = await send(client, "POST", "/api/usage/batch", data, NDJSON)
+
+        assert_error(status, answer, 413, "body_too_large")
+    assert await event_count(client) == before
+
+
+async def test_a_gzip_bomb_is_stopped_at_the_limit(client):
+    await seed(client)
+    before = await event_count(client)
+    bomb = gzip.compress(b'{"name": "' + b"n" * (64 * MIB) + b'"}')
+    assert len(bomb) < MIB
+
+    status, answer = await send(
+        client, "POST", CUSTOMERS, bomb, **{"Content-Encoding": "gzip"}
+    )
+
+    assert_error(status, answer, 413, "body_too_large")
+    assert await event_count(client) == before
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decompress_is_a_400(client, encoding):
+    await seed(client)
+    before = await event_count(client)
+
+    for path, content_type in [
+        (CUSTOMERS, JSON),
+        ("/api/usage", JSON),
+        ("/api/usage/batch", NDJSON),
+        ("/api/governance/check", JSON),
+    ]:
+        status, answer = await send(
+            client,
+            "POST",
+            path,
+            b"this is not compressed",
+            content_type,
+            # The server closes a connection whose body it could not read.
+            **{"Content-Encoding": encoding, "Connection": "close"},
+        )
+
+        assert_error(status, answer, 400)
+    assert await event_count(client) == before
+
+
+DEEP = b"[" * 100_000
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_BODIES)
+async def test_deeply_nested_json_is_a_400(client, method, path):
+    known = await seed(client)
+    path = path.format(**known)
+
+    for body in (DEEP, b'{"name": ' + DEEP, b'{"budgets": [' + DEEP):
+        status, answer = await send(client, method, path, body)
+
+        assert_error(status, answer, 400)
+
+
+async def test_a_deeply_nested_batch_line_is_a_rejected_line(client):
+    known = await seed(client)
+
+    status, answer = await send(
+        client,
+        "POST",
+        "/api/usage/batch",
+        ndjson(DEEP, usage_record(known), b'{"event_id": ' + DEEP),
+        NDJSON,
+    )
+
+    assert status == 200, answer
+    assert answer["accepted"] == 1
+    assert [(r["line"], r["code"]) for r in answer["rejected"]] == [
+        (1, "invalid_record"),
+        (3, "invalid_record"),
+    ]
+
+
+async def test_huge_ndjson_lines_are_rejected_lines_and_do_not_echo_back(client):
+    known = await seed(client)
+    huge_record = usage_record(known, model="m" * (6 * MIB))
+    garbage = b"x" * (6 * MIB)
+
+    response = await client.post(
+        "/api/usage/batch",
+        data=io.BytesIO(ndjson(huge_record, garbage, usage_record(known))),
+        headers={**ADMIN, "Content-Type": NDJSON},
+    )
+
+    assert response.status == 200
+    assert len(await response.read()) < 4096
+    answer = await response.json()
+    assert answer["accepted"] == 1
+    assert [(r["line"], r["code"]) for r in answer["rejected"]] == [
+        (1, "invalid_record"),
+        (2, "invalid_record"),
+    ]
+
+
+INVALID_UTF8 = [b'{"name": "\xff\xfe"}', b"\xff", b'{"name": "caf\xc3"}']
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_BODIES)
+async def test_invalid_utf8_is_a_400_and_commits_nothing(client, method, path):
+    known = await seed(client)
+    before = await event_count(client)
+    path = path.format(**known)
+    bodies = [*INVALID_UTF8]
+    if path == "/api/usage":
+        bodies.append(
+            json.dumps(usage_record(known, model="MODEL"))
+            .encode()
+            .replace(b"MODEL", b"\xff")
+        )
+    if path == "/api/governance/check":
+        bodies.append(b'{"virtual_key": "\xff"}')
+
+    for body in bodies:
+        status, answer = await send(client, method, path, body)
+
+        assert_error(status, answer, 400)
+    assert await event_count(client) == before
+
+
+async def test_an_invalid_utf8_batch_line_is_a_rejected_line(client):
+    known = await seed(client)
+    bad = json.dumps(usage_record(known, model="MODEL")).encode()
+
+    status, answer = await send(
+        client,
+        "POST",
+        "/api/usage/batch",
+        ndjson(bad.replace(b"MODEL", b"\xff\xfe"), usage_record(known)),
+        NDJSON,
+    )
+
+    assert status == 200, answer
+    assert answer["accepted"] == 1
+    assert [(r["line"], r["code"]) for r in answer["rejected"]] == [
+        (1, "invalid_record")
+    ]
+
+
+async def test_a_lone_surrogate_is_a_400(client):
+    await seed(client)
+
+    status, answer = await send(client, "POST", CUSTOMERS, b'{"name": "\\ud800"}')
+
+    assert_error(status, answer, 400)
+
+
+NUL_BODIES = [
+    (CUSTOMERS, {"name": "a\u0000b"}),
+    (TEAMS, {"name": "a\u0000b"}),
+    (KEYS, {"name": "a\u0000b"}),
+    (KEYS, {"name": "k", "provider_configs": [{"provider": "open\u0000ai"}]}),
+    (
+        KEYS,
+        {
+            "name": "k",
+            "provider_configs": [{"provider": "x", "allowed_models": ["\0"]}],
+        },
+    ),
+    (TEAMS, {"name": "t", "customer_id": "\u0000"}),
+    (KEYS, {"name": "k", "team_id": "\u0000"}),
+    (CUSTOMERS, {"name": "c", "budgets": [{"max_limit": 1, "reset_duration": "1d\0"}]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), NUL_BODIES)
+async def test_a_nul_character_in_a_governance_string_is_a_400(client, path, body):
+    known = await seed(client)
+    before = await event_count(client)
+
+    status, answer = await call(client, "POST", path, body)
+    assert_error(status, answer, 400)
+    entity = {CUSTOMERS: "customer", TEAMS: "team", KEYS: "virtual_key"}[path]
+    status, answer = await call(client, "PUT", f"{path}/{known[entity]}", body)
+    assert_error(status, answer, 400)
+
+    assert await event_count(client) == before
+
+
+async def test_a_nul_character_in_usage_or_check_strings_is_refused_cleanly(client):
+    known = await seed(client)
+    before = await event_count(client)
+
+    for field in ("provider", "model"):
+        status, answer = await call(
+            client, "POST", "/api/usage", usage_record(known, **{field: "a\0b"})
+        )
+        assert_error(status, answer, 400, "invalid_record")
+    status, answer = await call(
+        client, "POST", "/api/usage", usage_record(known, virtual_key_id="\0")
+    )
+    assert_error(status, answer, 400, "unknown_virtual_key")
+    status, answer = await call(
+        client, "POST", "/api/governance/check", {"virtual_key": "sk-\0"}
+    )
+    assert (status, answer["reason"]) == (200, "unknown_virtual_key")
+    assert await event_count(client) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/events?stream_id=%00",
+        "/api/governance/budgets?owner_type=%00",
+        "/api/governance/budgets?owner_id=%00",
+        "/api/governance/teams?customer_id=%00",
+        "/api/governance/customers/%00",
+    ],
+)
+async def test_a_nul_character_in_a_query_or_path_never_reaches_the_database(
+    client, path
+):
+    status, answer = await call(client, "GET", path)
+
+    assert status < 500, answer
+    if status >= 400:
+        assert_error(status, answer, status)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"name=acme"),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\n'
+            b"acme\r\n--b--\r\n",
+        ),
+        ("text/plain", b'{"name": "acme"}'),
+        ("application/json; charset=latin-1", b'{"name": "caf\xe9"}'),
+    ],
+)
+async def test_a_body_of_another_content_type_is_a_400_and_commits_nothing(
+    client, content_type, body
+):
+    await seed(client)
+    before = await event_count(client)
+
+    status, answer = await send(client, "POST", CUSTOMERS, body, content_type)
+
+    assert_error(status, answer, 400)
+    assert await event_count(client) == before
+
+
+async def test_form_and_text_bodies_are_refused_by_every_body_endpoint(client):
+    """A browser sends these content types cross-site without asking first: no
+    request that could come from a foreign page may change anything."""
+    known = await seed(client)
+    before = await event_count(client)
+    record = json.dumps(usage_record(known)).encode()
+
+    for content_type in (
+        "text/plain",
+        "Text/Plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ):
+        for method, path, body in [
+            ("POST", CUSTOMERS, b'{"name": "acme"}'),
+            ("PUT", f"{CUSTOMERS}/{known['customer']}", b'{"name": "evil"}'),
+            ("POST", "/api/usage", record),
+            ("POST", "/api/usage/batch", record),
+            ("POST", "/api/governance/check", b'{"virtual_key": "x"}'),
+        ]:
+            status, answer = await send(client, method, path, body, content_type)
+
+            assert_error(status, answer, 400, "unsupported_media_type")
+    assert await event_count(client) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        CUSTOMERS + "/not-a-uuid",
+        TEAMS + "/123",
+        KEYS + "/" + "f" * 4000,
+        KEYS + "/%2e%2e%2f%2e%2e",
+        CUSTOMERS + "/%F0%9F%92%A5",
+        "/api/governance/budgets/nope/periods",
+    ],
+)
+async def test_an_id_in_the_path_that_is_not_a_uuid_is_a_404(client, path):
+    for method in ("GET", "PUT", "DELETE"):
+        if method != "GET" and "periods" in path:
+            continue
+        status, answer = await call(client, method, path, {"name": "x"})
+
+        assert_error(status, answer, 404)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        (TEAMS + "?customer_id=nope", "invalid_request"),
+        (KEYS + "?team_id=1", "invalid_request"),
+        (KEYS + "?customer_id=" + "a" * 5000, "invalid_request"),
+        ("/api/governance/budgets?owner_id=x", "invalid_request"),
+        ("/api/governance/budgets?owner_type=robot", "invalid_request"),
+        (CUSTOMERS + "?min_position=abc", "invalid_position"),
+        (CUSTOMERS + "?min_position=-1", "invalid_position"),
+        (CUSTOMERS + "?min_position=1e3", "invalid_position"),
+        (CUSTOMERS + "?min_position=" + "9" * 30, "invalid_position"),
+        (CUSTOMERS + "?min_position=" + "9" * 5000, "invalid_position"),
+        ("/api/events?after=" + "9" * 30, "invalid_request"),
+        ("/api/events?after=NaN", "invalid_request"),
+        ("/api/events?limit=0", "invalid_request"),
+        ("/api/events?limit=" + "9" * 30, "invalid_request"),
+        (
+            "/api/governance/budgets/"
+            + str(uuid.uuid4())
+            + "/periods?limit="
+            + "9" * 30,
+            "invalid_request",
+        ),
+    ],
+)
+async def test_a_bad_query_parameter_is_a_400(client, path, code):
+    status, answer = await call(client, "GET", path)
+
+    assert_error(status, answer, 400, code)
+
+
+async def test_a_check_min_position_beyond_any_position_is_a_400(client):
+    for position in (2**63, 10**40, -1):
+        status, answer = await call(
+            client,
+            "POST",
+            "/api/governance/check",
+            {"virtual_key": "x", "min_position": position},
+        )
+
+        assert_error(status, answer, 400, "invalid_position")
+
+
+@pytest.mark.parametrize(
+    "max_limit",
+    [
+        b"1e999",
+        b"-1e999",
+        b'"1e999"',
+        b'"NaN"',
+        b'"Infinity"',
+        b'"-Infinity"',
+        b"-0",
+        b'"-0"',
+        b"0",
+        b"1e-999",
+        b'"1e-999999999"',
+        b'"1e999999999"',
+        b"9" * 5000,
+        b"1" + b"0" * 18,
+        b"true",
+        b"null",
+        b"[1]",
+    ],
+)
+async def test_a_max_limit_that_is_not_a_sane_positive_amount_is_a_400(
+    client, max_limit
+):
+    await seed(client)
+    before = await event_count(client)
+    body = b'{"name": "n", "budgets": [{"max_limit": %s, "reset_duration": "1d"}]}'
+
+    status, answer = await send(client, "POST", CUSTOMERS, body % max_limit)
+
+    assert_error(status, answer, 400)
+    assert await event_count(client) == before
+
+
+@pytest.mark.parametrize(
+    ("cost", "code"),
+    [
+        (b"1e999", "invalid_cost"),
+        (b'"1e999999999"', "invalid_cost"),
+        (b'"1e-999999999"', "invalid_cost"),
+        (b'"NaN"', "invalid_cost"),
+        (b'"sNaN"', "invalid_cost"),
+        (b'"-Infinity"', "invalid_cost"),
+        (b"-1e999", "negative_cost"),
+        (b"9" * 5000, "invalid_cost"),
+        (b"NaN", "invalid_record"),
+        (b"Infinity", "invalid_record"),
+    ],
+)
+async def test_a_cost_that_is_not_a_sane_amount_is_rejected(client, cost, code):
+    known = await seed(client)
+    before = await event_count(client)
+    body = json.dumps(usage_record(known, cost="COST")).encode()
+    body = body.replace(b'"COST"', cost)
+
+    status, answer = await send(client, "POST", "/api/usage", body)
+
+    assert_error(status, answer, 400, code)
+    assert await event_count(client) == before
+
+
+async def test_a_cost_of_minus_zero_is_recorded_as_zero(client):
+    known = await seed(client)
+    body = json.dumps(usage_record(known, cost="COST")).encode()
+
+    status, answer = await send(
+        client, "POST", "/api/usage", body.replace(b'"COST"', b"-0")
+    )
+
+    assert status == 202, answer
+    status, page = await call(
+        client, "GET", f"/api/events?after={answer['position'] - 1}"
+    )
+    assert page["events"][0]["data"]["cost"] == 0
+
+
+@pytest.mark.parametrize(
+    "estimated_cost",
+    [
+        b"1e999",
+        b'"1e999999999"',
+        b'"1e-999999999"',
+        b'"-1e999999999"',
+        b"-0",
+        b"9" * 5000,
+    ],
+)
+async def test_an_extreme_estimated_cost_is_answered_without_a_server_error(
+    client, estimated_cost
+):
+    known = await seed(client)
+    body = b'{"virtual_key_id": "%s", "provider": "openai", "estimated_cost": %s}'
+
+    status, answer = await send(
+        client,
+        "POST",
+        "/api/governance/check",
+        body % (known["virtual_key"].encode(), estimated_cost),
+    )
+
+    assert status in (200, 400), answer
+    if status == 400:
+        assert_error(status, answer, 400)
+    else:
+        assert answer["allowed"] is (estimated_cost in (b"-0", b'"1e-999999999"'))
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [2**31, 2**63, 2**64, 10**30, 10**400, -1, 1.5, "1"],
+)
+async def test_a_token_count_out_of_range_is_an_invalid_record(client, tokens):
+    known = await seed(client)
+    before = await event_count(client)
+    body = json.dumps(usage_record(known, input_tokens=tokens)).encode()
+
+    status, answer = await send(client, "POST", "/api/usage", body)
+
+    assert_error(status, answer, 400, "invalid_record")
+    assert await event_count(client) == before
+
+
+@pytest.mark.parametrize("limit", [0, -5, 2**63, 10**30, 10**400, 1.5, "7"])
+async def test_a_rate_limit_out_of_range_is_a_400(client, limit):
+    await seed(client)
+    before = await event_count(client)
+    body = {
+        "name": "c",
+        "rate_limit": {"token_max_limit": limit, "token_reset_duration": "1m"},
+    }
+
+    status, answer = await call(client, "POST", CUSTOMERS, body)
+
+    assert_error(status, answer, 400)
+    assert await event_count(client) == before
+
+
+async def test_bad_websocket_frames_get_error_frames_and_the_socket_stays_usable(
+    client,
+):
+    known = await seed(client)
+
+    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+        for frame in (
+            "not json",
+            "",
+            "\u0000",
+            "[" * 100_000,
+            '{"seq": 1, "records": [' + "[" * 100_000 + "]}",
+            '{"seq": ' + "9" * 5000 + ', "records": []}',
+            '{"seq": 2, "records": {}}',
+            '{"seq": 3}',
+            '{"seq": 4, "deep": ' + "[" * 100_000 + "}",
+            "[]",
+        ):
+            await ws.send_str(frame)
+            answer = await ws.receive_json(timeout=10)
+            assert_error(400, {"error": answer["error"]}, 400, "invalid_frame")
+            assert set(answer) <= {"seq", "error"}
+        for data in (b"\x00\xff", b'{"seq": 4, "records": []}'):
+            await ws.send_bytes(data)
+            answer = await ws.receive_json(timeout=10)
+            assert answer["error"]["code"] == "invalid_frame"
+        await ws.send_str(
+            json.dumps(
+                {
+                    "seq": 5,
+                    "records": [
+                        usage_record(known),
+                        usage_record(known, input_tokens=2**64),
+                        usage_record(known, model="a\0b"),
+                    ],
+                }
+            )
+        )
+        ack = await ws.receive_json(timeout=10)
+
+        assert ws.closed is False
+    assert (ack["seq"], ack["accepted"], ack["duplicates"]) == (5, 1, 0)
+    assert [(r["index"], r["code"]) for r in ack["rejected"]] == [
+        (1, "invalid_record"),
+        (2, "invalid_record"),
+    ]
+
+
+async def test_a_websocket_frame_over_the_limit_closes_that_socket_only(client):
+    known = await seed(client)
+
+    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+        # The server may close (1009) and reset the connection mid-send.
+        with contextlib.suppress(ConnectionError):
+            await ws.send_str('{"seq": 1, "records": ["' + "x" * (5 * MIB) + '"]}')
+            message = await ws.receive(timeout=10)
+            assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), message
+            assert ws.close_code == 1009
+
+    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+        await ws.send_str(json.dumps({"seq": 2, "records": [usage_record(known)]}))
+        ack = await ws.receive_json(timeout=10)
+    assert (ack["seq"], ack["accepted"]) == (2, 1)
