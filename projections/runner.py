@@ -19,7 +19,7 @@ from projections import governance
 from service import eventstore, metrics
 from service.errors import ProjectionLag
 from service.eventstore import Checkpoint, Executor, RecordedEvent
-from service.http import settings_key
+from service.http import UNREACHABLE, settings_key
 from service.state import (
     governance_projector_key,
     pool_key,
@@ -144,6 +144,9 @@ class Projector:
         self._step_lock = asyncio.Lock()
         self._start_head: Checkpoint | None = None
         self._ready = False
+        # The last attempt to read or apply failed (the database may be out of
+        # reach): what this projection serves is as of `checkpoint`, maybe stale.
+        self.failing = False
         # Lag as of the last step: events behind the log head, and seconds.
         self.lag_events = 0
         self.lag_seconds = 0.0
@@ -168,8 +171,12 @@ class Projector:
                 if self._start_head is None:
                     self._start_head = await eventstore.head(self._pool)
                 more = await self.step()
-            except Exception:
-                delay = min(max(delay * 2, 0.1), self._max_backoff_s)
+            except Exception as exc:
+                self.failing = True
+                # An unreachable database is tried again at least every second, so
+                # the projection resumes soon after it is back.
+                cap = 1.0 if isinstance(exc, UNREACHABLE) else self._max_backoff_s
+                delay = min(max(delay * 2, 0.1), cap)
                 log.exception(
                     "projection_failed",
                     projection=self.name,
@@ -178,6 +185,7 @@ class Projector:
                 )
                 await asyncio.sleep(delay)
                 continue
+            self.failing = False
             delay = 0.0
             if not more:
                 await wake.wait(seen, self._poll_interval_s)
