@@ -31,8 +31,11 @@ test: $(INSTALLED)
 soak: $(INSTALLED)
 	$(BIN)/pytest -m soak
 
+# The peer library and the plotting library are only needed here.
 .PHONY: bench
 bench: $(INSTALLED)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	command -v wrk >/dev/null || { [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq wrk; }; }
 	$(BIN)/govledger bench
 
 .PHONY: screenshot

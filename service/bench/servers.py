@@ -1,4 +1,5 @@
-"""The processes a benchmark measures: govledger serve, and the do-nothing baseline."""
+"""The processes a benchmark measures: govledger serve (and keys to drive it with),
+and the do-nothing baseline."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import msgspec
 
 
 def free_port() -> int:
@@ -93,3 +98,45 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Key(msgspec.Struct, frozen=True):
+    id: str
+    secret: str
+
+
+async def create_keys(url: str, count: int) -> list[Key]:
+    """Keys in one team (with a daily and a monthly budget), each with a daily
+    budget, created through the API."""
+    keys: list[Key] = []
+    async with aiohttp.ClientSession() as session:
+        team = await _post(
+            session,
+            f"{url}/api/governance/teams",
+            {
+                "name": "bench",
+                "budgets": [
+                    {"max_limit": "1000000000", "reset_duration": "1d"},
+                    {"max_limit": "1000000000", "reset_duration": "1M"},
+                ],
+            },
+        )
+        for i in range(count):
+            body = await _post(
+                session,
+                f"{url}/api/governance/virtual-keys",
+                {
+                    "name": f"bench-{i}",
+                    "team_id": team["team"]["id"],
+                    "budgets": [{"max_limit": "1000000000", "reset_duration": "1d"}],
+                },
+            )
+            keys.append(Key(body["virtual_key"]["id"], body["virtual_key"]["value"]))
+    return keys
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: object) -> Any:
+    async with session.post(url, json=body) as resp:
+        if resp.status >= 300:
+            raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
+        return await resp.json()

@@ -1,0 +1,263 @@
+"""Projection lag: from a usage batch's ack (its commit) until the enforcement cache
+and the read model answer for it, at a fixed ingest rate; beside the LISTEN/NOTIFY
+round trip (append + notify → listener woken) of raw asyncpg.
+
+No polling: right after an ack, a check and a read are sent with `min_position` set to
+the acked position; the service holds each until its projection has applied that
+position, so the time from the ack to each answer is the lag as a client sees it. A
+third probe, a check without `min_position`, gives the round trip of a request to the
+loaded service that waits for nothing: the part of the lag that is not projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+
+import aiohttp
+import asyncpg
+import msgspec
+
+from service import eventstore
+from service.bench import ingest as ingest_bench
+from service.bench.load import post_loop
+from service.bench.servers import Key
+
+CHANNEL = "govledger_bench_lag"
+# Probes per second at most: enough samples, little load of their own.
+PROBES_PER_SECOND = 100
+
+
+class LagResult(msgspec.Struct, frozen=True, kw_only=True):
+    cache_ms: list[float]  # ack → check with min_position answered
+    model_ms: list[float]  # ack → read with min_position answered
+    floor_ms: list[float]  # ack → check without min_position answered (no wait)
+    records_per_second: float  # achieved
+    target_per_second: float
+    errors: int  # answers other than 200 (503s included)
+    lagging: int  # 503 projection_lag: not applied within the service's 2 s
+    late: int  # sends the pacing could not make on time (the service fell behind)
+
+
+def _count(status: int, counts: dict[str, int]) -> None:
+    if status != 200:
+        counts["errors"] += 1
+    if status == 503:
+        counts["lagging"] += 1
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- the baseline ------------------------------------------------------------------
+
+
+async def notify_round_trips(
+    dsn: str, *, samples: int, rows: Sequence[tuple[object, ...]]
+) -> list[float]:
+    """ms from BEGIN of {COPY `rows`; pg_notify} to the listener's callback, one
+    notification in flight at a time, into a copy of the events table."""
+    listener = await asyncpg.connect(dsn)
+    sender = await asyncpg.connect(dsn)
+    await eventstore.init_connection(sender)
+    await ingest_bench.prepare_raw_table(sender)
+    await ingest_bench.reset_tables(sender)
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future[float]] = []
+
+    def woken(*_: object) -> None:
+        now = time.perf_counter()
+        if waiting and not waiting[0].done():
+            waiting[0].set_result(now)
+
+    await listener.add_listener(CHANNEL, woken)
+    spans: list[float] = []
+    try:
+        for i in range(samples + samples // 10):
+            fresh = [
+                (uuid.uuid4(), row[1], i * len(rows) + j + 1, *row[3:])
+                for j, row in enumerate(rows)
+            ]
+            waiting[:] = [loop.create_future()]
+            started = time.perf_counter()
+            async with sender.transaction():
+                await sender.copy_records_to_table(
+                    ingest_bench.RAW_TABLE,
+                    records=fresh,
+                    columns=ingest_bench.COPY_COLUMNS,
+                )
+                await sender.execute("SELECT pg_notify($1, '')", CHANNEL)
+            woke = await asyncio.wait_for(waiting[0], timeout=5)
+            if i >= samples // 10:  # the first tenth warms up
+                spans.append((woke - started) * 1000)
+    finally:
+        await listener.close()
+        await sender.execute(f"TRUNCATE {ingest_bench.RAW_TABLE}")
+        await sender.close()
+    return spans
+
+
+# --- the service -------------------------------------------------------------------
+
+
+def bodies(keys: Sequence[Key], count: int, per_body: int) -> list[bytes]:
+    return ingest_bench.batch_bodies(
+        [k.secret for k in keys], count * per_body, per_body=per_body
+    )
+
+
+class Ceiling(msgspec.Struct, frozen=True):
+    burst: float  # records/s acknowledged, closed loop
+    sustained: float  # the same records over that time plus the read model's catch-up
+
+
+async def ceiling(
+    dsn: str, url: str, keys: Sequence[Key], *, per_body: int, seconds: float
+) -> Ceiling:
+    """The most records/s the service takes with these bodies (closed loop, 16
+    connections), and the most it sustains: the projections run in the serving
+    process and catch up after a burst, so a rate the read model cannot follow is
+    counted with the time it then needs."""
+    body_list = bodies(keys, int(seconds * 4000) + 1000, per_body)
+    result = await post_loop(
+        f"{url}/api/usage/batch",
+        body_list,
+        connections=16,
+        seconds=seconds,
+        units_per_body=[per_body] * len(body_list),
+        content_type="application/x-ndjson",
+    )
+    started = time.perf_counter()
+    await caught_up(dsn, url)
+    catch_up = time.perf_counter() - started
+    return Ceiling(result.per_second, result.units / (result.seconds + catch_up))
+
+
+async def caught_up(dsn: str, url: str, *, give_up_s: float = 300) -> None:
+    """Until the read model (the slower projection) applied the log's head: each
+    read waits up to the service's 2 s for it, then answers 503 and is sent again."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        position = await eventstore.max_position(conn)
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + give_up_s
+    params = {"min_position": str(position), "owner_type": "customer"}
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(
+                f"{url}/api/governance/budgets", params=params
+            ) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the read model did not reach {position}")
+
+
+async def drive(
+    url: str,
+    keys: Sequence[Key],
+    *,
+    rate: float,
+    seconds: float,
+    per_body: int,
+) -> LagResult:
+    """Send a body every `per_body / rate` s (open loop); after every n-th ack, probe
+    the cache (check) and the read model (GET budgets) with that ack's position."""
+    interval = per_body / rate
+    count = max(1, int(seconds / interval))
+    probe_every = max(1, round(1 / (interval * PROBES_PER_SECOND)))
+    body_list = bodies(keys, count, per_body)
+    cache_ms: list[float] = []
+    model_ms: list[float] = []
+    floor_ms: list[float] = []
+    counts = {"records": 0, "errors": 0, "lagging": 0, "late": 0}
+    headers = {"Content-Type": "application/x-ndjson"}
+    connector = aiohttp.TCPConnector(limit=256)
+
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def probe_check(
+            key: Key, position: int | None, acked: float, spans: list[float]
+        ) -> None:
+            payload: dict[str, object] = {
+                "virtual_key": key.secret,
+                "provider": "openai",
+                "model": "gpt-4o",
+            }
+            if position is not None:
+                payload["min_position"] = position
+            async with session.post(
+                f"{url}/api/governance/check", json=payload
+            ) as resp:
+                await resp.read()
+                _count(resp.status, counts)
+                if resp.status not in (200, 503):
+                    return
+            # A 503 (projection_lag) waited its 2 s: it counts, with what it waited.
+            spans.append((time.perf_counter() - acked) * 1000)
+
+        async def probe_read(key: Key, position: int, acked: float) -> None:
+            params = {
+                "owner_type": "virtual_key",
+                "owner_id": key.id,
+                "min_position": str(position),
+            }
+            async with session.get(
+                f"{url}/api/governance/budgets", params=params
+            ) as resp:
+                await resp.read()
+                _count(resp.status, counts)
+                if resp.status not in (200, 503):
+                    return
+            # A 503 (projection_lag) waited its 2 s: it counts, with what it waited.
+            model_ms.append((time.perf_counter() - acked) * 1000)
+
+        async def send(i: int) -> None:
+            async with session.post(
+                f"{url}/api/usage/batch", data=body_list[i], headers=headers
+            ) as resp:
+                answer = await resp.read()
+                acked = time.perf_counter()
+                if resp.status != 200:
+                    counts["errors"] += 1
+                    return
+            summary = msgspec.json.decode(answer)
+            counts["records"] += int(summary["accepted"])
+            if i % probe_every == 0:
+                key = keys[(i * per_body) % len(keys)]
+                position = int(summary["position"])
+                await asyncio.gather(
+                    probe_check(key, position, acked, cache_ms),
+                    probe_read(key, position, acked),
+                    probe_check(key, None, acked, floor_ms),
+                )
+
+        tasks: list[asyncio.Task[None]] = []
+        started = time.perf_counter()
+        for i in range(count):
+            delay = started + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing of an open-loop load
+            elif delay < -interval:
+                counts["late"] += 1
+            tasks.append(asyncio.create_task(send(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return LagResult(
+        cache_ms=cache_ms,
+        model_ms=model_ms,
+        floor_ms=floor_ms,
+        records_per_second=counts["records"] / elapsed,
+        target_per_second=rate,
+        errors=counts["errors"],
+        lagging=counts["lagging"],
+        late=counts["late"],
+    )
