@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,14 @@ from aiohttp import web
 
 from service import eventstore, metrics
 from service.domain.events import UsageRecorded
-from service.domain.usage import KeyResolver, Rejected, Row, UsageRecord, screen
+from service.domain.usage import (
+    UNKNOWN_VIRTUAL_KEY,
+    KeyResolver,
+    Rejected,
+    Row,
+    UsageRecord,
+    screen,
+)
 from service.errors import Unavailable
 
 log = structlog.get_logger()
@@ -51,21 +58,33 @@ async def queue_records(
     resolver: KeyResolver,
     now: datetime,
     metadata: bytes,
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Submitted, list[Rejected]]:
     """Screen records and queue the valid ones, a slice at a time.
 
     Between slices the loop runs other callbacks: the writer's COPY round trips must
     not wait behind the screening of a whole large body, and the first slices commit
-    while later ones are screened.
+    while later ones are screened. A key the cache does not know yet may have been
+    created a moment ago: `refresh` (once per call) brings the cache up to the log
+    head before those records are screened again.
     """
     submitted = Submitted()
     rejected: list[Rejected] = []
     for start in range(0, len(records), SLICE):
         if start:
             await asyncio.sleep(0)
-        rows, refused = screen(records[start : start + SLICE], resolver, now)
+        part = records[start : start + SLICE]
+        rows, refused = screen(part, resolver, now)
+        unknown = {r.where for r in refused if r.why is UNKNOWN_VIRTUAL_KEY}
+        if unknown and refresh is not None:
+            await refresh()
+            refresh = None
+            again = screen([(at, r) for at, r in part if at in unknown], resolver, now)
+            rows += again.rows
+            refused = [r for r in refused if r.where not in unknown] + again.rejected
         rejected.extend(refused)
         await writer.submit(rows, metadata, submitted)
+    rejected.sort(key=lambda r: r.where)
     return submitted, rejected
 
 

@@ -587,3 +587,33 @@ async def test_metrics_count_ingested_records_by_result(client):
     assert [_sample(after, n) - _sample(before, n) for n in names] == [2, 1, 1, 1, 2]
     assert "ingest_commit_seconds_bucket" in after
     assert "check_seconds" in after
+
+
+async def test_usage_for_a_key_created_a_moment_ago_is_accepted_on_every_path(
+    database, pool
+):
+    """The cache may not have applied a new key yet: ingest catches it up once."""
+    async with TestClient(TestServer(create_app(Settings(), database))) as client:
+        accepted = []
+        for path in ("single", "batch", "stream"):
+            created = await client.post(
+                "/api/governance/virtual-keys", json={"name": f"fresh-{path}"}
+            )
+            secret = (await created.json())["virtual_key"]["value"]
+            usage = record(virtual_key=secret)
+            if path == "single":
+                response = await client.post("/api/usage", json=usage)
+                accepted.append((response.status, (await response.json())["duplicate"]))
+            elif path == "batch":
+                response = await client.post(
+                    "/api/usage/batch", data=json.dumps(usage).encode()
+                )
+                body = await response.json()
+                accepted.append((response.status, body["accepted"], body["rejected"]))
+            else:
+                async with client.ws_connect("/api/usage/stream") as ws:
+                    await ws.send_str(json.dumps({"seq": 1, "records": [usage]}))
+                    ack = json.loads((await ws.receive()).data)
+                accepted.append((ack["seq"], ack["accepted"], ack["rejected"]))
+
+    assert accepted == [(202, False), (200, 1, []), (1, 1, [])]

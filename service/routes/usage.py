@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,9 +19,8 @@ from service.domain.usage import (
     decode_lines,
     decode_record,
     invalid_record,
-    screen,
 )
-from service.errors import ServiceError
+from service.errors import ProjectionLag, ServiceError
 from service.http import (
     Right,
     error_body,
@@ -36,7 +36,7 @@ from service.ingest import (
     resolver_key,
     writer_key,
 )
-from service.state import pool_key
+from service.state import cache_projector_key, pool_key
 
 log = structlog.get_logger()
 
@@ -77,6 +77,23 @@ async def _head(request: web.Request) -> int:
     return await eventstore.max_position(request.app[pool_key])
 
 
+def _refresher(request: web.Request) -> Callable[[], Awaitable[None]]:
+    """Bring this replica's cache up to the log head (bounded): a key created a
+    moment ago, perhaps through another replica, is then known."""
+
+    async def refresh() -> None:
+        projector = request.app.get(cache_projector_key)
+        if projector is None:  # an app without the cache's tail (some tests)
+            return
+        head = await eventstore.max_position(request.app[pool_key])
+        with contextlib.suppress(ProjectionLag):
+            await projector.wait_for(
+                head, request.app[settings_key].min_position_wait_s
+            )
+
+    return refresh
+
+
 def _summary(outcomes: Iterable[Outcome]) -> tuple[int, int, int]:
     """(accepted, duplicates, highest position) of written rows."""
     accepted = duplicates = top = 0
@@ -101,12 +118,19 @@ async def record_one(request: web.Request) -> web.Response:
         metrics.count_records(rejected=1)
         why = invalid_record(exc)
         return error_response(400, why.code, why.message)
-    rows, rejected = screen([(0, record)], request.app[resolver_key], _now())
+    submitted, rejected = await queue_records(
+        request.app[writer_key],
+        [(0, record)],
+        request.app[resolver_key],
+        _now(),
+        _metadata(request),
+        _refresher(request),
+    )
     if rejected:
         metrics.count_records(rejected=1)
         why = rejected[0].why
         return error_response(400, why.code, why.message)
-    [outcome] = await request.app[writer_key].write(rows, _metadata(request))
+    [outcome] = await submitted.outcomes()
     return json_response(
         {"position": outcome.position, "duplicate": outcome.duplicate}, 202
     )
@@ -124,6 +148,7 @@ async def record_batch(request: web.Request) -> web.Response:
         request.app[resolver_key],
         _now(),
         _metadata(request),
+        _refresher(request),
     )
     rejected = _merge(bad, rejected)
     if rejected:
@@ -202,6 +227,7 @@ async def _accept_frame(
             request.app[resolver_key],
             _now(),
             metadata,
+            _refresher(request),
         )
     except ServiceError as exc:
         return _ready(_error_frame(exc.code, exc.message, frame.seq))
