@@ -3,10 +3,9 @@
 -- transaction as the command's events.
 --
 -- A virtual key's secret is in its create (and rotate) answer but may never be stored
--- in the clear: `idempotency_key` holds the hex SHA-256 of the header's value, and
--- `body` is sealed with a keystream derived from the value itself (see
--- service/routes/governance_commands.py), so only a caller who holds the key can
--- read the answer back.
+-- in the clear: `idempotency_key` holds a salted SHA-256 of the header's value, and
+-- `body` is sealed (AES-GCM, key derived from the value itself; see
+-- service/idempotency.py), so only a caller who holds the key can read the answer back.
 CREATE TABLE command_results (
     idempotency_key     text        PRIMARY KEY,
     request_fingerprint text        NOT NULL,

@@ -8,11 +8,8 @@ Pure: no SQL, no clock (`now` is a parameter), no logging. The shell
 Hot state is kept small and few objects are read per check:
 - money is held as integer nanos (9 fractional digits, the precision of the service),
   so the check compares ints and converts to Decimal only for its answer;
-- each budget or rate-limit half (a `Meter`) keeps the usage of its *current* period
-  with the period's bounds; it rolls lazily once a check's `now` (or a usage event's
-  `recorded_at`, the service clock when it was accepted) passes the period's end.
-  Usage of later periods (`occurred_at` ahead of the clock) waits in a small dict;
-  usage of past periods is dropped: no check asks for it and the read model keeps it;
+- each budget or rate-limit half is a `Meter` (`projections.meters`) that holds the
+  usage of its current period and rolls lazily as the clock passes the period's end;
 - each owner caches its smallest headroom (max_limit - used), whether a rate limit is
   exhausted, and its earliest period end; each key caches its chain (key, provider
   config, team, customer) and the chain's earliest end, so a check reads two fields
@@ -23,16 +20,23 @@ of a large cache; the one cycle (a key's chain holds the key) is cut on unlink.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import ClassVar, TypeGuard, TypeVar
 
 import msgspec
 
-from service.domain.budgets import Duration, parse_duration, period_bounds
+from projections.meters import (
+    Meter,
+    budget_meters,
+    charge,
+    rate_meters,
+    roll,
+    to_money,
+    to_nanos,
+)
 from service.domain.events import (
     Budget,
     CustomerBudgetsReplaced,
@@ -54,26 +58,10 @@ from service.domain.events import (
 from service.domain.usage import UsageChain
 from service.eventstore import Checkpoint, RecordedEvent
 
-NANOS = 10**9
 # Headroom of an owner without budgets (or rate limits): larger than any limit.
 UNLIMITED = 1 << 127
 FOREVER = datetime.max.replace(tzinfo=UTC)
 _HUGE = Decimal(10) ** 19
-
-
-def to_nanos(amount: Decimal) -> int:
-    """Money as whole nanos; a finer amount rounds up (ceil(x) > h iff x > h)."""
-    scaled = amount.scaleb(9)
-    whole = int(scaled)
-    return whole if whole == scaled else math.ceil(scaled)
-
-
-def to_money(nanos: int) -> Decimal:
-    """Whole nanos back to an exact Decimal, without trailing zeros."""
-    whole, fraction = divmod(nanos, NANOS)
-    if not fraction:
-        return Decimal(whole)
-    return Decimal(nanos).scaleb(-9).normalize()
 
 
 # --- state -------------------------------------------------------------------------
@@ -108,22 +96,6 @@ PROVIDER_NOT_ALLOWED = CheckResult(
 MODEL_NOT_ALLOWED = CheckResult(
     allowed=False, reason="model_not_allowed", http_status=403
 )
-
-
-class Meter(msgspec.Struct, gc=False):
-    """A budget (money in nanos) or one half of a rate limit (tokens or requests)
-    with its usage in the current period `[start, end)`."""
-
-    name: str  # the budget_id, or "tokens" / "requests" for a rate limit
-    limit: int
-    duration: Duration
-    calendar_aligned: bool
-    anchor: datetime
-    floor: datetime  # usage before this instant never counts (creation or reset)
-    start: datetime
-    end: datetime
-    used: int = 0
-    ahead: dict[datetime, int] | None = None  # period start → usage, later periods
 
 
 class Owner(msgspec.Struct, gc=False, kw_only=True):
@@ -187,189 +159,6 @@ class VirtualKey(Owner, gc=False, kw_only=True):
 Holder = VirtualKey | ProviderConfigState
 
 
-# --- meters ------------------------------------------------------------------------
-
-
-def _new_meter(
-    name: str, limit: int, duration: Duration, calendar_aligned: bool, at: datetime
-) -> Meter:
-    start, end = period_bounds(
-        at, anchor=at, duration=duration, calendar_aligned=calendar_aligned
-    )
-    return Meter(name, limit, duration, calendar_aligned, at, at, start, end)
-
-
-def _bounds(meter: Meter, at: datetime) -> tuple[datetime, datetime]:
-    return period_bounds(
-        at,
-        anchor=meter.anchor,
-        duration=meter.duration,
-        calendar_aligned=meter.calendar_aligned,
-    )
-
-
-def _roll(meter: Meter, at: datetime) -> None:
-    """Make the period containing `at` (≥ the current end) the current one."""
-    start, end = _bounds(meter, at)
-    used = 0
-    ahead = meter.ahead
-    if ahead:
-        used = ahead.pop(start, 0)
-        for later in [s for s in ahead if s < start]:
-            del ahead[later]
-        if not ahead:
-            meter.ahead = None
-    meter.start, meter.end, meter.used = start, end, used
-
-
-def _charge(meter: Meter, occurred_at: datetime, amount: int, clock: datetime) -> None:
-    if occurred_at < meter.floor or not amount:
-        return
-    if clock >= meter.end:
-        _roll(meter, clock)
-    if occurred_at < meter.start:
-        return  # a past period: only the read model keeps it
-    if occurred_at < meter.end:
-        meter.used += amount
-        return
-    start = _bounds(meter, occurred_at)[0]
-    if meter.ahead is None:
-        meter.ahead = {}
-    meter.ahead[start] = meter.ahead.get(start, 0) + amount
-
-
-def _reshape(
-    meter: Meter, duration: Duration, calendar_aligned: bool, at: datetime
-) -> None:
-    """New period shape from `at` on. Turning calendar alignment off keeps the
-    usage of the period containing `at` (DESIGN.md); any other change of shape
-    starts from 0, as in the read model, whose old periods no longer line up."""
-    if at >= meter.end:
-        _roll(meter, at)
-    keep = (
-        meter.calendar_aligned
-        and not calendar_aligned
-        and meter.duration == duration
-        and meter.start <= at
-    )
-    meter.duration, meter.calendar_aligned = duration, calendar_aligned
-    meter.start, meter.end = _bounds(meter, at)
-    meter.used = meter.used if keep else 0
-    meter.ahead = None
-
-
-def _reset(meter: Meter, at: datetime) -> None:
-    """Usage counts from `at` on: the current period shows 0 at once when it began
-    before `at`; later periods (all after `at`) keep their usage."""
-    meter.floor = at
-    if at >= meter.end:
-        _roll(meter, at)
-    if at > meter.start:
-        meter.used = 0
-    if meter.ahead:
-        meter.ahead = {s: u for s, u in meter.ahead.items() if s >= at} or None
-
-
-def _budget_meters(
-    current: tuple[Meter, ...], budgets: tuple[Budget, ...], at: datetime
-) -> tuple[Meter, ...]:
-    """An owner's meters after an event that carries its whole budget set."""
-    by_id = {meter.name: meter for meter in current}
-    meters = []
-    for budget in budgets:
-        duration = parse_duration(budget.reset_duration)
-        limit = to_nanos(budget.max_limit)
-        meter = by_id.get(budget.budget_id)
-        if meter is None:
-            meter = _new_meter(
-                budget.budget_id, limit, duration, budget.calendar_aligned, at
-            )
-        else:
-            meter.limit = limit
-            if (
-                meter.duration != duration
-                or meter.calendar_aligned != budget.calendar_aligned
-            ):
-                _reshape(meter, duration, budget.calendar_aligned, at)
-            if budget.reset_usage:
-                _reset(meter, at)
-        meters.append(meter)
-    return tuple(meters)
-
-
-def _rate_meter(
-    name: str,
-    current: Meter | None,
-    limit: int | None,
-    reset_duration: str | None,
-    at: datetime,
-) -> Meter | None:
-    """A rate limit half is anchored (and its usage starts) when it is first set or
-    its duration changes; a new limit alone keeps its usage."""
-    if limit is None or reset_duration is None:
-        return None
-    duration = parse_duration(reset_duration)
-    if current is not None and current.duration == duration:
-        current.limit = limit
-        return current
-    return _new_meter(name, limit, duration, False, at)
-
-
-def _rate_meters(
-    current: tuple[Meter, ...], rate_limit: RateLimit | None, at: datetime
-) -> tuple[Meter, ...]:
-    if rate_limit is None:
-        return ()
-    by_name = {meter.name: meter for meter in current}
-    token = _rate_meter(
-        "tokens",
-        by_name.get("tokens"),
-        rate_limit.token_max_limit,
-        rate_limit.token_reset_duration,
-        at,
-    )
-    request = _rate_meter(
-        "requests",
-        by_name.get("requests"),
-        rate_limit.request_max_limit,
-        rate_limit.request_reset_duration,
-        at,
-    )
-    return tuple(meter for meter in (token, request) if meter is not None)
-
-
-def restored_meter(
-    name: str,
-    *,
-    limit: int,
-    reset_duration: str,
-    calendar_aligned: bool,
-    anchor: datetime,
-    floor: datetime,
-    usage: Mapping[datetime, int],
-    now: datetime,
-) -> Meter:
-    """A budget or rate-limit half as the read model stores it.
-
-    `usage` maps an *effective* period start (the later of the period's start and the
-    usage floor, the read model's key) to the amount used, for the period containing
-    `now` and any later one; earlier keys are ignored.
-    """
-    duration = parse_duration(reset_duration)
-    start, end = period_bounds(
-        now, anchor=anchor, duration=duration, calendar_aligned=calendar_aligned
-    )
-    meter = Meter(name, limit, duration, calendar_aligned, anchor, floor, start, end)
-    meter.used = usage.get(max(start, floor), 0)
-    ahead: dict[datetime, int] = {}
-    for key, amount in usage.items():
-        if key >= end:
-            period = _bounds(meter, key)[0]
-            ahead[period] = ahead.get(period, 0) + amount
-    meter.ahead = ahead or None
-    return meter
-
-
 # --- owners ------------------------------------------------------------------------
 
 
@@ -405,10 +194,10 @@ def _advance(owner: Owner, now: datetime) -> None:
     """Roll every meter whose period ended by `now`, then refresh the aggregates."""
     for meter in owner.budgets:
         if now >= meter.end:
-            _roll(meter, now)
+            roll(meter, now)
     for meter in owner.rates:
         if now >= meter.end:
-            _roll(meter, now)
+            roll(meter, now)
     _aggregate(owner)
 
 
@@ -433,28 +222,28 @@ def _unlink(key: VirtualKey) -> None:
 
 
 def _replace_budgets(owner: Owner, budgets: tuple[Budget, ...], at: datetime) -> None:
-    owner.budgets = _budget_meters(owner.budgets, budgets, at)
+    owner.budgets = budget_meters(owner.budgets, budgets, at)
     _aggregate(owner)
 
 
 def _replace_rate_limit(
     owner: Owner, rate_limit: RateLimit | None, at: datetime
 ) -> None:
-    owner.rates = _rate_meters(owner.rates, rate_limit, at)
+    owner.rates = rate_meters(owner.rates, rate_limit, at)
     _aggregate(owner)
 
 
 def _charge_owner(owner: Owner, usage: UsageRecorded, clock: datetime) -> None:
     cost = to_nanos(usage.cost)
     for meter in owner.budgets:
-        _charge(meter, usage.occurred_at, cost, clock)
+        charge(meter, usage.occurred_at, cost, clock)
     for meter in owner.rates:
         amount = (
             usage.input_tokens + usage.output_tokens
             if meter.name == "tokens"
             else usage.requests
         )
-        _charge(meter, usage.occurred_at, amount, clock)
+        charge(meter, usage.occurred_at, amount, clock)
     _aggregate(owner)
 
 
@@ -482,7 +271,7 @@ def _provider_configs(
             if models is None or "*" in models
             else frozenset(sys.intern(model) for model in models)
         )
-        state.budgets = _budget_meters(state.budgets, config.budgets, at)
+        state.budgets = budget_meters(state.budgets, config.budgets, at)
         _replace_rate_limit(state, config.rate_limit, at)
         result.append(state)
     return tuple(result) or None
@@ -613,8 +402,8 @@ class GovernanceCache:
         keys: Iterable[VirtualKey],
         checkpoint: Checkpoint,
     ) -> None:
-        """Take owners rebuilt from the read model (meters from `restored_meter`),
-        as of `checkpoint`."""
+        """Take owners rebuilt from the read model (meters from
+        `meters.restored_meter`), as of `checkpoint`."""
         for customer in customers:
             _aggregate(customer)
             self.customers[customer.id] = customer

@@ -21,13 +21,11 @@ from projections import runner
 from projections.cache import (
     Customer,
     GovernanceCache,
-    Meter,
     ProviderConfigState,
     Team,
     VirtualKey,
-    restored_meter,
-    to_nanos,
 )
+from projections.meters import Meter, restored_meter, to_nanos
 from projections.runner import Apply, Connection, Projector
 from service.domain.budgets import parse_duration, period_bounds
 from service.eventstore import Checkpoint, RecordedEvent

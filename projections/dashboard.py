@@ -14,8 +14,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from projections import governance, runner
-from projections.governance import Connection, Wire
+from projections import governance_reads, runner
+from projections.governance_reads import Wire
+from projections.governance_usage import Connection
 from service.domain.budgets import parse_duration, period_bounds
 from service.errors import NotFound
 
@@ -43,9 +44,9 @@ async def snapshot(conn: Connection, now: datetime) -> Wire:
     of the read model; `position` is the governance projection's checkpoint."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         checkpoint = await runner.load_checkpoint(conn, GOVERNANCE_PROJECTION)
-        customers = await governance.list_customers(conn, now)
-        teams = await governance.list_teams(conn, now)
-        keys = await governance.list_virtual_keys(conn, now)
+        customers = await governance_reads.list_customers(conn, now)
+        teams = await governance_reads.list_teams(conn, now)
+        keys = await governance_reads.list_virtual_keys(conn, now)
         anchors = {r["id"]: r["anchor"] for r in await conn.fetch(_BUDGET_ANCHORS)}
         rate_anchors = {
             (r["owner_type"], r["owner_id"]): dict(r)

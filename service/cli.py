@@ -238,7 +238,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from projections import replay
+    from projections import replay, shadow
 
     meter = Meter("replay")
     try:
@@ -262,7 +262,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _fail("replay", exc)
     where = f" up to position {report.checkpoint.position}"
     if report.differences:
-        print(replay.render(report.differences))
+        print(shadow.render(report.differences))
         meter.summary(report.events, f" replayed{where}; the live read model differs")
         return 1
     if args.verify:

@@ -175,6 +175,16 @@ def query_int(
     return value
 
 
+def path_id(request: web.Request, what: str) -> str:
+    """The canonical spelling of the UUID in the path's `{id}`; anything else names
+    nothing (`what` names the kind of thing in the 404)."""
+    raw = request.match_info["id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise NotFound(f"{what} {raw!r} does not exist") from None
+
+
 # --- middlewares -------------------------------------------------------------------
 
 _HTTP_CODES = {

@@ -1,9 +1,11 @@
 """Shared fixtures: a real PostgreSQL with the production migrations applied
-(`database`), one pool for the session (`pool`), and a TRUNCATE after every test that
-touched the database (`clean`)."""
+(`database`), one pool for the session (`pool`), a TRUNCATE after every test that
+touched the database (`clean`), and a second migrated database on the same server
+(`copy_database`, `copy_pool`) for exports, imports and replays to land in."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -38,19 +40,13 @@ def pytest_collection_modifyitems(
 async def database() -> AsyncIterator[str]:
     """DSN of a fresh, migrated database: on DATABASE_URL's server when it is set,
     else in a throwaway cluster started for the session."""
-    from service.migrate import migrate  # deferred: tests/domain must not need it
-
     server = os.environ.get("DATABASE_URL")
     if server:
-        name = f"govledger_test_{secrets.token_hex(6)}"
-        await _execute(server, f'CREATE DATABASE "{name}"')
-        try:
-            dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-            await migrate(dsn)
+        async with _migrated_database(server, "govledger_test") as dsn:
             yield dsn
-        finally:
-            await _execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
+        from service.migrate import migrate  # deferred: tests/domain must not need it
+
         with pgcluster.throwaway(settings={"max_connections": "200"}) as dsn:
             await migrate(dsn)
             yield dsn
@@ -79,6 +75,29 @@ def clean(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 async def truncate_after(pool: asyncpg.Pool) -> AsyncIterator[None]:
     yield
+    await _truncate(pool)
+
+
+@pytest.fixture(scope="module")
+async def copy_database(database: str) -> AsyncIterator[str]:
+    """A second migrated database on the same server: the target of imports."""
+    async with _migrated_database(database, "govledger_copy") as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def copy_pool(copy_database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on `copy_database`, whose tables are emptied after the test."""
+    pool = await eventstore.create_pool(copy_database, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await _truncate(pool)
+        await pool.close()
+
+
+async def _truncate(pool: asyncpg.Pool) -> None:
+    """Empty every table but schema_migrations."""
     # Listed afresh each time so tables added by later migrations are covered.
     tables = await pool.fetch(
         "SELECT format('%I.%I', schemaname, tablename) AS name FROM pg_tables"
@@ -87,6 +106,22 @@ async def truncate_after(pool: asyncpg.Pool) -> AsyncIterator[None]:
     if tables:
         names = ", ".join(row["name"] for row in tables)
         await pool.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+@contextlib.asynccontextmanager
+async def _migrated_database(server: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh database on `server`'s cluster with the migrations applied, dropped
+    afterwards."""
+    from service.migrate import migrate  # deferred: tests/domain must not need it
+
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    await _execute(server, f'CREATE DATABASE "{name}"')
+    try:
+        dsn = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+        await migrate(dsn)
+        yield dsn
+    finally:
+        await _execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _execute(dsn: str, sql: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import re
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +23,7 @@ from service.config import Settings
 from service.domain import teams, virtual_keys
 from service.domain.events import RateLimit, TeamUpdated, VirtualKeyUpdated
 from service.routes import governance_commands
-from service.state import governance_projector_key, pool_key
+from service.state import cache_projector_key, governance_projector_key, pool_key
 
 CUSTOMERS = "/api/governance/customers"
 TEAMS = "/api/governance/teams"
@@ -574,6 +575,97 @@ async def test_provider_configs_keep_their_ids_by_provider(client):
     assert status == 200
     assert (openai["id"], openai["allowed_models"]) == (openai_id, [])
     assert mistral["id"] not in {c["id"] for c in key["provider_configs"]}
+
+
+async def spend(client: Client, team: dict[str, Any], cost: str, **tokens: int) -> None:
+    """Record usage through a new key of `team`; return once the read model has it."""
+    key = await create(client, KEYS, {"name": "spender", "team_id": team["id"]})
+    await client.app[cache_projector_key].wait_for(key["position"], 5)
+    status, recorded = await call(
+        client,
+        "POST",
+        "/api/usage",
+        {
+            "event_id": str(uuid.uuid4()),
+            "virtual_key": key["virtual_key"]["value"],
+            "provider": "openai",
+            "model": "gpt-4o",
+            "cost": cost,
+            **tokens,
+        },
+    )
+    assert status == 202, recorded
+    await client.app[governance_projector_key].wait_for(recorded["position"], 5)
+
+
+async def test_a_put_answer_shows_the_read_models_usage_of_kept_budgets_and_limits(
+    client,
+):
+    team = (
+        await create(
+            client,
+            TEAMS,
+            {
+                "name": "platform",
+                "budgets": [budget(10, "1d")],
+                "rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1h"},
+            },
+        )
+    )["team"]
+    await spend(client, team, "2.5", input_tokens=100, output_tokens=20)
+
+    status, answer = await call(
+        client,
+        "PUT",
+        f"{TEAMS}/{team['id']}",
+        {"budgets": [budget(20, "1d"), budget(50, "1w")]},
+    )
+
+    [daily, weekly] = answer["team"]["budgets"]
+    assert status == 200
+    assert (daily["id"], daily["max_limit"], daily["current_usage"]) == (
+        team["budgets"][0]["id"],
+        20,
+        2.5,
+    )
+    assert (weekly["reset_duration"], weekly["current_usage"]) == ("1w", 0)
+    assert answer["team"]["rate_limit"] == {
+        "token_max_limit": 1000,
+        "token_reset_duration": "1h",
+        "request_max_limit": None,
+        "request_reset_duration": None,
+        "token_current_usage": 120,
+        "request_current_usage": 0,
+    }
+    # Once the projection has the PUT, GET shows the same.
+    await client.app[governance_projector_key].wait_for(answer["position"], 5)
+    assert await call(client, "GET", f"{TEAMS}/{team['id']}") == (
+        200,
+        {"team": answer["team"]},
+    )
+
+
+async def test_a_budget_reset_by_the_command_shows_0_in_its_answer(client):
+    team = (
+        await create(client, TEAMS, {"name": "platform", "budgets": [budget(10, "1d")]})
+    )["team"]
+    await spend(client, team, "4")
+
+    # 1d turned calendar-aligned: DESIGN.md's reset of that budget.
+    _, answer = await call(
+        client,
+        "PUT",
+        f"{TEAMS}/{team['id']}",
+        {"budgets": [budget(10, "1d", calendar_aligned=True)]},
+    )
+
+    [daily] = answer["team"]["budgets"]
+    assert (daily["id"], daily["current_usage"]) == (team["budgets"][0]["id"], 0)
+    await client.app[governance_projector_key].wait_for(answer["position"], 5)
+    assert await call(client, "GET", f"{TEAMS}/{team['id']}") == (
+        200,
+        {"team": answer["team"]},
+    )
 
 
 # --- deletes detach ----------------------------------------------------------------

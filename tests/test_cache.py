@@ -20,8 +20,8 @@ from projections.cache import (
     UNKNOWN_KEY,
     CheckResult,
     GovernanceCache,
-    restored_meter,
 )
+from projections.meters import restored_meter
 from service.domain.budgets import parse_duration, period_bounds
 from service.domain.events import (
     AnyEvent,

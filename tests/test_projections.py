@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from projections import governance
+from projections import governance, governance_reads
 from projections.runner import Listener, Projector, Tail, Wake, load_checkpoint
 from service import eventstore
 from service.domain.events import (
@@ -111,7 +111,7 @@ async def spend_rows(pool) -> list[tuple[str, datetime, Decimal]]:
 async def usage_of(pool, budget_id: str, now: datetime) -> tuple[Decimal, datetime]:
     """(current_usage, last_reset) of one budget as of `now`."""
     async with pool.acquire() as conn:
-        budgets = await governance.list_budgets(conn, now)
+        budgets = await governance_reads.list_budgets(conn, now)
     [found] = [b for b in budgets if b["id"] == budget_id]
     return found["current_usage"], found["last_reset"]
 
@@ -160,7 +160,7 @@ async def test_customer_created_reads_back_with_its_budgets_and_rate_limit(
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        customer = await governance.fetch_customer(conn, customer_id, T0 + HOUR)
+        customer = await governance_reads.fetch_customer(conn, customer_id, T0 + HOUR)
     assert customer == {
         "id": customer_id,
         "name": "acme",
@@ -224,7 +224,9 @@ async def test_customer_update_and_budget_replacement_reconcile_and_bump_version
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        customer = await governance.fetch_customer(conn, customer_id, T0 + 3 * HOUR)
+        customer = await governance_reads.fetch_customer(
+            conn, customer_id, T0 + 3 * HOUR
+        )
     assert customer["name"] == "acme2"
     assert customer["rate_limit"] is None
     assert (customer["version"], customer["created_at"], customer["updated_at"]) == (
@@ -272,10 +274,10 @@ async def test_deleting_a_customer_removes_its_budgets_and_detaches_teams_and_ke
 
     async with pool.acquire() as conn:
         with pytest.raises(NotFound):
-            await governance.fetch_customer(conn, customer_id, T0)
-        team = await governance.fetch_team(conn, team_id, T0)
-        key = await governance.fetch_virtual_key(conn, key_id, T0)
-        assert await governance.list_budgets(conn, T0) == []
+            await governance_reads.fetch_customer(conn, customer_id, T0)
+        team = await governance_reads.fetch_team(conn, team_id, T0)
+        key = await governance_reads.fetch_virtual_key(conn, key_id, T0)
+        assert await governance_reads.list_budgets(conn, T0) == []
     assert (team["customer_id"], key["customer_id"]) == (None, None)
 
 
@@ -293,8 +295,10 @@ async def test_a_reference_to_a_missing_parent_is_stored_as_none(pool, projector
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        assert (await governance.fetch_team(conn, team_id, T0))["customer_id"] is None
-        key = await governance.fetch_virtual_key(conn, key_id, T0)
+        assert (await governance_reads.fetch_team(conn, team_id, T0))[
+            "customer_id"
+        ] is None
+        key = await governance_reads.fetch_virtual_key(conn, key_id, T0)
     assert (key["team_id"], key["customer_id"]) == (None, None)
 
 
@@ -321,14 +325,16 @@ async def test_team_update_moves_it_between_customers_and_delete_removes_it(
     )
     await projector.catch_up()
     async with pool.acquire() as conn:
-        assert [t["id"] for t in await governance.list_teams(conn, T0, first)] == []
-        [team] = await governance.list_teams(conn, T0, second)
+        assert [
+            t["id"] for t in await governance_reads.list_teams(conn, T0, first)
+        ] == []
+        [team] = await governance_reads.list_teams(conn, T0, second)
     assert (team["name"], team["version"], team["updated_at"]) == ("ml2", 2, T0 + HOUR)
 
     await append(pool, stream, TeamDeleted(team_id=team_id), at=T0 + 2 * HOUR)
     await projector.catch_up()
     async with pool.acquire() as conn:
-        assert await governance.list_teams(conn, T0) == []
+        assert await governance_reads.list_teams(conn, T0) == []
 
 
 async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
@@ -358,7 +364,7 @@ async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        key = await governance.fetch_virtual_key(conn, key_id, T0 + HOUR)
+        key = await governance_reads.fetch_virtual_key(conn, key_id, T0 + HOUR)
     assert key == {
         "id": key_id,
         "name": "ci",
@@ -460,7 +466,7 @@ async def test_virtual_key_update_replaces_provider_configs_and_delete_cascades(
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        key = await governance.fetch_virtual_key(conn, key_id, T0 + HOUR)
+        key = await governance_reads.fetch_virtual_key(conn, key_id, T0 + HOUR)
     assert (key["name"], key["value_hint"], key["version"]) == ("renamed", "wxyz", 3)
     assert [
         (c["provider"], c["allowed_models"], c["budgets"])
@@ -703,7 +709,7 @@ async def test_rate_limits_count_tokens_and_requests_in_their_own_periods(
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        key = await governance.fetch_virtual_key(conn, key_id, at_seconds(75))
+        key = await governance_reads.fetch_virtual_key(conn, key_id, at_seconds(75))
     assert key["rate_limit"]["token_current_usage"] == 155
     assert key["rate_limit"]["request_current_usage"] == 1  # the second minute
 
@@ -728,7 +734,7 @@ async def test_changing_a_rate_limits_duration_restarts_its_count(pool, projecto
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        key = await governance.fetch_virtual_key(conn, key_id, at_seconds(80))
+        key = await governance_reads.fetch_virtual_key(conn, key_id, at_seconds(80))
     assert key["rate_limit"]["token_current_usage"] == 7
 
 

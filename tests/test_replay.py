@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections import governance, replay
+from projections import governance, replay, shadow
 from projections.runner import Projector, load_checkpoint
 from service import eventstore, transfer
 from service.domain.events import (
@@ -42,12 +42,8 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.eventstore import Checkpoint, NewEvent
-from tests import test_transfer
 
 T0 = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
-# The second database export/import goes to (fixtures of test_transfer).
-copy_database = test_transfer.copy_database
-copy_pool = test_transfer.copy_pool
 GOVLEDGER = Path(sys.executable).parent / "govledger"
 
 
@@ -204,7 +200,7 @@ class History:
 
 async def live_snapshot(pool) -> dict[str, list[str]]:
     async with pool.acquire() as conn:
-        return await replay.snapshot(conn, await replay.tables_of(conn), "public")
+        return await shadow.snapshot(conn, await replay.tables_of(conn), "public")
 
 
 async def test_verify_finds_the_replay_identical_to_the_live_read_model(
@@ -242,7 +238,7 @@ async def test_verify_reports_a_tampered_row_with_a_readable_diff(pool, projecto
         by_table["governance_budgets"].missing,
         by_table["governance_budgets"].extra,
     ) == (1, 1)
-    assert replay.render(report.differences).splitlines()[0] == (
+    assert shadow.render(report.differences).splitlines()[0] == (
         "governance_budgets: 1 row(s) only live, 1 only in the replay"
     )
 
@@ -334,7 +330,7 @@ async def test_replay_at_a_position_equals_the_state_captured_live_there(
     assert report.schema == f"audit_governance_p{position}"
     assert report.checkpoint.position == position
     async with pool.acquire() as conn:
-        audited = await replay.snapshot(conn, list(then), report.schema)
+        audited = await shadow.snapshot(conn, list(then), report.schema)
     assert audited == then
     assert await live_snapshot(pool) == now != then
     assert report.rows["governance_customers"] == 1
@@ -354,7 +350,7 @@ async def test_replay_at_a_time_takes_the_events_recorded_until_then(pool, proje
     assert report.as_of == until
     assert report.events == 5
     async with pool.acquire() as conn:
-        assert await replay.snapshot(conn, list(then), report.schema) == then
+        assert await shadow.snapshot(conn, list(then), report.schema) == then
         state = await replay.read_state(conn, report.schema, until)
     assert [c["name"] for c in state["customers"]] == ["acme"]
     [team] = state["teams"]
@@ -728,12 +724,12 @@ async def test_live_equals_replay_equals_replay_after_export_and_import(
         audit = await replay.build_at(pool, position)
         assert audit.schema is not None
         async with pool.acquire() as conn:
-            assert await replay.snapshot(conn, list(then), audit.schema) == then
+            assert await shadow.snapshot(conn, list(then), audit.schema) == then
         await pool.execute(f"DROP SCHEMA {audit.schema} CASCADE")
 
 
-def render(diffs: list[replay.TableDiff]) -> str:
-    return replay.render(diffs)
+def render(diffs: list[shadow.TableDiff]) -> str:
+    return shadow.render(diffs)
 
 
 def without_bookkeeping(snapshot: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -5,16 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import secrets
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import msgspec
 import pytest
 
@@ -31,47 +27,12 @@ from service.domain.events import (
 )
 from service.errors import VersionConflict
 from service.eventstore import NewEvent
-from service.migrate import migrate
 
 C1 = "00000000-0000-4000-8000-0000000000c1"
 T1 = "00000000-0000-4000-8000-0000000000f1"
 K1 = "00000000-0000-4000-8000-0000000000a1"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 GOVLEDGER = Path(sys.executable).parent / "govledger"
-
-
-@pytest.fixture(scope="module")
-async def copy_database(database: str) -> AsyncIterator[str]:
-    """A second migrated database on the same server: the target of imports."""
-    name = f"govledger_copy_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = urlunsplit(urlsplit(database)._replace(path=f"/{name}"))
-    await migrate(dsn)
-    yield dsn
-    admin = await asyncpg.connect(database)
-    try:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def copy_pool(copy_database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await eventstore.create_pool(copy_database, min_size=1, max_size=4)
-    try:
-        yield pool
-    finally:
-        tables = await pool.fetch(
-            "SELECT format('%I.%I', schemaname, tablename) AS name FROM pg_tables"
-            " WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
-        )
-        names = ", ".join(r["name"] for r in tables)
-        await pool.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
-        await pool.close()
 
 
 def budget(budget_id: str, limit: str, duration: str) -> Budget:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 import weakref
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -24,9 +23,9 @@ import structlog
 from aiohttp import web
 
 from projections import dashboard
-from service.errors import Invalid, InvalidPosition, NotFound
 from service.eventstore import Checkpoint
-from service.http import Right, json_response, query_int, settings_key
+from service.http import Right, json_response, path_id, query_int
+from service.routes.governance_reads import wait_for_min_position
 from service.state import governance_projector_key, pool_key
 
 log = structlog.get_logger()
@@ -204,20 +203,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def budget_periods(request: web.Request) -> web.Response:
     """GET /api/governance/budgets/{id}/periods: `{periods: [{period_start, spend}]}`,
     oldest first; `?limit=N` keeps the latest N."""
-    raw = request.match_info["id"]
-    try:
-        budget_id = str(uuid.UUID(raw))
-    except ValueError:
-        raise NotFound(f"budget {raw!r} does not exist") from None
+    budget_id = path_id(request, "budget")
     limit = query_int(request, "limit", minimum=1)
-    try:
-        position = query_int(request, "min_position")
-    except Invalid as exc:
-        raise InvalidPosition(exc.message) from None
-    if position is not None:
-        await request.app[governance_projector_key].wait_for(
-            position, request.app[settings_key].min_position_wait_s
-        )
+    await wait_for_min_position(request)
     async with request.app[pool_key].acquire() as conn:
         found = await dashboard.periods(conn, budget_id, limit)
     return json_response({"periods": found})

@@ -1,12 +1,11 @@
 """POST/PUT/DELETE of customers, teams and virtual keys: decode, decide, append, answer.
 
 A command runs in one REPEATABLE READ transaction: read the streams it touches, decide
-(pure), append at the versions it read, and keep the answer of an Idempotency-Key
-request beside the events. A concurrent change to any of those streams aborts it
-(VersionConflict or a serialization failure); without If-Match it is retried afresh.
-The answer is rendered from the folded streams, not from the read model: budgets and
-rate limits show their definition and current period, with usage 0 (usage lives in
-the read model).
+(pure), append at the versions it read, render the answer
+(`service.routes.governance_answers`) and keep it beside the events when the request
+has an Idempotency-Key (`service.idempotency`). A concurrent change to any of those
+streams aborts it (VersionConflict or a serialization failure); without If-Match it
+is retried afresh.
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ import hashlib
 import secrets
 import string
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
-from functools import reduce
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import asyncpg
@@ -27,9 +24,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from service import eventstore
+from projections.governance_usage import Connection
+from service import idempotency
 from service.domain import customers, teams, virtual_keys
-from service.domain.budgets import parse_duration, period_start
 from service.domain.commands import (
     AnyBody,
     CreateCustomer,
@@ -40,8 +37,6 @@ from service.domain.commands import (
     DeleteCustomer,
     DeleteTeam,
     DeleteVirtualKey,
-    DetachTeam,
-    DetachVirtualKey,
     KeyDigest,
     TeamBody,
     TeamChanges,
@@ -52,22 +47,23 @@ from service.domain.commands import (
     VirtualKeyChanges,
     ids_needed,
 )
-from service.domain.events import (
-    AnyEvent,
-    Budget,
-    CustomerBudgetsReplaced,
-    CustomerCreated,
-    ProviderConfig,
-    RateLimit,
-    TeamBudgetsReplaced,
-    TeamCreated,
-    VirtualKeyBudgetsReplaced,
-    VirtualKeyCreated,
-    VirtualKeyUpdated,
+from service.domain.events import AnyEvent
+from service.errors import Invalid, VersionConflict
+from service.eventstore import Executed
+from service.http import (
+    Right,
+    decode_bytes,
+    json_response,
+    path_id,
+    read_body,
+    settings_key,
 )
-from service.errors import IdempotencyConflict, Invalid, NotFound, VersionConflict
-from service.eventstore import Executed, Executor
-from service.http import Right, decode_bytes, json_response, read_body, settings_key
+from service.routes import governance_streams
+from service.routes.governance_answers import (
+    render_customer,
+    render_team,
+    render_virtual_key,
+)
 from service.state import pool_key
 
 log = structlog.get_logger()
@@ -75,243 +71,10 @@ log = structlog.get_logger()
 S = TypeVar("S")
 C = TypeVar("C")
 Answer = tuple[int, dict[str, Any]]
-Run = Callable[[Executor, datetime], Awaitable[Answer]]
+Run = Callable[[Connection, datetime], Awaitable[Answer]]
 
 # Without If-Match a conflicting command is decided again on fresh state.
 ATTEMPTS = 8
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-
-
-# --- one stream: read, decide, append ----------------------------------------------
-
-
-async def _step(
-    conn: Executor,
-    stream_id: str,
-    command: C,
-    decide: Callable[[C, S | None], Sequence[AnyEvent]],
-    evolve: Callable[[S | None, AnyEvent], S | None],
-    at: datetime,
-    expected_version: int | None = None,
-) -> Executed[S]:
-    metadata = {
-        "command": type(command).__name__,
-        "request_id": structlog.contextvars.get_contextvars().get("request_id"),
-    }
-    return await eventstore.execute(
-        conn,
-        stream_id,
-        command,
-        decide,
-        evolve,
-        recorded_at=at,
-        expected_version=expected_version,
-        metadata=metadata,
-    )
-
-
-async def _exists(
-    conn: Executor, stream_id: str, evolve: Callable[[S | None, AnyEvent], S | None]
-) -> bool:
-    _, history = await eventstore.read_stream(conn, stream_id)
-    return reduce(evolve, (r.event for r in history), None) is not None
-
-
-async def _unknown_references(
-    conn: Executor, *, customer_id: object = None, team_id: object = None
-) -> frozenset[str]:
-    """The customer and team ids a body names that do not exist (None, UNSET: none)."""
-    unknown: set[str] = set()
-    if isinstance(customer_id, str) and not await _exists(
-        conn, f"customer-{customer_id}", customers.evolve
-    ):
-        unknown.add(customer_id)
-    if isinstance(team_id, str) and not await _exists(
-        conn, f"team-{team_id}", teams.evolve
-    ):
-        unknown.add(team_id)
-    return frozenset(unknown)
-
-
-# Every stream whose entity events ever named the id; the partial indexes of
-# migration 0004 serve exactly these type lists. Folding each stream tells which
-# still point at it.
-_STREAMS_NAMING_CUSTOMER = """
-SELECT DISTINCT stream_id FROM events
-WHERE type IN ('TeamCreated', 'TeamUpdated', 'VirtualKeyCreated', 'VirtualKeyUpdated')
-  AND data ->> 'customer_id' = $1
-ORDER BY stream_id
-"""
-_STREAMS_NAMING_TEAM = """
-SELECT DISTINCT stream_id FROM events
-WHERE type IN ('VirtualKeyCreated', 'VirtualKeyUpdated') AND data ->> 'team_id' = $1
-ORDER BY stream_id
-"""
-
-
-async def _detach(conn: Executor, at: datetime, owner: str, owner_id: str) -> list[int]:
-    """Detach the teams and keys that point at a deleted customer or team."""
-    if owner == "customer":
-        rows = await conn.fetch(_STREAMS_NAMING_CUSTOMER, owner_id)
-    elif owner == "team":
-        rows = await conn.fetch(_STREAMS_NAMING_TEAM, owner_id)
-    else:
-        return []
-    customer_id = owner_id if owner == "customer" else None
-    team_id = owner_id if owner == "team" else None
-    positions: list[int] = []
-    for row in rows:  # ordered by stream id: concurrent deletes lock in one order
-        stream_id: str = row["stream_id"]
-        if stream_id.startswith("team-") and customer_id is not None:
-            team = DetachTeam(team_id=stream_id[5:], customer_id=customer_id)
-            step = await _step(conn, stream_id, team, teams.decide, teams.evolve, at)
-            positions.append(step.position)
-        elif stream_id.startswith("virtual_key-"):
-            key = DetachVirtualKey(
-                virtual_key_id=stream_id[12:], team_id=team_id, customer_id=customer_id
-            )
-            detached = await _step(
-                conn, stream_id, key, virtual_keys.decide, virtual_keys.evolve, at
-            )
-            positions.append(detached.position)
-    return positions
-
-
-# --- answers -----------------------------------------------------------------------
-
-
-def _budgets_in(event: AnyEvent) -> Iterator[Budget]:
-    match event:
-        case (
-            CustomerCreated()
-            | CustomerBudgetsReplaced()
-            | TeamCreated()
-            | TeamBudgetsReplaced()
-            | VirtualKeyBudgetsReplaced()
-        ):
-            yield from event.budgets
-        case VirtualKeyCreated():
-            yield from event.budgets
-            for config in event.provider_configs:
-                yield from config.budgets
-        case VirtualKeyUpdated():
-            for config in event.provider_configs:
-                yield from config.budgets
-
-
-class _View(NamedTuple):
-    """What rendering needs beside an entity's state."""
-
-    anchors: dict[str, datetime]  # budget id → recorded_at of the event creating it
-    now: datetime
-
-    def budgets(
-        self, budgets: Sequence[Budget], owner_type: str, owner_id: str
-    ) -> list[dict[str, Any]]:
-        return [
-            {
-                "id": b.budget_id,
-                "max_limit": b.max_limit,
-                "reset_duration": b.reset_duration,
-                "calendar_aligned": b.calendar_aligned,
-                "current_usage": Decimal(0),
-                "last_reset": period_start(
-                    self.now,
-                    anchor=self.anchors.get(b.budget_id, self.now),
-                    duration=parse_duration(b.reset_duration),
-                    calendar_aligned=b.calendar_aligned,
-                ),
-                "owner_type": owner_type,
-                "owner_id": owner_id,
-            }
-            for b in budgets
-        ]
-
-
-def _view(step: Executed[Any], now: datetime) -> _View:
-    anchors: dict[str, datetime] = {}
-    for event, recorded_at in step.timeline:
-        for budget in _budgets_in(event):
-            anchors.setdefault(budget.budget_id, recorded_at)
-    return _View(anchors, now)
-
-
-def _rate_limit(rate_limit: RateLimit | None) -> dict[str, Any] | None:
-    if rate_limit is None:
-        return None
-    return msgspec.structs.asdict(rate_limit) | {
-        "token_current_usage": 0,
-        "request_current_usage": 0,
-    }
-
-
-def _stamps(step: Executed[Any]) -> dict[str, Any]:
-    return {
-        "version": step.version,
-        "created_at": step.timeline[0][1],
-        "updated_at": step.timeline[-1][1],
-    }
-
-
-def render_customer(
-    step: Executed[customers.Customer], now: datetime
-) -> dict[str, Any]:
-    customer = step.state
-    assert customer is not None
-    return {
-        "id": customer.id,
-        "name": customer.name,
-        "budgets": _view(step, now).budgets(customer.budgets, "customer", customer.id),
-        "rate_limit": _rate_limit(customer.rate_limit),
-        **_stamps(step),
-    }
-
-
-def render_team(step: Executed[teams.Team], now: datetime) -> dict[str, Any]:
-    team = step.state
-    assert team is not None
-    return {
-        "id": team.id,
-        "name": team.name,
-        "customer_id": team.customer_id,
-        "budgets": _view(step, now).budgets(team.budgets, "team", team.id),
-        "rate_limit": _rate_limit(team.rate_limit),
-        **_stamps(step),
-    }
-
-
-def render_virtual_key(
-    step: Executed[virtual_keys.VirtualKey], now: datetime
-) -> dict[str, Any]:
-    key = step.state
-    assert key is not None
-    view = _view(step, now)
-    return {
-        "id": key.id,
-        "name": key.name,
-        "team_id": key.team_id,
-        "customer_id": key.customer_id,
-        "is_active": key.is_active,
-        "budgets": view.budgets(key.budgets, "virtual_key", key.id),
-        "rate_limit": _rate_limit(key.rate_limit),
-        "provider_configs": [_provider_config(c, view) for c in key.provider_configs],
-        "value_hint": key.value_hint,
-        **_stamps(step),
-    }
-
-
-def _provider_config(config: ProviderConfig, view: _View) -> dict[str, Any]:
-    return {
-        "id": config.provider_config_id,
-        "provider": config.provider,
-        "allowed_models": (
-            ["*"] if config.allowed_models is None else list(config.allowed_models)
-        ),
-        "budgets": view.budgets(
-            config.budgets, "provider_config", config.provider_config_id
-        ),
-        "rate_limit": _rate_limit(config.rate_limit),
-    }
 
 
 # --- virtual key secrets -----------------------------------------------------------
@@ -329,7 +92,7 @@ def digest(value: str) -> KeyDigest:
     return KeyDigest(sha256=hashlib.sha256(value.encode()).hexdigest(), hint=value[-4:])
 
 
-# --- the command path: idempotency, transaction, retries ---------------------------
+# --- the command path: transaction, retries, idempotency ---------------------------
 
 
 def _if_match(request: web.Request) -> int | None:
@@ -342,66 +105,6 @@ def _if_match(request: web.Request) -> int | None:
     return int(text)
 
 
-def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise Invalid(
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
-        )
-    return key
-
-
-def _fingerprint(request: web.Request, body: bytes) -> str:
-    head = f"{request.method}\0{request.path}\0{request.headers.get('If-Match', '')}\0"
-    return hashlib.sha256(head.encode() + body).hexdigest()
-
-
-def _key_column(key: str) -> str:
-    return hashlib.sha256(b"govledger idempotency key\0" + key.encode()).hexdigest()
-
-
-def _keystream(key: str, nonce: bytes, size: int) -> bytes:
-    seed = b"govledger command result\0" + nonce + key.encode()
-    return hashlib.shake_256(seed).digest(size)
-
-
-def _seal(key: str, body: bytes) -> bytes:
-    """The answer XOR a SHAKE-256 keystream of (nonce, key); the nonce leads."""
-    nonce = secrets.token_bytes(16)
-    return nonce + _xor(body, _keystream(key, nonce, len(body)))
-
-
-def _unseal(key: str, sealed: bytes) -> bytes:
-    nonce, body = sealed[:16], sealed[16:]
-    return _xor(body, _keystream(key, nonce, len(body)))
-
-
-def _xor(data: bytes, stream: bytes) -> bytes:
-    mixed = int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")
-    return mixed.to_bytes(len(data), "big")
-
-
-async def _replay(conn: Executor, key: str, fingerprint: str) -> web.Response | None:
-    row = await conn.fetchrow(
-        "SELECT request_fingerprint, status, body FROM command_results"
-        " WHERE idempotency_key = $1",
-        _key_column(key),
-    )
-    if row is None:
-        return None
-    if row["request_fingerprint"] != fingerprint:
-        raise IdempotencyConflict(
-            "this Idempotency-Key was already used for a different request"
-        )
-    response = web.Response(
-        body=_unseal(key, row["body"]),
-        status=row["status"],
-        content_type="application/json",
-    )
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
-
-
 _RETRIED = (VersionConflict, asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 
 
@@ -409,11 +112,10 @@ async def _execute(
     request: web.Request, body: bytes, run: Run, *, retry: bool
 ) -> web.Response:
     pool = request.app[pool_key]
-    key = _idempotency_key(request)
-    fingerprint = _fingerprint(request, body)
+    keyed = idempotency.from_request(request, body)
     at = datetime.now(UTC)
     for attempt in range(1, ATTEMPTS + 1):
-        if key is not None and (replayed := await _replay(pool, key, fingerprint)):
+        if keyed is not None and (replayed := await idempotency.replay(pool, keyed)):
             return replayed
         try:
             async with (
@@ -422,21 +124,13 @@ async def _execute(
             ):
                 status, answer = await run(conn, at)
                 response = json_response(answer, status)
-                if key is not None:
-                    assert isinstance(response.body, bytes)
-                    await conn.execute(
-                        "INSERT INTO command_results (idempotency_key,"
-                        " request_fingerprint, status, body) VALUES ($1, $2, $3, $4)",
-                        _key_column(key),
-                        fingerprint,
-                        status,
-                        _seal(key, response.body),
-                    )
+                if keyed is not None:
+                    await idempotency.remember(conn, keyed, response)
         except asyncpg.UniqueViolationError as exc:
             # The same key committed first in a concurrent request: answer as it did.
-            if key is None or exc.constraint_name != "command_results_pkey":
+            if keyed is None or not idempotency.is_taken(exc):
                 raise
-            if (replayed := await _replay(pool, key, fingerprint)) is None:
+            if (replayed := await idempotency.replay(pool, keyed)) is None:
                 raise
             return replayed
         except _RETRIED as exc:
@@ -444,7 +138,9 @@ async def _execute(
                 log.info("command_retried", attempt=attempt, error=type(exc).__name__)
                 continue
             # What moved the stream may be a concurrent request with this same key.
-            if key is not None and (replayed := await _replay(pool, key, fingerprint)):
+            if keyed is not None and (
+                replayed := await idempotency.replay(pool, keyed)
+            ):
                 return replayed
             if isinstance(exc, VersionConflict):
                 raise
@@ -465,7 +161,7 @@ class Entity(NamedTuple, Generic[S, C]):
     name: str
     decide: Callable[[C, S | None], Sequence[AnyEvent]]
     evolve: Callable[[S | None, AnyEvent], S | None]
-    render: Callable[[Executed[S], datetime], dict[str, Any]]
+    render: Callable[[Connection, Executed[S], datetime], Awaitable[dict[str, Any]]]
 
 
 CUSTOMER = Entity("customer", customers.decide, customers.evolve, render_customer)
@@ -477,13 +173,7 @@ B = TypeVar("B", bound=AnyBody)
 
 
 def _path_id(request: web.Request, entity: Entity[Any, Any]) -> str:
-    """The canonical spelling of the UUID in the path; anything else names nothing."""
-    raw = request.match_info["id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        what = entity.name.replace("_", " ")
-        raise NotFound(f"{what} {raw!r} does not exist") from None
+    return path_id(request, entity.name.replace("_", " "))
 
 
 async def _decode(request: web.Request, type_: type[B]) -> tuple[bytes, B]:
@@ -538,13 +228,13 @@ async def _save(
     """Create or update one entity; `command` gets the unknown references."""
     expected = None if created else _if_match(request)
 
-    async def run(conn: Executor, at: datetime) -> Answer:
-        unknown = await _unknown_references(
+    async def run(conn: Connection, at: datetime) -> Answer:
+        unknown = await governance_streams.unknown_references(
             conn,
             customer_id=getattr(body, "customer_id", None),
             team_id=getattr(body, "team_id", None),
         )
-        step = await _step(
+        step = await governance_streams.step(
             conn,
             f"{entity.name}-{entity_id}",
             command(unknown),
@@ -553,7 +243,7 @@ async def _save(
             at,
             expected,
         )
-        rendered = entity.render(step, at)
+        rendered = await entity.render(conn, step, at)
         if value is not None:
             rendered["value"] = value
         return 201 if created else 200, {
@@ -571,8 +261,8 @@ async def _delete(
     entity_id = _path_id(request, entity)
     expected = _if_match(request)
 
-    async def run(conn: Executor, at: datetime) -> Answer:
-        step = await _step(
+    async def run(conn: Connection, at: datetime) -> Answer:
+        step = await governance_streams.step(
             conn,
             f"{entity.name}-{entity_id}",
             command(entity_id),
@@ -581,7 +271,7 @@ async def _delete(
             at,
             expected,
         )
-        detached = await _detach(conn, at, entity.name, entity_id)
+        detached = await governance_streams.detach(conn, at, entity.name, entity_id)
         return 200, {"position": max([step.position, *detached])}
 
     return await _execute(request, b"", run, retry=expected is None)

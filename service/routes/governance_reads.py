@@ -10,19 +10,17 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from projections import governance
-from projections.governance import OWNER_TYPES, Connection
-from service.errors import Invalid, InvalidPosition, NotFound
-from service.http import Right, json_response, query_int, settings_key
+from projections import governance_reads as read_model
+from projections.governance_usage import OWNER_TYPES, Connection
+from service.errors import Invalid, InvalidPosition
+from service.http import Right, json_response, path_id, query_int, settings_key
 from service.state import governance_projector_key, pool_key
 
 T = TypeVar("T")
 
 
-async def _read(
-    request: web.Request, query: Callable[[Connection, datetime], Awaitable[T]]
-) -> T:
-    """Run `query` on one snapshot of the read model, once it reached min_position."""
+async def wait_for_min_position(request: web.Request) -> None:
+    """Return once the read model has applied ?min_position= (at once without it)."""
     try:
         position = query_int(request, "min_position")
     except Invalid as exc:
@@ -31,20 +29,18 @@ async def _read(
         await request.app[governance_projector_key].wait_for(
             position, request.app[settings_key].min_position_wait_s
         )
+
+
+async def _read(
+    request: web.Request, query: Callable[[Connection, datetime], Awaitable[T]]
+) -> T:
+    """Run `query` on one snapshot of the read model, once it reached min_position."""
+    await wait_for_min_position(request)
     async with (
         request.app[pool_key].acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
         return await query(conn, datetime.now(UTC))
-
-
-def _path_id(request: web.Request, what: str) -> str:
-    """The canonical form of the UUID in the path; anything else names nothing."""
-    raw = request.match_info["id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise NotFound(f"{what} {raw!r} does not exist") from None
 
 
 def _query_id(request: web.Request, name: str) -> str | None:
@@ -58,14 +54,14 @@ def _query_id(request: web.Request, name: str) -> str | None:
 
 
 async def list_customers(request: web.Request) -> web.Response:
-    customers = await _read(request, governance.list_customers)
+    customers = await _read(request, read_model.list_customers)
     return json_response({"customers": customers})
 
 
 async def get_customer(request: web.Request) -> web.Response:
-    customer_id = _path_id(request, "customer")
+    customer_id = path_id(request, "customer")
     customer = await _read(
-        request, lambda conn, now: governance.fetch_customer(conn, customer_id, now)
+        request, lambda conn, now: read_model.fetch_customer(conn, customer_id, now)
     )
     return json_response({"customer": customer})
 
@@ -73,15 +69,15 @@ async def get_customer(request: web.Request) -> web.Response:
 async def list_teams(request: web.Request) -> web.Response:
     customer_id = _query_id(request, "customer_id")
     teams = await _read(
-        request, lambda conn, now: governance.list_teams(conn, now, customer_id)
+        request, lambda conn, now: read_model.list_teams(conn, now, customer_id)
     )
     return json_response({"teams": teams})
 
 
 async def get_team(request: web.Request) -> web.Response:
-    team_id = _path_id(request, "team")
+    team_id = path_id(request, "team")
     team = await _read(
-        request, lambda conn, now: governance.fetch_team(conn, team_id, now)
+        request, lambda conn, now: read_model.fetch_team(conn, team_id, now)
     )
     return json_response({"team": team})
 
@@ -91,15 +87,15 @@ async def list_virtual_keys(request: web.Request) -> web.Response:
     customer_id = _query_id(request, "customer_id")
     keys = await _read(
         request,
-        lambda conn, now: governance.list_virtual_keys(conn, now, team_id, customer_id),
+        lambda conn, now: read_model.list_virtual_keys(conn, now, team_id, customer_id),
     )
     return json_response({"virtual_keys": keys})
 
 
 async def get_virtual_key(request: web.Request) -> web.Response:
-    key_id = _path_id(request, "virtual key")
+    key_id = path_id(request, "virtual key")
     key = await _read(
-        request, lambda conn, now: governance.fetch_virtual_key(conn, key_id, now)
+        request, lambda conn, now: read_model.fetch_virtual_key(conn, key_id, now)
     )
     return json_response({"virtual_key": key})
 
@@ -114,7 +110,7 @@ async def list_budgets(request: web.Request) -> web.Response:
     owner_id = _query_id(request, "owner_id")
     budgets = await _read(
         request,
-        lambda conn, now: governance.list_budgets(conn, now, owner_type, owner_id),
+        lambda conn, now: read_model.list_budgets(conn, now, owner_type, owner_id),
     )
     return json_response({"budgets": budgets})
 

@@ -1,0 +1,238 @@
+"""The governance read queries: API.md's wire dicts of customers, teams, virtual keys
+and budgets from the governance_* tables, each budget and rate limit with the usage
+of the period that contains `now`.
+
+`last_reset` on the wire is the start of the period that contains `now` (DESIGN.md),
+also right after a reset; the usage shown is what is stored at that period's key
+(`projections.governance_usage`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from projections.governance_usage import (
+    RATE_KINDS,
+    Connection,
+    Owner,
+    budget_period,
+    budgets_of,
+    rate_key,
+    rate_limits_of,
+    rate_usage_at,
+    spend_at,
+)
+from service.errors import NotFound
+
+Wire = dict[str, Any]
+
+_CUSTOMERS = """
+SELECT id, name, version, created_at, updated_at FROM governance_customers
+WHERE $1::text IS NULL OR id = $1
+ORDER BY created_at, id
+"""
+_TEAMS = """
+SELECT id, name, customer_id, version, created_at, updated_at FROM governance_teams
+WHERE ($1::text IS NULL OR id = $1) AND ($2::text IS NULL OR customer_id = $2)
+ORDER BY created_at, id
+"""
+_VIRTUAL_KEYS = """
+SELECT id, name, team_id, customer_id, is_active, value_hint, version, created_at,
+    updated_at
+FROM governance_virtual_keys
+WHERE ($1::text IS NULL OR id = $1) AND ($2::text IS NULL OR team_id = $2)
+    AND ($3::text IS NULL OR customer_id = $3)
+ORDER BY created_at, id
+"""
+_PROVIDER_CONFIGS = """
+SELECT id, virtual_key_id, provider, allowed_models FROM governance_provider_configs
+WHERE virtual_key_id = ANY($1::text[])
+ORDER BY virtual_key_id, ordinal
+"""
+_BUDGETS = """
+SELECT b.id, owner_type, owner_id, b.max_limit, b.reset_duration, b.calendar_aligned,
+    b.anchor, b.usage_floor
+FROM governance_budgets b
+WHERE ($1::text IS NULL OR owner_type = $1) AND ($2::text IS NULL OR owner_id = $2)
+ORDER BY b.created_at, owner_type, owner_id, b.ordinal
+"""
+# The columns of a customer's or a team's answer before its budgets.
+_FIELDS = {"customer": ("id", "name"), "team": ("id", "name", "customer_id")}
+
+
+async def fetch_customer(conn: Connection, customer_id: str, now: datetime) -> Wire:
+    rows = await conn.fetch(_CUSTOMERS, customer_id)
+    if not rows:
+        raise NotFound(f"customer {customer_id} does not exist")
+    return (await _owners(conn, "customer", rows, now))[0]
+
+
+async def list_customers(conn: Connection, now: datetime) -> list[Wire]:
+    return await _owners(conn, "customer", await conn.fetch(_CUSTOMERS, None), now)
+
+
+async def fetch_team(conn: Connection, team_id: str, now: datetime) -> Wire:
+    rows = await conn.fetch(_TEAMS, team_id, None)
+    if not rows:
+        raise NotFound(f"team {team_id} does not exist")
+    return (await _owners(conn, "team", rows, now))[0]
+
+
+async def list_teams(
+    conn: Connection, now: datetime, customer_id: str | None = None
+) -> list[Wire]:
+    return await _owners(conn, "team", await conn.fetch(_TEAMS, None, customer_id), now)
+
+
+async def fetch_virtual_key(
+    conn: Connection, virtual_key_id: str, now: datetime
+) -> Wire:
+    rows = await conn.fetch(_VIRTUAL_KEYS, virtual_key_id, None, None)
+    if not rows:
+        raise NotFound(f"virtual key {virtual_key_id} does not exist")
+    return (await _virtual_keys(conn, rows, now))[0]
+
+
+async def list_virtual_keys(
+    conn: Connection,
+    now: datetime,
+    team_id: str | None = None,
+    customer_id: str | None = None,
+) -> list[Wire]:
+    rows = await conn.fetch(_VIRTUAL_KEYS, None, team_id, customer_id)
+    return await _virtual_keys(conn, rows, now)
+
+
+async def list_budgets(
+    conn: Connection,
+    now: datetime,
+    owner_type: str | None = None,
+    owner_id: str | None = None,
+) -> list[Wire]:
+    return await _budgets(conn, await conn.fetch(_BUDGETS, owner_type, owner_id), now)
+
+
+async def owned_by(
+    conn: Connection, owners: Sequence[Owner], now: datetime
+) -> tuple[defaultdict[Owner, list[Wire]], dict[Owner, Wire]]:
+    """The budgets and rate limits of `owners`, with their current usage."""
+    budgets: defaultdict[Owner, list[Wire]] = defaultdict(list)
+    for budget in await _budgets(conn, await budgets_of(conn, owners), now):
+        budgets[Owner(budget["owner_type"], budget["owner_id"])].append(budget)
+    return budgets, await _rate_limits(conn, await rate_limits_of(conn, owners), now)
+
+
+async def _owners(
+    conn: Connection, owner_type: str, rows: Sequence[asyncpg.Record], now: datetime
+) -> list[Wire]:
+    """Customers or teams: their own fields, budgets, rate limit and stamps."""
+    owners = [Owner(owner_type, r["id"]) for r in rows]
+    budgets, rate_limits = await owned_by(conn, owners, now)
+    return [
+        {
+            **{field: r[field] for field in _FIELDS[owner_type]},
+            "budgets": budgets[o],
+            "rate_limit": rate_limits.get(o),
+            **_stamps(r),
+        }
+        for r, o in zip(rows, owners, strict=True)
+    ]
+
+
+async def _virtual_keys(
+    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+) -> list[Wire]:
+    owners = [Owner("virtual_key", r["id"]) for r in rows]
+    configs = await conn.fetch(_PROVIDER_CONFIGS, [o.id for o in owners])
+    config_owners = [Owner("provider_config", c["id"]) for c in configs]
+    budgets, rate_limits = await owned_by(conn, owners + config_owners, now)
+    configs_of: defaultdict[str, list[Wire]] = defaultdict(list)
+    for c, o in zip(configs, config_owners, strict=True):
+        models = c["allowed_models"]
+        configs_of[c["virtual_key_id"]].append(
+            {
+                "id": c["id"],
+                "provider": c["provider"],
+                "allowed_models": ["*"] if models is None else models,
+                "budgets": budgets[o],
+                "rate_limit": rate_limits.get(o),
+            }
+        )
+    return [
+        {
+            "id": r["id"],
+            "name": r["name"],
+            "team_id": r["team_id"],
+            "customer_id": r["customer_id"],
+            "is_active": r["is_active"],
+            "budgets": budgets[o],
+            "rate_limit": rate_limits.get(o),
+            "provider_configs": configs_of[r["id"]],
+            "value_hint": r["value_hint"],
+            **_stamps(r),
+        }
+        for r, o in zip(rows, owners, strict=True)
+    ]
+
+
+def _stamps(row: asyncpg.Record) -> Wire:
+    return {
+        "version": row["version"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+async def _budgets(
+    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+) -> list[Wire]:
+    periods = [budget_period(r, now) for r in rows]
+    keys = [(r["id"], key) for r, (_, key) in zip(rows, periods, strict=True)]
+    spend = await spend_at(conn, keys)
+    return [
+        {
+            "id": r["id"],
+            "max_limit": r["max_limit"],
+            "reset_duration": r["reset_duration"],
+            "calendar_aligned": r["calendar_aligned"],
+            "current_usage": spend.get(key, Decimal(0)),
+            "last_reset": start,
+            "owner_type": r["owner_type"],
+            "owner_id": r["owner_id"],
+        }
+        for r, (start, _), key in zip(rows, periods, keys, strict=True)
+    ]
+
+
+async def _rate_limits(
+    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+) -> dict[Owner, Wire]:
+    slots: dict[tuple[int, str], tuple[int, str, datetime]] = {}
+    for r in rows:
+        for kind in RATE_KINDS:
+            key = rate_key(r, kind, now)
+            if key is not None:
+                slots[r["id"], kind] = (r["id"], kind, key)
+    used = await rate_usage_at(conn, slots.values())
+
+    def current(r: asyncpg.Record, kind: str) -> int:
+        slot = slots.get((r["id"], kind))
+        return 0 if slot is None else int(used.get(slot, 0))
+
+    return {
+        Owner(r["owner_type"], r["owner_id"]): {
+            "token_max_limit": r["token_max_limit"],
+            "token_reset_duration": r["token_reset_duration"],
+            "request_max_limit": r["request_max_limit"],
+            "request_reset_duration": r["request_reset_duration"],
+            "token_current_usage": current(r, "tokens"),
+            "request_current_usage": current(r, "requests"),
+        }
+        for r in rows
+    }

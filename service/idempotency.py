@@ -1,0 +1,118 @@
+"""Idempotency-Key answers: the header, a request's fingerprint, and the answer kept
+sealed in command_results beside the command's events, replayed byte for byte.
+
+A virtual key's secret may be in an answer, so the stored body is sealed with AES-GCM
+under a key derived (HKDF-SHA256) from the Idempotency-Key's value, and the row is
+found by another hash of that value: only a caller holding the key can read the
+answer back, and a row changed in the database fails authentication rather than
+being replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import NamedTuple
+
+import asyncpg
+from aiohttp import web
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from service.errors import IdempotencyConflict, Invalid
+from service.eventstore import Executor
+
+MAX_KEY_LENGTH = 255
+_NONCE_BYTES = 12  # AES-GCM's standard nonce; each derived key seals one answer
+
+_STORED = """
+SELECT request_fingerprint, status, body FROM command_results
+WHERE idempotency_key = $1
+"""
+_STORE = """
+INSERT INTO command_results (idempotency_key, request_fingerprint, status, body)
+VALUES ($1, $2, $3, $4)
+"""
+
+
+class Idempotency(NamedTuple):
+    """A request's Idempotency-Key and the fingerprint a retry must match."""
+
+    key: str
+    fingerprint: str
+
+
+def from_request(request: web.Request, body: bytes) -> Idempotency | None:
+    """The request's Idempotency-Key with the fingerprint of method, path, If-Match
+    and body; None when the header is absent."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise Invalid(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+    head = f"{request.method}\0{request.path}\0{request.headers.get('If-Match', '')}\0"
+    return Idempotency(key, hashlib.sha256(head.encode() + body).hexdigest())
+
+
+async def replay(conn: Executor, idempotency: Idempotency) -> web.Response | None:
+    """The answer stored for this key, marked replayed; None when there is none."""
+    row = await conn.fetchrow(_STORED, _row_key(idempotency.key))
+    if row is None:
+        return None
+    if row["request_fingerprint"] != idempotency.fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used for a different request"
+        )
+    response = web.Response(
+        body=_unseal(idempotency.key, row["status"], row["body"]),
+        status=row["status"],
+        content_type="application/json",
+    )
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def remember(
+    conn: Executor, idempotency: Idempotency, response: web.Response
+) -> None:
+    """Keep the answer, in the transaction that appends the command's events."""
+    assert isinstance(response.body, bytes)
+    await conn.execute(
+        _STORE,
+        _row_key(idempotency.key),
+        idempotency.fingerprint,
+        response.status,
+        _seal(idempotency.key, response.status, response.body),
+    )
+
+
+def is_taken(exc: asyncpg.UniqueViolationError) -> bool:
+    """Whether the violation is a concurrent request with the same key that
+    committed its answer first."""
+    return exc.constraint_name == "command_results_pkey"
+
+
+def _row_key(key: str) -> str:
+    return hashlib.sha256(b"govledger idempotency key\0" + key.encode()).hexdigest()
+
+
+def _cipher(key: str) -> AESGCM:
+    derived = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"govledger command result",
+    ).derive(key.encode())
+    return AESGCM(derived)
+
+
+def _seal(key: str, status: int, body: bytes) -> bytes:
+    """The nonce, then the body encrypted and authenticated along with its status."""
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    return nonce + _cipher(key).encrypt(nonce, body, str(status).encode())
+
+
+def _unseal(key: str, status: int, sealed: bytes) -> bytes:
+    nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+    return _cipher(key).decrypt(nonce, ciphertext, str(status).encode())

@@ -1,0 +1,209 @@
+"""The answers of governance commands: the customer, team or virtual key as its stream
+has it after the command, each budget and rate limit with the current usage the read
+model has for it at that moment.
+
+The entity is rendered from the folded stream, not from the read model, which may not
+have applied the command yet. Usage lives only in the read model, so it is read with
+the read queries (`projections.governance_reads`) inside the command's transaction: a
+kept budget shows what the read model counts for it now, a budget created or reset by
+the command shows 0; a rate-limit half shows the read model's usage while it keeps
+its reset duration there, else (new, or its duration changed) 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import msgspec
+
+from projections.governance_reads import owned_by
+from projections.governance_usage import Connection, Owner
+from service.domain import customers, teams, virtual_keys
+from service.domain.budgets import parse_duration, period_start
+from service.domain.events import (
+    AnyEvent,
+    Budget,
+    CustomerBudgetsReplaced,
+    CustomerCreated,
+    ProviderConfig,
+    RateLimit,
+    TeamBudgetsReplaced,
+    TeamCreated,
+    VirtualKeyBudgetsReplaced,
+    VirtualKeyCreated,
+    VirtualKeyUpdated,
+)
+from service.eventstore import Executed
+
+Wire = dict[str, Any]
+
+
+async def render_customer(
+    conn: Connection, step: Executed[customers.Customer], now: datetime
+) -> Wire:
+    return await _render_owner(conn, step, "customer", now)
+
+
+async def render_team(
+    conn: Connection, step: Executed[teams.Team], now: datetime
+) -> Wire:
+    assert step.state is not None
+    return await _render_owner(
+        conn, step, "team", now, customer_id=step.state.customer_id
+    )
+
+
+async def _render_owner(
+    conn: Connection,
+    step: Executed[customers.Customer] | Executed[teams.Team],
+    owner_type: str,
+    now: datetime,
+    **fields: Any,
+) -> Wire:
+    """A customer or a team: id, name and `fields`, then its limits and stamps."""
+    state = step.state
+    assert state is not None
+    owner = Owner(owner_type, state.id)
+    view = await _view(conn, step, [owner], now)
+    return {
+        "id": state.id,
+        "name": state.name,
+        **fields,
+        "budgets": view.budgets(state.budgets, owner),
+        "rate_limit": view.rate_limit(state.rate_limit, owner),
+        **_stamps(step),
+    }
+
+
+async def render_virtual_key(
+    conn: Connection, step: Executed[virtual_keys.VirtualKey], now: datetime
+) -> Wire:
+    key = step.state
+    assert key is not None
+    owner = Owner("virtual_key", key.id)
+    configs = [
+        (c, Owner("provider_config", c.provider_config_id))
+        for c in key.provider_configs
+    ]
+    view = await _view(conn, step, [owner, *(o for _, o in configs)], now)
+    return {
+        "id": key.id,
+        "name": key.name,
+        "team_id": key.team_id,
+        "customer_id": key.customer_id,
+        "is_active": key.is_active,
+        "budgets": view.budgets(key.budgets, owner),
+        "rate_limit": view.rate_limit(key.rate_limit, owner),
+        "provider_configs": [
+            _provider_config(config, owner, view) for config, owner in configs
+        ],
+        "value_hint": key.value_hint,
+        **_stamps(step),
+    }
+
+
+def _provider_config(config: ProviderConfig, owner: Owner, view: _View) -> Wire:
+    return {
+        "id": config.provider_config_id,
+        "provider": config.provider,
+        "allowed_models": (
+            ["*"] if config.allowed_models is None else list(config.allowed_models)
+        ),
+        "budgets": view.budgets(config.budgets, owner),
+        "rate_limit": view.rate_limit(config.rate_limit, owner),
+    }
+
+
+def _stamps(step: Executed[Any]) -> Wire:
+    return {
+        "version": step.version,
+        "created_at": step.timeline[0][1],
+        "updated_at": step.timeline[-1][1],
+    }
+
+
+class _View(NamedTuple):
+    """What rendering needs beside an entity's state."""
+
+    anchors: dict[str, datetime]  # budget id → recorded_at of the event creating it
+    floors: dict[str, datetime]  # budget id → its creation or its latest reset
+    usage: dict[str, Decimal]  # budget id → its current usage in the read model
+    rate_limits: dict[Owner, Wire]  # the read model's, with their current usage
+    now: datetime
+
+    def budgets(self, budgets: Sequence[Budget], owner: Owner) -> list[Wire]:
+        return [
+            {
+                "id": b.budget_id,
+                "max_limit": b.max_limit,
+                "reset_duration": b.reset_duration,
+                "calendar_aligned": b.calendar_aligned,
+                "current_usage": (
+                    Decimal(0)
+                    if self.floors.get(b.budget_id, self.now) >= self.now
+                    else self.usage.get(b.budget_id, Decimal(0))
+                ),
+                "last_reset": period_start(
+                    self.now,
+                    anchor=self.anchors.get(b.budget_id, self.now),
+                    duration=parse_duration(b.reset_duration),
+                    calendar_aligned=b.calendar_aligned,
+                ),
+                "owner_type": owner.type,
+                "owner_id": owner.id,
+            }
+            for b in budgets
+        ]
+
+    def rate_limit(self, rate_limit: RateLimit | None, owner: Owner) -> Wire | None:
+        if rate_limit is None:
+            return None
+        wire = msgspec.structs.asdict(rate_limit)
+        stored = self.rate_limits.get(owner)
+        for half in ("token", "request"):
+            usage = 0
+            if (
+                stored is not None
+                and stored[f"{half}_max_limit"] is not None
+                and stored[f"{half}_reset_duration"] == wire[f"{half}_reset_duration"]
+            ):
+                usage = stored[f"{half}_current_usage"]
+            wire[f"{half}_current_usage"] = usage
+        return wire
+
+
+async def _view(
+    conn: Connection, step: Executed[Any], owners: Sequence[Owner], now: datetime
+) -> _View:
+    anchors: dict[str, datetime] = {}
+    floors: dict[str, datetime] = {}
+    for event, recorded_at in step.timeline:
+        for budget in _budgets_in(event):
+            anchors.setdefault(budget.budget_id, recorded_at)
+            if budget.reset_usage or budget.budget_id not in floors:
+                floors[budget.budget_id] = recorded_at
+    budgets, rate_limits = await owned_by(conn, owners, now)
+    usage = {b["id"]: b["current_usage"] for owned in budgets.values() for b in owned}
+    return _View(anchors, floors, usage, rate_limits, now)
+
+
+def _budgets_in(event: AnyEvent) -> Iterator[Budget]:
+    match event:
+        case (
+            CustomerCreated()
+            | CustomerBudgetsReplaced()
+            | TeamCreated()
+            | TeamBudgetsReplaced()
+            | VirtualKeyBudgetsReplaced()
+        ):
+            yield from event.budgets
+        case VirtualKeyCreated():
+            yield from event.budgets
+            for config in event.provider_configs:
+                yield from config.budgets
+        case VirtualKeyUpdated():
+            for config in event.provider_configs:
+                yield from config.budgets
