@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import calendar
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from service.domain.budgets import (
     reconcile,
 )
 from service.domain.events import Budget
+from service.errors import DuplicateResetDuration
 
 FIXED = {
     "s": timedelta(seconds=1),
@@ -198,3 +201,123 @@ def test_reconcile_keeps_ids_exactly_for_kept_durations(
         assert kept.budget_id.startswith("old-") is was_there
         assert kept.max_limit == Decimal(2)
         assert not kept.reset_usage
+
+
+# --- reconciliation over a history of replacements, against a reference model ------
+
+ALIGNABLE = ("1d", "1w", "1M", "1Q", "1Y")
+NOT_ALIGNABLE = ("24h", "7d", "30s", "2d")
+specs = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(ALIGNABLE),
+            st.integers(1, 9),
+            st.sampled_from([None, False, True]),
+        ),
+        st.tuples(
+            st.sampled_from(NOT_ALIGNABLE),
+            st.integers(1, 9),
+            st.sampled_from([None, False]),
+        ),
+    ),
+    max_size=6,
+)
+histories = st.lists(
+    st.one_of(
+        st.tuples(st.just("replace"), specs),
+        st.tuples(st.just("spend"), st.integers(1, 5)),
+    ),
+    max_size=12,
+)
+
+
+class Ids:
+    """new_id for reconcile: b0, b1, ...; counts what was drawn."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+    def __call__(self) -> str:
+        self.drawn += 1
+        return f"b{self.drawn - 1}"
+
+
+@dataclass
+class RefBudget:
+    """API.md's words, kept literally: one budget of the reference model."""
+
+    budget_id: str
+    limit: int
+    aligned: bool
+    usage: int = 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(histories)
+def test_reconcile_over_a_history_matches_the_reference_model(
+    history: list[tuple[str, object]],
+) -> None:
+    """A kept duration keeps its id and usage (an omitted calendar_aligned keeps its
+    value, false→true resets the usage, true→false keeps it); a new duration is a new
+    budget with usage 0; a dropped one is gone, and coming back later it is new; a
+    request naming a duration twice changes nothing and draws no id."""
+    ids = Ids()
+    current: tuple[Budget, ...] = ()
+    usage: dict[str, int] = {}  # budget_id → spend, as a projection keeps it
+    ref: dict[str, RefBudget] = {}  # duration → budget, in request order
+    ref_next = 0
+    for op, arg in history:
+        if op == "spend":
+            assert isinstance(arg, int)
+            for budget in current:
+                usage[budget.budget_id] += arg
+            for b in ref.values():
+                b.usage += arg
+            continue
+        assert isinstance(arg, list)
+        requested = [
+            BudgetSpec(max_limit=Decimal(limit), reset_duration=d, calendar_aligned=a)
+            for d, limit, a in arg
+        ]
+        durations = [d for d, _, _ in arg]
+        if len(set(durations)) != len(durations):
+            drawn = ids.drawn
+            with pytest.raises(DuplicateResetDuration):
+                reconcile(current, requested, ids)
+            assert ids.drawn == drawn
+            continue
+
+        current = reconcile(current, requested, ids)
+        for budget in current:
+            if budget.reset_usage or budget.budget_id not in usage:
+                usage[budget.budget_id] = 0
+        kept_usage = {b.budget_id: usage[b.budget_id] for b in current}
+        usage = kept_usage
+
+        reference: dict[str, RefBudget] = {}
+        for duration, limit, aligned in arg:
+            old = ref.get(duration)
+            if old is None:
+                reference[duration] = RefBudget(f"b{ref_next}", limit, aligned is True)
+                ref_next += 1
+                continue
+            now_aligned = old.aligned if aligned is None else aligned
+            if now_aligned and not old.aligned:
+                old.usage = 0
+            old.limit, old.aligned = limit, now_aligned
+            reference[duration] = old
+        ref = reference
+
+        assert [
+            (
+                b.reset_duration,
+                b.budget_id,
+                b.max_limit,
+                b.calendar_aligned,
+                usage[b.budget_id],
+            )
+            for b in current
+        ] == [
+            (d, b.budget_id, Decimal(b.limit), b.aligned, b.usage)
+            for d, b in ref.items()
+        ]
