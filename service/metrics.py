@@ -86,8 +86,15 @@ def observe_group(size: int, seconds: float) -> None:
     _commit_seconds.observe(seconds)
 
 
+_check_children: dict[str, Histogram] = {}
+
+
 def observe_check(seconds: float, reason: str) -> None:
-    _check_seconds.labels(reason=reason).observe(seconds)
+    # labels() costs more than the observation itself: keep one child per reason.
+    child = _check_children.get(reason)
+    if child is None:
+        child = _check_children[reason] = _check_seconds.labels(reason=reason)
+    child.observe(seconds)
 
 
 def set_projection_lag(projection: str, *, events: int, seconds: float) -> None:
