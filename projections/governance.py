@@ -70,8 +70,8 @@ async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
         case CustomerCreated():
             if await _wrote(conn, _INSERT_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at)
+                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
+                await _set_rate_limit(conn, owner, e.rate_limit, v, at, new=True)
         case CustomerUpdated():
             if await _wrote(conn, _UPDATE_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
@@ -85,8 +85,8 @@ async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
         case TeamCreated():
             if await _wrote(conn, _INSERT_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at)
+                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
+                await _set_rate_limit(conn, owner, e.rate_limit, v, at, new=True)
         case TeamUpdated():
             if await _wrote(conn, _UPDATE_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
@@ -99,8 +99,8 @@ async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
         case VirtualKeyCreated():
             if await _wrote(conn, _INSERT_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at)
-                await _set_key_settings(conn, owner, e, v, at)
+                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
+                await _set_key_settings(conn, owner, e, v, at, new=True)
         case VirtualKeyUpdated():
             if await _wrote(conn, _UPDATE_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
@@ -151,9 +151,15 @@ async def _set_key_settings(
     e: VirtualKeyCreated | VirtualKeyUpdated,
     version: int,
     at: datetime,
+    *,
+    new: bool = False,
 ) -> None:
-    await _set_rate_limit(conn, owner, e.rate_limit, version, at)
-    await _replace_provider_configs(conn, owner.id, e.provider_configs, version, at)
+    """`new`: the key was inserted just now, so it has no rate limit or provider
+    configs yet (they reference it), and none need looking up or deleting."""
+    await _set_rate_limit(conn, owner, e.rate_limit, version, at, new=new)
+    await _replace_provider_configs(
+        conn, owner.id, e.provider_configs, version, at, new=new
+    )
 
 
 # $1 id, $2 stream version, $3 recorded_at, then the fields. A created row is inserted
@@ -235,10 +241,13 @@ async def _replace_provider_configs(
     configs: Sequence[ProviderConfig],
     version: int,
     at: datetime,
+    *,
+    new: bool = False,
 ) -> None:
     """The key's provider configs become exactly `configs` (kept by their id)."""
-    ids = [c.provider_config_id for c in configs]
-    await conn.execute(_DELETE_DROPPED_PROVIDER_CONFIGS, virtual_key_id, ids)
+    if not new:
+        ids = [c.provider_config_id for c in configs]
+        await conn.execute(_DELETE_DROPPED_PROVIDER_CONFIGS, virtual_key_id, ids)
     for ordinal, config in enumerate(configs):
         models = None if config.allowed_models is None else list(config.allowed_models)
         await conn.execute(
@@ -287,15 +296,23 @@ async def _replace_budgets(
     budgets: Sequence[Budget],
     version: int,
     at: datetime,
+    *,
+    new: bool = False,
 ) -> None:
     """The owner's budgets become exactly `budgets`, as the event lists them.
 
     A new budget is anchored at `at` with its usage floor there; a kept one keeps its
     anchor, and `reset_usage` moves its floor to `at`. Turning calendar_aligned off
     keeps the current period's usage: it moves to the rolling period containing `at`.
+    `new`: the owner was inserted just now, so it has no budgets yet (they reference
+    it) and there is nothing to look up or delete.
     """
-    current = {r["id"]: r for r in await budgets_of(conn, [owner])}
-    await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [b.budget_id for b in budgets])
+    current: dict[str, asyncpg.Record] = {}
+    if not new:
+        current = {r["id"]: r for r in await budgets_of(conn, [owner])}
+        await conn.execute(
+            _DELETE_DROPPED_BUDGETS, *owner, [b.budget_id for b in budgets]
+        )
     if not budgets:
         return
     anchors: list[datetime] = []
@@ -373,12 +390,18 @@ async def _set_rate_limit(
     rate_limit: RateLimit | None,
     version: int,
     at: datetime,
+    *,
+    new: bool = False,
 ) -> None:
-    """Each limit keeps its anchor unless it is new or its reset duration changed."""
+    """Each limit keeps its anchor unless it is new or its reset duration changed.
+
+    `new`: the owner was inserted just now and has no rate limit yet.
+    """
     if rate_limit is None:
-        await conn.execute(_DELETE_RATE_LIMIT, *owner)
+        if not new:
+            await conn.execute(_DELETE_RATE_LIMIT, *owner)
         return
-    found = await rate_limits_of(conn, [owner])
+    found = [] if new else await rate_limits_of(conn, [owner])
     old = found[0] if found else None
     anchors = {
         kind: _rate_anchor(old, kind, limit, duration, at)

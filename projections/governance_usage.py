@@ -19,7 +19,12 @@ from typing import Any, NamedTuple
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from service.domain.budgets import counts_toward, parse_duration, period_bounds
+from service.domain.budgets import (
+    Duration,
+    counts_toward,
+    parse_duration,
+    period_bounds,
+)
 from service.domain.events import UsageRecorded
 from service.eventstore import RecordedEvent
 
@@ -124,20 +129,22 @@ _CHARGED_UP_TO = """
 SELECT stream_id, last_tx_id, last_position FROM governance_usage_streams
 WHERE stream_id = ANY($1::text[])
 """
-_MARK_CHARGED = """
-INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
-SELECT * FROM unnest($1::text[], $2::xid8[], $3::bigint[])
-ON CONFLICT (stream_id) DO UPDATE
-SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
-"""
-_ADD_SPEND = """
-INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
-SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::numeric[])
-ON CONFLICT (budget_id, period_start) DO UPDATE SET spend = s.spend + EXCLUDED.spend
-"""
-_ADD_RATE_USAGE = """
+# Marks the streams charged up to (tx_id, position) and adds the spend and rate-limit
+# usage, in one statement (one round trip); each array lists distinct keys.
+_CHARGE = """
+WITH marked AS (
+    INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
+    SELECT * FROM unnest($1::text[], $2::xid8[], $3::bigint[])
+    ON CONFLICT (stream_id) DO UPDATE
+    SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
+), spent AS (
+    INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
+    SELECT * FROM unnest($4::text[], $5::timestamptz[], $6::numeric[])
+    ON CONFLICT (budget_id, period_start)
+    DO UPDATE SET spend = s.spend + EXCLUDED.spend
+)
 INSERT INTO governance_rate_limit_usage AS u (rate_limit_id, kind, period_start, used)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bigint[])
+SELECT * FROM unnest($7::bigint[], $8::text[], $9::timestamptz[], $10::bigint[])
 ON CONFLICT (rate_limit_id, kind, period_start)
 DO UPDATE SET used = u.used + EXCLUDED.used
 """
@@ -155,56 +162,253 @@ def _chain(event: UsageRecorded) -> list[Owner]:
     return owners
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+# A budget as charging needs it: (id, anchor, duration, calendar_aligned, floor).
+_BudgetTerms = tuple[str, datetime, Duration, bool, datetime]
+# A rate-limit half: (rate limit id, kind, anchor, duration, floor).
+_RateTerms = tuple[int, str, datetime, Duration, datetime]
+# Where a moment's usage of an owner goes: (budget id, key) and (id, kind, key).
+_Slots = tuple[tuple[tuple[str, datetime], ...], tuple[tuple[int, str, datetime], ...]]
+
+
+class _Sum:
+    """Usage folded for one owner's slots: totals, and whether any part was non-zero
+    (a zero amount writes no row, as if charged event by event)."""
+
+    __slots__ = ("cost", "costed", "requested", "requests", "tokened", "tokens")
+
+    def __init__(self) -> None:
+        self.cost = Decimal(0)
+        self.tokens = 0
+        self.requests = 0
+        self.costed = self.tokened = self.requested = False
+
+    def add(self, other: _Sum) -> None:
+        if other.costed:
+            self.cost += other.cost
+            self.costed = True
+        if other.tokened:
+            self.tokens += other.tokens
+            self.tokened = True
+        if other.requested:
+            self.requests += other.requests
+            self.requested = True
+
+
+class _Limits:
+    """One owner's budgets and rate-limit halves, and the usage of a batch folded per
+    slots (the keys usage at a moment is stored under).
+
+    It remembers the span of time around the last moment charged in which every
+    slot stays the same: consecutive usage nearly always falls in it, so the period
+    maths runs once per owner and period rather than once per event and budget.
+    """
+
+    __slots__ = ("budgets", "current", "hi", "lo", "rates", "sums")
+
+    def __init__(self, budgets: list[_BudgetTerms], rates: list[_RateTerms]) -> None:
+        self.budgets = budgets
+        self.rates = rates
+        self.sums: dict[_Slots, _Sum] = {}
+        self.lo = _LATEST  # an empty span: the first moment computes one
+        self.hi = _EARLIEST
+        self.current = _Sum()
+
+    def sum_at(self, at: datetime) -> _Sum:
+        """The running total that usage at `at` adds to."""
+        if self.lo <= at < self.hi:
+            return self.current
+        lo, hi = _EARLIEST, _LATEST
+        spend: list[tuple[str, datetime]] = []
+        for budget_id, anchor, duration, aligned, floor in self.budgets:
+            if not counts_toward(at, usage_floor=floor):
+                hi = min(hi, floor)
+                continue
+            start, end = period_bounds(
+                at, anchor=anchor, duration=duration, calendar_aligned=aligned
+            )
+            key = max(start, floor)
+            spend.append((budget_id, key))
+            lo, hi = max(lo, key), min(hi, end)
+        used: list[tuple[int, str, datetime]] = []
+        for limit_id, kind, anchor, duration, floor in self.rates:
+            if not counts_toward(at, usage_floor=floor):
+                hi = min(hi, floor)
+                continue
+            start, end = period_bounds(
+                at, anchor=anchor, duration=duration, calendar_aligned=False
+            )
+            key = max(start, floor)
+            used.append((limit_id, kind, key))
+            lo, hi = max(lo, key), min(hi, end)
+        slots = (tuple(spend), tuple(used))
+        total = self.sums.get(slots)
+        if total is None:
+            total = self.sums[slots] = _Sum()
+        self.lo, self.hi, self.current = lo, hi, total
+        return total
+
+
+class _Chain:
+    """The limits of the owners one chain names, and its usage folded per the
+    owners' running totals it adds to: per event one comparison while the moments
+    stay in the span where none of those totals changes."""
+
+    __slots__ = ("current", "hi", "lo", "owners", "sums")
+
+    def __init__(self, owners: list[_Limits]) -> None:
+        self.owners = owners
+        self.sums: dict[tuple[_Sum, ...], _Sum] = {}
+        self.lo = _LATEST
+        self.hi = _EARLIEST
+        self.current = _Sum()
+
+    def sum_at(self, at: datetime) -> _Sum:
+        if self.lo <= at < self.hi:
+            return self.current
+        lo, hi = _EARLIEST, _LATEST
+        targets: list[_Sum] = []
+        for owner in self.owners:
+            targets.append(owner.sum_at(at))
+            lo, hi = max(lo, owner.lo), min(hi, owner.hi)
+        key = tuple(targets)  # a _Sum hashes by identity
+        total = self.sums.get(key)
+        if total is None:
+            total = self.sums[key] = _Sum()
+        self.lo, self.hi, self.current = lo, hi, total
+        return total
+
+    def settle(self) -> None:
+        """Add what was folded here to the owners' totals."""
+        for targets, total in self.sums.items():
+            for target in targets:
+                target.add(total)
+
+
+async def _limits_of(conn: Connection, owners: Sequence[Owner]) -> dict[Owner, _Limits]:
+    """The budgets and rate limits of `owners` (two queries), by owner."""
+    durations: dict[str, Duration] = {}
+
+    def duration(text: str) -> Duration:
+        parsed = durations.get(text)
+        if parsed is None:
+            parsed = durations[text] = parse_duration(text)
+        return parsed
+
+    budgets: defaultdict[Owner, list[_BudgetTerms]] = defaultdict(list)
+    for row in await budgets_of(conn, owners):
+        budgets[Owner(row["owner_type"], row["owner_id"])].append(
+            (
+                row["id"],
+                row["anchor"],
+                duration(row["reset_duration"]),
+                row["calendar_aligned"],
+                row["usage_floor"],
+            )
+        )
+    rates: defaultdict[Owner, list[_RateTerms]] = defaultdict(list)
+    for row in await rate_limits_of(conn, owners):
+        for kind in RATE_KINDS:
+            prefix = kind[:-1]
+            floor = row[f"{prefix}_usage_floor"]
+            if floor is not None:  # the half is set
+                rates[Owner(row["owner_type"], row["owner_id"])].append(
+                    (
+                        row["id"],
+                        kind,
+                        row[f"{prefix}_anchor"],
+                        duration(row[f"{prefix}_reset_duration"]),
+                        floor,
+                    )
+                )
+    return {
+        owner: _Limits(budgets.get(owner, []), rates.get(owner, []))
+        for owner in budgets.keys() | rates.keys()
+    }
+
+
 async def charge(
     conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
 ) -> None:
     """Add a run of usage to the budgets and rate limits of the owners it names.
 
-    Folded in memory per (budget, period) and written with one statement per table.
+    Folded in memory per chain and period, then per (budget, period) and (rate
+    limit, kind, period), and written with one statement (with the usage streams'
+    guard).
     """
-    usage = await _not_yet_charged(conn, usage)
+    # Reads first, then one write: the transaction takes its xid (and holds back
+    # every tailer's horizon, the cache's included) only for that last statement.
+    usage, last = await _not_yet_charged(conn, usage)
     if not usage:
         return
-    owners = sorted({owner for _, event in usage for owner in _chain(event)})
-    budgets: defaultdict[Owner, list[asyncpg.Record]] = defaultdict(list)
-    for row in await budgets_of(conn, owners):
-        budgets[Owner(row["owner_type"], row["owner_id"])].append(row)
-    limits = {
-        Owner(row["owner_type"], row["owner_id"]): row
-        for row in await rate_limits_of(conn, owners)
+    chains: dict[tuple[str | None, ...], list[Owner]] = {}
+    for _, event in usage:
+        names = (
+            event.virtual_key_id,
+            event.provider_config_id,
+            event.team_id,
+            event.customer_id,
+        )
+        if names not in chains:
+            chains[names] = _chain(event)
+    owners = sorted({owner for chain in chains.values() for owner in chain})
+    limits = await _limits_of(conn, owners)
+    # Each chain with the limits of its owners that have any.
+    charged = {
+        names: _Chain([limits[o] for o in chain if o in limits])
+        for names, chain in chains.items()
     }
-    spend: defaultdict[tuple[str, datetime], Decimal] = defaultdict(Decimal)
-    used: defaultdict[tuple[int, str, datetime], int] = defaultdict(int)
     for _, event in usage:
         at = event.occurred_at
         if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
             at = at.replace(tzinfo=UTC)
-        for owner in _chain(event):
-            for budget in budgets.get(owner, ()):
-                if event.cost and counts_toward(at, usage_floor=budget["usage_floor"]):
-                    spend[budget["id"], budget_period(budget, at)[1]] += event.cost
-            limit = limits.get(owner)
-            if limit is None:
-                continue
-            amounts = (event.input_tokens + event.output_tokens, event.requests)
-            for kind, amount in zip(RATE_KINDS, amounts, strict=True):
-                floor = limit[f"{kind[:-1]}_usage_floor"]
-                if (
-                    amount
-                    and floor is not None
-                    and counts_toward(at, usage_floor=floor)
-                ):
-                    key = rate_key(limit, kind, at)
-                    assert key is not None  # the half is set: it has a floor
-                    used[limit["id"], kind, key] += amount
-    if spend:
-        keys = sorted(spend)
-        await conn.execute(_ADD_SPEND, *_columns_of(keys), [spend[k] for k in keys])
-    if used:
-        slots = sorted(used)
-        await conn.execute(
-            _ADD_RATE_USAGE, *_columns_of(slots), [used[s] for s in slots]
-        )
+        total = charged[
+            event.virtual_key_id,
+            event.provider_config_id,
+            event.team_id,
+            event.customer_id,
+        ].sum_at(at)
+        if event.cost:
+            total.cost += event.cost
+            total.costed = True
+        tokens = event.input_tokens + event.output_tokens
+        if tokens:
+            total.tokens += tokens
+            total.tokened = True
+        if event.requests:
+            total.requests += event.requests
+            total.requested = True
+    for chain in charged.values():
+        chain.settle()
+    spend: defaultdict[tuple[str, datetime], Decimal] = defaultdict(Decimal)
+    used: defaultdict[tuple[int, str, datetime], int] = defaultdict(int)
+    for owner in limits.values():
+        for (budget_slots, rate_slots), total in owner.sums.items():
+            if total.costed:
+                for slot in budget_slots:
+                    spend[slot] += total.cost
+            for limit_id, kind, period in rate_slots:
+                if kind == "tokens" and total.tokened:
+                    used[limit_id, kind, period] += total.tokens
+                elif kind == "requests" and total.requested:
+                    used[limit_id, kind, period] += total.requests
+    keys = sorted(spend)
+    slots = sorted(used)
+    await conn.execute(
+        _CHARGE,
+        list(last),
+        [tx for tx, _ in last.values()],
+        [position for _, position in last.values()],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [spend[k] for k in keys],
+        [s[0] for s in slots],
+        [s[1] for s in slots],
+        [s[2] for s in slots],
+        [used[s] for s in slots],
+    )
 
 
 def _columns_of(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -214,9 +418,10 @@ def _columns_of(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
 
 async def _not_yet_charged(
     conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
-) -> list[tuple[RecordedEvent, UsageRecorded]]:
-    """The usage not charged before (the version guard of usage streams), and mark
-    it charged. Positions of one stream arrive in (tx_id, position) order."""
+) -> tuple[list[tuple[RecordedEvent, UsageRecorded]], dict[str, tuple[int, int]]]:
+    """The usage not charged before (the version guard of usage streams), and the
+    (tx_id, position) each of its streams is charged up to with it. Positions of one
+    stream arrive in (tx_id, position) order."""
     streams = sorted({record.stream_id for record, _ in usage})
     seen = {
         row["stream_id"]: (int(row["last_tx_id"]), row["last_position"])
@@ -230,14 +435,7 @@ async def _not_yet_charged(
     last: dict[str, tuple[int, int]] = {}
     for record, _ in fresh:
         last[record.stream_id] = (record.tx_id, record.global_position)
-    if last:
-        await conn.execute(
-            _MARK_CHARGED,
-            list(last),
-            [tx for tx, _ in last.values()],
-            [position for _, position in last.values()],
-        )
-    return fresh
+    return fresh, dict(sorted(last.items()))
 
 
 # --- when a limit's shape changes --------------------------------------------------

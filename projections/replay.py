@@ -36,6 +36,13 @@ from projections.shadow import (
 from service import eventstore
 from service.eventstore import Checkpoint, RecordedEvent
 
+# Events a bulk-phase transaction applies. Usage of one owner and period is folded
+# and written once per batch, so a larger batch writes fewer rows per event (measured
+# on the replay bench: 10,000 → 30k events/s, 25,000 → 45k, 50,000 → no better).
+# A batch of 25,000 commits within about half a second, and holds an xid (which
+# holds back the tailers' horizon) only for its last statements.
+BULK_BATCH = 25_000
+
 # (events applied so far, last position read)
 ProgressFn = Callable[[int, int], None]
 
@@ -97,7 +104,7 @@ async def rebuild(
     name: str = "governance",
     *,
     verify: bool = False,
-    batch_size: int = 2000,
+    batch_size: int = BULK_BATCH,
     lock_timeout_s: float = 2.0,
     on_progress: ProgressFn | None = None,
 ) -> ReplayReport:
@@ -229,7 +236,7 @@ async def build_at(
     at: int | datetime,
     name: str = "governance",
     *,
-    batch_size: int = 2000,
+    batch_size: int = BULK_BATCH,
     on_progress: ProgressFn | None = None,
 ) -> ReplayReport:
     """Build the projection as of a position (every event up to and including it in

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from service import log as logging_setup
+from projections import replay as replay_module
 from service.bench import runner as bench_runner
 from service.config import ConfigError, Settings, check_exposure
 
@@ -358,7 +359,12 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--print", action="store_true", help="with --at: print that state as JSON"
     )
-    rep.add_argument("--batch-size", type=int, default=2000, help="events per batch")
+    rep.add_argument(
+        "--batch-size",
+        type=int,
+        default=replay_module.BULK_BATCH,
+        help="events per batch (one short transaction each)",
+    )
     rep.set_defaults(func=cmd_replay)
     record = sub.add_parser(
         "record", help="send NDJSON usage records to a running service"

@@ -31,7 +31,7 @@ from service.domain.events import (
 from service.eventstore import Checkpoint, NewEvent
 
 DURATIONS = ("1d", "1M", "1Y")
-PAGE = 2000  # rows a page, as the rebuild reads them
+PAGE = 2000  # rows a page of the raw read (the rebuild: replay.BULK_BATCH)
 COPY_ROWS = 10_000  # usage rows a transaction
 _COLUMNS = (
     "global_position",
@@ -225,7 +225,7 @@ async def raw_read(pool: asyncpg.Pool) -> tuple[int, float]:
 async def rebuild(pool: asyncpg.Pool) -> tuple[int, float]:
     """(events, events/s) of `projections.replay.rebuild` of the governance model."""
     started = time.perf_counter()
-    report = await replay.rebuild(pool, "governance", batch_size=PAGE)
+    report = await replay.rebuild(pool, "governance")
     elapsed = time.perf_counter() - started
     if not report.swapped:
         raise RuntimeError("the rebuild did not swap its tables in")
