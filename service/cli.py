@@ -19,8 +19,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from service import log as logging_setup
 from projections import replay as replay_module
+from service import log as logging_setup
 from service.bench import runner as bench_runner
 from service.config import ConfigError, Settings, check_exposure
 
