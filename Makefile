@@ -31,10 +31,14 @@ test: $(INSTALLED)
 soak: $(INSTALLED)
 	$(BIN)/pytest -m soak
 
-# The peer library and the plotting library are only needed here.
+# The peer and plotting libraries: for the benchmarks, and for mypy to check them.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install -e '.[dev,bench]'
+	touch $@
+
 .PHONY: bench
-bench: $(INSTALLED)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+bench: $(BENCH_INSTALLED)
 	command -v wrk >/dev/null || { [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq wrk; }; }
 	$(BIN)/govledger bench
 
@@ -48,7 +52,7 @@ fmt: $(INSTALLED)
 	$(BIN)/ruff check --fix
 
 .PHONY: lint
-lint: $(INSTALLED)
+lint: $(BENCH_INSTALLED)
 	$(BIN)/ruff format --check
 	$(BIN)/ruff check
 	$(BIN)/mypy
