@@ -26,9 +26,9 @@ from projections.cache import (
     VirtualKey,
 )
 from projections.meters import Meter, restored_meter, to_nanos
-from projections.runner import Apply, Connection, Projector
+from projections.runner import Apply, Projector
 from service.domain.budgets import parse_duration, period_bounds
-from service.eventstore import Checkpoint, RecordedEvent
+from service.eventstore import Checkpoint, Connection, RecordedEvent
 from service.http import settings_key
 from service.ingest import resolver_key
 from service.state import (

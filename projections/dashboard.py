@@ -16,9 +16,9 @@ from typing import Any
 
 from projections import governance_reads, runner
 from projections.governance_reads import Wire
-from projections.governance_usage import Connection
 from service.domain.budgets import parse_duration, period_bounds
 from service.errors import NotFound
+from service.eventstore import Connection
 
 # The SQL projector whose tables the snapshot reads (projections.runner).
 GOVERNANCE_PROJECTION = "governance"

@@ -13,7 +13,6 @@ from typing import assert_never
 import asyncpg
 
 from projections.governance_usage import (
-    Connection,
     Owner,
     budgets_of,
     charge,
@@ -40,7 +39,7 @@ from service.domain.events import (
     VirtualKeyDeleted,
     VirtualKeyUpdated,
 )
-from service.eventstore import RecordedEvent
+from service.eventstore import Connection, RecordedEvent
 
 # --- apply -------------------------------------------------------------------------
 

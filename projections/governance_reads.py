@@ -19,7 +19,6 @@ import asyncpg
 
 from projections.governance_usage import (
     RATE_KINDS,
-    Connection,
     Owner,
     budget_period,
     budgets_of,
@@ -29,6 +28,7 @@ from projections.governance_usage import (
     spend_at,
 )
 from service.errors import NotFound
+from service.eventstore import Connection
 
 Wire = dict[str, Any]
 

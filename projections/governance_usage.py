@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from service.domain.budgets import (
     Duration,
@@ -26,9 +25,8 @@ from service.domain.budgets import (
     period_bounds,
 )
 from service.domain.events import UsageRecorded
-from service.eventstore import RecordedEvent
+from service.eventstore import Connection, RecordedEvent
 
-Connection = asyncpg.Connection | PoolConnectionProxy
 OWNER_TYPES = ("customer", "team", "virtual_key", "provider_config")
 RATE_KINDS = ("tokens", "requests")  # a rate limit's halves; columns `token_…` etc.
 

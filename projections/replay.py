@@ -23,7 +23,6 @@ from projections import governance, governance_reads, runner
 # _ident and _literal by these names: the quoting functions the SQL review in
 # tests/test_security.py recognises.
 from projections.shadow import (
-    Connection,
     ShadowError,
     TableDiff,
     _ident,
@@ -34,7 +33,7 @@ from projections.shadow import (
     use,
 )
 from service import eventstore
-from service.eventstore import Checkpoint, RecordedEvent
+from service.eventstore import Checkpoint, Connection, RecordedEvent
 
 # Events a bulk-phase transaction applies. Usage of one owner and period is folded
 # and written once per batch, so a larger batch writes fewer rows per event (measured

@@ -21,18 +21,17 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
 from projections import upcast
 from service import eventstore
 from service.domain.events import type_name
+from service.eventstore import Connection
 
 KIND = "upcast"
 # Two-int advisory lock key (service.migrate uses (namespace, 1)): one upcast at a time.
 _LOCK_NAMESPACE = 0x676C6564
 _LOCK_KEY = 2
 
-Connection = asyncpg.Connection | PoolConnectionProxy
 # (events rewritten so far, last position reached)
 ProgressFn = Callable[[int, int], None]
 

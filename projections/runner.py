@@ -13,12 +13,11 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 from aiohttp import web
-from asyncpg.pool import PoolConnectionProxy
 
 from projections import governance
 from service import eventstore, metrics
 from service.errors import ProjectionLag
-from service.eventstore import Checkpoint, Executor, RecordedEvent
+from service.eventstore import Checkpoint, Connection, Executor, RecordedEvent
 from service.http import UNREACHABLE, settings_key
 from service.state import (
     governance_projector_key,
@@ -32,7 +31,6 @@ log = structlog.get_logger()
 CHANNEL = "govledger_events"
 BATCH_SIZE = 500
 
-Connection = asyncpg.Connection | PoolConnectionProxy
 Apply = Callable[[Connection, Sequence[RecordedEvent]], Awaitable[None]]
 
 # Two-int advisory lock key: (this table's oid, hashtext(projection name)), so it

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
-Connection = asyncpg.Connection | PoolConnectionProxy
+from service.eventstore import Connection
 
 
 class ShadowError(Exception):

@@ -23,6 +23,8 @@ from service.domain.events import EVENT_TYPES, AnyEvent, type_name
 from service.errors import IdempotencyConflict, VersionConflict
 
 # asyncpg pools and connections both offer fetch/execute; commands take either.
+# One connection, pooled or not (what a transaction runs on).
+Connection = asyncpg.Connection | PoolConnectionProxy
 Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 
 _encode = msgspec.json.Encoder().encode

@@ -16,7 +16,6 @@ from typing import IO, Annotated, Any
 
 import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
 from projections import upcast
 from service import eventstore
@@ -27,10 +26,9 @@ from service.domain.events import (
     TeamEvent,
     UsageRecorded,
 )
-from service.eventstore import Checkpoint
+from service.eventstore import Checkpoint, Connection
 from service.routes.events import envelope
 
-Connection = asyncpg.Connection | PoolConnectionProxy
 # (lines or events handled so far, events appended so far)
 ProgressFn = Callable[[int, int], None]
 

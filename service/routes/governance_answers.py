@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from projections.governance_reads import owned_by
-from projections.governance_usage import Connection, Owner
+from projections.governance_usage import Owner
 from service.domain import customers, teams, virtual_keys
 from service.domain.budgets import parse_duration, period_start
 from service.domain.events import (
@@ -36,7 +36,7 @@ from service.domain.events import (
     VirtualKeyCreated,
     VirtualKeyUpdated,
 )
-from service.eventstore import Executed
+from service.eventstore import Connection, Executed
 
 Wire = dict[str, Any]
 

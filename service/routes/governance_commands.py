@@ -24,7 +24,6 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from projections.governance_usage import Connection
 from service import idempotency
 from service.domain import customers, teams, virtual_keys
 from service.domain.commands import (
@@ -49,7 +48,7 @@ from service.domain.commands import (
 )
 from service.domain.events import AnyEvent
 from service.errors import Invalid, VersionConflict
-from service.eventstore import Executed
+from service.eventstore import Connection, Executed
 from service.http import (
     Right,
     decode_bytes,

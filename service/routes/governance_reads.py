@@ -11,8 +11,9 @@ from typing import TypeVar
 from aiohttp import web
 
 from projections import governance_reads as read_model
-from projections.governance_usage import OWNER_TYPES, Connection
+from projections.governance_usage import OWNER_TYPES
 from service.errors import Invalid, InvalidPosition
+from service.eventstore import Connection
 from service.http import Right, json_response, path_id, query_int, settings_key
 from service.state import governance_projector_key, pool_key
 
