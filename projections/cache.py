@@ -56,7 +56,7 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.domain.usage import UsageChain
-from service.eventstore import Checkpoint, RecordedEvent
+from service.records import Checkpoint, RecordedEvent
 
 # Headroom of an owner without budgets (or rate limits): larger than any limit.
 UNLIMITED = 1 << 127

@@ -9,13 +9,12 @@ the whole log: the same cache, only slower to start.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple, TypedDict
 
 import asyncpg
 import structlog
-from aiohttp import web
 
 from projections import runner
 from projections.cache import (
@@ -26,18 +25,10 @@ from projections.cache import (
     VirtualKey,
 )
 from projections.meters import Meter, restored_meter, to_nanos
-from projections.runner import Apply, Projector
+from projections.runner import Apply
 from service.domain.budgets import parse_duration, period_bounds
-from service.eventstore import Checkpoint, Connection, RecordedEvent
-from service.http import settings_key
-from service.ingest import resolver_key
-from service.state import (
-    cache_key,
-    cache_projector_key,
-    pool_key,
-    readiness_key,
-    tail_key,
-)
+from service.eventstore import Connection
+from service.records import Checkpoint, RecordedEvent
 
 log = structlog.get_logger()
 
@@ -259,46 +250,9 @@ def _keys(
 # --- the running cache -------------------------------------------------------------
 
 
-def _applier(cache: GovernanceCache) -> Apply:
+def applier(cache: GovernanceCache) -> Apply:
     async def apply(_conn: Connection, records: Sequence[RecordedEvent]) -> None:
         for record in records:
             cache.apply(record)
 
     return apply
-
-
-def run_cache() -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup_ctx, after runner.run_projectors: load the cache, tail the log.
-
-    The cache is ready (for /readyz) once it reached the log head seen at start.
-    It also serves ingest as its key resolver unless one was set already.
-    """
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = app[pool_key]
-        async with pool.acquire() as conn:
-            cache, checkpoint = await load(conn)
-        log.info(
-            "cache_loaded",
-            position=checkpoint.position,
-            keys=len(cache.keys),
-            teams=len(cache.teams),
-            customers=len(cache.customers),
-        )
-        projector = Projector(
-            pool,
-            CACHE_PROJECTION,
-            _applier(cache),
-            persistent=False,
-            start=checkpoint,
-            poll_interval_s=app[settings_key].poll_interval_s,
-        )
-        app[cache_key] = cache
-        app[cache_projector_key] = projector
-        if resolver_key not in app:
-            app[resolver_key] = cache
-        app[readiness_key][CACHE_PROJECTION] = lambda: projector.ready
-        app[tail_key].start(projector)  # stopped with the tail
-        yield
-
-    return ctx

@@ -39,7 +39,8 @@ from service.domain.events import (
     VirtualKeyDeleted,
     VirtualKeyUpdated,
 )
-from service.eventstore import Connection, RecordedEvent
+from service.eventstore import Connection
+from service.records import RecordedEvent
 
 # --- apply -------------------------------------------------------------------------
 

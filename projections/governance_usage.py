@@ -25,7 +25,8 @@ from service.domain.budgets import (
     period_bounds,
 )
 from service.domain.events import UsageRecorded
-from service.eventstore import Connection, RecordedEvent
+from service.eventstore import Connection
+from service.records import RecordedEvent
 
 OWNER_TYPES = ("customer", "team", "virtual_key", "provider_config")
 RATE_KINDS = ("tokens", "requests")  # a rate limit's halves; columns `token_…` etc.

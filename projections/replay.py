@@ -33,7 +33,8 @@ from projections.shadow import (
     use,
 )
 from service import eventstore
-from service.eventstore import Checkpoint, Connection, RecordedEvent
+from service.eventstore import Connection
+from service.records import Checkpoint, RecordedEvent
 
 # Events a bulk-phase transaction applies. Usage of one owner and period is folded
 # and written once per batch, so a larger batch writes fewer rows per event (measured

@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
-from aiohttp import web
 
-from projections import governance
 from service import eventstore, metrics
 from service.errors import ProjectionLag
-from service.eventstore import Checkpoint, Connection, Executor, RecordedEvent
-from service.http import UNREACHABLE, settings_key
-from service.state import (
-    governance_projector_key,
-    pool_key,
-    readiness_key,
-    tail_key,
-)
+from service.eventstore import UNREACHABLE, Connection, Executor
+from service.records import Checkpoint, RecordedEvent
 
 log = structlog.get_logger()
 
@@ -390,34 +382,3 @@ class Tail:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def run_projectors(
-    dsn: str | None,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup_ctx: the tail (listener + governance projector) for the app's life.
-
-    Registered after the pool's; an in-memory projection registers its own
-    cleanup_ctx after this one and calls `app[tail_key].start(projector)`.
-    """
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        if dsn is None:
-            raise RuntimeError("the projectors need a DSN: set DATABASE_URL")
-        settings = app[settings_key]
-        projector = Projector(
-            app[pool_key],
-            "governance",
-            governance.apply,
-            poll_interval_s=settings.poll_interval_s,
-        )
-        app[governance_projector_key] = projector
-        app[readiness_key]["governance"] = lambda: projector.ready
-        tail = app[tail_key] = Tail(dsn)
-        tail.start(projector)
-        try:
-            yield
-        finally:
-            await tail.stop()
-
-    return ctx

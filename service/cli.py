@@ -39,9 +39,9 @@ def database_url(settings: Settings) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from projections.upcast import validate_chains
-    from service.app import create_app
+    from service.domain.upcast import validate_chains
     from service.migrate import migrate
+    from service.web.app import create_app
 
     validate_chains()
     settings = Settings.from_env()
@@ -167,7 +167,8 @@ def _fail(command: str, exc: Exception) -> int:
 
 
 def cmd_upcast(args: argparse.Namespace) -> int:
-    from projections import rewrite, upcast
+    from service import rewrite
+    from service.domain import upcast
 
     upcast.validate_chains()
     meter = Meter("upcast")

@@ -22,7 +22,6 @@ from pathlib import Path
 from aiohttp import web
 
 from service import eventstore, pgcluster
-from service.app import create_app
 from service.config import Settings
 from service.domain.events import (
     AnyEvent,
@@ -34,9 +33,10 @@ from service.domain.events import (
     UsageRecorded,
     VirtualKeyCreated,
 )
-from service.eventstore import NewEvent
 from service.migrate import migrate
-from service.state import governance_projector_key
+from service.records import NewEvent
+from service.web.app import create_app
+from service.web.keys import governance_projector_key
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

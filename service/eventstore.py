@@ -8,7 +8,6 @@ delivered late, never skipped.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import reduce
@@ -18,62 +17,29 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from projections import upcast
+from service.domain import upcast
 from service.domain.events import EVENT_TYPES, AnyEvent, type_name
 from service.errors import IdempotencyConflict, VersionConflict
+from service.records import Appended, Checkpoint, NewEvent, RecordedEvent
 
 # asyncpg pools and connections both offer fetch/execute; commands take either.
 # One connection, pooled or not (what a transaction runs on).
 Connection = asyncpg.Connection | PoolConnectionProxy
 Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 
+# The database cannot be reached (down, restarting, refusing connections, or the
+# connection dropped mid-request): a 503 the client may retry, never a 500.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
 _encode = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
 _DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
-
-
-class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event to append, with the id that makes a retry idempotent."""
-
-    event: AnyEvent
-    event_id: str = msgspec.field(default_factory=lambda: str(uuid.uuid4()))
-    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class Appended(msgspec.Struct, frozen=True, kw_only=True):
-    stream_version: int
-    global_position: int
-    recorded_at: datetime
-    duplicate: bool
-
-
-class Checkpoint(msgspec.Struct, frozen=True):
-    """A tailing reader's place: the last (tx_id, global_position) it took."""
-
-    tx_id: int = 0
-    position: int = 0
-
-
-class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event as stored, upcast to the current schema."""
-
-    global_position: int
-    tx_id: int
-    event_id: str
-    stream_id: str
-    stream_version: int
-    schema_version: int
-    event: AnyEvent
-    metadata: dict[str, Any]
-    recorded_at: datetime
-
-    @property
-    def type(self) -> str:
-        return type_name(self.event)
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.tx_id, self.global_position)
 
 
 # --- codec -------------------------------------------------------------------------

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import msgspec
 import structlog
-from aiohttp import web
 
 from service import eventstore, metrics
 from service.domain.events import UsageRecorded
@@ -508,28 +506,3 @@ def _fail(chunk: _Chunk, error: Exception) -> None:
 
 def _shutting_down() -> Unavailable:
     return Unavailable("the service is shutting down; retry these records")
-
-
-# --- wiring ------------------------------------------------------------------------
-
-writer_key = web.AppKey("usage_writer", Writer)
-resolver_key = web.AppKey("usage_key_resolver", KeyResolver)
-
-
-def writer_context(
-    dsn: str | None, **options: Any
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """cleanup_ctx: the process's writer runs while the app does."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        if dsn is None:
-            raise RuntimeError("the usage writer needs a DSN: set DATABASE_URL")
-        writer = Writer(dsn, **options)
-        await writer.start()
-        app[writer_key] = writer
-        try:
-            yield
-        finally:
-            await writer.close()
-
-    return ctx

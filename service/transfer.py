@@ -17,8 +17,8 @@ from typing import IO, Annotated, Any
 import asyncpg
 import msgspec
 
-from projections import upcast
 from service import eventstore
+from service.domain import upcast
 from service.domain.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -26,8 +26,8 @@ from service.domain.events import (
     TeamEvent,
     UsageRecorded,
 )
-from service.eventstore import Checkpoint, Connection
-from service.routes.events import envelope
+from service.eventstore import Connection
+from service.records import Checkpoint, envelope
 
 # (lines or events handled so far, events appended so far)
 ProgressFn = Callable[[int, int], None]

@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from projections import cache_loader
 from projections.cache import CheckResult, GovernanceCache
 from service import eventstore
-from service.app import create_app
 from service.config import Settings
-from service.eventstore import Checkpoint
-from service.state import (
+from service.records import Checkpoint
+from service.web.app import create_app
+from service.web.keys import (
     cache_key,
     cache_projector_key,
     governance_projector_key,

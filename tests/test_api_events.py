@@ -10,10 +10,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from service import eventstore
-from service.app import create_app
 from service.config import ConfigError, Settings, check_exposure
 from service.domain.events import Budget, TeamCreated
-from service.eventstore import NewEvent
+from service.records import NewEvent
+from service.web.app import create_app
 
 TOKENS = {
     "admin_tokens": frozenset({"adm-secret"}),

@@ -18,12 +18,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service import eventstore
-from service.app import ROUTE_TABLES, create_app
 from service.config import Settings
 from service.domain import teams, virtual_keys
 from service.domain.events import RateLimit, TeamUpdated, VirtualKeyUpdated
-from service.routes import governance_commands
-from service.state import cache_projector_key, governance_projector_key, pool_key
+from service.web.app import ROUTE_TABLES, create_app
+from service.web.keys import cache_projector_key, governance_projector_key, pool_key
+from service.web.routes import governance_commands
 
 CUSTOMERS = "/api/governance/customers"
 TEAMS = "/api/governance/teams"

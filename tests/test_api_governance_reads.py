@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service import eventstore
-from service.app import create_app
 from service.config import Settings
 from service.domain.events import (
     AnyEvent,
@@ -30,8 +29,9 @@ from service.domain.events import (
     UsageRecorded,
     VirtualKeyCreated,
 )
-from service.eventstore import NewEvent
-from service.state import governance_projector_key, pool_key
+from service.records import NewEvent
+from service.web.app import create_app
+from service.web.keys import governance_projector_key, pool_key
 
 API = "/api/governance"
 MISSING = "00000000-0000-4000-8000-00000000dead"

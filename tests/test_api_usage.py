@@ -20,10 +20,10 @@ from aiohttp import WSMsgType, WSServerHandshakeError, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service import eventstore
-from service.app import create_app
 from service.config import Settings
 from service.domain.events import UsageRecorded
-from service.ingest import resolver_key, writer_key
+from service.web.app import create_app
+from service.web.keys import resolver_key, writer_key
 from tests.test_ingest import (
     CONFIG_ID,
     CUSTOMER_ID,

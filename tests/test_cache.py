@@ -42,7 +42,7 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.domain.usage import UsageChain
-from service.eventstore import Checkpoint, RecordedEvent
+from service.records import Checkpoint, RecordedEvent
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
 SECOND = timedelta(seconds=1)

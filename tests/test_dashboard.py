@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from projections import dashboard
 from service import eventstore
-from service.app import create_app
 from service.config import Settings
 from service.domain.events import AnyEvent, Budget, TeamCreated, UsageRecorded
-from service.eventstore import NewEvent
-from service.state import cache_projector_key, governance_projector_key, pool_key
+from service.records import NewEvent
+from service.web.app import create_app
+from service.web.keys import cache_projector_key, governance_projector_key, pool_key
 
 Client = TestClient[web.Request, web.Application]
 

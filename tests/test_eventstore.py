@@ -14,7 +14,7 @@ import pytest
 from service import eventstore
 from service.domain.events import Budget, TeamCreated, TeamDeleted, TeamUpdated
 from service.errors import IdempotencyConflict, VersionConflict
-from service.eventstore import Checkpoint, NewEvent
+from service.records import Checkpoint, NewEvent
 
 
 def team_created(team_id: str, limit: str = "100.123456789") -> TeamCreated:

@@ -32,11 +32,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service import openapi
-from service.app import create_app
 from service.config import Settings
-from service.http import Right
-from service.state import cache_projector_key, governance_projector_key
+from service.web import openapi
+from service.web.app import create_app
+from service.web.http import Right
+from service.web.keys import cache_projector_key, governance_projector_key
 
 Client = TestClient[web.Request, web.Application]
 

@@ -34,8 +34,8 @@ from service.domain.usage import (
     screen,
 )
 from service.errors import Unavailable
-from service.eventstore import Checkpoint, NewEvent
 from service.ingest import Outcome, Writer
+from service.records import Checkpoint, NewEvent
 
 CUSTOMER_ID = "c0000000-0000-4000-8000-000000000001"
 TEAM_ID = "70000000-0000-4000-8000-000000000001"

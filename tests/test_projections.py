@@ -35,7 +35,7 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.errors import NotFound, ProjectionLag
-from service.eventstore import Appended, Checkpoint, NewEvent, RecordedEvent
+from service.records import Appended, Checkpoint, NewEvent, RecordedEvent
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
 HOUR = timedelta(hours=1)

@@ -41,7 +41,7 @@ from service.domain.events import (
     VirtualKeyDeleted,
     VirtualKeyUpdated,
 )
-from service.eventstore import Checkpoint, NewEvent
+from service.records import Checkpoint, NewEvent
 
 T0 = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
 GOVLEDGER = Path(sys.executable).parent / "govledger"

@@ -22,9 +22,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from service.app import create_app
 from service.config import Settings
-from service.http import ROLE_RIGHTS, Right, rights_key
+from service.web.app import create_app
+from service.web.http import ROLE_RIGHTS, Right
+from service.web.keys import rights_key
 from tests.served import CHECK, KEYS, Fleet, call, hierarchy, post_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,8 +297,8 @@ QUOTING = frozenset({"_ident", "_literal"})
 # (file, interpolated expression) → why it is no request data. Anything new that
 # interpolates into SQL text must be reviewed and listed here.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("projections/rewrite.py", "_LEGACY"): "a constant list of legacy types",
-    ("projections/rewrite.py", "len(converted)"): "a command status, not SQL",
+    ("service/rewrite.py", "_LEGACY"): "a constant list of legacy types",
+    ("service/rewrite.py", "len(converted)"): "a command status, not SQL",
     ("service/eventstore.py", "_COLUMNS"): "a column-list constant",
     ("service/pgcluster.py", "database"): "matched against _NAME first",
     ("service/bench/ingest.py", "RAW_TABLE"): "a table-name constant",

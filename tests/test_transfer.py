@@ -26,7 +26,7 @@ from service.domain.events import (
     VirtualKeyCreated,
 )
 from service.errors import VersionConflict
-from service.eventstore import NewEvent
+from service.records import NewEvent
 
 C1 = "00000000-0000-4000-8000-0000000000c1"
 T1 = "00000000-0000-4000-8000-0000000000f1"

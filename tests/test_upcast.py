@@ -11,10 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from projections import governance, replay, rewrite, upcast
+from projections import governance, replay
 from projections.runner import Projector
-from projections.upcast import BrokenChain, Step, legacy_budget_id
-from service import eventstore, transfer
+from service import eventstore, rewrite, transfer
+from service.domain import upcast
 from service.domain.events import (
     AnyEvent,
     Budget,
@@ -29,7 +29,8 @@ from service.domain.events import (
     VirtualKeyBudgetsReplaced,
     VirtualKeyCreated,
 )
-from service.eventstore import Checkpoint
+from service.domain.upcast import BrokenChain, Step, legacy_budget_id
+from service.records import Checkpoint
 
 C1 = "00000000-0000-4000-8000-0000000000c1"
 T1 = "00000000-0000-4000-8000-0000000000f1"

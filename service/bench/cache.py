@@ -33,7 +33,7 @@ from service.domain.events import (
     UsageRecorded,
     VirtualKeyCreated,
 )
-from service.eventstore import RecordedEvent
+from service.records import RecordedEvent
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 # Checks ask an hour after creation: inside every current period, so none rolls.

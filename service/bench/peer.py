@@ -19,7 +19,7 @@ import asyncpg
 
 from service import eventstore
 from service.domain.events import Budget, CustomerCreated
-from service.eventstore import NewEvent
+from service.records import NewEvent
 
 APP_NAME = "GovledgerPeer"  # the library names its table after it
 TABLE = "govledgerpeer_events"

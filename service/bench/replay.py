@@ -28,7 +28,7 @@ from service.domain.events import (
     UsageRecorded,
     VirtualKeyCreated,
 )
-from service.eventstore import Checkpoint, NewEvent
+from service.records import Checkpoint, NewEvent
 
 DURATIONS = ("1d", "1M", "1Y")
 PAGE = 2000  # rows a page of the raw read (the rebuild: replay.BULK_BATCH)

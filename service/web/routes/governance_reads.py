@@ -14,8 +14,8 @@ from projections import governance_reads as read_model
 from projections.governance_usage import OWNER_TYPES
 from service.errors import Invalid, InvalidPosition
 from service.eventstore import Connection
-from service.http import Right, json_response, path_id, query_int, settings_key
-from service.state import governance_projector_key, pool_key
+from service.web.http import Right, json_response, path_id, query_int
+from service.web.keys import governance_projector_key, pool_key, settings_key
 
 T = TypeVar("T")
 

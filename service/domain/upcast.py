@@ -2,7 +2,7 @@
 
 One step per legacy (type, schema_version), each declaring where it leads, so the
 chains can be proven at start-up (`validate_chains`). The same steps serve reads
-(`service.eventstore.decode_event`) and the one-shot rewrite (`projections.rewrite`).
+(`service.eventstore.decode_event`) and the one-shot rewrite (`service.rewrite`).
 Steps only reshape `data`: the time of an event (budget anchors, usage floors) comes
 from its envelope's `recorded_at`, which neither path changes.
 """

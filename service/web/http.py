@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from typing import Any, TypeVar
 
-import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -29,6 +28,8 @@ from service.errors import (
     UnsupportedMediaType,
     VersionConflict,
 )
+from service.eventstore import UNREACHABLE
+from service.web.keys import quiet_key, rights_key, settings_key
 
 log = structlog.get_logger()
 
@@ -47,15 +48,6 @@ STATUS: Mapping[type[ServiceError], int] = {
     ProjectionLag: 503,
 }
 
-# The database cannot be reached (down, restarting, refusing connections, or the
-# connection dropped mid-request): a 503 the client may retry, never a 500.
-UNREACHABLE: tuple[type[Exception], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
@@ -75,10 +67,6 @@ ROLE_RIGHTS: Mapping[str, frozenset[Right]] = {
     "recorder": frozenset({Right.PUBLIC, Right.CHECK, Right.RECORD}),
     "reader": frozenset({Right.PUBLIC, Right.CHECK, Right.READ}),
 }
-
-settings_key = web.AppKey("settings", Settings)
-rights_key = web.AppKey("route_rights", dict[web.AbstractRoute, Right])
-quiet_key = web.AppKey("quiet_routes", set[web.AbstractRoute])
 
 
 # --- answers -----------------------------------------------------------------------

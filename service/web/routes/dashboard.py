@@ -23,10 +23,10 @@ import structlog
 from aiohttp import web
 
 from projections import dashboard
-from service.eventstore import Checkpoint
-from service.http import Right, json_response, path_id, query_int
-from service.routes.governance_reads import wait_for_min_position
-from service.state import governance_projector_key, pool_key
+from service.records import Checkpoint
+from service.web.http import Right, json_response, path_id, query_int
+from service.web.keys import governance_projector_key, pool_key
+from service.web.routes.governance_reads import wait_for_min_position
 
 log = structlog.get_logger()
 

@@ -2,10 +2,11 @@
 
 Each batch is one short transaction: lock up to `batch_size` legacy rows (keyset on
 global_position), archive the originals, write the current form produced by the very
-steps that upcast on read (`projections.upcast`), stamp `metadata.upcast`, and move the
-run's `last_position` and counts. Event ids, positions, stream versions, tx ids and
-recorded_at never change (the trigger of migrations/0001 enforces it), so projectors do
-not see the rows again and the meaning of every event is what they already applied.
+steps that upcast on read (`service.domain.upcast`), stamp `metadata.upcast`, and
+move the run's `last_position` and counts. Event ids, positions, stream versions, tx
+ids and recorded_at never change (the trigger of migrations/0001 enforces it), so
+projectors do not see the rows again and the meaning of every event is what they
+already applied.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from projections import upcast
 from service import eventstore
+from service.domain import upcast
 from service.domain.events import type_name
 from service.eventstore import Connection
 

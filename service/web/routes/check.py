@@ -13,14 +13,8 @@ from aiohttp import web
 
 from service import metrics
 from service.errors import Invalid, InvalidPosition
-from service.http import (
-    MAX_QUERY_INT,
-    Right,
-    decode,
-    json_response,
-    settings_key,
-)
-from service.state import cache_key, cache_projector_key
+from service.web.http import MAX_QUERY_INT, Right, decode, json_response
+from service.web.keys import cache_key, cache_projector_key, settings_key
 
 
 class CheckRequest(

@@ -22,8 +22,9 @@ from service.domain.commands import (
     VirtualKeyChanges,
 )
 from service.domain.usage import UsageRecord
-from service.http import ROLE_RIGHTS, Right, rights_key
-from service.routes.check import CheckRequest
+from service.web.http import ROLE_RIGHTS, Right
+from service.web.keys import rights_key
+from service.web.routes.check import CheckRequest
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from aiohttp import web
 
 from service import eventstore
 from service.errors import Invalid
-from service.eventstore import RecordedEvent
-from service.http import Right, json_response, query_int
-from service.state import pool_key
+from service.records import envelope
+from service.web.http import Right, json_response, query_int
+from service.web.keys import pool_key
 
 MAX_LIMIT = 10_000
-
-
-def envelope(record: RecordedEvent) -> dict[str, Any]:
-    """The wire form of a stored event (also the JSONL line of import/export)."""
-    return {
-        "global_position": record.global_position,
-        "event_id": record.event_id,
-        "stream_id": record.stream_id,
-        "stream_version": record.stream_version,
-        "type": record.type,
-        "schema_version": record.schema_version,
-        "data": msgspec.structs.asdict(record.event),
-        "metadata": record.metadata,
-        "recorded_at": record.recorded_at,
-    }
 
 
 async def list_events(request: web.Request) -> web.Response:

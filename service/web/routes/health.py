@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.http import Right, json_response
-from service.state import pool_key, readiness_key
+from service.web.http import Right, json_response
+from service.web.keys import pool_key, readiness_key
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -21,22 +21,15 @@ from service.domain.usage import (
     invalid_record,
 )
 from service.errors import ProjectionLag, ServiceError
-from service.http import (
-    Right,
-    error_body,
-    error_response,
-    json_response,
-    read_body,
-    settings_key,
-)
-from service.ingest import (
-    Outcome,
-    Submitted,
-    queue_records,
+from service.ingest import Outcome, Submitted, queue_records
+from service.web.http import Right, error_body, error_response, json_response, read_body
+from service.web.keys import (
+    cache_projector_key,
+    pool_key,
     resolver_key,
+    settings_key,
     writer_key,
 )
-from service.state import cache_projector_key, pool_key
 
 log = structlog.get_logger()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from service import metrics
-from service.http import Right
+from service.web.http import Right
 
 
 async def scrape(request: web.Request) -> web.Response:

@@ -2,7 +2,7 @@
 
 A command runs in one REPEATABLE READ transaction: read the streams it touches, decide
 (pure), append at the versions it read, render the answer
-(`service.routes.governance_answers`) and keep it beside the events when the request
+(`service.web.routes.governance_answers`) and keep it beside the events when the request
 has an Idempotency-Key (`service.idempotency`). A concurrent change to any of those
 streams aborts it (VersionConflict or a serialization failure); without If-Match it
 is retried afresh.
@@ -49,21 +49,14 @@ from service.domain.commands import (
 from service.domain.events import AnyEvent
 from service.errors import Invalid, VersionConflict
 from service.eventstore import Connection, Executed
-from service.http import (
-    Right,
-    decode_bytes,
-    json_response,
-    path_id,
-    read_body,
-    settings_key,
-)
-from service.routes import governance_streams
-from service.routes.governance_answers import (
+from service.web.http import Right, decode_bytes, json_response, path_id, read_body
+from service.web.keys import pool_key, settings_key
+from service.web.routes import governance_streams
+from service.web.routes.governance_answers import (
     render_customer,
     render_team,
     render_virtual_key,
 )
-from service.state import pool_key
 
 log = structlog.get_logger()
 

@@ -6,8 +6,8 @@ from weakref import WeakKeyDictionary
 
 from aiohttp import web
 
-from service import openapi
-from service.http import Right
+from service.web import openapi
+from service.web.http import Right
 
 # The encoded document of each app, made at its first request.
 _documents: WeakKeyDictionary[web.Application, bytes] = WeakKeyDictionary()

@@ -1,0 +1,1 @@
+"""The HTTP shell: the only package that imports aiohttp.web."""

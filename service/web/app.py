@@ -1,0 +1,192 @@
+"""The composition root: create_app(settings) wires the routes, the middlewares and
+every long-lived object (pool, tail and projectors, cache, usage writer) with its
+lifetime, as aiohttp cleanup contexts in start-up order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import structlog
+from aiohttp import web
+
+from projections import cache_loader, governance
+from projections.runner import Projector, Tail
+from service import eventstore
+from service.config import Settings
+from service.ingest import Writer
+from service.web.http import MIDDLEWARES, Handler, Right
+from service.web.keys import (
+    cache_key,
+    cache_projector_key,
+    governance_projector_key,
+    pool_key,
+    quiet_key,
+    readiness_key,
+    resolver_key,
+    rights_key,
+    settings_key,
+    tail_key,
+    writer_key,
+)
+from service.web.routes import (
+    check,
+    dashboard,
+    events,
+    governance_commands,
+    governance_reads,
+    health,
+)
+from service.web.routes import metrics as metrics_routes
+from service.web.routes import openapi as openapi_routes
+from service.web.routes import usage as usage_routes
+
+log = structlog.get_logger()
+
+RouteSpec = tuple[str, str, Handler, Right]
+
+ROUTE_TABLES: tuple[Iterable[RouteSpec], ...] = (
+    health.ROUTES,
+    events.ROUTES,
+    usage_routes.ROUTES,
+    metrics_routes.ROUTES,
+    governance_commands.ROUTES,
+    governance_reads.ROUTES,
+    check.ROUTES,
+    openapi_routes.ROUTES,
+    dashboard.ROUTES,
+)
+# Hot paths: their successful requests are counted in /metrics, not logged one by one.
+QUIET_PATHS: frozenset[str] = frozenset(
+    {
+        "/api/usage",
+        "/api/usage/batch",
+        "/api/usage/stream",
+        "/api/governance/check",
+    }
+)
+
+
+def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=MIDDLEWARES,
+        # The largest body any route takes; each route applies its own smaller limit.
+        client_max_size=settings.max_batch_body_bytes,
+    )
+    app[settings_key] = settings
+    app[readiness_key] = {}
+    rights: dict[web.AbstractRoute, Right] = {}
+    quiet: set[web.AbstractRoute] = set()
+    for table in ROUTE_TABLES:
+        for method, path, handler, right in table:
+            route = app.router.add_route(method, path, handler)
+            rights[route] = right
+            if path in QUIET_PATHS:
+                quiet.add(route)
+    app[rights_key] = rights
+    app[quiet_key] = quiet
+    # Open dashboard streams end at shutdown instead of holding it up.
+    app.on_shutdown.append(dashboard.close_streams)
+    database_url = dsn or settings.database_url
+    if database_url is None:
+        raise RuntimeError("create_app needs a DSN: set DATABASE_URL")
+    app.cleanup_ctx.extend(
+        (
+            _pool(database_url, settings),
+            _projectors(database_url, settings),
+            # The enforcement cache: loaded from the read model, then tailing the log.
+            _cache(settings),
+            # Usage ingest: the process's group-commit writer, on its own connection.
+            _usage_writer(database_url),
+        )
+    )
+    return app
+
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def _pool(dsn: str, settings: Settings) -> Context:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await eventstore.create_pool(
+            dsn, min_size=2, max_size=settings.pool_size
+        )
+        app[pool_key] = pool
+        log.info("database_pool_opened", size=settings.pool_size)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return ctx
+
+
+def _projectors(dsn: str, settings: Settings) -> Context:
+    """The tail (one LISTEN connection) and the SQL read model's projector on it."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        projector = Projector(
+            app[pool_key],
+            "governance",
+            governance.apply,
+            poll_interval_s=settings.poll_interval_s,
+        )
+        app[governance_projector_key] = projector
+        app[readiness_key]["governance"] = lambda: projector.ready
+        tail = app[tail_key] = Tail(dsn)
+        tail.start(projector)
+        try:
+            yield
+        finally:
+            await tail.stop()
+
+    return ctx
+
+
+def _cache(settings: Settings) -> Context:
+    """Load the cache from the read model, then tail the log on the shared tail.
+
+    The cache is ready (for /readyz) once it reached the log head seen at start.
+    It also serves ingest as its key resolver unless a test set one already.
+    """
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = app[pool_key]
+        async with pool.acquire() as conn:
+            cache, checkpoint = await cache_loader.load(conn)
+        log.info(
+            "cache_loaded",
+            position=checkpoint.position,
+            keys=len(cache.keys),
+            teams=len(cache.teams),
+            customers=len(cache.customers),
+        )
+        projector = Projector(
+            pool,
+            cache_loader.CACHE_PROJECTION,
+            cache_loader.applier(cache),
+            persistent=False,
+            start=checkpoint,
+            poll_interval_s=settings.poll_interval_s,
+        )
+        app[cache_key] = cache
+        app[cache_projector_key] = projector
+        if resolver_key not in app:
+            app[resolver_key] = cache
+        app[readiness_key][cache_loader.CACHE_PROJECTION] = lambda: projector.ready
+        app[tail_key].start(projector)  # stopped with the tail
+        yield
+
+    return ctx
+
+
+def _usage_writer(dsn: str) -> Context:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        writer = Writer(dsn)
+        await writer.start()
+        app[writer_key] = writer
+        try:
+            yield
+        finally:
+            await writer.close()
+
+    return ctx

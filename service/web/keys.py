@@ -1,0 +1,37 @@
+"""Every AppKey of the application: the shared objects the composition root
+(`service.web.app`) creates and the handlers read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import asyncpg
+from aiohttp import web
+
+from projections.cache import GovernanceCache
+from projections.runner import Projector, Tail
+from service.config import Settings
+from service.domain.usage import KeyResolver
+from service.ingest import Writer
+
+if TYPE_CHECKING:
+    from service.web.http import Right
+
+settings_key = web.AppKey("settings", Settings)
+pool_key = web.AppKey("pool", asyncpg.Pool)
+# name → "has this projection caught up with the head seen at start?"
+readiness_key = web.AppKey("readiness", dict[str, Callable[[], bool]])
+# The SQL read model's projector: GET handlers wait on it for ?min_position=.
+governance_projector_key = web.AppKey("governance_projector", Projector)
+# The process's LISTEN connection and projector tasks; tail.start(projector) adds one.
+tail_key = web.AppKey("tail", Tail)
+# The in-memory enforcement cache (checks) and the projector that keeps it current.
+cache_key = web.AppKey("cache", GovernanceCache)
+cache_projector_key = web.AppKey("cache_projector", Projector)
+# Usage ingest: the process's group-commit writer, and what tells it a key's owners.
+writer_key = web.AppKey("usage_writer", Writer)
+resolver_key = web.AppKey("usage_key_resolver", KeyResolver)
+# The right each route needs, and the hot routes whose successes are not logged.
+rights_key: web.AppKey[dict[web.AbstractRoute, Right]] = web.AppKey("route_rights")
+quiet_key = web.AppKey("quiet_routes", set[web.AbstractRoute])
