@@ -9,29 +9,36 @@ INSTALLED := $(VENV)/.installed
 .PHONY: install
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "govledger needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e ./client
 	touch $@
 
+# PostgreSQL's server binaries for the embedded cluster (apt-get as root when missing);
+# the service itself never installs system packages.
+.PHONY: postgres
+postgres: $(INSTALLED)
+	@[ -n "$$DATABASE_URL" ] || $(BIN)/python -m service.pgcluster install >/dev/null
+
 .PHONY: run
-run: $(INSTALLED)
+run: postgres
 	exec $(BIN)/govledger serve
 
 .PHONY: migrate
-migrate: $(INSTALLED)
+migrate: postgres
 	$(BIN)/govledger migrate
 
 .PHONY: test
-test: $(INSTALLED)
+test: postgres
 	$(BIN)/pytest
 
 .PHONY: soak
-soak: $(INSTALLED)
+soak: postgres
 	$(BIN)/pytest -m soak
 
-# The peer and plotting libraries: for the benchmarks, and for mypy to check them.
+# The peer and plotting libraries, for the benchmarks only (mypy skips their imports).
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(BIN)/python -m pip install -e '.[dev,bench]'
@@ -44,7 +51,7 @@ bench: $(BENCH_INSTALLED)
 
 .PHONY: screenshot
 screenshot: $(INSTALLED)
-	$(BIN)/python -m service.dashboard_screenshot docs/dashboard.png
+	$(BIN)/python -m tools.screenshot docs/dashboard.png
 
 .PHONY: fmt
 fmt: $(INSTALLED)
@@ -52,7 +59,7 @@ fmt: $(INSTALLED)
 	$(BIN)/ruff check --fix
 
 .PHONY: lint
-lint: $(BENCH_INSTALLED)
+lint: $(INSTALLED)
 	$(BIN)/ruff format --check
 	$(BIN)/ruff check
 	$(BIN)/mypy
@@ -68,5 +75,5 @@ clean:
 # Separate from clean on purpose: .data is the local cluster of `make run`.
 .PHONY: clean-data
 clean-data: $(INSTALLED)
-	$(BIN)/python -m service.pgcluster stop .data
+	$(BIN)/python -m service.pgcluster remove .data
 	rm -rf .data

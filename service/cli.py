@@ -21,8 +21,8 @@ from aiohttp import web
 
 from projections import replay as replay_module
 from service import log as logging_setup
-from service.bench import runner as bench_runner
 from service.config import ConfigError, Settings, check_exposure
+from service.pgcluster import ClusterError
 
 log = structlog.get_logger()
 
@@ -34,7 +34,8 @@ def database_url(settings: Settings) -> str:
     from service import pgcluster
 
     dsn = pgcluster.ensure_started(Path(settings.data_dir))
-    log.info("embedded_postgres_ready", data_dir=settings.data_dir)
+    where = pgcluster.data_location(Path(settings.data_dir))
+    log.info("embedded_postgres_ready", data_dir=str(where))
     return dsn
 
 
@@ -307,10 +308,26 @@ _state_encoder = msgspec.json.Encoder(decimal_format="number")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from service import client
+    import govledger_client as client  # a separate distribution: ./client
 
     token = args.token or os.environ.get("GOVLEDGER_TOKEN") or None
     return client.record_file(args.file, url=args.url, token=token)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Hand over to `python -m tools.bench` of the source checkout: the tools are
+    not shipped, and the service never imports them."""
+    checkout = Path(__file__).resolve().parents[1]  # the parent of service/
+    if not (checkout / "tools" / "bench" / "__main__.py").is_file():
+        print(
+            "govledger bench runs from a source checkout: make bench", file=sys.stderr
+        )
+        return 2
+    path = [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tools.bench", *args.argv], env)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -374,11 +391,15 @@ def parser() -> argparse.ArgumentParser:
     record.add_argument("--url", default="http://127.0.0.1:8080", help="the service")
     record.add_argument("--token", help="bearer token (default: $GOVLEDGER_TOKEN)")
     record.set_defaults(func=cmd_record)
+    # Its arguments belong to tools.bench, which parses them: none are read here.
     bench = sub.add_parser(
-        "bench", help="benchmarks, each figure beside a baseline from the same run"
+        "bench",
+        help="benchmarks, each figure beside a baseline from the same run",
+        add_help=False,
+        prefix_chars="+",  # so --help and --reps reach tools.bench as they are
     )
-    bench_runner.add_arguments(bench)
-    bench.set_defaults(func=bench_runner.main)
+    bench.add_argument("argv", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 
@@ -390,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"govledger: {exc}", file=sys.stderr)
         return 2
+    except ClusterError as exc:  # the embedded PostgreSQL: one sentence, no traceback
+        print(f"govledger: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
-from service.client import (
+from govledger_client import (
+    CheckRequest,
     CheckResult,
     Recorder,
     RecorderError,
     RejectedRecord,
+    UsageRecord,
 )
 
 ADMIN = "adm-client-test"
@@ -116,12 +117,13 @@ class Key(msgspec.Struct, frozen=True):
     value: str
 
 
-async def create_key(url: str) -> Key:
-    """A virtual key, in the read model and in the server's enforcement cache."""
+async def create_key(url: str, **fields: Any) -> Key:
+    """A virtual key (with `fields`, e.g. budgets, in its create body), in the read
+    model and in the server's enforcement cache."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with aiohttp.ClientSession(headers=admin) as session:
         async with session.post(
-            f"{url}/api/governance/virtual-keys", json={"name": "gateway"}
+            f"{url}/api/governance/virtual-keys", json={"name": "gateway", **fields}
         ) as response:
             assert response.status == 201, await response.text()
             created = await response.json()
@@ -590,3 +592,254 @@ async def test_the_record_command_sends_a_file_or_stdin_and_ends_with_a_summary(
     ]
     assert await stored(pool) == sorted(str(r["event_id"]) for r in good)
     assert await stored_cost(pool) == Decimal("0.000000020")
+
+
+# --- the client's structs against the server's contract ------------------------------
+#
+# The client is a separate distribution that imports nothing of the server, so its
+# wire structs are checked against what the server publishes (GET /api/openapi.json)
+# and, for the check answer, against what real answers hold: the document may lag the
+# server (it lacks `stale`, sent while the server cannot read its log).
+
+# CheckResult fields the client fills in itself; no server sends them.
+CLIENT_ONLY = frozenset({"fallback"})
+# JSON value kinds; a JSON number is an "integer" or a "fraction".
+KINDS = frozenset(
+    {"string", "integer", "fraction", "boolean", "array", "object", "null"}
+)
+_OF_TYPE = {
+    "string": {"string"},
+    "integer": {"integer"},
+    "number": {"integer", "fraction"},
+    "boolean": {"boolean"},
+    "array": {"array"},
+    "object": {"object"},
+    "null": {"null"},
+}
+
+
+def value_kinds(value: Any) -> frozenset[str]:
+    """The kind of a decoded JSON value (fractions decoded as Decimal)."""
+    if isinstance(value, bool):
+        return frozenset({"boolean"})
+    if isinstance(value, int):
+        return frozenset({"integer"})
+    if isinstance(value, float | Decimal):
+        return frozenset({"fraction"})
+    if isinstance(value, str):
+        return frozenset({"string"})
+    if isinstance(value, list):
+        return frozenset({"array"})
+    if isinstance(value, dict):
+        return frozenset({"object"})
+    assert value is None, value
+    return frozenset({"null"})
+
+
+def schema_kinds(schema: dict[str, Any], components: dict[str, Any]) -> frozenset[str]:
+    """The kinds of JSON value a schema of the document admits."""
+    if "$ref" in schema:
+        return schema_kinds(resolve(schema, components), components)
+    for combinator in ("anyOf", "oneOf"):
+        if combinator in schema:
+            return frozenset().union(
+                *(schema_kinds(s, components) for s in schema[combinator])
+            )
+    if "enum" in schema:
+        return frozenset().union(*(value_kinds(v) for v in schema["enum"]))
+    if "const" in schema:
+        return value_kinds(schema["const"])
+    declared = schema.get("type")
+    if declared is None:
+        return KINDS
+    names = [declared] if isinstance(declared, str) else declared
+    return frozenset().union(*(_OF_TYPE[name] for name in names))
+
+
+def client_kinds(t: msgspec.inspect.Type, *, sending: bool) -> frozenset[str]:
+    """The kinds of JSON value a client field writes (`sending`) or reads."""
+    inspect = msgspec.inspect
+    if isinstance(t, inspect.UnionType):
+        return frozenset().union(*(client_kinds(m, sending=sending) for m in t.types))
+    if isinstance(t, inspect.LiteralType):
+        return frozenset().union(*(value_kinds(v) for v in t.values))
+    if isinstance(t, inspect.DecimalType):
+        # Written as a number (decimal_format="number"); read from a number or string.
+        return frozenset({"integer", "fraction"} | (set() if sending else {"string"}))
+    kinds: list[tuple[tuple[type, ...], set[str]]] = [
+        ((inspect.NoneType,), {"null"}),
+        ((inspect.BoolType,), {"boolean"}),
+        ((inspect.IntType,), {"integer"}),
+        ((inspect.FloatType,), {"integer", "fraction"}),
+        (
+            (inspect.StrType, inspect.DateTimeType, inspect.DateType, inspect.UUIDType),
+            {"string"},
+        ),
+        (
+            (
+                inspect.ListType,
+                inspect.TupleType,
+                inspect.VarTupleType,
+                inspect.SetType,
+                inspect.FrozenSetType,
+            ),
+            {"array"},
+        ),
+        ((inspect.DictType, inspect.StructType, inspect.TypedDictType), {"object"}),
+        ((inspect.AnyType,), set(KINDS)),
+    ]
+    for types, names in kinds:
+        if isinstance(t, types):
+            return frozenset(names)
+    raise AssertionError(f"no JSON kind for the client type {t!r}")
+
+
+def fields_of(struct: type[msgspec.Struct]) -> dict[str, msgspec.inspect.Field]:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {f.encode_name: f for f in info.fields}
+
+
+def resolve(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        prefix = "#/components/schemas/"
+        assert schema["$ref"].startswith(prefix), schema
+        schema = components[schema["$ref"].removeprefix(prefix)]
+    return schema
+
+
+def json_schema(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """The object schema of a request body or an answer of the document."""
+    schema = resolve(
+        node["content"]["application/json"]["schema"],
+        document["components"]["schemas"],
+    )
+    assert schema["type"] == "object", schema
+    return schema
+
+
+_decode_exact = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode
+
+
+async def real_check_answers(server: Server, pool) -> list[dict[str, Any]]:
+    """The answers of real checks: allowed with `remaining`, blocked by a budget,
+    blocked by a rate limit, and answered while the server cannot read its log."""
+    budgeted = await create_key(
+        server.url, budgets=[{"max_limit": "1", "reset_duration": "1d"}]
+    )
+    limited = await create_key(
+        server.url,
+        rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"},
+    )
+    async with Recorder(server.url, token=RECORDER) as recorder:
+        await record(recorder, limited)
+        await recorder.flush()
+        position = recorder.stats.position
+    bodies: list[dict[str, Any]] = [
+        {"virtual_key_id": budgeted.id, "estimated_cost": "0.5"},
+        {"virtual_key_id": budgeted.id, "estimated_cost": "2"},
+        {"virtual_key_id": limited.id, "min_position": position},
+    ]
+    answers: list[dict[str, Any]] = []
+    bearer = {"Authorization": f"Bearer {RECORDER}"}
+    async with aiohttp.ClientSession(headers=bearer) as session:
+
+        async def check(body: dict[str, Any]) -> dict[str, Any]:
+            async with session.post(
+                f"{server.url}/api/governance/check", json=body
+            ) as response:
+                assert response.status == 200, await response.text()
+                raw = await response.read()
+            answer = _decode_exact(raw)
+            # Whatever the server sends, the client reads, each field as sent.
+            result = msgspec.json.decode(raw, type=CheckResult)
+            assert {k: getattr(result, k, "missing") for k in answer} == answer
+            return answer
+
+        answers.extend([await check(body) for body in bodies])
+        # An event no code version knows stops the server's projectors where it
+        # lies: checks go on from the cache, marked stale (the table is emptied
+        # after the test).
+        await pool.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, type, data)"
+            " VALUES ($1, $2, 1, 'ContractTestUnknownEvent', '{}')",
+            uuid.uuid4(),
+            f"contract-test-{uuid.uuid4()}",
+        )
+        for _ in range(600):  # 30 s at most: until the projector has failed once
+            stale = await check(bodies[0])
+            if "stale" in stale:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no stale answer in 30 s: {stale}")
+        answers.append(stale)
+
+    assert [(a["reason"], a.get("rate_limit"), a.get("stale")) for a in answers] == [
+        ("ok", None, None),
+        ("budget_exceeded", None, None),
+        ("rate_limited", "requests", None),
+        ("ok", None, True),
+    ], answers
+    assert "remaining" in answers[0]
+    return answers
+
+
+async def test_the_client_structs_match_the_openapi_document_and_real_answers(
+    server, pool
+):
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.url}/api/openapi.json") as response,
+    ):
+        assert response.status == 200
+        document = await response.json()
+    components = document["components"]["schemas"]
+    check = document["paths"]["/api/governance/check"]["post"]
+    usage = document["paths"]["/api/usage"]["post"]
+    mismatches: list[str] = []
+
+    # What the server answers: documented, and seen in real answers.
+    answer = json_schema(document, check["responses"]["200"])
+    served = {
+        name: schema_kinds(schema, components)
+        for name, schema in answer["properties"].items()
+    }
+    for real in await real_check_answers(server, pool):
+        for name, value in real.items():
+            served[name] = served.get(name, frozenset()) | value_kinds(value)
+    fields = fields_of(CheckResult)
+    for name, kinds in sorted(served.items()):
+        if name not in fields:
+            mismatches.append(f"CheckResult lacks {name!r} ({sorted(kinds)})")
+        elif not kinds <= (read := client_kinds(fields[name].type, sending=False)):
+            mismatches.append(
+                f"CheckResult.{name} reads {sorted(read)}, gets {sorted(kinds)}"
+            )
+    for name in sorted(fields.keys() - served.keys() - CLIENT_ONLY):
+        mismatches.append(f"CheckResult.{name} is never sent")
+    for name, field in fields.items():
+        if field.required and name not in answer.get("required", ()):
+            mismatches.append(f"CheckResult.{name} is required but may be absent")
+
+    # What the client sends: the server refuses unknown fields (and says so).
+    for struct, node in ((UsageRecord, usage), (CheckRequest, check)):
+        body = json_schema(document, node["requestBody"])
+        assert body.get("additionalProperties") is False, body
+        fields = fields_of(struct)
+        properties = body["properties"]
+        for name in sorted(properties.keys() - fields.keys()):
+            mismatches.append(f"{struct.__name__} lacks {name!r}")
+        for name, field in sorted(fields.items()):
+            if name not in properties:
+                mismatches.append(f"{struct.__name__}.{name} is refused as unknown")
+                continue
+            sent = client_kinds(field.type, sending=True)
+            taken = schema_kinds(properties[name], components)
+            if not sent <= taken:
+                mismatches.append(f"{struct.__name__}.{name} sends {sorted(sent)}")
+        for name in body.get("required", ()):
+            if name in fields and not fields[name].required:
+                mismatches.append(f"{struct.__name__}.{name} may be left out")
+
+    assert mismatches == []

@@ -301,9 +301,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("service/rewrite.py", "len(converted)"): "a command status, not SQL",
     ("service/eventstore.py", "_COLUMNS"): "a column-list constant",
     ("service/pgcluster.py", "database"): "matched against _NAME first",
-    ("service/bench/ingest.py", "RAW_TABLE"): "a table-name constant",
-    ("service/bench/lag.py", "ingest_bench.RAW_TABLE"): "the same constant",
-    ("service/bench/runner.py", "names"): "format('%I.%I') of pg_tables: quoted",
+    ("tools/bench/ingest.py", "RAW_TABLE"): "a table-name constant",
+    ("tools/bench/lag.py", "ingest_bench.RAW_TABLE"): "the same constant",
+    ("tools/bench/runner.py", "names"): "format('%I.%I') of pg_tables: quoted",
     # replay and its shadow schemas: schema names made of a known projection's
     # name and digits; table, column and constraint names from the catalog, quoted.
     ("projections/replay.py", "schema"): "audit_ + projection + digits",
@@ -323,7 +323,11 @@ def sql_interpolations() -> Iterator[tuple[str, int, str]]:
     """(file, line, expression) of every value formatted into SQL-looking text:
     f-strings, str.format, % and + with a string constant."""
     for path in sorted(
-        [*ROOT.glob("service/**/*.py"), *ROOT.glob("projections/**/*.py")]
+        [
+            *ROOT.glob("service/**/*.py"),
+            *ROOT.glob("projections/**/*.py"),
+            *ROOT.glob("tools/**/*.py"),
+        ]
     ):
         name = str(path.relative_to(ROOT))
         for node in ast.walk(ast.parse(path.read_text(), name)):

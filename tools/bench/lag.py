@@ -21,9 +21,9 @@ import asyncpg
 import msgspec
 
 from service import eventstore
-from service.bench import ingest as ingest_bench
-from service.bench.load import post_loop
-from service.bench.servers import Key
+from tools.bench import ingest as ingest_bench
+from tools.bench.load import post_loop
+from tools.bench.servers import Key
 
 CHANNEL = "govledger_bench_lag"
 # Probes per second at most: enough samples, little load of their own.

@@ -1,7 +1,7 @@
 """The enforcement cache in process: a cache built by applying events, ns per check()
 beside a minimal dict-and-Structs check, and resident bytes per budget.
 
-Each measurement runs in a fresh interpreter (`python -m service.bench.cache`), so
+Each measurement runs in a fresh interpreter (`python -m tools.bench.cache`), so
 the heap holds only the cache, the resident-set delta is the cache's, and a large
 cache is gone when its measurement ends. The child prints one JSON document.
 """
@@ -353,7 +353,7 @@ async def measure_in_child(shape: Shape, *, reps: int, checks: int) -> Measured:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service.bench.cache",
+        "tools.bench.cache",
         "--keys",
         str(shape.keys),
         "--teams",
@@ -373,7 +373,7 @@ async def measure_in_child(shape: Shape, *, reps: int, checks: int) -> Measured:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.cache")
+    p = argparse.ArgumentParser(prog="python -m tools.bench.cache")
     p.add_argument("--keys", type=int, required=True)
     p.add_argument("--teams", type=int, required=True)
     p.add_argument("--customers", type=int, required=True)

@@ -1,13 +1,13 @@
-"""The recorder client: gateways stream usage to govledger and ask it for checks.
+"""The recorder: `Recorder` streams usage records to govledger until each one is
+acknowledged or rejected, exactly once.
 
-`Recorder` batches records (by count and by age), sends them over the WebSocket
+It batches records (by count and by age), sends them over the WebSocket
 `GET /api/usage/stream` (or as NDJSON to `POST /api/usage/batch` when the server or a
 proxy refuses the upgrade), and sends them again, with the same event_ids, after a
 disconnect, a 5xx or a timeout, until the server acknowledges them: the server dedupes
 by event_id, so nothing is lost and nothing is counted twice. Its buffer is bounded:
 `record()` waits while it is full and never drops. A record the server refuses is
-reported (callback or list) and not sent again. `govledger record` (`record_file`)
-feeds an NDJSON file through it. Depends on aiohttp and msgspec only.
+reported (callback or list) and not sent again.
 """
 
 from __future__ import annotations
@@ -15,60 +15,42 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import os
 import random
-import sys
-import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import Decimal
 from operator import attrgetter
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import aiohttp
 import msgspec
 
-__all__ = [
-    "CheckResult",
-    "RecordReport",
-    "Recorder",
-    "RecorderError",
-    "RecorderStats",
-    "RejectedRecord",
-    "record_file",
-]
+from .checker import Checker
+from .errors import RecorderError
+from .wire import (
+    BATCH_PATH,
+    STREAM_PATH,
+    TRANSIENT_CODES,
+    CheckResult,
+    UsageRecord,
+    decode_batch_answer,
+    decode_stream_ack,
+    encode,
+    error_of,
+    money,
+)
 
-log = logging.getLogger("govledger.client")
+__all__ = ["Recorder", "RecorderStats", "RejectedRecord"]
 
-STREAM_PATH: Final = "/api/usage/stream"
-BATCH_PATH: Final = "/api/usage/batch"
-CHECK_PATH: Final = "/api/governance/check"
+log = logging.getLogger(__name__)
+
 # The server takes at most 10,000 records and 4 MiB in a frame; stay well inside.
 MAX_BATCH_RECORDS: Final = 10_000
 MAX_BATCH_BYTES: Final = 1 << 20
 MAX_RECORD_BYTES: Final = 64 << 10
-# Error codes (frames and answers) that another attempt may not get: send again.
-TRANSIENT_CODES: Final = frozenset(
-    {"database_unavailable", "internal_error", "projection_lag"}
-)
-_NANO = Decimal("1e-9")
-
-
-# --- what callers see ----------------------------------------------------------------
-
-
-class RecorderError(Exception):
-    """The recorder cannot take records (closed or failed), or a check was refused
-    for a reason no policy covers (a bad request, a bad token)."""
-
-    def __init__(
-        self, message: str, *, code: str = "recorder_error", status: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
+_NDJSON = {"Content-Type": "application/x-ndjson"}
 
 
 class RejectedRecord(msgspec.Struct, frozen=True):
@@ -97,89 +79,7 @@ class RecorderStats(msgspec.Struct, frozen=True, kw_only=True):
     check_fallbacks: int  # checks decided by the fail-open/fail-closed policy
 
 
-class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer of POST /api/governance/check, or the policy's when the server did
-    not answer in time (`fallback` true, `reason` "timeout" or "unavailable")."""
-
-    allowed: bool
-    reason: str
-    http_status: int
-    budget_id: str | None = None
-    owner_type: str | None = None
-    owner_id: str | None = None
-    current_usage: Decimal | None = None
-    max_limit: Decimal | None = None
-    remaining: Decimal | None = None
-    position: int | None = None
-    fallback: bool = False
-
-
-# --- the wire ------------------------------------------------------------------------
-
-
-class _Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    event_id: str
-    provider: str
-    model: str
-    cost: Decimal
-    virtual_key: str | None = None
-    virtual_key_id: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
-    requests: int = 1
-    occurred_at: datetime | None = None
-
-
-class _CheckBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    virtual_key: str | None = None
-    virtual_key_id: str | None = None
-    provider: str | None = None
-    model: str | None = None
-    estimated_cost: Decimal | None = None
-    min_position: int | None = None
-
-
-class _Error(msgspec.Struct, frozen=True):
-    code: str
-    message: str
-
-
-class _ErrorBody(msgspec.Struct, frozen=True):
-    error: _Error
-
-
-class _Refusal(msgspec.Struct, frozen=True):
-    code: str
-    message: str
-    index: int = -1  # stream acks: 0-based
-    line: int = 0  # batch answers: 1-based
-
-
-class _Ack(msgspec.Struct, frozen=True):
-    """A stream ack, or an error frame (`error` set, `seq` when the server read it)."""
-
-    seq: int | None = None
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: list[_Refusal] = msgspec.field(default_factory=list)
-    position: int = 0
-    error: _Error | None = None
-
-
-class _BatchAnswer(msgspec.Struct, frozen=True):
-    accepted: int
-    duplicates: int
-    rejected: list[_Refusal]
-    position: int
-
-
-_encode = msgspec.json.Encoder(decimal_format="number").encode
-_decode_ack = msgspec.json.Decoder(_Ack).decode
-_decode_answer = msgspec.json.Decoder(_BatchAnswer).decode
-_decode_check = msgspec.json.Decoder(CheckResult).decode
-_decode_error = msgspec.json.Decoder(_ErrorBody).decode
-_JSON = {"Content-Type": "application/json"}
-_NDJSON = {"Content-Type": "application/x-ndjson"}
+# --- the buffer --------------------------------------------------------------------
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -253,8 +153,9 @@ class Recorder:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._backoff = min_backoff
-        self._check_timeout = check_timeout
-        self._fail_open = fail_open
+        self._checker = Checker(
+            self.url, timeout=check_timeout, fail_open=fail_open, session=self._client
+        )
         self._websocket = use_websocket
         self._on_rejected = on_rejected
         self.rejections: list[RejectedRecord] = []
@@ -283,7 +184,6 @@ class Recorder:
         self._failures = 0
         self._last_error: str | None = None
         self._position = 0
-        self._check_fallbacks = 0
 
     async def __aenter__(self) -> Recorder:
         return self
@@ -317,12 +217,12 @@ class Recorder:
         if (virtual_key is None) == (virtual_key_id is None):
             raise ValueError("pass exactly one of virtual_key and virtual_key_id")
         eid = str(uuid.uuid4() if event_id is None else event_id)
-        payload = _encode(
-            _Record(
+        payload = encode(
+            UsageRecord(
                 event_id=eid,
                 provider=provider,
                 model=model,
-                cost=_money(cost),
+                cost=money(cost),
                 virtual_key=virtual_key,
                 virtual_key_id=virtual_key_id,
                 input_tokens=input_tokens,
@@ -341,7 +241,7 @@ class Recorder:
         if event_id is None:
             event_id = str(uuid.uuid4())
             record = {**record, "event_id": event_id}
-        await self._enqueue(str(event_id), _encode(dict(record)))
+        await self._enqueue(str(event_id), encode(dict(record)))
         return str(event_id)
 
     async def _enqueue(self, event_id: str, payload: bytes) -> None:
@@ -412,7 +312,7 @@ class Recorder:
             last_error=self._last_error,
             transport="websocket" if self._websocket else "batch",
             position=self._position,
-            check_fallbacks=self._check_fallbacks,
+            check_fallbacks=self._checker.fallbacks,
         )
 
     # --- checking ---
@@ -430,47 +330,17 @@ class Recorder:
     ) -> CheckResult:
         """May this key spend more? The server's answer if it comes within `within`
         seconds (default: the recorder's check_timeout), else the fail-open or
-        fail-closed policy's. A 4xx (bad request, bad token) raises RecorderError."""
-        body = _encode(
-            _CheckBody(
-                virtual_key=virtual_key,
-                virtual_key_id=virtual_key_id,
-                provider=provider,
-                model=model,
-                estimated_cost=None
-                if estimated_cost is None
-                else _money(estimated_cost),
-                min_position=min_position,
-            )
+        fail-closed policy's. A 4xx (bad request, bad token) raises RecorderError.
+        See `Checker.check`; this one shares the recorder's session and token."""
+        return await self._checker.check(
+            virtual_key=virtual_key,
+            virtual_key_id=virtual_key_id,
+            provider=provider,
+            model=model,
+            estimated_cost=estimated_cost,
+            min_position=min_position,
+            within=within,
         )
-        session = self._client()
-        try:
-            async with asyncio.timeout(
-                self._check_timeout if within is None else within
-            ):
-                async with session.post(
-                    self.url + CHECK_PATH, data=body, headers=_JSON
-                ) as response:
-                    status = response.status
-                    raw = await response.read()
-        except TimeoutError:
-            return self._check_fallback("timeout")
-        except (aiohttp.ClientError, OSError):
-            return self._check_fallback("unavailable")
-        if status == 200:
-            return _decode_check(raw)
-        if status >= 500 or status == 429:
-            return self._check_fallback("unavailable")
-        code, message = _error_of(raw, status)
-        raise RecorderError(message, code=code, status=status)
-
-    def _check_fallback(self, reason: str) -> CheckResult:
-        self._check_fallbacks += 1
-        if self._fail_open:
-            return CheckResult(
-                allowed=True, reason=reason, http_status=200, fallback=True
-            )
-        return CheckResult(allowed=False, reason=reason, http_status=503, fallback=True)
 
     # --- lifetime ---
 
@@ -693,7 +563,7 @@ class Recorder:
 
     def _on_ack(self, data: str) -> None:
         try:
-            ack = _decode_ack(data)
+            ack = decode_stream_ack(data)
         except msgspec.MsgspecError as exc:
             raise _Transient(f"an unreadable ack: {exc}") from exc
         batch = None if ack.seq is None else self._inflight.get(ack.seq)
@@ -725,33 +595,20 @@ class Recorder:
             status = response.status
             raw = await response.read()
         if status >= 500 or status in (408, 429):
-            code, message = _error_of(raw, status)
+            code, message = error_of(raw, status)
             raise _Transient(f"{status} {code}: {message}")
         if status != 200:
-            code, message = _error_of(raw, status)
+            code, message = error_of(raw, status)
             self._settle(batch, 0, 0, _all(batch, code, message), 0)
             return
         try:
-            answer = _decode_answer(raw)
+            answer = decode_batch_answer(raw)
         except msgspec.MsgspecError as exc:
             raise _Transient(f"an unreadable batch answer: {exc}") from exc
         refusals = [(r.line - 1, r.code, r.message) for r in answer.rejected]
         self._settle(
             batch, answer.accepted, answer.duplicates, refusals, answer.position
         )
-
-
-def _money(value: Decimal | int | float | str) -> Decimal:
-    if isinstance(value, float):
-        amount = Decimal(repr(value))
-        exponent = amount.as_tuple().exponent
-        if isinstance(exponent, int) and exponent < -9:
-            amount = amount.quantize(_NANO, rounding=ROUND_HALF_EVEN)
-        return amount
-    try:
-        return Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"not an amount: {value!r}") from None
 
 
 def _all(batch: _Batch, code: str, message: str) -> list[tuple[int, str, str]]:
@@ -763,15 +620,6 @@ def _overdue(
 ) -> bool:
     oldest = next(iter(inflight.values()))
     return loop.time() >= oldest.sent_at + ack_timeout
-
-
-def _error_of(raw: bytes, status: int) -> tuple[str, str]:
-    """The (code, message) of an error answer; a proxy's page gets `http_<status>`."""
-    try:
-        error = _decode_error(raw).error
-    except msgspec.MsgspecError:
-        return f"http_{status}", raw[:200].decode(errors="replace").strip()
-    return error.code, error.message
 
 
 def _transient(exc: BaseException) -> str | None:
@@ -790,153 +638,3 @@ def _transient(exc: BaseException) -> str | None:
         ):
             return None
     return "; ".join(str(leaf) or type(leaf).__name__ for leaf in leaves)
-
-
-# --- govledger record FILE ------------------------------------------------------------
-
-
-class RecordReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What `govledger record` did."""
-
-    records: int
-    accepted: int
-    duplicates: int
-    rejected: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        return (
-            f"record: {self.records} records, {self.accepted} accepted,"
-            f" {self.duplicates} duplicates, {self.rejected} rejected"
-            f" in {self.seconds:.2f} s ({self.rate:.0f} records/s)"
-        )
-
-
-_decode_line = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode
-
-
-async def send_ndjson(
-    source: IO[bytes],
-    recorder: Recorder,
-    on_invalid: Callable[[int, str], object],
-) -> int:
-    """Send each line of `source` (a JSON object) through the recorder. Blank lines
-    are skipped; a line that is not a JSON object goes to `on_invalid(line_number,
-    message)`. Returns the number of records (non-blank lines)."""
-    number = records = 0
-    async for lines in _lines(source):
-        for line in lines:
-            number += 1
-            if not line.strip():
-                continue
-            records += 1
-            try:
-                await recorder.record_raw(_decode_line(line))
-            except (msgspec.MsgspecError, ValueError) as exc:
-                on_invalid(number, f"line {number} is not a usage record: {exc}")
-    return records
-
-
-async def _lines(source: IO[bytes]) -> AsyncIterator[list[bytes]]:
-    """The complete lines read so far, as they arrive: reads happen in a thread (acks
-    keep flowing meanwhile) and return what a pipe holds, without waiting to fill a
-    buffer, so `tail -f usage.ndjson | govledger record -` records as it goes."""
-    fd = source.fileno()
-    buffer = bytearray()
-    while chunk := await asyncio.to_thread(os.read, fd, 1 << 20):
-        buffer += chunk
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            continue
-        end += len(buffer) - len(chunk)
-        lines = bytes(buffer[:end]).split(b"\n")
-        del buffer[: end + 1]
-        yield lines
-    if buffer:
-        yield [bytes(buffer)]
-
-
-def record_file(path: str, *, url: str, token: str | None) -> int:
-    """`govledger record FILE|-`: progress on stderr, one JSON line per rejected
-    record on stdout, the summary line last. Exit status 1 if any record was
-    rejected, 2 if the file cannot be opened."""
-    if path == "-":
-        return asyncio.run(_record_file(sys.stdin.buffer, url, token))
-    try:
-        source = open(path, "rb")  # noqa: SIM115 -- closed by the with below
-    except OSError as exc:
-        print(f"govledger record: {exc}", file=sys.stderr)
-        return 2
-    with source:
-        return asyncio.run(_record_file(source, url, token))
-
-
-async def _record_file(source: IO[bytes], url: str, token: str | None) -> int:
-    local_rejections = 0
-
-    def rejected(record: RejectedRecord) -> None:
-        _print_rejection(
-            {
-                "event_id": record.event_id,
-                "code": record.code,
-                "message": record.message,
-            }
-        )
-
-    def invalid(line: int, message: str) -> None:
-        nonlocal local_rejections
-        local_rejections += 1
-        _print_rejection({"line": line, "code": "invalid_record", "message": message})
-
-    started = time.monotonic()
-    recorder = Recorder(url, token=token, on_rejected=rejected)
-    progress = asyncio.create_task(_show_progress(recorder, started))
-    try:
-        async with recorder:
-            records = await send_ndjson(source, recorder, invalid)
-    finally:
-        progress.cancel()
-        await asyncio.gather(progress, return_exceptions=True)
-    stats = recorder.stats
-    report = RecordReport(
-        records=records,
-        accepted=stats.accepted,
-        duplicates=stats.duplicates,
-        rejected=sum(stats.rejected.values()) + local_rejections,
-        seconds=time.monotonic() - started,
-    )
-    _clear_progress()
-    print(report.summary(), file=sys.stderr, flush=True)
-    return 1 if report.rejected else 0
-
-
-def _print_rejection(fields: dict[str, object]) -> None:
-    sys.stdout.buffer.write(_encode(fields) + b"\n")
-
-
-async def _show_progress(recorder: Recorder, started: float) -> None:
-    """A stderr line: rewritten in place at most 10 times a second on a terminal,
-    else a line a second."""
-    tty = sys.stderr.isatty()
-    while True:
-        await asyncio.sleep(0.1 if tty else 1.0)
-        stats = recorder.stats
-        seconds = time.monotonic() - started
-        line = (
-            f"record: {stats.recorded} sent, {stats.acked} acknowledged,"
-            f" {sum(stats.rejected.values())} rejected,"
-            f" {stats.acked / seconds:.0f} records/s"
-        )
-        if stats.buffered and stats.last_error and stats.failures:
-            line += f", retrying ({stats.failures} failures: {stats.last_error})"
-        sys.stderr.write(f"\r{line}\033[K" if tty else f"{line}\n")
-        sys.stderr.flush()
-
-
-def _clear_progress() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")

@@ -1,4 +1,4 @@
-"""The check baseline: an aiohttp handler doing no work (`-m service.bench.empty N`)."""
+"""The check baseline: an aiohttp handler doing no work (`-m tools.bench.empty N`)."""
 
 from __future__ import annotations
 

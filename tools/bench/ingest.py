@@ -14,8 +14,8 @@ import asyncpg
 import msgspec
 
 from service import eventstore
-from service.bench.load import LoadResult, post_loop
 from service.domain.events import UsageRecorded
+from tools.bench.load import LoadResult, post_loop
 
 RAW_TABLE = "bench_events"
 COPY_COLUMNS = (

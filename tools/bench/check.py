@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from service.bench.load import LoadResult, post_loop
+from tools.bench.load import LoadResult, post_loop
 
 
 def _to_ms(text: str) -> float:

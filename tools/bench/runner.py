@@ -24,14 +24,14 @@ from typing import Any
 import asyncpg
 
 from service import eventstore, pgcluster
-from service.bench import cache as cache_bench
-from service.bench import chart, servers
-from service.bench import check as check_bench
-from service.bench import ingest as ingest_bench
-from service.bench import lag as lag_bench
-from service.bench import peer as peer_bench
-from service.bench import replay as replay_bench
 from service.migrate import migrate
+from tools.bench import cache as cache_bench
+from tools.bench import chart, servers
+from tools.bench import check as check_bench
+from tools.bench import ingest as ingest_bench
+from tools.bench import lag as lag_bench
+from tools.bench import peer as peer_bench
+from tools.bench import replay as replay_bench
 
 # Durable, as in production: an acknowledged record is on disk.
 DURABLE = {

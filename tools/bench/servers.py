@@ -78,7 +78,7 @@ def empty_handler() -> Iterator[str]:
     """The baseline server: aiohttp answering a fixed body, doing no work."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.bench.empty", str(port)],
+        [sys.executable, "-m", "tools.bench.empty", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,0 +1,26 @@
+"""govledger_client: stream LLM usage to govledger and ask it for budget checks.
+
+Depends on aiohttp and msgspec only; imports nothing of the server.
+"""
+
+from __future__ import annotations
+
+from .checker import Checker
+from .errors import RecorderError
+from .ndjson import RecordReport, record_file, send_ndjson
+from .recorder import Recorder, RecorderStats, RejectedRecord
+from .wire import CheckRequest, CheckResult, UsageRecord
+
+__all__ = [
+    "CheckRequest",
+    "CheckResult",
+    "Checker",
+    "RecordReport",
+    "Recorder",
+    "RecorderError",
+    "RecorderStats",
+    "RejectedRecord",
+    "UsageRecord",
+    "record_file",
+    "send_ndjson",
+]
