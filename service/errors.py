@@ -65,6 +65,31 @@ class UnsupportedMediaType(Invalid):
     code = "unsupported_media_type"
 
 
+# --- usage records: rejected one by one, by these codes (service.domain.usage) ---
+
+
+class InvalidRecord(Invalid):
+    code = "invalid_record"
+
+
+class NegativeCost(Invalid):
+    code = "negative_cost"
+
+
+class InvalidCost(Invalid):
+    code = "invalid_cost"
+
+
+class FutureOccurredAt(Invalid):
+    code = "future_occurred_at"
+
+
+class UnknownVirtualKey(Invalid):
+    """The key does not exist, and the cache had seen the whole log when asked."""
+
+    code = "unknown_virtual_key"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
 
@@ -75,6 +100,10 @@ class Forbidden(ServiceError):
 
 class NotFound(ServiceError):
     code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    code = "method_not_allowed"
 
 
 class VersionConflict(ServiceError):

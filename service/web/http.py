@@ -1,4 +1,5 @@
-"""The HTTP edge: body decoding, JSON answers, error, auth and log middlewares."""
+"""The HTTP edge: the one error → status table, the one middleware (request log,
+auth, errors), body and header decoding, JSON answers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from service.errors import (
     Forbidden,
     IdempotencyConflict,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     ProjectionLag,
     ServiceError,
@@ -36,17 +38,58 @@ log = structlog.get_logger()
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The one table from error to HTTP status: the most specific class in an error's MRO
+# wins. Ingest rejections are looked up by their code (`status_of_code`); exceptions
+# that are not service errors become one first (`as_service_error`).
 STATUS: Mapping[type[ServiceError], int] = {
+    ServiceError: 500,  # what the service did not foresee: internal_error
     Invalid: 400,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    MethodNotAllowed: 405,
     VersionConflict: 409,
     BodyTooLarge: 413,
     IdempotencyConflict: 422,
     Unavailable: 503,
     ProjectionLag: 503,
 }
+# Seconds a client should wait before retrying a 503.
+RETRY_AFTER_S = 1
+
+
+def status_of(error: type[ServiceError]) -> int:
+    return next(STATUS[c] for c in error.__mro__ if c in STATUS)
+
+
+def _subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    return [cls, *(s for c in cls.__subclasses__() for s in _subclasses(c))]
+
+
+_BY_CODE: dict[str, int] = {c.code: status_of(c) for c in _subclasses(ServiceError)}
+
+
+def status_of_code(code: str) -> int:
+    """The status of an error known only by its code (an ingest rejection)."""
+    return _BY_CODE[code]
+
+
+def as_service_error(exc: Exception) -> ServiceError:
+    """What the client is told about any exception a request raised."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, UNREACHABLE):
+        return Unavailable("the database cannot be reached right now; retry")
+    if isinstance(exc, web.HTTPException):  # aiohttp's routing and size checks
+        if exc.status == 404:
+            return NotFound("no such endpoint")
+        if exc.status == 405:
+            return MethodNotAllowed("this endpoint does not accept that method")
+        if exc.status == 413:
+            return BodyTooLarge("the request body is larger than the limit")
+        if 400 <= exc.status < 500:
+            return Invalid(exc.reason)
+    return ServiceError("the server failed on this request")
 
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -83,7 +126,19 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
-    return json_response(error_body(code, message), status)
+    response = json_response(error_body(code, message), status)
+    response[ERROR_CODE] = code  # for the request's log line
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def error_answer(error: ServiceError) -> web.Response:
+    return error_response(status_of(type(error)), error.code, error.message)
+
+
+# The key under which a response keeps its error code, for the request log line.
+ERROR_CODE = web.ResponseKey("error_code", str)
 
 
 # --- bodies ------------------------------------------------------------------------
@@ -180,64 +235,107 @@ def path_id(request: web.Request, what: str) -> str:
         raise NotFound(f"{what} {raw!r} does not exist") from None
 
 
-# --- middlewares -------------------------------------------------------------------
+# --- headers -----------------------------------------------------------------------
 
-_HTTP_CODES = {
-    404: ("not_found", "no such endpoint"),
-    405: ("method_not_allowed", "this endpoint does not accept that method"),
-    413: ("body_too_large", "the request body is larger than the limit"),
-}
+
+def header(request: web.Request, name: str) -> str | None:
+    """A header's value, or a 400 when it is not well-formed text: aiohttp hands bytes
+    that are not UTF-8 through as surrogates, which nothing downstream can encode."""
+    value = request.headers.get(name)
+    if value is not None and not _is_well_formed(value):
+        raise Invalid(f"the {name} header is not well-formed UTF-8 text")
+    return value
+
+
+def _is_well_formed(value: str) -> bool:
+    if value.isascii():
+        return value.isprintable()
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
+
+
+# --- the middleware ----------------------------------------------------------------
 
 
 @web.middleware
-async def error_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware: binds the request id, checks the route's right, turns any
+    error into its answer from STATUS, and writes one canonical log line."""
+    structlog.contextvars.clear_contextvars()
+    request_id = request.headers.get("X-Request-Id")
+    if request_id is not None and (
+        len(request_id) > MAX_REQUEST_ID or not _is_well_formed(request_id)
+    ):
+        request_id = None
+        refusal: ServiceError | None = Invalid(
+            f"the X-Request-Id header must be printable UTF-8 text of at most"
+            f" {MAX_REQUEST_ID} characters"
+        )
+    else:
+        refusal = None
+    request_id = request_id or _next_request_id()
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, method=request.method, path=request.path
+    )
+    started = time.perf_counter()
     try:
-        return await handler(request)
-    except ServiceError as exc:
-        status = next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
-        if status >= 500:
-            log.warning("request_unavailable", code=exc.code, error=exc.message)
-        return error_response(status, exc.code, exc.message)
+        if refusal is not None:
+            raise refusal
+        _authorize(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
-        response = error_response(exc.status, code, message)
-        for name in ("Allow",):
-            if name in exc.headers:
-                response.headers[name] = exc.headers[name]
-        return response
-    except UNREACHABLE as exc:
-        log.warning("request_unavailable", code=Unavailable.code, error=repr(exc))
-        return error_response(
-            503, Unavailable.code, "the database cannot be reached right now; retry"
-        )
-    except Exception:
+        response = _answer_error(exc)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception as exc:
+        response = _answer_error(exc)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    status = response.status
+    if status >= 400 or request.match_info.route not in request.app[quiet_key]:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        code = response.get(ERROR_CODE)
+        if code is None:
+            log.info("request_finished", status=status, duration_ms=duration_ms)
+        else:
+            log.info(
+                "request_finished", status=status, duration_ms=duration_ms, code=code
+            )
+    return response
+
+
+def _answer_error(exc: Exception) -> web.Response:
+    error = as_service_error(exc)
+    status = status_of(type(error))
+    if status >= 500 and type(error) is ServiceError:
         log.exception("request_failed")
-        return error_response(
-            500, "internal_error", "the server failed on this request"
-        )
+    elif status >= 500:
+        log.warning("request_unavailable", code=error.code, error=error.message)
+    return error_response(status, error.code, error.message)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _authorize(request: web.Request) -> None:
     route = request.match_info.route
     right = request.app[rights_key].get(route, Right.PUBLIC)
     settings = request.app[settings_key]
     if right is Right.PUBLIC or settings.is_open:
-        return await handler(request)
+        return
     role = authenticate(settings, request.headers.get("Authorization"))
     if right not in ROLE_RIGHTS[role]:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
-    return await handler(request)
 
 
 def authenticate(settings: Settings, header: str | None) -> str:
     """The role of a bearer token, compared in constant time against every token."""
     if not header or not header.startswith("Bearer "):
         raise Unauthorized("send Authorization: Bearer <token>")
+    if not _is_well_formed(header):
+        raise Unauthorized("the bearer token is not known")
     token = header[len("Bearer ") :].encode()
     found: str | None = None
     for role, tokens in (
@@ -258,32 +356,11 @@ def authenticate(settings: Settings, header: str | None) -> str:
 # getrandom() call on every request (several microseconds on these machines).
 _REQUEST_PREFIX = uuid.uuid4().hex[:12]
 _request_numbers = itertools.count(1)
+MAX_REQUEST_ID = 200
 
 
 def _next_request_id() -> str:
     return f"{_REQUEST_PREFIX}{next(_request_numbers):012x}"
 
 
-@web.middleware
-async def log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One canonical line per request, with a request id bound for everything below."""
-    structlog.contextvars.clear_contextvars()
-    request_id = request.headers.get("X-Request-Id") or _next_request_id()
-    structlog.contextvars.bind_contextvars(
-        request_id=request_id, method=request.method, path=request.path
-    )
-    started = time.perf_counter()
-    response = await handler(request)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
-    status = response.status
-    if status >= 400 or request.match_info.route not in request.app[quiet_key]:
-        log.info(
-            "request_finished",
-            status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
-    return response
-
-
-MIDDLEWARES = (log_middleware, error_middleware, auth_middleware)
+MIDDLEWARES = (middleware,)

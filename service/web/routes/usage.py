@@ -22,7 +22,14 @@ from service.domain.usage import (
 )
 from service.errors import ProjectionLag, ServiceError
 from service.ingest import Outcome, Submitted, queue_records
-from service.web.http import Right, error_body, error_response, json_response, read_body
+from service.web.http import (
+    Right,
+    error_body,
+    error_response,
+    json_response,
+    read_body,
+    status_of_code,
+)
 from service.web.keys import (
     cache_projector_key,
     pool_key,
@@ -110,7 +117,7 @@ async def record_one(request: web.Request) -> web.Response:
     except msgspec.MsgspecError as exc:
         metrics.count_records(rejected=1)
         why = invalid_record(exc)
-        return error_response(400, why.code, why.message)
+        return error_response(status_of_code(why.code), why.code, why.message)
     submitted, rejected = await queue_records(
         request.app[writer_key],
         [(0, record)],
@@ -122,7 +129,7 @@ async def record_one(request: web.Request) -> web.Response:
     if rejected:
         metrics.count_records(rejected=1)
         why = rejected[0].why
-        return error_response(400, why.code, why.message)
+        return error_response(status_of_code(why.code), why.code, why.message)
     [outcome] = await submitted.outcomes()
     return json_response(
         {"position": outcome.position, "duplicate": outcome.duplicate}, 202
@@ -280,7 +287,7 @@ async def _send_acks(
             data = await ack
         except Exception:
             log.exception("usage_stream_ack_failed")
-            data = _error_frame("internal_error", "the server failed on this frame")
+            data = _error_frame(ServiceError.code, "the server failed on this frame")
         if ws.closed:
             continue
         try:
