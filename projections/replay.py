@@ -252,15 +252,10 @@ async def build_at(
     schema = f"audit_{spec.name}_{suffix}"
     async with pool.acquire() as conn:
         if isinstance(at, int):
-            row = await conn.fetchrow(
-                "SELECT tx_id, global_position, recorded_at FROM events"
-                " WHERE global_position <= $1 ORDER BY global_position DESC LIMIT 1",
-                at,
-            )
-            if row is None:
+            last = await eventstore.last_at_or_before(conn, at)
+            if last is None:
                 raise ReplayError(f"the log has no event at or before position {at}")
-            target = Checkpoint(int(row["tx_id"]), row["global_position"])
-            as_of = row["recorded_at"]
+            target, as_of = last
         else:
             target, as_of = await eventstore.head(conn), at
         tables = await _copy_tables(conn, spec, schema)

@@ -45,7 +45,6 @@ UPDATE projection_checkpoints
 SET last_tx_id = $2, last_position = $3, updated_at = now()
 WHERE projection = $1 AND last_tx_id = $4 AND last_position = $5
 """
-_TX_OF_POSITION = "SELECT tx_id FROM events WHERE global_position = $1"
 
 
 class LostCheckpoint(Exception):
@@ -207,9 +206,7 @@ class Projector:
         while position > 0:
             advanced = self._advanced
             if target is None:
-                tx_id = await self._pool.fetchval(_TX_OF_POSITION, position)
-                if tx_id is not None:
-                    target = Checkpoint(int(tx_id), position)
+                target = await eventstore.checkpoint_of(self._pool, position)
             if target is not None and _reached(self._checkpoint, target):
                 return
             remaining = deadline - loop.time()

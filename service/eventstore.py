@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import reduce
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -180,6 +180,50 @@ async def append_streams(
     raise VersionConflict("the streams kept changing under this command; retry it")
 
 
+# --- usage ingest: the group-commit writer's statements -------------------------
+
+# Usage streams are unversioned: a usage row's stream_version is its position.
+USAGE_COLUMNS = (
+    "global_position",
+    "stream_version",
+    "event_id",
+    "stream_id",
+    "type",
+    "schema_version",
+    "data",
+    "metadata",
+)
+
+
+async def position_sequence(conn: Executor) -> str:
+    """The statement that draws n positions of the log in one round trip."""
+    sequence: str = await conn.fetchval(
+        "SELECT pg_get_serial_sequence('events', 'global_position')"
+    )
+    literal = "'" + sequence.replace("'", "''") + "'"
+    return f"SELECT array_agg(nextval({literal}::regclass)) FROM generate_series(1, $1)"
+
+
+async def draw_positions(conn: Executor, statement: str, count: int) -> list[int]:
+    """`count` fresh positions, in the order drawn (`statement`: position_sequence)."""
+    drawn: list[int] = await conn.fetchval(statement, count)
+    return drawn
+
+
+async def copy_usage(conn: Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """One binary COPY of usage rows (USAGE_COLUMNS); all or nothing."""
+    await conn.copy_records_to_table("events", records=records, columns=USAGE_COLUMNS)
+
+
+async def stored_positions(conn: Executor, event_ids: Sequence[Any]) -> dict[int, int]:
+    """The positions of the events already stored under these ids (uuid.int keys)."""
+    rows = await conn.fetch(
+        "SELECT event_id, global_position FROM events WHERE event_id = ANY($1::uuid[])",
+        event_ids,
+    )
+    return {r["event_id"].int: r["global_position"] for r in rows}
+
+
 # --- read --------------------------------------------------------------------------
 
 _COLUMNS = (
@@ -254,10 +298,59 @@ async def head(conn: Executor) -> Checkpoint:
     return Checkpoint(row["tx_id"], row["global_position"]) if row else Checkpoint()
 
 
+async def checkpoint_of(conn: Executor, position: int) -> Checkpoint | None:
+    """The checkpoint of the event at `position` (None: no such event, or not yet
+    committed)."""
+    tx_id = await conn.fetchval(
+        "SELECT tx_id FROM events WHERE global_position = $1", position
+    )
+    return None if tx_id is None else Checkpoint(int(tx_id), position)
+
+
+async def last_at_or_before(
+    conn: Executor, position: int
+) -> tuple[Checkpoint, datetime] | None:
+    """The checkpoint and recorded_at of the last event at or before `position`."""
+    row = await conn.fetchrow(
+        "SELECT tx_id, global_position, recorded_at FROM events"
+        " WHERE global_position <= $1 ORDER BY global_position DESC LIMIT 1",
+        position,
+    )
+    if row is None:
+        return None
+    return Checkpoint(int(row["tx_id"]), row["global_position"]), row["recorded_at"]
+
+
 async def max_position(conn: Executor) -> int:
     return int(
         await conn.fetchval("SELECT coalesce(max(global_position), 0) FROM events")
     )
+
+
+# Every stream whose entity events ever named a customer (or a team). The key and the
+# type list are literals, not parameters: the partial indexes of migration 0004 serve
+# exactly these statements.
+_STREAMS_NAMING = {
+    "customer_id": """
+SELECT DISTINCT stream_id FROM events
+WHERE type IN ('TeamCreated', 'TeamUpdated', 'VirtualKeyCreated', 'VirtualKeyUpdated')
+  AND data ->> 'customer_id' = $1
+ORDER BY stream_id
+""",
+    "team_id": """
+SELECT DISTINCT stream_id FROM events
+WHERE type IN ('VirtualKeyCreated', 'VirtualKeyUpdated') AND data ->> 'team_id' = $1
+ORDER BY stream_id
+""",
+}
+
+
+async def streams_naming(
+    conn: Executor, field: Literal["customer_id", "team_id"], value: str
+) -> list[str]:
+    """The streams whose events ever set `field` to `value`, ordered by stream id;
+    folding each tells whether it still does."""
+    return [r["stream_id"] for r in await conn.fetch(_STREAMS_NAMING[field], value)]
 
 
 # --- commands ----------------------------------------------------------------------

@@ -88,23 +88,10 @@ async def queue_records(
 
 # --- the writer --------------------------------------------------------------------
 
-_COLUMNS = (
-    "global_position",
-    "stream_version",
-    "event_id",
-    "stream_id",
-    "type",
-    "schema_version",
-    "data",
-    "metadata",
-)
 _TYPE = "UsageRecorded"
 _SCHEMA_VERSION = UsageRecorded.schema_version
 # The server refused a group for what it holds (the connection is fine).
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-_EXISTING = (
-    "SELECT event_id, global_position FROM events WHERE event_id = ANY($1::uuid[])"
-)
 
 
 class _Chunk:
@@ -176,7 +163,7 @@ class Writer:
         self._recent_capacity = recent_capacity
         self._conn: asyncpg.Connection | None = None
         self._retry_at = 0.0
-        self._nextval = ""
+        self._sequence = ""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False
@@ -393,7 +380,7 @@ class Writer:
         Returns the position of every row (new, or the original's) and the indexes of
         those that were already stored.
         """
-        drawn: list[int] = await conn.fetchval(self._nextval, len(unique))
+        drawn = await eventstore.draw_positions(conn, self._sequence, len(unique))
         live = list(range(len(unique)))
         positions = [0] * len(unique)
         existing: set[int] = set()
@@ -415,21 +402,16 @@ class Writer:
                     )
                 )
             try:
-                await conn.copy_records_to_table(
-                    "events", records=records, columns=_COLUMNS
-                )
+                await eventstore.copy_usage(conn, records)
                 break
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != "events_event_id_key":
                     raise
                 # The COPY rolled back whole; its positions were not used, so the
                 # rows that remain take them again in order.
-                stored = {
-                    r["event_id"].int: r["global_position"]
-                    for r in await conn.fetch(
-                        _EXISTING, [unique[slot][0].event_id for slot in live]
-                    )
-                }
+                stored = await eventstore.stored_positions(
+                    conn, [unique[slot][0].event_id for slot in live]
+                )
                 if not stored:
                     raise
                 remaining = []
@@ -465,17 +447,10 @@ class Writer:
         conn = await asyncpg.connect(self._dsn, timeout=5)
         try:
             await eventstore.init_connection(conn)
-            sequence = await conn.fetchval(
-                "SELECT pg_get_serial_sequence('events', 'global_position')"
-            )
+            self._sequence = await eventstore.position_sequence(conn)
         except BaseException:
             conn.terminate()
             raise
-        # One round trip for a whole group's positions, in the order they are drawn.
-        self._nextval = (
-            f"SELECT array_agg(nextval({_literal(sequence)}::regclass)) "
-            "FROM generate_series(1, $1)"
-        )
         self._conn = conn
         log.info("ingest_writer_connected", backend_pid=conn.get_server_pid())
         return conn
@@ -493,10 +468,6 @@ class Writer:
             await asyncio.wait_for(conn.close(), 2)
         except Exception:  # a broken connection is dropped anyway
             conn.terminate()
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _fail(chunk: _Chunk, error: Exception) -> None:
