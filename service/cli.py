@@ -107,7 +107,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 T = TypeVar("T")
 
 
-class Meter:
+class Progress:
     """Progress lines (at most one a second) and the summary line of a long run,
     on stderr, so stdout stays free for data and reports."""
 
@@ -124,7 +124,7 @@ class Meter:
     def rate(self, events: int) -> float:
         return events / self.seconds if self.seconds > 0 else 0.0
 
-    def progress(self, events: int, detail: int) -> None:
+    def show(self, events: int, detail: int) -> None:
         now = time.monotonic()
         if now - self.shown >= 1.0:
             self.shown = now
@@ -172,10 +172,10 @@ def cmd_upcast(args: argparse.Namespace) -> int:
     from service.domain import upcast
 
     upcast.validate_chains()
-    meter = Meter("upcast")
+    progress = Progress("upcast")
     if args.dry_run:
         report = _with_pool(
-            lambda pool: rewrite.dry_run(pool, on_progress=meter.progress)
+            lambda pool: rewrite.dry_run(pool, on_progress=progress.show)
         )
         for key, count in report.counts.items():
             print(f"{key}: {count}")
@@ -183,19 +183,19 @@ def cmd_upcast(args: argparse.Namespace) -> int:
             print(rewrite.render_diff(sample), end="")
         for failure in report.failures:
             print(f"cannot upcast: {failure}")
-        meter.summary(report.events, " to rewrite (dry run)")
+        progress.summary(report.events, " to rewrite (dry run)")
         return 1 if report.failures else 0
     try:
         done = _with_pool(
             lambda pool: rewrite.rewrite(
-                pool, batch_size=args.batch_size, on_progress=meter.progress
+                pool, batch_size=args.batch_size, on_progress=progress.show
             )
         )
     except (rewrite.RewriteFailed, rewrite.RewriteBusy) as exc:
         return _fail("upcast", exc)
     for key, count in done.counts.items():
         print(f"{key}: {count}", file=sys.stderr)
-    meter.summary(done.events, f" rewritten by run {done.run_id}")
+    progress.summary(done.events, f" rewritten by run {done.run_id}")
     return 0
 
 
@@ -212,29 +212,29 @@ def _output(path: str | None) -> Iterator[IO[bytes]]:
 def cmd_export(args: argparse.Namespace) -> int:
     from service import transfer
 
-    meter = Meter("export", detail="written")
+    progress = Progress("export", detail="written")
     with _output(args.file) as out:
         count = _with_pool(
-            lambda pool: transfer.export(pool, out, on_progress=meter.progress)
+            lambda pool: transfer.export(pool, out, on_progress=progress.show)
         )
-    meter.summary(count, " exported")
+    progress.summary(count, " exported")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from service import transfer
 
-    meter = Meter("import", detail="appended")
+    progress = Progress("import", detail="appended")
     with open(args.file, "rb") as lines:
         try:
             report = _with_pool(
                 lambda pool: transfer.import_lines(
-                    pool, lines, batch_size=args.batch_size, on_progress=meter.progress
+                    pool, lines, batch_size=args.batch_size, on_progress=progress.show
                 )
             )
         except transfer.ImportFailed as exc:
             return _fail("import", exc)
-    meter.summary(
+    progress.summary(
         report.lines, f" read, {report.appended} appended, {report.present} present"
     )
     return 0
@@ -243,13 +243,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from projections import replay, shadow
 
-    meter = Meter("replay")
+    progress = Progress("replay")
     try:
         if args.at is not None and args.verify:
             raise replay.ReplayError("--verify compares with the live tables; not --at")
         if args.at is not None:
             at = replay.parse_at(args.at)
-            return _with_pool(lambda pool: _replay_at(pool, args, at, meter))
+            return _with_pool(lambda pool: _replay_at(pool, args, at, progress))
         if args.print:
             raise replay.ReplayError("--print needs --at")
         report = _with_pool(
@@ -258,7 +258,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 args.projection,
                 verify=args.verify,
                 batch_size=args.batch_size,
-                on_progress=meter.progress,
+                on_progress=progress.show,
             )
         )
     except replay.ReplayError as exc:
@@ -266,17 +266,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     where = f" up to position {report.checkpoint.position}"
     if report.differences:
         print(shadow.render(report.differences))
-        meter.summary(report.events, f" replayed{where}; the live read model differs")
+        progress.summary(
+            report.events, f" replayed{where}; the live read model differs"
+        )
         return 1
     if args.verify:
-        meter.summary(report.events, f" replayed{where}; identical to the live tables")
+        progress.summary(
+            report.events, f" replayed{where}; identical to the live tables"
+        )
     else:
-        meter.summary(report.events, f" replayed{where} and swapped in")
+        progress.summary(report.events, f" replayed{where} and swapped in")
     return 0
 
 
 async def _replay_at(
-    pool: asyncpg.Pool, args: argparse.Namespace, at: int | datetime, meter: Meter
+    pool: asyncpg.Pool, args: argparse.Namespace, at: int | datetime, progress: Progress
 ) -> int:
     from projections import replay
 
@@ -285,7 +289,7 @@ async def _replay_at(
         at,
         args.projection,
         batch_size=args.batch_size,
-        on_progress=meter.progress,
+        on_progress=progress.show,
     )
     assert report.schema is not None
     assert report.as_of is not None
@@ -297,7 +301,7 @@ async def _replay_at(
         )
     rows = ", ".join(f"{t} {n}" for t, n in report.rows.items())
     print(f"schema {report.schema} ({rows})", file=sys.stderr)
-    meter.summary(
+    progress.summary(
         report.events,
         f" applied as of {args.at} (log read to position {report.checkpoint.position})",
     )
