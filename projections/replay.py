@@ -33,6 +33,7 @@ from projections.shadow import (
     use,
 )
 from service import eventstore
+from service.domain import usage
 from service.eventstore import Connection
 from service.records import Checkpoint, RecordedEvent
 
@@ -83,17 +84,30 @@ def projection(name: str) -> Projection:
         raise ReplayError(f"unknown projection {name!r} (known: {known})") from None
 
 
-def parse_at(text: str) -> int | datetime:
-    """A position (digits) or an RFC 3339 time (UTC when it names no offset)."""
+# Positions are PostgreSQL bigints.
+MAX_POSITION = 2**63 - 1
+
+
+def parse_at(text: str, now: datetime) -> int | datetime:
+    """A position (digits) or an RFC 3339 time (UTC when it names no offset) between
+    2000-01-01 and 5 minutes after `now`."""
     if text.isdigit():
+        if len(text) > 19 or int(text) > MAX_POSITION:
+            raise ReplayError(f"--at is past the largest position: {text[:30]!r}")
         return int(text)
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ReplayError(
-            f"--at takes a position or an RFC 3339 time: {text!r}"
+            f"--at takes a position or an RFC 3339 time: {text[:100]!r}"
         ) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    if not usage.is_in_range(at, now):
+        raise ReplayError(
+            "--at must lie between 2000-01-01T00:00:00Z and 5 minutes from now:"
+            f" {text!r}"
+        )
+    return at
 
 
 # --- rebuild, verify, swap ---------------------------------------------------------
@@ -364,16 +378,22 @@ async def _apply_batch(
     """One read and apply; returns (events applied, checkpoint, whether to go on)."""
     await use(conn, schema)
     await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
-    records = await eventstore.read_all(conn, after, batch_size)
-    page = [r for r in records if not _after(r.checkpoint, target)]
-    if not page:
+    batch = await eventstore.read_batch(conn, after, batch_size)
+    page = [r for r in batch.records if not _after(r.checkpoint, target)]
+    # Refused legacy events are passed over here as by the live projectors.
+    read = [r.checkpoint for r in page] + [
+        r.checkpoint for r in batch.refused if not _after(r.checkpoint, target)
+    ]
+    if not read:
         return 0, after, False
+    reached = max(read, key=lambda c: (c.tx_id, c.position))
     chosen: Sequence[RecordedEvent] = page
     if until is not None:
         chosen = [r for r in page if r.recorded_at <= until]
     if chosen:
         await spec.apply(conn, chosen)
-    return len(chosen), page[-1].checkpoint, len(page) == len(records) == batch_size
+    rows = len(batch.records) + len(batch.refused)
+    return len(chosen), reached, rows == batch_size and reached == batch.end
 
 
 def _after(a: Checkpoint, b: Checkpoint) -> bool:

@@ -60,7 +60,8 @@ class InvalidPosition(Invalid):
 
 
 class UnsupportedMediaType(Invalid):
-    """A body declared as a form or plain text: what any web page can send."""
+    """A body not declared as JSON where it must be: a form or plain text is what
+    any web page can send cross-site without a preflight."""
 
     code = "unsupported_media_type"
 
@@ -80,14 +81,29 @@ class InvalidCost(Invalid):
     code = "invalid_cost"
 
 
-class FutureOccurredAt(Invalid):
-    code = "future_occurred_at"
-
-
 class UnknownVirtualKey(Invalid):
     """The key does not exist, and the cache had seen the whole log when asked."""
 
     code = "unknown_virtual_key"
+
+
+class OccurredAtOutOfRange(Invalid):
+    """`occurred_at` before 2000-01-01T00:00:00Z or more than 5 minutes after the
+    receive time."""
+
+    code = "occurred_at_out_of_range"
+
+
+# --- the log as input: imported lines and legacy events ------------------------------
+
+
+class LegacyEventRefused(Invalid):
+    """A legacy event with no exact current form (a value outside today's grammar,
+    a shape its legacy schema does not have, data that does not decode strictly).
+    Import refuses it; found in a log, the projectors skip it loudly and a command on
+    its stream is answered with this error."""
+
+    code = "legacy_event_refused"
 
 
 class Unauthorized(ServiceError):
@@ -116,6 +132,12 @@ class IdempotencyConflict(ServiceError):
     """An event id or idempotency key was reused for different content."""
 
     code = "idempotency_conflict"
+
+
+class BodyTimeout(ServiceError):
+    """A declared body did not arrive in time (a slow or stalled sender)."""
+
+    code = "body_timeout"
 
 
 class BodyTooLarge(ServiceError):

@@ -26,6 +26,7 @@ import msgspec
 from service import eventstore
 from service.domain import upcast
 from service.domain.events import type_name
+from service.errors import LegacyEventRefused
 from service.eventstore import Connection
 
 KIND = "upcast"
@@ -91,11 +92,13 @@ def code_version() -> str:
 
 
 def convert_row(row: asyncpg.Record) -> Converted:
-    """Upcast one stored row and prove the result decodes strictly as current."""
-    before = upcast.decode_legacy(row["data"])
+    """Upcast one stored row and prove the result decodes strictly as current: the
+    decoding every read of the row goes through, so the rewrite refuses exactly the
+    legacy events that reads refuse."""
     try:
+        before = upcast.decode_legacy(row["data"])
         event = upcast.to_current(row["type"], row["schema_version"], before)
-    except (upcast.UnknownSchema, msgspec.ValidationError) as exc:
+    except (upcast.UnknownSchema, LegacyEventRefused) as exc:
         raise RewriteFailed(
             f"event {row['event_id']} at position {row['global_position']}"
             f" ({row['type']} v{row['schema_version']}): {exc}"

@@ -4,21 +4,25 @@ Export reads gap-safely by (tx_id, global_position) up to the head seen at its s
 a page at a time, upcast on read. Import appends envelopes as given (event_id, type,
 schema_version, data, metadata, recorded_at, stream_id and stream_version kept; a
 usage event's stream_version is its new global_position), a batch per transaction,
-and is idempotent by event_id.
+and is idempotent by event_id. A line is appended only if every read of it will
+succeed: a legacy event through the one strict decoding of the upcaster (converted
+when a legacy value has an exact current equivalent, refused otherwise), a current
+one checked against the rules its command or ingest would have met, and every instant
+in range (`recorded_at`, a usage event's `occurred_at`).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO, Annotated, Any
 
 import asyncpg
 import msgspec
 
 from service import eventstore
-from service.domain import upcast
+from service.domain import upcast, usage
 from service.domain.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -26,6 +30,7 @@ from service.domain.events import (
     TeamEvent,
     UsageRecorded,
 )
+from service.errors import Invalid, LegacyEventRefused
 from service.eventstore import Connection
 from service.records import Checkpoint, envelope
 
@@ -115,21 +120,32 @@ class ImportFailed(Exception):
 _decode_envelope = msgspec.json.Decoder(Envelope).decode
 
 
-def parse_line(number: int, raw: bytes) -> Line:
-    """Validate one line: envelope shape, a known (type, schema_version) whose data
-    decodes strictly, and a stream that belongs to the event's owner."""
+def parse_line(number: int, raw: bytes, now: datetime) -> Line:
+    """Validate one line: envelope shape, `recorded_at` in range (up to `now`), a
+    known (type, schema_version) whose data decodes strictly (a legacy one through
+    the upcaster) to an event that every read can take, and a stream that belongs to
+    the event's owner."""
     try:
         env = _decode_envelope(raw)
     except msgspec.DecodeError as exc:
         raise ImportFailed(number, f"not a valid event envelope: {exc}") from None
+    if not usage.is_in_range(env.recorded_at, now):
+        raise ImportFailed(
+            number,
+            "recorded_at must lie between 2000-01-01T00:00:00Z and 5 minutes from"
+            f" now, not {env.recorded_at.isoformat()}",
+        )
     if env.type not in EVENT_TYPES and (env.type, env.schema_version) not in (
         upcast.STEPS
     ):
         raise ImportFailed(number, f"unknown event type {env.type!r}")
     try:
         event = decode_data(env.type, env.schema_version, env.data)
+    except LegacyEventRefused as exc:
+        raise ImportFailed(number, f"{exc.code}: {exc.message}") from None
     except (msgspec.DecodeError, upcast.UnknownSchema) as exc:
         raise ImportFailed(number, f"{env.type} v{env.schema_version}: {exc}") from None
+    _check(number, env, event)
     expected = owner_stream(event)
     if env.stream_id != expected:
         raise ImportFailed(
@@ -139,8 +155,25 @@ def parse_line(number: int, raw: bytes) -> Line:
     return Line(number=number, envelope=env, event=event)
 
 
+def _check(number: int, env: Envelope, event: AnyEvent) -> None:
+    """A current event meets what its command or ingest would have checked (a legacy
+    one did in the upcaster), so projecting it cannot fail."""
+    if isinstance(event, UsageRecorded):
+        rejection = usage.validate_recorded(event, env.recorded_at)
+        if rejection is not None:
+            raise ImportFailed(number, f"{rejection.code}: {rejection.message}")
+        return
+    try:
+        upcast.check_values(event)
+    except Invalid as exc:
+        raise ImportFailed(
+            number, f"{env.type} v{env.schema_version}: {exc.code}: {exc.message}"
+        ) from None
+
+
 def decode_data(type_: str, schema_version: int, data: bytes | msgspec.Raw) -> AnyEvent:
-    """Strict and lossless: current data as typed, legacy data through the steps."""
+    """Strict and lossless: current data as typed, legacy data through the steps
+    (LegacyEventRefused when it has no exact current form)."""
     cls = EVENT_TYPES.get(type_)
     if cls is not None and cls.schema_version == schema_version:
         return msgspec.json.decode(data, type=cls)
@@ -173,11 +206,12 @@ async def import_lines(
     """
     total = appended = present = 0
     batch: list[Line] = []
+    now = datetime.now(UTC)
     async with pool.acquire() as conn:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
-            batch.append(parse_line(number, raw))
+            batch.append(parse_line(number, raw, now))
             total += 1
             if len(batch) >= batch_size:
                 added, skipped = await _write(conn, batch)
@@ -227,8 +261,13 @@ def _comparable(line: Line) -> _Stored:
     )
 
 
-def _stored(row: asyncpg.Record) -> _Stored:
-    event = decode_data(row["type"], row["schema_version"], row["data"])
+def _stored(row: asyncpg.Record) -> _Stored | None:
+    """A stored event as comparable, None when it is a refused legacy event (which
+    no line that decodes can equal)."""
+    try:
+        event = decode_data(row["type"], row["schema_version"], row["data"])
+    except LegacyEventRefused:
+        return None
     return _Stored(
         row["stream_id"],
         None if isinstance(event, UsageRecorded) else row["stream_version"],
@@ -272,9 +311,8 @@ async def _append(conn: Connection, batch: list[Line]) -> tuple[int, int]:
     present = 0
     for line in batch:
         event_id = str(line.envelope.event_id)
-        prior = existing.get(event_id)
-        if prior is not None:
-            if prior != _comparable(line):
+        if event_id in existing:
+            if existing[event_id] != _comparable(line):
                 raise ImportFailed(
                     line.number,
                     f"event {event_id} is already in the log with other content",

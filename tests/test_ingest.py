@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,16 +14,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from projections.cache import GovernanceCache
 from service import eventstore
-from service.domain.events import (
-    AnyEvent,
-    CustomerCreated,
-    ProviderConfig,
-    TeamCreated,
-    UsageRecorded,
-    VirtualKeyCreated,
-)
+from service.domain.events import UsageRecorded
 from service.domain.usage import (
     Row,
     UsageChain,
@@ -35,74 +26,23 @@ from service.domain.usage import (
 )
 from service.errors import Unavailable
 from service.ingest import Outcome, Writer
-from service.records import Checkpoint, NewEvent
+from tests.builders import (
+    CONFIG_ID,
+    CUSTOMER_ID,
+    KEY_ID,
+    SECRET,
+    SOLO_KEY_ID,
+    TEAM_ID,
+    governance,
+    sha256,
+    usage_event,
+)
 
-CUSTOMER_ID = "c0000000-0000-4000-8000-000000000001"
-TEAM_ID = "70000000-0000-4000-8000-000000000001"
-KEY_ID = "a0000000-0000-4000-8000-000000000001"
-SOLO_KEY_ID = "a0000000-0000-4000-8000-000000000002"
-CONFIG_ID = "b0000000-0000-4000-8000-000000000001"
-SECRET = "sk-gl-" + "s" * 32
-SOLO_SECRET = "sk-gl-" + "o" * 32
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
 
-def sha256(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-async def governance(pool) -> GovernanceCache:
-    """A real cache folded from real events: a key under a team of a customer (with
-    an openai provider config), and a key of the customer alone."""
-    appends: list[tuple[str, AnyEvent]] = [
-        (
-            f"customer-{CUSTOMER_ID}",
-            CustomerCreated(customer_id=CUSTOMER_ID, name="acme"),
-        ),
-        (
-            f"team-{TEAM_ID}",
-            TeamCreated(team_id=TEAM_ID, name="platform", customer_id=CUSTOMER_ID),
-        ),
-        (
-            f"virtual_key-{KEY_ID}",
-            VirtualKeyCreated(
-                virtual_key_id=KEY_ID,
-                name="gateway",
-                value_sha256=sha256(SECRET),
-                value_hint=SECRET[-4:],
-                team_id=TEAM_ID,
-                provider_configs=(
-                    ProviderConfig(provider_config_id=CONFIG_ID, provider="openai"),
-                ),
-            ),
-        ),
-        (
-            f"virtual_key-{SOLO_KEY_ID}",
-            VirtualKeyCreated(
-                virtual_key_id=SOLO_KEY_ID,
-                name="solo",
-                value_sha256=sha256(SOLO_SECRET),
-                value_hint=SOLO_SECRET[-4:],
-                customer_id=CUSTOMER_ID,
-            ),
-        ),
-    ]
-    for stream_id, event in appends:
-        await eventstore.append(pool, stream_id, 0, [NewEvent(event=event)])
-    cache = GovernanceCache()
-    for record in await eventstore.read_all(pool, Checkpoint(), 100):
-        cache.apply(record)
-    return cache
-
-
 def usage(cost: str = "0.01", key_id: str = KEY_ID) -> UsageRecorded:
-    return UsageRecorded(
-        virtual_key_id=key_id,
-        provider="openai",
-        model="gpt-4o",
-        cost=Decimal(cost),
-        occurred_at=NOW,
-    )
+    return usage_event(key_id, cost, NOW)
 
 
 def row(event_id: str | None = None, cost: str = "0.01") -> Row:
@@ -280,7 +220,7 @@ async def test_screen_resolves_the_chain_and_rejects_with_codes(pool):
     assert [(r.where, r.why.code) for r in screened.rejected] == [
         (2, "unknown_virtual_key"),
         (3, "negative_cost"),
-        (4, "future_occurred_at"),
+        (4, "occurred_at_out_of_range"),
     ]
     assert [
         (r.event_id, r.stream_id, msgspec.json.decode(r.data, type=UsageRecorded))

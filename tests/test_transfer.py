@@ -369,3 +369,200 @@ async def test_the_cli_import_exits_non_zero_naming_the_bad_line(
     assert code == 1
     assert err.startswith("govledger import: line 2: not a valid event envelope")
     assert await copy_pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+# --- what every read of an imported line needs ---------------------------------------
+
+B1 = "00000000-0000-4000-8000-00000000bbf1"
+
+
+def legacy_budget_line(n: int, reset_duration: str) -> bytes:
+    return envelope_line(
+        n,
+        type="TeamBudgetUpdated",
+        data={
+            "team_id": T1,
+            "budget_id": B1,
+            "max_limit": "10",
+            "reset_duration": reset_duration,
+        },
+    )
+
+
+async def test_a_convertible_legacy_duration_is_imported_as_given_and_read_current(
+    copy_pool,
+):
+    await transfer.import_lines(
+        copy_pool, [envelope_line(1), legacy_budget_line(2, "1h30m")]
+    )
+
+    stored = await copy_pool.fetchrow(
+        "SELECT type, schema_version, data FROM events WHERE stream_version = 2"
+    )
+    records = await eventstore.read_all(copy_pool, eventstore.Checkpoint())
+
+    assert (stored["type"], stored["schema_version"]) == ("TeamBudgetUpdated", 1)
+    assert msgspec.json.decode(stored["data"])["reset_duration"] == "1h30m"
+    assert records[1].event == TeamBudgetsReplaced(
+        team_id=T1, budgets=(budget(B1, "10", "90m"),)
+    )
+
+
+@pytest.mark.parametrize(
+    ("duration", "why"),
+    [
+        (
+            "500ms",
+            "has no exact current equivalent: the smallest unit is a whole second",
+        ),
+        ("1.5M", "has no exact current equivalent: calendar units count whole months"),
+        ("1w1M", "has no exact current equivalent: it mixes calendar units"),
+        ("1 day", "is not a duration, legacy or current"),
+    ],
+)
+async def test_a_legacy_duration_without_an_equivalent_is_refused_by_its_line(
+    copy_pool, duration, why
+):
+    lines = [envelope_line(1), legacy_budget_line(2, duration), envelope_line(3)]
+
+    with pytest.raises(transfer.ImportFailed) as failed:
+        await transfer.import_lines(copy_pool, lines)
+
+    assert failed.value.line == 2
+    assert str(failed.value).startswith(
+        f"line 2: legacy_event_refused: TeamBudgetUpdated v1: reset_duration"
+        f" {duration!r} {why}"
+    )
+    assert await copy_pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+def current_line(n: int, type_: str, data: dict[str, Any], **changes: Any) -> bytes:
+    return envelope_line(
+        n,
+        type=type_,
+        schema_version=2 if "Created" in type_ else 1,
+        data=data,
+        **changes,
+    )
+
+
+def budget_data(**changes: Any) -> dict[str, Any]:
+    return {"budget_id": B1, "max_limit": "10", "reset_duration": "1d", **changes}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            current_line(
+                1,
+                "TeamBudgetsReplaced",
+                {"team_id": T1, "budgets": [budget_data(reset_duration="1h30m")]},
+            ),
+            "line 1: TeamBudgetsReplaced v1: invalid_reset_duration: reset_duration"
+            " '1h30m' is not valid",
+        ),
+        (
+            current_line(
+                1,
+                "TeamBudgetsReplaced",
+                {"team_id": T1, "budgets": [budget_data(max_limit="0")]},
+            ),
+            "line 1: TeamBudgetsReplaced v1: invalid_max_limit: max_limit of the '1d'"
+            " budget must be greater than 0",
+        ),
+        (
+            current_line(
+                1,
+                "TeamBudgetsReplaced",
+                {"team_id": T1, "budgets": [budget_data(max_limit="1e30")]},
+            ),
+            "line 1: TeamBudgetsReplaced v1: invalid_max_limit: max_limit of the '1d'"
+            " budget must be below 10^18",
+        ),
+        (
+            current_line(
+                1,
+                "TeamBudgetsReplaced",
+                {"team_id": T1, "budgets": [budget_data(), budget_data(budget_id=C1)]},
+            ),
+            "line 1: TeamBudgetsReplaced v1: duplicate_reset_duration:",
+        ),
+        (
+            current_line(
+                1,
+                "TeamCreated",
+                {"team_id": T1, "name": "x", "rate_limit": {"request_max_limit": 5}},
+            ),
+            "line 1: TeamCreated v2: invalid_rate_limit: request_max_limit needs a"
+            " request_reset_duration",
+        ),
+        (
+            envelope_line(1, recorded_at="0001-01-01T00:00:00+01:00"),
+            "line 1: recorded_at must lie between 2000-01-01T00:00:00Z and 5 minutes"
+            " from now, not 0001-01-01T00:00:00+01:00",
+        ),
+        (
+            envelope_line(1, recorded_at="9999-12-31T23:59:59-01:00"),
+            "line 1: recorded_at must lie between 2000-01-01T00:00:00Z and 5 minutes"
+            " from now, not 9999-12-31T23:59:59-01:00",
+        ),
+        (
+            envelope_line(1, recorded_at="1999-12-31T23:59:59Z"),
+            "line 1: recorded_at must lie between",
+        ),
+    ],
+)
+async def test_a_line_no_read_could_take_is_refused(copy_pool, line, message):
+    with pytest.raises(transfer.ImportFailed) as failed:
+        await transfer.import_lines(copy_pool, [line])
+
+    assert str(failed.value).startswith(message)
+    assert await copy_pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+def usage_line(**changes: Any) -> bytes:
+    data = {
+        "virtual_key_id": K1,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "cost": "0.5",
+        "occurred_at": "2026-03-01T00:00:00Z",
+        **changes,
+    }
+    return envelope_line(
+        1,
+        stream_id=f"usage-{K1}",
+        type="UsageRecorded",
+        data=data,
+        recorded_at="2026-03-01T00:00:00Z",
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"occurred_at": "0001-01-01T00:00:00+01:00"}, "occurred_at_out_of_range"),
+        ({"occurred_at": "9999-12-31T23:59:59-01:00"}, "occurred_at_out_of_range"),
+        ({"occurred_at": "2026-03-01T00:05:00.000001Z"}, "occurred_at_out_of_range"),
+        ({"cost": "-1"}, "negative_cost"),
+        ({"cost": "NaN"}, "invalid_cost"),
+        ({"provider": "p" * 257}, "invalid_record"),
+        ({"requests": 2**31}, "invalid_record"),
+    ],
+)
+async def test_a_usage_line_ingest_would_have_rejected_is_refused(
+    copy_pool, changes, code
+):
+    with pytest.raises(transfer.ImportFailed, match=rf"^line 1: {code}: "):
+        await transfer.import_lines(copy_pool, [usage_line(**changes)])
+
+    assert await copy_pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_a_usage_line_up_to_5_minutes_after_its_recording_is_imported(copy_pool):
+    report = await transfer.import_lines(
+        copy_pool, [usage_line(occurred_at="2026-03-01T01:05:00+01:00")]
+    )
+
+    assert report.appended == 1

@@ -30,6 +30,7 @@ from service.domain.events import (
     VirtualKeyCreated,
 )
 from service.domain.upcast import BrokenChain, Step, legacy_budget_id
+from service.errors import LegacyEventRefused
 from service.records import Checkpoint
 
 C1 = "00000000-0000-4000-8000-0000000000c1"
@@ -851,3 +852,368 @@ async def test_the_read_model_of_a_legacy_log_survives_the_rewrite_unchanged(poo
         (B_T3, "team", Decimal("5")),
         (T2_BUDGET, "team", Decimal("80")),
     }
+
+
+# --- legacy values outside today's grammar -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("legacy", "current"),
+    [
+        # already in today's grammar: kept as written, never respelled
+        ("7d", "7d"),
+        ("24h", "24h"),
+        ("12M", "12M"),
+        ("90m", "90m"),
+        # an exact equivalent, in the largest unit (not above the largest one the
+        # value names) in which the count is whole
+        ("1h30m", "90m"),
+        ("1.5d", "36h"),
+        ("0.5w", "84h"),
+        ("1d12h", "36h"),
+        ("24h0m", "24h"),
+        ("2.0d", "2d"),
+        ("1.d", "1d"),
+        (".5h", "30m"),
+        ("01d", "1d"),
+        ("2000ms", "2s"),
+        ("1m30s", "90s"),
+        ("1.5Y", "6Q"),
+        ("1Y6M", "6Q"),
+        ("1Y1M", "13M"),
+        ("100Y0M", "100Y"),
+    ],
+)
+def test_a_legacy_duration_with_an_exact_equivalent_is_converted(legacy, current):
+    assert upcast.current_duration(legacy) == current
+
+
+@pytest.mark.parametrize(
+    ("legacy", "why"),
+    [
+        (
+            "500ms",
+            "has no exact current equivalent: the smallest unit is a whole second",
+        ),
+        (
+            "1.5s",
+            "has no exact current equivalent: the smallest unit is a whole second",
+        ),
+        (
+            "1s1ms",
+            "has no exact current equivalent: the smallest unit is a whole second",
+        ),
+        ("1µs", "has no exact current equivalent: the smallest unit is a whole second"),
+        (
+            "10ns",
+            "has no exact current equivalent: the smallest unit is a whole second",
+        ),
+        ("1.5M", "has no exact current equivalent: calendar units count whole months"),
+        ("0.1Q", "has no exact current equivalent: calendar units count whole months"),
+        (
+            "1M2d",
+            "has no exact current equivalent: it mixes calendar units with a fixed"
+            " length",
+        ),
+        ("0h", "has no exact current equivalent: a period must be longer than zero"),
+        ("0.0d", "has no exact current equivalent: a period must be longer than zero"),
+        ("101Y", "has no current equivalent: reset_duration '101Y' is too long"),
+        ("36526d", "has no current equivalent: reset_duration '36526d' is too long"),
+        ("3650000h0m", "(3650000h in today's grammar) has no current equivalent"),
+        ("abc", "is not a duration, legacy or current"),
+        ("1D", "is not a duration, legacy or current"),
+        ("-1d", "is not a duration, legacy or current"),
+        ("+1d", "is not a duration, legacy or current"),
+        ("1h 30m", "is not a duration, legacy or current"),
+        ("1e3s", "is not a duration, legacy or current"),
+        ("", "is not a duration, legacy or current"),
+        ("\uff11d", "is not a duration, legacy or current"),  # a full-width digit
+        ("1" * 70 + "s", "is not a duration, legacy or current"),
+    ],
+)
+def test_a_legacy_duration_without_an_exact_equivalent_is_refused(legacy, why):
+    with pytest.raises(upcast.UnconvertibleLegacyValue) as refused:
+        upcast.current_duration(legacy)
+
+    assert refused.value.message.startswith(
+        f"reset_duration {upcast._shown(legacy)} {why}"
+    )
+    assert isinstance(refused.value, LegacyEventRefused)
+    assert refused.value.code == "legacy_event_refused"
+
+
+def test_a_converted_legacy_budget_is_named_by_its_current_spelling():
+    legacy = {"team_id": T1, "max_limit": "10", "reset_duration": "1h30m"}
+
+    assert upcast.to_current("TeamBudgetUpdated", 1, legacy) == TeamBudgetsReplaced(
+        team_id=T1,
+        budgets=(_budget(legacy_budget_id(T1, "90m"), "10", "90m"),),
+    )
+
+
+def test_a_calendar_flag_is_kept_only_where_a_duration_can_be_aligned():
+    """Every read ignores it elsewhere: false is the exact current form."""
+    events = [
+        upcast.to_current(
+            "TeamBudgetUpdated",
+            1,
+            {
+                "team_id": T1,
+                "budget_id": B_T1,
+                "max_limit": "10",
+                "reset_duration": duration,
+                "calendar_aligned": True,
+            },
+        )
+        for duration in ("1.0d", "7d", "1h30m", "1M")
+    ]
+
+    assert [
+        (e.budgets[0].reset_duration, e.budgets[0].calendar_aligned) for e in events
+    ] == [
+        ("1d", True),
+        ("7d", False),
+        ("90m", False),
+        ("1M", True),
+    ]
+
+
+# Legacy events every reader must treat alike: (type, data, the current event or the
+# start of the refusal).
+K1_FIELDS: dict[str, Any] = {
+    "virtual_key_id": K1,
+    "name": "ci",
+    "value_sha256": SHA,
+    "value_hint": "wxyz",
+    "budget_id": B_K1,
+    "budget": None,
+}
+HOSTILE_LEGACY: list[tuple[str, Any, AnyEvent | str]] = [
+    (
+        "TeamBudgetUpdated",
+        {"team_id": T1, "budget_id": B_T1, "max_limit": 1, "reset_duration": "1.5d"},
+        TeamBudgetsReplaced(team_id=T1, budgets=(_budget(B_T1, "1", "36h"),)),
+    ),
+    (
+        "TeamBudgetUpdated",
+        {"team_id": T1, "max_limit": 1, "reset_duration": "500ms"},
+        "TeamBudgetUpdated v1: reset_duration '500ms' has no exact current equivalent",
+    ),
+    (
+        "TeamCreated",
+        {
+            "team_id": T1,
+            "name": "x",
+            "budget": {"max_limit": 1, "reset_duration": "1.5M"},
+        },
+        "TeamCreated v1: reset_duration '1.5M' has no exact current equivalent",
+    ),
+    (
+        "VirtualKeyCreated",
+        {**K1_FIELDS, "is_active": 1},
+        "VirtualKeyCreated v1 upcast to VirtualKeyCreated does not decode: Expected"
+        " `bool`, got `int` - at `$.is_active`",
+    ),
+    (
+        "VirtualKeyCreated",
+        {**K1_FIELDS, "is_active": "true"},
+        "VirtualKeyCreated v1 upcast to VirtualKeyCreated does not decode",
+    ),
+    (
+        "TeamBudgetUpdated",
+        {"team_id": T1, "max_limit": 1, "reset_duration": "1d", "calendar_aligned": 1},
+        "TeamBudgetUpdated v1 does not have its legacy shape",
+    ),
+    (
+        "TeamBudgetUpdated",
+        {"team_id": T1, "max_limit": "abc", "reset_duration": "1d"},
+        "TeamBudgetUpdated v1 does not have its legacy shape",
+    ),
+    *(
+        (
+            "TeamBudgetUpdated",
+            {"team_id": T1, "max_limit": limit, "reset_duration": "1d"},
+            "TeamBudgetUpdated v1: max_limit of the '1d' budget must be",
+        )
+        for limit in ("NaN", "-1", 0, "1e18", "1e400")
+    ),
+    (
+        "TeamBudgetUpdated",
+        {"team_id": T1, "max_limit": "0.0000000001", "reset_duration": "1d"},
+        "TeamBudgetUpdated v1: max_limit of the '1d' budget has more than 9 fractional",
+    ),
+    (
+        "VirtualKeyCreated",
+        {
+            **K1_FIELDS,
+            "rate_limit": {"token_max_limit": 10, "token_reset_duration": "1h30m"},
+        },
+        VirtualKeyCreated(
+            virtual_key_id=K1,
+            name="ci",
+            value_sha256=SHA,
+            value_hint="wxyz",
+            rate_limit=RateLimit(token_max_limit=10, token_reset_duration="90m"),
+        ),
+    ),
+    (
+        "VirtualKeyCreated",
+        {**K1_FIELDS, "rate_limit": {"token_max_limit": 10}},
+        "VirtualKeyCreated v1: token_max_limit needs a token_reset_duration",
+    ),
+    (
+        "VirtualKeyCreated",
+        {
+            **K1_FIELDS,
+            "rate_limit": {"request_max_limit": 1, "request_reset_duration": "0.5s"},
+        },
+        "VirtualKeyCreated v1: reset_duration '0.5s' has no exact current equivalent",
+    ),
+    (
+        "VirtualKeyCreated",
+        {
+            **K1_FIELDS,
+            "provider_configs": [
+                {
+                    "provider_config_id": P1,
+                    "provider": "openai",
+                    "budgets": [
+                        {"budget_id": B_T1, "max_limit": "5", "reset_duration": "1.5d"}
+                    ],
+                }
+            ],
+        },
+        VirtualKeyCreated(
+            virtual_key_id=K1,
+            name="ci",
+            value_sha256=SHA,
+            value_hint="wxyz",
+            provider_configs=(
+                ProviderConfig(
+                    provider_config_id=P1,
+                    provider="openai",
+                    budgets=(_budget(B_T1, "5", "36h"),),
+                ),
+            ),
+        ),
+    ),
+    (
+        "VirtualKeyCreated",
+        {
+            **K1_FIELDS,
+            "provider_configs": [
+                {"provider_config_id": P1, "provider": "openai"},
+                {"provider_config_id": B_T1, "provider": "openai"},
+            ],
+        },
+        "VirtualKeyCreated v1: provider 'openai' has more than one config",
+    ),
+    (
+        "TeamCreated",
+        {"team_id": T1, "name": "x", "budget": "1d"},
+        "TeamCreated v1 does not have its legacy shape",
+    ),
+    ("TeamBudgetRemoved", [], "the data of a legacy event must be a JSON object"),
+]
+
+
+def _on_read(type_: str, data: Any) -> AnyEvent:
+    return eventstore.decode_event(type_, 1, msgspec.json.encode(data))
+
+
+def _at_import(type_: str, data: Any) -> AnyEvent:
+    return transfer.decode_data(type_, 1, msgspec.json.encode(data))
+
+
+def _in_the_rewrite(type_: str, data: Any) -> AnyEvent:
+    """What `govledger upcast` writes for the row, decoded as every later read is."""
+    row = {
+        "event_id": uuid.uuid4(),
+        "global_position": 1,
+        "type": type_,
+        "schema_version": 1,
+        "data": msgspec.json.encode(data),
+    }
+    try:
+        converted = rewrite.convert_row(row)
+    except rewrite.RewriteFailed as exc:
+        # The rewrite names the row; what it refused is the reads' refusal.
+        if not isinstance(exc.__cause__, LegacyEventRefused):
+            raise
+        raise exc.__cause__ from None
+    return eventstore.decode_event(
+        converted.to_type, converted.to_version, converted.after
+    )
+
+
+@pytest.mark.parametrize(("type_", "data", "expected"), HOSTILE_LEGACY)
+@pytest.mark.parametrize("path", [_on_read, _at_import, _in_the_rewrite])
+def test_read_import_and_rewrite_take_the_same_legacy_events_alike(
+    path, type_, data, expected
+):
+    if not isinstance(expected, str):
+        assert path(type_, data) == expected
+        return
+    with pytest.raises(LegacyEventRefused) as refused:
+        path(type_, data)
+    assert refused.value.message.startswith(expected)
+    assert refused.value.code == "legacy_event_refused"
+
+
+async def test_a_log_with_a_converted_legacy_duration_projects_and_rewrites_alike(pool):
+    legacy = _line(
+        1,
+        "TeamBudgetUpdated",
+        1,
+        f"team-{T2}",
+        2,
+        {"team_id": T2, "budget_id": B_T1, "max_limit": "7", "reset_duration": "1h30m"},
+    )
+    created = _line(
+        2,
+        "TeamCreated",
+        1,
+        f"team-{T2}",
+        1,
+        {"team_id": T2, "name": "research", "budget": None},
+    )
+    report = await transfer.import_lines(
+        pool, [msgspec.json.encode(created), msgspec.json.encode(legacy)]
+    )
+    assert report.appended == 2
+    await Projector(pool, "governance", governance.apply).catch_up()
+    read = [r.event for r in await read_events(pool)]
+
+    await rewrite.rewrite(pool)
+
+    assert [r.event for r in await read_events(pool)] == read
+    assert read[1] == TeamBudgetsReplaced(
+        team_id=T2, budgets=(_budget(B_T1, "7", "90m"),)
+    )
+    assert [
+        (r["id"], r["reset_duration"])
+        for r in await pool.fetch("SELECT id, reset_duration FROM governance_budgets")
+    ] == [(B_T1, "90m")]
+
+
+async def test_a_log_holding_a_refused_legacy_event_fails_the_rewrite_by_name(pool):
+    event_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO events (event_id, stream_id, stream_version, type, schema_version,"
+        " data) VALUES ($1, $2, 1, 'TeamBudgetUpdated', 1, $3)",
+        event_id,
+        f"team-{T1}",
+        {"team_id": T1, "max_limit": "1", "reset_duration": "500ms"},
+    )
+    position = await pool.fetchval("SELECT global_position FROM events")
+
+    with pytest.raises(rewrite.RewriteFailed) as failed:
+        await rewrite.rewrite(pool)
+
+    assert str(failed.value) == (
+        f"event {event_id} at position {position} (TeamBudgetUpdated v1):"
+        " TeamBudgetUpdated v1: reset_duration '500ms' has no exact current"
+        " equivalent: the smallest unit is a whole second"
+    )
+    with pytest.raises(upcast.UnconvertibleLegacyValue):
+        await read_events(pool)

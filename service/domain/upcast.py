@@ -1,22 +1,56 @@
-"""Legacy event schemas → the current one: pure dict→dict steps, chained on read.
+"""Legacy event schemas → the current one: pure dict→dict steps, chained on read,
+and the one strict decoding every legacy event goes through.
 
 One step per legacy (type, schema_version), each declaring where it leads, so the
-chains can be proven at start-up (`validate_chains`). The same steps serve reads
-(`service.eventstore.decode_event`) and the one-shot rewrite (`service.rewrite`).
+chains can be proven at start-up (`validate_chains`). The same steps and the same
+strict decoding (`to_current`) serve reads (`service.eventstore.decode_event`), the
+import (`service.transfer`) and the one-shot rewrite (`service.rewrite`), so the three
+accept exactly the same legacy events and produce the same result.
+
+A legacy value outside today's grammar is converted when it has an exact current
+equivalent (`reset_duration` "1h30m" → "90m", "1.5d" → "36h") and refused when it has
+none ("500ms", "1.5M"); so is data that does not decode strictly (`"is_active": 1`).
+Every refusal is a LegacyEventRefused: import names the line, and in a log the
+projectors skip that event loudly instead of stopping on it.
+
 Steps only reshape `data`: the time of an event (budget anchors, usage floors) comes
 from its envelope's `recorded_at`, which neither path changes.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Any
 
 import msgspec
 
-from service.domain.events import EVENT_TYPES, AnyEvent
+from service.domain.budgets import (
+    BudgetSpec,
+    is_calendar_alignable,
+    new_budgets,
+    parse_duration,
+    validate_rate_limit,
+)
+from service.domain.events import (
+    EVENT_TYPES,
+    AnyEvent,
+    Budget,
+    CustomerBudgetsReplaced,
+    CustomerCreated,
+    CustomerUpdated,
+    RateLimit,
+    TeamBudgetsReplaced,
+    TeamCreated,
+    TeamUpdated,
+    VirtualKeyBudgetsReplaced,
+    VirtualKeyCreated,
+    VirtualKeyUpdated,
+)
+from service.errors import DuplicateProvider, Invalid, LegacyEventRefused
 
 Data = dict[str, Any]
 
@@ -33,8 +67,17 @@ class UnknownSchema(Exception):
     """An event whose (type, schema_version) no chain leads from."""
 
 
-class MalformedLegacyEvent(UnknownSchema):
+class MalformedLegacyEvent(LegacyEventRefused, UnknownSchema):
     """A legacy event whose data lacks what its legacy schema promises."""
+
+
+class UnconvertibleLegacyValue(LegacyEventRefused):
+    """A legacy value outside today's grammar with no exact current equivalent."""
+
+
+class InvalidLegacyEvent(LegacyEventRefused, msgspec.ValidationError):
+    """A legacy event whose upcast data does not decode strictly into the current
+    struct (a msgspec.ValidationError too, as the strict decoding raised one)."""
 
 
 class BrokenChain(Exception):
@@ -45,13 +88,35 @@ class BrokenChain(Exception):
 _decode_lossless = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode
 
 
-def decode_legacy(raw: bytes) -> Data:
+def decode_legacy(raw: bytes | msgspec.Raw) -> Data:
     """The `data` of a stored event as a dict, numbers with a fraction as Decimal."""
-    return _decode_lossless(raw)
+    try:
+        return _decode_lossless(raw)
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        raise MalformedLegacyEvent(
+            f"the data of a legacy event must be a JSON object: {exc}"
+        ) from None
 
 
 def upcast(type_: str, schema_version: int, data: Data) -> tuple[str, Data]:
-    """Follow the chain from a stored (type, version) to the current schema."""
+    """Follow the chain from a stored (type, version) to the current schema; the
+    result of a legacy event is proven to decode strictly (`to_current`), so a lax
+    decoding of it gives the very event the rewrite writes."""
+    name, current = _follow(type_, schema_version, data)
+    cls = EVENT_TYPES.get(type_)
+    if cls is None or cls.schema_version != schema_version:
+        _decode_current(type_, schema_version, name, current)
+    return name, current
+
+
+def to_current(type_: str, schema_version: int, data: Data) -> AnyEvent:
+    """Upcast and decode strictly into the current struct: the one decoding of a
+    legacy event, on read, at import and in the rewrite alike."""
+    name, current = _follow(type_, schema_version, data)
+    return _decode_current(type_, schema_version, name, current)
+
+
+def _follow(type_: str, schema_version: int, data: Data) -> tuple[str, Data]:
     seen: set[tuple[str, int]] = set()
     while True:
         cls = EVENT_TYPES.get(type_)
@@ -64,6 +129,10 @@ def upcast(type_: str, schema_version: int, data: Data) -> tuple[str, Data]:
         seen.add(key)
         try:
             data = step.convert(data)
+        except UnconvertibleLegacyValue as exc:
+            raise UnconvertibleLegacyValue(
+                f"{type_} v{schema_version}: {exc.message}"
+            ) from exc
         except (
             KeyError,
             TypeError,
@@ -77,18 +146,114 @@ def upcast(type_: str, schema_version: int, data: Data) -> tuple[str, Data]:
         type_, schema_version = step.to_type, step.to_version
 
 
-def to_current(type_: str, schema_version: int, data: Data) -> AnyEvent:
-    """Upcast and decode strictly into the current struct (what the rewrite writes)."""
-    name, current = upcast(type_, schema_version, data)
-    return msgspec.convert(current, EVENT_TYPES[name], strict=True)
+def _decode_current(
+    from_type: str, from_version: int, name: str, data: Data
+) -> AnyEvent:
+    try:
+        event = msgspec.convert(data, EVENT_TYPES[name], strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidLegacyEvent(
+            f"{from_type} v{from_version} upcast to {name} does not decode: {exc}"
+        ) from None
+    try:
+        check_values(event)
+    except Invalid as exc:
+        raise UnconvertibleLegacyValue(
+            f"{from_type} v{from_version}: {exc.message}"
+        ) from None
+    return event
 
 
 def legacy_budget_id(owner_id: str, reset_duration: str) -> str:
     """The id of a legacy budget stored without one: stable, so reads and the
-    rewritten log agree, and a later legacy event can name it."""
+    rewritten log agree, and a later legacy event can name it. `reset_duration` is
+    the current spelling, so "1h30m" and "90m" name the same budget."""
     return str(
         uuid.uuid5(uuid.NAMESPACE_URL, f"govledger:budget:{owner_id}:{reset_duration}")
     )
+
+
+# --- legacy durations --------------------------------------------------------------
+
+# The older system's durations: one or more `<number><unit>` terms, the number a
+# decimal (ASCII digits, no sign, no exponent), the unit one of today's or a
+# sub-second one (`1h30m`, `1.5d`, `500ms`).
+_TERM = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d|w|M|Q|Y)"
+_LEGACY_DURATION = re.compile(f"(?:{_TERM})+")
+_LEGACY_TERM = re.compile(_TERM)
+_MAX_LEGACY_LENGTH = 64
+_SECONDS: dict[str, Fraction] = {
+    "ns": Fraction(1, 10**9),
+    "us": Fraction(1, 10**6),
+    "µs": Fraction(1, 10**6),  # MICRO SIGN, as Go writes it
+    "μs": Fraction(1, 10**6),  # GREEK SMALL LETTER MU
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+    "d": Fraction(86_400),
+    "w": Fraction(604_800),
+}
+_MONTHS: dict[str, Fraction] = {"M": Fraction(1), "Q": Fraction(3), "Y": Fraction(12)}
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def current_duration(text: str) -> str:
+    """A `reset_duration` in today's grammar: itself when it already is (`7d` stays
+    `7d`), else its exact current equivalent, in the largest unit not above the
+    largest one it names in which its count is whole (`1h30m` → `90m`, `1.5d` →
+    `36h`, `2000ms` → `2s`, `1.5Y` → `6Q`). UnconvertibleLegacyValue when there is
+    none: below a second (`500ms`), a fraction of a month (`1.5M`), months mixed
+    with a fixed length (`1M2d`), zero, or longer than a period may be."""
+    try:
+        parse_duration(text)
+    except Invalid:
+        pass
+    else:
+        return text
+    if len(text) > _MAX_LEGACY_LENGTH or _LEGACY_DURATION.fullmatch(text) is None:
+        raise UnconvertibleLegacyValue(
+            f"reset_duration {_shown(text)} is not a duration, legacy or current"
+        )
+    terms = [
+        (Fraction(Decimal(number)), unit) for number, unit in _LEGACY_TERM.findall(text)
+    ]
+    seconds = sum((n * _SECONDS[u] for n, u in terms if u in _SECONDS), Fraction(0))
+    months = sum((n * _MONTHS[u] for n, u in terms if u in _MONTHS), Fraction(0))
+    why: str | None = None
+    if seconds and months:
+        why = "it mixes calendar units with a fixed length"
+    elif not (seconds or months):
+        why = "a period must be longer than zero"
+    elif months and months.denominator != 1:
+        why = "calendar units count whole months"
+    elif seconds and seconds.denominator != 1:
+        why = "the smallest unit is a whole second"
+    if why is not None:
+        raise UnconvertibleLegacyValue(
+            f"reset_duration {_shown(text)} has no exact current equivalent: {why}"
+        )
+    sizes = _MONTHS if months else _SECONDS
+    total = months or seconds
+    top = max(max(sizes[u] for _, u in terms), Fraction(1))
+    unit, size = next(
+        (u, sizes[u])
+        for u in ("Y", "Q", "M", "w", "d", "h", "m", "s")
+        if u in sizes and sizes[u] <= top and total % sizes[u] == 0
+    )
+    current = f"{total // size}{unit}"
+    try:
+        parse_duration(current)
+    except Invalid as exc:
+        spelled = "" if current == text else f" ({current} in today's grammar)"
+        raise UnconvertibleLegacyValue(
+            f"reset_duration {_shown(text)}{spelled} has no current equivalent:"
+            f" {exc.message}"
+        ) from None
+    return current
 
 
 # --- the steps ---------------------------------------------------------------------
@@ -106,22 +271,90 @@ def _money(value: object) -> str:
     return str(Decimal(value))
 
 
+def _flag(fields: Mapping[str, Any], name: str) -> bool:
+    """A legacy boolean: true, false, null or absent (null and absent are false)."""
+    value = fields.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true, false or null, not {value!r}")
+    return value
+
+
+def _aligned(reset_duration: str, calendar_aligned: bool) -> bool:
+    # A flag on a duration that cannot be aligned is ignored by every read
+    # (budgets.period_bounds): its exact current form is false.
+    return calendar_aligned and is_calendar_alignable(parse_duration(reset_duration))
+
+
+def _duration(fields: Mapping[str, Any], name: str) -> str:
+    value = fields[name]
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {value!r}")
+    return current_duration(value)
+
+
 def _budget(owner_id: str, budget_id: object, fields: Mapping[str, Any]) -> Data:
-    reset_duration = fields["reset_duration"]
-    if not isinstance(reset_duration, str):
-        raise TypeError(f"reset_duration must be a string, not {reset_duration!r}")
+    reset_duration = _duration(fields, "reset_duration")
     return {
         "budget_id": budget_id or legacy_budget_id(owner_id, reset_duration),
         "max_limit": _money(fields["max_limit"]),
         "reset_duration": reset_duration,
-        "calendar_aligned": bool(fields.get("calendar_aligned") or False),
-        "reset_usage": bool(fields.get("reset_usage") or False),
+        "calendar_aligned": _aligned(reset_duration, _flag(fields, "calendar_aligned")),
+        "reset_usage": _flag(fields, "reset_usage"),
     }
 
 
+def _current_budget(budget: object) -> object:
+    """A budget already in the current shape (inside a legacy provider config), its
+    duration and flag brought to today's grammar; other shapes are left to the
+    strict decoding to refuse."""
+    if not isinstance(budget, dict) or not isinstance(
+        budget.get("reset_duration"), str
+    ):
+        return budget
+    reset_duration = _duration(budget, "reset_duration")
+    changed = {**budget, "reset_duration": reset_duration}
+    if isinstance(budget.get("calendar_aligned"), bool):
+        changed["calendar_aligned"] = _aligned(
+            reset_duration, budget["calendar_aligned"]
+        )
+    return changed
+
+
+def _rate_limit(rate_limit: object) -> object:
+    """A legacy rate limit, its durations in today's grammar."""
+    if not isinstance(rate_limit, dict):
+        return rate_limit
+    return {
+        k: current_duration(v)
+        if k.endswith("_reset_duration") and isinstance(v, str)
+        else v
+        for k, v in rate_limit.items()
+    }
+
+
+def _provider_config(config: object) -> object:
+    if not isinstance(config, dict):
+        return config
+    changed = dict(config)
+    if isinstance(config.get("budgets"), list):
+        changed["budgets"] = [_current_budget(b) for b in config["budgets"]]
+    if "rate_limit" in config:
+        changed["rate_limit"] = _rate_limit(config["rate_limit"])
+    return changed
+
+
 def _created(owner_key: str, data: Data) -> Data:
-    """`*Created` v1 → v2: the single `budget` (and its id) become `budgets`."""
+    """`*Created` v1 → v2: the single `budget` (and its id) become `budgets`; the
+    current fields it carries (a rate limit, provider configs) in today's grammar."""
     rest = {k: v for k, v in data.items() if k not in ("budget_id", "budget")}
+    if "rate_limit" in rest:
+        rest["rate_limit"] = _rate_limit(rest["rate_limit"])
+    if isinstance(rest.get("provider_configs"), list):
+        rest["provider_configs"] = [
+            _provider_config(c) for c in rest["provider_configs"]
+        ]
     budget = data.get("budget")
     if budget is None:
         return {**rest, "budgets": []}
@@ -198,6 +431,65 @@ STEPS: dict[tuple[str, int], Step] = {
         "VirtualKeyBudgetsReplaced", 1, virtual_key_budget_removed_v1
     ),
 }
+
+
+# --- what a read needs of an event --------------------------------------------------
+
+_WITH_BUDGETS = (
+    CustomerCreated
+    | TeamCreated
+    | VirtualKeyCreated
+    | CustomerBudgetsReplaced
+    | TeamBudgetsReplaced
+    | VirtualKeyBudgetsReplaced
+)
+_WITH_RATE_LIMIT = (
+    CustomerCreated
+    | TeamCreated
+    | VirtualKeyCreated
+    | CustomerUpdated
+    | TeamUpdated
+    | VirtualKeyUpdated
+)
+
+
+def check_values(event: AnyEvent) -> None:
+    """Raise the Invalid a command would have met for the budgets, rate limits and
+    provider configs of `event`: what the projections and the read model's indexes
+    rely on. calendar_aligned on a duration that cannot be aligned is let through
+    (every read ignores it); usage has its own rules (domain.usage)."""
+    if isinstance(event, _WITH_BUDGETS):
+        _check_budgets(event.budgets)
+    if isinstance(event, _WITH_RATE_LIMIT):
+        _check_rate_limit(event.rate_limit)
+    if isinstance(event, VirtualKeyCreated | VirtualKeyUpdated):
+        providers: set[str] = set()
+        for config in event.provider_configs:
+            if config.provider in providers:
+                raise DuplicateProvider(
+                    f"provider {_shown(config.provider)} has more than one config"
+                )
+            providers.add(config.provider)
+            _check_budgets(config.budgets)
+            _check_rate_limit(config.rate_limit)
+
+
+def _check_budgets(budgets: Sequence[Budget]) -> None:
+    specs = [
+        BudgetSpec(
+            max_limit=b.max_limit,
+            reset_duration=b.reset_duration,
+            calendar_aligned=_aligned(b.reset_duration, b.calendar_aligned),
+        )
+        for b in budgets
+    ]
+    # The very rules of a command's budgets; the ids drawn are thrown away.
+    new_budgets(specs, str)
+
+
+def _check_rate_limit(rate_limit: RateLimit | None) -> None:
+    if rate_limit is not None:
+        validate_rate_limit(rate_limit)
 
 
 # --- start-up proof ----------------------------------------------------------------

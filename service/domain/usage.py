@@ -8,7 +8,9 @@ Rejection codes (each answered with a sentence):
 - `negative_cost`: `cost` below zero.
 - `invalid_cost`: `cost` not finite, with more than 9 fractional digits, or absurdly
   large (≥ 10^12, which no single request costs and which keeps sums in range).
-- `future_occurred_at`: `occurred_at` more than 5 minutes ahead of the receive time.
+- `occurred_at_out_of_range`: `occurred_at` before 2000-01-01T00:00:00Z or more than
+  5 minutes after the receive time (`is_in_range`: the one rule for every instant a
+  client or an imported log gives).
 - `unknown_virtual_key`: no such key (decided by the shell, which holds the cache).
 
 `requests` defaults to 1 and may be 0: a record may correct the cost or tokens of a
@@ -29,6 +31,10 @@ import msgspec
 from service.domain.events import UsageRecorded
 
 MAX_FUTURE = timedelta(minutes=5)
+# The instants a record may carry: from 2000-01-01 to MAX_FUTURE after the receive
+# time. Far inside datetime's years 1..9999, so converting one to UTC and period
+# arithmetic from it never overflow, whatever its offset.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_COST = Decimal(10) ** 12
 NANO = Decimal("1e-9")
 # Per record; sums over millions of records still fit a bigint.
@@ -39,7 +45,8 @@ _UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-
 # event_id stays a str: str is not tracked by the cyclic GC, uuid.UUID is (see
 # research/ingest-pipeline.md), and the canonical form is enforced by the pattern.
 EventId = Annotated[str, msgspec.Meta(pattern=_UUID)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+MAX_NAME = 256
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Instant = Annotated[datetime, msgspec.Meta(tz=True)]
 
@@ -82,8 +89,10 @@ INVALID_COST = Rejection(
     "invalid_cost",
     "cost must be a finite number below 10^12 with at most 9 fractional digits",
 )
-FUTURE_OCCURRED_AT = Rejection(
-    "future_occurred_at", "occurred_at is more than 5 minutes in the future"
+OCCURRED_AT_OUT_OF_RANGE = Rejection(
+    "occurred_at_out_of_range",
+    "occurred_at must lie between 2000-01-01T00:00:00Z and 5 minutes after the"
+    " receive time",
 )
 UNKNOWN_VIRTUAL_KEY = Rejection(
     "unknown_virtual_key", "the virtual key is not known (or was deleted)"
@@ -103,14 +112,53 @@ def invalid_record(error: msgspec.MsgspecError) -> Rejection:
     return Rejection("invalid_record", f"the record is not valid JSON: {error}")
 
 
+def is_in_range(at: datetime, received: datetime) -> bool:
+    """Whether the aware instant `at` lies between EARLIEST and MAX_FUTURE after
+    `received`. Aware datetimes compare without a conversion to UTC, so an offset at
+    the very edge of datetime's range (0001-01-01T00:00:00+01:00) cannot overflow."""
+    return EARLIEST <= at <= received + MAX_FUTURE
+
+
 def validate(record: UsageRecord, now: datetime) -> Rejection | None:
     """What is wrong with a decoded record that its types cannot say, if anything."""
     if (record.virtual_key is None) == (record.virtual_key_id is None):
         return KEY_CHOICE
+    rejection = _content(record.provider, record.model, record.cost)
+    at = record.occurred_at
+    if rejection is None and at is not None and not is_in_range(at, now):
+        return OCCURRED_AT_OUT_OF_RANGE
+    return rejection
+
+
+def validate_recorded(event: UsageRecorded, recorded_at: datetime) -> Rejection | None:
+    """What is wrong with a usage event read from a log to import, if anything: the
+    rules of `validate` and the record's types, with the event's `recorded_at` as
+    its receive time (`recorded_at` itself must be in range: see is_in_range)."""
+    if not (0 < len(event.provider) <= MAX_NAME and 0 < len(event.model) <= MAX_NAME):
+        return Rejection(
+            "invalid_record",
+            f"provider and model must have 1 to {MAX_NAME} characters",
+        )
+    if not all(
+        0 <= n <= MAX_COUNT
+        for n in (event.input_tokens, event.output_tokens, event.requests)
+    ):
+        return Rejection(
+            "invalid_record", f"token and request counts must lie in 0..{MAX_COUNT}"
+        )
+    rejection = _content(event.provider, event.model, event.cost)
+    if rejection is None and (
+        event.occurred_at.utcoffset() is None
+        or not is_in_range(event.occurred_at, recorded_at)
+    ):
+        return OCCURRED_AT_OUT_OF_RANGE
+    return rejection
+
+
+def _content(provider: str, model: str, cost: Decimal) -> Rejection | None:
     # PostgreSQL's jsonb cannot hold U+0000: one such record would fail its group.
-    if "\x00" in record.provider or "\x00" in record.model:
+    if "\x00" in provider or "\x00" in model:
         return NUL_CHARACTER
-    cost = record.cost
     if not cost.is_finite():
         return INVALID_COST
     if cost < 0:
@@ -121,8 +169,6 @@ def validate(record: UsageRecord, now: datetime) -> Rejection | None:
     # passes: only one of its fractional digits is not zero.
     if cost != cost.quantize(NANO):
         return INVALID_COST
-    if record.occurred_at is not None and record.occurred_at > now + MAX_FUTURE:
-        return FUTURE_OCCURRED_AT
     return None
 
 
