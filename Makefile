@@ -30,9 +30,20 @@ run: postgres
 migrate: postgres
 	$(BIN)/govledger migrate
 
+# Debian's chromium for the dashboard's browser tests (Playwright drives it; no
+# browser download of its own), installed as root when missing.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 .PHONY: test
-test: postgres
+test: postgres chromium
 	$(BIN)/pytest
+
+# The inner loop: everything but the slow and the browser tests.
+.PHONY: test-fast
+test-fast: postgres
+	$(BIN)/pytest -m "not slow and not browser"
 
 .PHONY: soak
 soak: postgres

@@ -24,10 +24,11 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import ClassVar, TypeGuard, TypeVar
+from typing import ClassVar, Literal, TypeGuard, TypeVar
 
 import msgspec
 
+from projections.governance_views import OwnerType
 from projections.meters import (
     Meter,
     budget_meters,
@@ -67,8 +68,22 @@ _HUGE = Decimal(10) ** 19
 # --- state -------------------------------------------------------------------------
 
 
+CheckReason = Literal[
+    "ok",
+    "unknown_virtual_key",
+    "key_inactive",
+    "provider_not_allowed",
+    "model_not_allowed",
+    "rate_limited",
+    "budget_exceeded",
+]
+CheckStatus = Literal[200, 401, 402, 403, 429]
+RateHalf = Literal["tokens", "requests"]
+
+
 class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The decision of a check, as API.md words it (the route adds `position`).
+    """The decision of a check, as API.md words it (the route answers it with the
+    cache's position: `service.web.answers.CheckAnswer`).
 
     A blocked answer names the budget or rate limit that blocks; for a rate limit
     `budget_id` is absent and `rate_limit` says which half ("tokens" or "requests"),
@@ -76,15 +91,15 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """
 
     allowed: bool
-    reason: str
-    http_status: int
+    reason: CheckReason
+    http_status: CheckStatus
     budget_id: str | None = None
-    owner_type: str | None = None
+    owner_type: OwnerType | None = None
     owner_id: str | None = None
     current_usage: Decimal | None = None
     max_limit: Decimal | None = None
     remaining: Decimal | None = None
-    rate_limit: str | None = None
+    rate_limit: RateHalf | None = None
 
 
 ALLOWED = CheckResult(allowed=True, reason="ok", http_status=200)
@@ -102,7 +117,7 @@ class Owner(msgspec.Struct, gc=False, kw_only=True):
     """Anything that owns budgets and a rate limit, with its cached aggregates
     (the fields a check reads come first: they share the first cache lines)."""
 
-    owner_type: ClassVar[str]
+    owner_type: ClassVar[OwnerType]
     left: int = UNLIMITED  # smallest max_limit - used over the budgets, in nanos
     rate_blocked: bool = False  # a rate meter has used >= limit
     # The allowed answer naming `left` as remaining and that amount as a Decimal,
@@ -120,18 +135,18 @@ _O = TypeVar("_O", bound=Owner)
 
 
 class Customer(Owner, gc=False, kw_only=True):
-    owner_type: ClassVar[str] = "customer"
+    owner_type: ClassVar[OwnerType] = "customer"
 
 
 class Team(Owner, gc=False, kw_only=True):
-    owner_type: ClassVar[str] = "team"
+    owner_type: ClassVar[OwnerType] = "team"
     customer_id: str | None = None
 
 
 class ProviderConfigState(Owner, gc=False, kw_only=True):
     """A key's provider config; it holds the chain checks of that provider walk."""
 
-    owner_type: ClassVar[str] = "provider_config"
+    owner_type: ClassVar[OwnerType] = "provider_config"
     models: frozenset[str] | None = None  # None: every model
     chain: tuple[Owner, ...] = ()  # key, this config, team, customer (those that exist)
     chain_end: datetime = FOREVER  # the earliest next_end in `chain`
@@ -142,7 +157,7 @@ class ProviderConfigState(Owner, gc=False, kw_only=True):
 class VirtualKey(Owner, gc=False, kw_only=True):
     """A key; it holds the chain of checks without a provider config."""
 
-    owner_type: ClassVar[str] = "virtual_key"
+    owner_type: ClassVar[OwnerType] = "virtual_key"
     # None: any provider. A tuple, scanned: a key has few configs, and the scan
     # reads the configs (needed anyway) instead of a dict's table besides.
     providers: tuple[ProviderConfigState, ...] | None = None
@@ -631,7 +646,7 @@ def _rate_limited(owner: Owner) -> CheckResult:
         owner_id=owner.id,
         current_usage=Decimal(meter.used),
         max_limit=Decimal(meter.limit),
-        rate_limit=meter.name,
+        rate_limit="tokens" if meter.name == "tokens" else "requests",
     )
 
 

@@ -14,11 +14,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 from projections import governance_reads, runner
-from projections.governance_reads import Wire
 from service.domain.budgets import parse_duration, period_bounds
 from service.errors import NotFound
 from service.eventstore import Connection
+
+# The snapshot's entities as JSON-ready dicts (money and times kept as such), which
+# `dress` extends with the dashboard's own fields.
+Wire = dict[str, Any]
 
 # The SQL projector whose tables the snapshot reads (projections.runner).
 GOVERNANCE_PROJECTION = "governance"
@@ -44,9 +49,9 @@ async def snapshot(conn: Connection, now: datetime) -> Wire:
     of the read model; `position` is the governance projection's checkpoint."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         checkpoint = await runner.load_checkpoint(conn, GOVERNANCE_PROJECTION)
-        customers = await governance_reads.list_customers(conn, now)
-        teams = await governance_reads.list_teams(conn, now)
-        keys = await governance_reads.list_virtual_keys(conn, now)
+        customers = _wire(await governance_reads.list_customers(conn, now))
+        teams = _wire(await governance_reads.list_teams(conn, now))
+        keys = _wire(await governance_reads.list_virtual_keys(conn, now))
         anchors = {r["id"]: r["anchor"] for r in await conn.fetch(_BUDGET_ANCHORS)}
         rate_anchors = {
             (r["owner_type"], r["owner_id"]): dict(r)
@@ -73,6 +78,12 @@ async def periods(conn: Connection, budget_id: str, limit: int | None) -> list[W
             raise NotFound(f"budget {budget_id} does not exist")
         rows = await conn.fetch(_PERIODS, budget_id, limit)
     return [{"period_start": r["period_start"], "spend": r["spend"]} for r in rows]
+
+
+def _wire(views: Sequence[msgspec.Struct]) -> list[Wire]:
+    """The read views as dicts, field for field, in the order they are answered."""
+    wire: list[Wire] = msgspec.to_builtins(views, builtin_types=(Decimal, datetime))
+    return wire
 
 
 # --- dressing (pure) ---------------------------------------------------------------

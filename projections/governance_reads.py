@@ -1,9 +1,9 @@
-"""The governance read queries: API.md's wire dicts of customers, teams, virtual keys
-and budgets from the governance_* tables, each budget and rate limit with the usage
-of the period that contains `now`.
+"""The governance read queries: customers, teams, virtual keys and budgets from the
+governance_* tables as their views (`projections.governance_views`), each budget and
+rate limit with the usage of the period that contains `now`.
 
-`last_reset` on the wire is the start of the period that contains `now` (DESIGN.md),
-also right after a reset; the usage shown is what is stored at that period's key
+`last_reset` is the start of the period that contains `now` (DESIGN.md), also right
+after a reset; the usage shown is what is stored at that period's key
 (`projections.governance_usage`).
 """
 
@@ -13,7 +13,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
@@ -27,10 +26,16 @@ from projections.governance_usage import (
     rate_usage_at,
     spend_at,
 )
+from projections.governance_views import (
+    BudgetView,
+    CustomerView,
+    ProviderConfigView,
+    RateLimitView,
+    TeamView,
+    VirtualKeyView,
+)
 from service.errors import NotFound
 from service.eventstore import Connection
-
-Wire = dict[str, Any]
 
 _CUSTOMERS = """
 SELECT id, name, version, created_at, updated_at FROM governance_customers
@@ -62,37 +67,37 @@ FROM governance_budgets b
 WHERE ($1::text IS NULL OR owner_type = $1) AND ($2::text IS NULL OR owner_id = $2)
 ORDER BY b.created_at, owner_type, owner_id, b.ordinal
 """
-# The columns of a customer's or a team's answer before its budgets.
-_FIELDS = {"customer": ("id", "name"), "team": ("id", "name", "customer_id")}
 
 
-async def fetch_customer(conn: Connection, customer_id: str, now: datetime) -> Wire:
+async def fetch_customer(
+    conn: Connection, customer_id: str, now: datetime
+) -> CustomerView:
     rows = await conn.fetch(_CUSTOMERS, customer_id)
     if not rows:
         raise NotFound(f"customer {customer_id} does not exist")
-    return (await _owners(conn, "customer", rows, now))[0]
+    return (await _customers(conn, rows, now))[0]
 
 
-async def list_customers(conn: Connection, now: datetime) -> list[Wire]:
-    return await _owners(conn, "customer", await conn.fetch(_CUSTOMERS, None), now)
+async def list_customers(conn: Connection, now: datetime) -> list[CustomerView]:
+    return await _customers(conn, await conn.fetch(_CUSTOMERS, None), now)
 
 
-async def fetch_team(conn: Connection, team_id: str, now: datetime) -> Wire:
+async def fetch_team(conn: Connection, team_id: str, now: datetime) -> TeamView:
     rows = await conn.fetch(_TEAMS, team_id, None)
     if not rows:
         raise NotFound(f"team {team_id} does not exist")
-    return (await _owners(conn, "team", rows, now))[0]
+    return (await _teams(conn, rows, now))[0]
 
 
 async def list_teams(
     conn: Connection, now: datetime, customer_id: str | None = None
-) -> list[Wire]:
-    return await _owners(conn, "team", await conn.fetch(_TEAMS, None, customer_id), now)
+) -> list[TeamView]:
+    return await _teams(conn, await conn.fetch(_TEAMS, None, customer_id), now)
 
 
 async def fetch_virtual_key(
     conn: Connection, virtual_key_id: str, now: datetime
-) -> Wire:
+) -> VirtualKeyView:
     rows = await conn.fetch(_VIRTUAL_KEYS, virtual_key_id, None, None)
     if not rows:
         raise NotFound(f"virtual key {virtual_key_id} does not exist")
@@ -104,7 +109,7 @@ async def list_virtual_keys(
     now: datetime,
     team_id: str | None = None,
     customer_id: str | None = None,
-) -> list[Wire]:
+) -> list[VirtualKeyView]:
     rows = await conn.fetch(_VIRTUAL_KEYS, None, team_id, customer_id)
     return await _virtual_keys(conn, rows, now)
 
@@ -114,105 +119,121 @@ async def list_budgets(
     now: datetime,
     owner_type: str | None = None,
     owner_id: str | None = None,
-) -> list[Wire]:
+) -> list[BudgetView]:
     return await _budgets(conn, await conn.fetch(_BUDGETS, owner_type, owner_id), now)
 
 
 async def owned_by(
     conn: Connection, owners: Sequence[Owner], now: datetime
-) -> tuple[defaultdict[Owner, list[Wire]], dict[Owner, Wire]]:
+) -> tuple[defaultdict[Owner, list[BudgetView]], dict[Owner, RateLimitView]]:
     """The budgets and rate limits of `owners`, with their current usage."""
-    budgets: defaultdict[Owner, list[Wire]] = defaultdict(list)
+    budgets: defaultdict[Owner, list[BudgetView]] = defaultdict(list)
     for budget in await _budgets(conn, await budgets_of(conn, owners), now):
-        budgets[Owner(budget["owner_type"], budget["owner_id"])].append(budget)
+        budgets[Owner(budget.owner_type, budget.owner_id)].append(budget)
     return budgets, await _rate_limits(conn, await rate_limits_of(conn, owners), now)
 
 
-async def _owners(
-    conn: Connection, owner_type: str, rows: Sequence[asyncpg.Record], now: datetime
-) -> list[Wire]:
-    """Customers or teams: their own fields, budgets, rate limit and stamps."""
-    owners = [Owner(owner_type, r["id"]) for r in rows]
+async def _customers(
+    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+) -> list[CustomerView]:
+    owners = [Owner("customer", r["id"]) for r in rows]
     budgets, rate_limits = await owned_by(conn, owners, now)
     return [
-        {
-            **{field: r[field] for field in _FIELDS[owner_type]},
-            "budgets": budgets[o],
-            "rate_limit": rate_limits.get(o),
-            **_stamps(r),
-        }
+        CustomerView(
+            id=r["id"],
+            name=r["name"],
+            budgets=budgets[o],
+            rate_limit=rate_limits.get(o),
+            version=r["version"],
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+        )
+        for r, o in zip(rows, owners, strict=True)
+    ]
+
+
+async def _teams(
+    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+) -> list[TeamView]:
+    owners = [Owner("team", r["id"]) for r in rows]
+    budgets, rate_limits = await owned_by(conn, owners, now)
+    return [
+        TeamView(
+            id=r["id"],
+            name=r["name"],
+            customer_id=r["customer_id"],
+            budgets=budgets[o],
+            rate_limit=rate_limits.get(o),
+            version=r["version"],
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+        )
         for r, o in zip(rows, owners, strict=True)
     ]
 
 
 async def _virtual_keys(
     conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> list[Wire]:
+) -> list[VirtualKeyView]:
     owners = [Owner("virtual_key", r["id"]) for r in rows]
     configs = await conn.fetch(_PROVIDER_CONFIGS, [o.id for o in owners])
     config_owners = [Owner("provider_config", c["id"]) for c in configs]
     budgets, rate_limits = await owned_by(conn, owners + config_owners, now)
-    configs_of: defaultdict[str, list[Wire]] = defaultdict(list)
+    configs_of: defaultdict[str, list[ProviderConfigView]] = defaultdict(list)
     for c, o in zip(configs, config_owners, strict=True):
         models = c["allowed_models"]
         configs_of[c["virtual_key_id"]].append(
-            {
-                "id": c["id"],
-                "provider": c["provider"],
-                "allowed_models": ["*"] if models is None else models,
-                "budgets": budgets[o],
-                "rate_limit": rate_limits.get(o),
-            }
+            ProviderConfigView(
+                id=c["id"],
+                provider=c["provider"],
+                allowed_models=["*"] if models is None else models,
+                budgets=budgets[o],
+                rate_limit=rate_limits.get(o),
+            )
         )
     return [
-        {
-            "id": r["id"],
-            "name": r["name"],
-            "team_id": r["team_id"],
-            "customer_id": r["customer_id"],
-            "is_active": r["is_active"],
-            "budgets": budgets[o],
-            "rate_limit": rate_limits.get(o),
-            "provider_configs": configs_of[r["id"]],
-            "value_hint": r["value_hint"],
-            **_stamps(r),
-        }
+        VirtualKeyView(
+            id=r["id"],
+            name=r["name"],
+            team_id=r["team_id"],
+            customer_id=r["customer_id"],
+            is_active=r["is_active"],
+            budgets=budgets[o],
+            rate_limit=rate_limits.get(o),
+            provider_configs=configs_of[r["id"]],
+            value_hint=r["value_hint"],
+            version=r["version"],
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+        )
         for r, o in zip(rows, owners, strict=True)
     ]
 
 
-def _stamps(row: asyncpg.Record) -> Wire:
-    return {
-        "version": row["version"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
-
-
 async def _budgets(
     conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> list[Wire]:
+) -> list[BudgetView]:
     periods = [budget_period(r, now) for r in rows]
     keys = [(r["id"], key) for r, (_, key) in zip(rows, periods, strict=True)]
     spend = await spend_at(conn, keys)
     return [
-        {
-            "id": r["id"],
-            "max_limit": r["max_limit"],
-            "reset_duration": r["reset_duration"],
-            "calendar_aligned": r["calendar_aligned"],
-            "current_usage": spend.get(key, Decimal(0)),
-            "last_reset": start,
-            "owner_type": r["owner_type"],
-            "owner_id": r["owner_id"],
-        }
+        BudgetView(
+            id=r["id"],
+            max_limit=r["max_limit"],
+            reset_duration=r["reset_duration"],
+            calendar_aligned=r["calendar_aligned"],
+            current_usage=spend.get(key, Decimal(0)),
+            last_reset=start,
+            owner_type=r["owner_type"],
+            owner_id=r["owner_id"],
+        )
         for r, (start, _), key in zip(rows, periods, keys, strict=True)
     ]
 
 
 async def _rate_limits(
     conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> dict[Owner, Wire]:
+) -> dict[Owner, RateLimitView]:
     slots: dict[tuple[int, str], tuple[int, str, datetime]] = {}
     for r in rows:
         for kind in RATE_KINDS:
@@ -226,13 +247,13 @@ async def _rate_limits(
         return 0 if slot is None else int(used.get(slot, 0))
 
     return {
-        Owner(r["owner_type"], r["owner_id"]): {
-            "token_max_limit": r["token_max_limit"],
-            "token_reset_duration": r["token_reset_duration"],
-            "request_max_limit": r["request_max_limit"],
-            "request_reset_duration": r["request_reset_duration"],
-            "token_current_usage": current(r, "tokens"),
-            "request_current_usage": current(r, "requests"),
-        }
+        Owner(r["owner_type"], r["owner_id"]): RateLimitView(
+            token_max_limit=r["token_max_limit"],
+            token_reset_duration=r["token_reset_duration"],
+            request_max_limit=r["request_max_limit"],
+            request_reset_duration=r["request_reset_duration"],
+            token_current_usage=current(r, "tokens"),
+            request_current_usage=current(r, "requests"),
+        )
         for r in rows
     }

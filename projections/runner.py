@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import asyncpg
 import structlog
@@ -16,11 +17,15 @@ import structlog
 from service import eventstore, metrics
 from service.errors import ProjectionLag
 from service.eventstore import UNREACHABLE, Connection, Executor
-from service.records import Checkpoint, RecordedEvent
+from service.records import Batch, Checkpoint, RecordedEvent, Refused
 
 log = structlog.get_logger()
 
 CHANNEL = "govledger_events"
+# A SQL projector announces each checkpoint it moves here, so that processes which
+# only follow it (a serving process whose projector runs in `govledger project`)
+# learn of it at once instead of at their next poll.
+CHECKPOINT_CHANNEL = "govledger_checkpoints"
 BATCH_SIZE = 500
 
 Apply = Callable[[Connection, Sequence[RecordedEvent]], Awaitable[None]]
@@ -45,6 +50,8 @@ UPDATE projection_checkpoints
 SET last_tx_id = $2, last_position = $3, updated_at = now()
 WHERE projection = $1 AND last_tx_id = $4 AND last_position = $5
 """
+# Sent inside the batch's transaction: delivered at its commit, never before.
+_ANNOUNCE = "SELECT pg_notify($1, $2)"
 
 
 class LostCheckpoint(Exception):
@@ -97,6 +104,28 @@ class Wake:
         await _wait(self._event, at_most_s)
 
 
+class Failure(NamedTuple):
+    """What stops a projection: the first event it could not apply, and why."""
+
+    projection: str
+    position: int
+    error: str
+
+
+# How many refused events /readyz names, per projection.
+MAX_REFUSED_SHOWN = 10
+
+
+class _Batch(NamedTuple):
+    first: int  # position of its first event
+    last: Checkpoint
+    size: int
+
+    @classmethod
+    def of(cls, records: Sequence[RecordedEvent]) -> _Batch:
+        return cls(records[0].global_position, records[-1].checkpoint, len(records))
+
+
 class Projector:
     """Follows the log from its checkpoint and applies batches in (tx_id, position)
     order, never skipping one.
@@ -107,6 +136,10 @@ class Projector:
     projection; `apply` must not write, the checkpoint lives in this object only
     (starting at `start`), and a failed batch is retried whole, so `apply` must leave
     its state unchanged when it raises (or be idempotent per event).
+
+    follow_only=True (persistent only): never take the lock, never apply; only follow
+    the checkpoint row another process writes (`govledger project`), so that waits
+    for ?min_position=, readiness and the lag gauges still work here.
     """
 
     def __init__(
@@ -116,13 +149,17 @@ class Projector:
         apply: Apply,
         *,
         persistent: bool = True,
+        follow_only: bool = False,
         start: Checkpoint | None = None,
         batch_size: int = BATCH_SIZE,
         poll_interval_s: float = 0.5,
         max_backoff_s: float = 30.0,
     ) -> None:
+        if follow_only and not persistent:
+            raise ValueError("only a persistent projection can be followed")
         self.name = name
         self.persistent = persistent
+        self.follow_only = follow_only
         self._pool = pool
         self._apply = apply
         self._batch_size = batch_size
@@ -136,6 +173,16 @@ class Projector:
         # The last attempt to read or apply failed (the database may be out of
         # reach): what this projection serves is as of `checkpoint`, maybe stale.
         self.failing = False
+        # A failure that is not the database being out of reach: the event at
+        # `failure.position` could not be applied (reported, retried, never skipped).
+        self.failure: Failure | None = None
+        # The batch being applied, and while a failed batch is narrowed down to
+        # its failing event, the end of that batch.
+        self._applying: _Batch | None = None
+        # Legacy events passed over (the last few, for /readyz).
+        self.refused: list[Refused] = []
+        self._refused_up_to = 0
+        self._narrow_until: Checkpoint | None = None
         # Lag as of the last step: events behind the log head, and seconds.
         self.lag_events = 0
         self.lag_seconds = 0.0
@@ -152,32 +199,76 @@ class Projector:
         return self._ready
 
     async def run(self, wake: Wake) -> None:
-        """Follow the log for ever; on error log, back off and retry the same place."""
+        """Follow the log for ever; on error back off and retry the same place.
+
+        An unreachable database is logged as such and retried at least every
+        second. Any other failure is first narrowed down to one event (the failed
+        batch is retried one event at a time), then reported once (a log line,
+        `failure` for /readyz, a gauge for /metrics) and retried with back-off:
+        never skipped, since an event skipped by one projection would leave it
+        disagreeing with the others for good.
+        """
         delay = 0.0
         while True:
             seen = wake.generation
             try:
                 if self._start_head is None:
                     self._start_head = await eventstore.head(self._pool)
-                more = await self.step()
+                narrow = self._narrow_until is not None or self.failure is not None
+                more = await self.step(narrow=narrow)
             except Exception as exc:
                 self.failing = True
-                # An unreachable database is tried again at least every second, so
-                # the projection resumes soon after it is back.
-                cap = 1.0 if isinstance(exc, UNREACHABLE) else self._max_backoff_s
-                delay = min(max(delay * 2, 0.1), cap)
-                log.exception(
-                    "projection_failed",
-                    projection=self.name,
-                    position=self._checkpoint.position,
-                    retry_in_s=delay,
-                )
+                applying, self._applying = self._applying, None
+                if isinstance(exc, UNREACHABLE):
+                    delay = min(max(delay * 2, 0.1), 1.0)
+                    log.warning(
+                        "projection_waiting_for_database",
+                        projection=self.name,
+                        error=repr(exc),
+                        retry_in_s=delay,
+                    )
+                elif applying is not None and applying.size > 1:
+                    # Find the event: retry this batch one event at a time, now.
+                    self._narrow_until = applying.last
+                    continue
+                else:
+                    delay = min(max(delay * 2, 0.1), self._max_backoff_s)
+                    position = applying.first if applying else self._checkpoint.position
+                    self._report_failure(position, exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            if self.failure is not None:
+                log.info(
+                    "projection_recovered",
+                    projection=self.name,
+                    position=self.failure.position,
+                )
+                self.failure = None
+                metrics.set_projection_failure(self.name, None)
+            if self._narrow_until is not None and _reached(
+                self._checkpoint, self._narrow_until
+            ):
+                self._narrow_until = None
             self.failing = False
             delay = 0.0
             if not more:
                 await wake.wait(seen, self._poll_interval_s)
+
+    def _report_failure(self, position: int, exc: Exception, retry_in_s: float) -> None:
+        """One log line per distinct (position, error), not one per retry."""
+        failure = Failure(self.name, position, f"{type(exc).__name__}: {exc}")
+        if failure == self.failure:
+            return
+        self.failure = failure
+        metrics.set_projection_failure(self.name, position)
+        log.error(
+            "projection_failed",
+            projection=self.name,
+            position=position,
+            error=failure.error,
+            retry_in_s=retry_in_s,
+            exc_info=exc,
+        )
 
     async def catch_up(self) -> None:
         """Apply until the log head seen now is reached (by this or another replica).
@@ -220,14 +311,18 @@ class Projector:
                 remaining = min(remaining, self._poll_interval_s)
             await _wait(advanced, remaining)
 
-    async def step(self) -> bool:
-        """Apply at most one batch; True when it was full (more may be waiting)."""
+    async def step(self, *, narrow: bool = False) -> bool:
+        """Apply at most one batch (of one event with `narrow`, to find the one that
+        fails); True when it was full (more may be waiting)."""
+        size = 1 if narrow else self._batch_size
         async with self._step_lock:
+            if self.follow_only:
+                return await self._step_following()
             if self.persistent:
-                return await self._step_persistent()
-            return await self._step_in_memory()
+                return await self._step_persistent(size)
+            return await self._step_in_memory(size)
 
-    async def _step_persistent(self) -> bool:
+    async def _step_persistent(self, size: int) -> bool:
         records: list[RecordedEvent] = []
         async with self._pool.acquire() as conn:
             async with conn.transaction():
@@ -240,10 +335,15 @@ class Projector:
                 if row is None:
                     await conn.execute(_CREATE_CHECKPOINT, self.name)
                 current = Checkpoint() if row is None else _checkpoint(row)
-                records = await eventstore.read_all(conn, current, self._batch_size)
-                if records:
-                    await self._apply(conn, records)
-                    new = records[-1].checkpoint
+                batch = await eventstore.read_batch(conn, current, size)
+                records = batch.records
+                self._pass_over(batch.refused)
+                if batch.end != current:
+                    if records:
+                        self._applying = _Batch.of(records)
+                        await self._apply(conn, records)
+                        self._applying = None
+                    new = batch.end
                     status = await conn.execute(
                         _MOVE_CHECKPOINT,
                         self.name,
@@ -254,19 +354,50 @@ class Projector:
                     )
                     if status != "UPDATE 1":
                         raise LostCheckpoint(f"{self.name} moved during a batch")
+                    await conn.execute(_ANNOUNCE, CHECKPOINT_CHANNEL, self.name)
             # Committed: only now is the batch visible, so only now may waiters go.
-            self._advance(records[-1].checkpoint if records else current)
-            return await self._measure(conn, records)
+            self._advance(batch.end)
+            return await self._measure(conn, batch)
 
-    async def _step_in_memory(self) -> bool:
+    async def _step_following(self) -> bool:
         async with self._pool.acquire() as conn:
-            records = await eventstore.read_all(
-                conn, self._checkpoint, self._batch_size
+            row = await conn.fetchrow(_CHECKPOINT, self.name)
+            if row is not None:
+                await self._follow(conn, _checkpoint(row), row["updated_at"])
+        return False
+
+    async def _step_in_memory(self, size: int) -> bool:
+        async with self._pool.acquire() as conn:
+            batch = await eventstore.read_batch(conn, self._checkpoint, size)
+            self._pass_over(batch.refused)
+            if batch.records:
+                self._applying = _Batch.of(batch.records)
+                await self._apply(conn, batch.records)
+                self._applying = None
+            self._advance(batch.end)
+            return await self._measure(conn, batch)
+
+    def _pass_over(self, refused: Sequence[Refused]) -> None:
+        """Legacy events with no current form: every reader refuses the same ones,
+        so passing over them keeps the projections in agreement. Each is said once,
+        loudly: a log line, /metrics, and /readyz (the last few)."""
+        for event in refused:
+            if event.global_position <= self._refused_up_to:
+                continue  # a batch retried after a failure
+            self._refused_up_to = event.global_position
+            self.refused = [*self.refused[-(MAX_REFUSED_SHOWN - 1) :], event]
+            metrics.count_refused_event(self.name)
+            log.error(
+                "event_refused",
+                projection=self.name,
+                position=event.global_position,
+                event_id=event.event_id,
+                stream_id=event.stream_id,
+                type=event.type,
+                schema_version=event.schema_version,
+                code=event.code,
+                error=event.message,
             )
-            if records:
-                await self._apply(conn, records)
-                self._advance(records[-1].checkpoint)
-            return await self._measure(conn, records)
 
     async def _follow(
         self, conn: Connection, checkpoint: Checkpoint, updated_at: datetime
@@ -286,11 +417,12 @@ class Projector:
         advanced, self._advanced = self._advanced, asyncio.Event()
         advanced.set()
 
-    async def _measure(
-        self, conn: Connection, records: Sequence[RecordedEvent]
-    ) -> bool:
-        full = len(records) >= self._batch_size
-        if full:
+    async def _measure(self, conn: Connection, batch: Batch) -> bool:
+        records = batch.records
+        narrowed = self._narrow_until is not None or self.failure is not None
+        read = len(records) + len(batch.refused)
+        full = read > 0 and (read >= self._batch_size or narrowed)
+        if full and records:
             head = await eventstore.max_position(conn)
             self.lag_events = max(0, head - records[-1].global_position)
             age = datetime.now(UTC) - records[-1].recorded_at
@@ -307,15 +439,24 @@ class Projector:
 
 
 class Listener:
-    """The process's one LISTEN connection: every notification wakes `wake`.
+    """The process's one LISTEN connection: every notification of new events wakes
+    `wake`, every moved checkpoint wakes `moved`.
 
     After each (re)connect it wakes the projectors once, since events appended while
     nobody listened sent their notifications to no one.
     """
 
-    def __init__(self, dsn: str, wake: Wake, *, heartbeat_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        wake: Wake,
+        *,
+        moved: Wake | None = None,
+        heartbeat_s: float = 30.0,
+    ) -> None:
         self._dsn = dsn
         self._wake = wake
+        self._moved = moved or Wake()
         self._heartbeat_s = heartbeat_s
         self.pid: int | None = None
         self.listening = asyncio.Event()
@@ -340,10 +481,12 @@ class Listener:
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(CHECKPOINT_CHANNEL, self._checkpoint_moved)
             self.pid = conn.get_server_pid()
             self.listening.set()
             log.info("listener_connected", pid=self.pid)
             self._wake.notify()
+            self._moved.notify()
             while not lost.is_set():
                 if not await _wait(lost, self._heartbeat_s):
                     # A peer that vanished without a word shows up as an error here.
@@ -358,21 +501,27 @@ class Listener:
     ) -> None:
         self._wake.notify()
 
+    def _checkpoint_moved(
+        self, _conn: object, _pid: int, _channel: str, _payload: object
+    ) -> None:
+        self._moved.notify()
+
 
 class Tail:
     """One LISTEN connection and the projector tasks it wakes, for one process."""
 
     def __init__(self, dsn: str) -> None:
         self.wake = Wake()
-        self.listener = Listener(dsn, self.wake)
+        self.moved = Wake()  # a SQL projector moved its checkpoint (any process)
+        self.listener = Listener(dsn, self.wake, moved=self.moved)
         self._tasks = [asyncio.create_task(self.listener.run(), name="listener")]
 
     def start(self, projector: Projector) -> None:
-        """Run `projector` until `stop`."""
+        """Run `projector` until `stop`; a follower wakes when a checkpoint moved,
+        the others when events are appended."""
+        wake = self.moved if projector.follow_only else self.wake
         self._tasks.append(
-            asyncio.create_task(
-                projector.run(self.wake), name=f"projector:{projector.name}"
-            )
+            asyncio.create_task(projector.run(wake), name=f"projector:{projector.name}")
         )
 
     async def stop(self) -> None:

@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import gc
 import os
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -42,10 +43,12 @@ def database_url(settings: Settings) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.domain.upcast import validate_chains
     from service.migrate import migrate
-    from service.web.app import create_app
+    from service.web.app import create_app, keepalive_timeout
 
     validate_chains()
     settings = Settings.from_env()
+    if args.no_projector:
+        settings = msgspec.structs.replace(settings, projector="external")
     check_exposure(settings)
     if settings.is_open:
         log.warning(
@@ -59,7 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     asyncio.run(migrate(dsn))
     app = create_app(settings, dsn)
     app.on_startup.append(_freeze_heap)
-    log.info("serving", host=settings.host, port=settings.port)
+    if settings.projector == "child":
+        app.cleanup_ctx.append(_projector_child(dsn))
+    log.info(
+        "serving", host=settings.host, port=settings.port, projector=settings.projector
+    )
     web.run_app(
         app,
         host=settings.host,
@@ -68,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=None,
         shutdown_timeout=10,
         reuse_port=args.reuse_port,
+        keepalive_timeout=keepalive_timeout(settings),
     )
     if started_here:
         # Leave the machine as we found it: a cluster this serve started stops with it.
@@ -83,11 +91,155 @@ def _embedded_status(settings: Settings) -> str | None:
     return pgcluster.status(Path(settings.data_dir))
 
 
+def _projector_child(
+    dsn: str,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """`govledger project` as a child of this serve, for the app's lifetime."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        child = ProjectorChild(
+            [sys.executable, "-m", "service", "project", "--with-parent"],
+            {**os.environ, "DATABASE_URL": dsn},
+        )
+        await child.start()
+        try:
+            yield
+        finally:
+            await child.stop()
+
+    return ctx
+
+
+class ProjectorChild:
+    """One child process at a time: started, restarted with back-off whenever it
+    exits, stopped (SIGTERM, then SIGKILL) with the parent.
+
+    Its stdin is a pipe from this process, which it watches (`--with-parent`): when
+    this process dies without stopping it, even by SIGKILL, the pipe closes and the
+    child stops too. Its own session keeps a terminal's Ctrl-C for the parent alone.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        *,
+        stop_timeout_s: float = 10.0,
+        max_backoff_s: float = 30.0,
+        healthy_after_s: float = 30.0,
+    ) -> None:
+        self._argv = list(argv)
+        self._env = env
+        self._stop_timeout_s = stop_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._healthy_after_s = healthy_after_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self._proc = await asyncio.create_subprocess_exec(
+            *self._argv,
+            stdin=asyncio.subprocess.PIPE,
+            env=self._env,
+            start_new_session=True,
+        )
+        log.info("projector_child_started", pid=self._proc.pid)
+        return self._proc
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.0
+        while True:
+            proc = self._proc
+            assert proc is not None
+            started = loop.time()
+            code = await proc.wait()
+            quick = loop.time() - started < self._healthy_after_s
+            delay = min(max(delay * 2, 0.5), self._max_backoff_s) if quick else 0.5
+            log.warning(
+                "projector_child_exited", pid=proc.pid, code=code, restart_in_s=delay
+            )
+            await asyncio.sleep(delay)
+            await self._spawn()
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            async with asyncio.timeout(self._stop_timeout_s):
+                code = await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            code = await proc.wait()
+        log.info("projector_child_stopped", pid=proc.pid, code=code)
+
+
 async def _freeze_heap(app: web.Application) -> None:
     """Move start-up objects out of the cyclic GC's sight: full collections then walk
     only what requests allocate (the ingest research measured +25% from this)."""
     gc.collect()
     gc.freeze()
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from service.domain.upcast import validate_chains
+    from service.migrate import migrate
+
+    validate_chains()
+    settings = Settings.from_env()
+    dsn = database_url(settings)
+    asyncio.run(migrate(dsn))
+    asyncio.run(_project(dsn, settings, with_parent=args.with_parent))
+    return 0
+
+
+async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
+    """Apply the SQL read model's projector until SIGTERM or SIGINT (or, with a
+    parent, until the parent's pipe on stdin closes)."""
+    from projections import governance
+    from projections.runner import Projector, Tail
+    from service import eventstore
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if with_parent:
+
+        def parent_pipe_readable() -> None:
+            if not os.read(sys.stdin.fileno(), 4096):  # end of file: the parent died
+                loop.remove_reader(sys.stdin.fileno())
+                log.warning("projector_parent_gone", parent=os.getppid())
+                stop.set()
+
+        loop.add_reader(sys.stdin.fileno(), parent_pipe_readable)
+    pool = await eventstore.create_pool(dsn, min_size=1, max_size=2)
+    projector = Projector(
+        pool, "governance", governance.apply, poll_interval_s=settings.poll_interval_s
+    )
+    tail = Tail(dsn)
+    tail.start(projector)
+    log.info("projector_started", projection=projector.name, pid=os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        # A batch in flight rolls back: its checkpoint moves in the same transaction.
+        await tail.stop()
+        await pool.close()
+    log.info(
+        "projector_stopped",
+        projection=projector.name,
+        position=projector.checkpoint.position,
+    )
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -248,7 +400,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.at is not None and args.verify:
             raise replay.ReplayError("--verify compares with the live tables; not --at")
         if args.at is not None:
-            at = replay.parse_at(args.at)
+            at = replay.parse_at(args.at, datetime.now(UTC))
             return _with_pool(lambda pool: _replay_at(pool, args, at, progress))
         if args.print:
             raise replay.ReplayError("--print needs --at")
@@ -343,7 +495,23 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SO_REUSEPORT, so several processes can share the port",
     )
+    serve.add_argument(
+        "--no-projector",
+        action="store_true",
+        help="start no `govledger project` child: it runs elsewhere"
+        " (as GOVLEDGER_PROJECTOR=external)",
+    )
     serve.set_defaults(func=cmd_serve)
+    project = sub.add_parser(
+        "project",
+        help="apply the SQL read model's projector (serve starts one by default)",
+    )
+    project.add_argument(
+        "--with-parent",
+        action="store_true",
+        help="stop when stdin reaches its end: how serve runs its child",
+    )
+    project.set_defaults(func=cmd_project)
     sub.add_parser("migrate", help="apply pending migrations").set_defaults(
         func=cmd_migrate
     )
@@ -409,7 +577,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging_setup.configure(cache=args.command == "serve")
+    logging_setup.configure(cache=args.command in ("serve", "project"))
     try:
         return int(args.func(args))
     except ConfigError as exc:

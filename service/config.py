@@ -5,12 +5,20 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 import msgspec
 
 
 class ConfigError(Exception):
     """The environment describes a service that must not start."""
+
+
+# Where the SQL read model's projector runs. "inline": in the serving process (an
+# app built in process: tests, tools); "child": in a `govledger project` process
+# that `serve` starts, restarts and stops; "external": in a `govledger project`
+# run elsewhere. With "child" and "external" the serving process only follows it.
+ProjectorPlacement = Literal["inline", "child", "external"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +36,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     min_position_wait_s: float = 2.0
     # Projector poll interval: NOTIFY is only a wake-up, the poll bounds a lost one.
     poll_interval_s: float = 0.5
+    # A connection that has not sent a whole request head this long after it opened
+    # (or after its last answer) is closed; a declared body must arrive within
+    # body_timeout_s of the handler's first read (408 otherwise).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # Origins (scheme://host[:port]) besides the service's own whose pages may open
+    # the usage WebSocket in open mode.
+    allowed_origins: frozenset[str] = frozenset()
+    # The default suits an app built in process; the environment's is "child".
+    projector: ProjectorPlacement = "inline"
 
     @property
     def is_open(self) -> bool:
@@ -49,7 +67,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             recorder_tokens=_tokens(env, "GOVLEDGER_RECORDER_TOKENS"),
             reader_tokens=_tokens(env, "GOVLEDGER_READER_TOKENS"),
             data_dir=env.get("GOVLEDGER_DATA_DIR", ".data"),
+            header_timeout_s=_seconds(env, "GOVLEDGER_HEADER_TIMEOUT_S", 10.0),
+            body_timeout_s=_seconds(env, "GOVLEDGER_BODY_TIMEOUT_S", 30.0),
+            allowed_origins=frozenset(
+                o.rstrip("/").lower() for o in _tokens(env, "GOVLEDGER_ALLOWED_ORIGINS")
+            ),
+            projector=_placement(env.get("GOVLEDGER_PROJECTOR") or "child"),
         )
+
+
+_PLACEMENTS: dict[str, ProjectorPlacement] = {
+    p: p for p in get_args(ProjectorPlacement)
+}
+
+
+def _placement(raw: str) -> ProjectorPlacement:
+    if raw not in _PLACEMENTS:
+        choices = ", ".join(_PLACEMENTS)
+        raise ConfigError(f"GOVLEDGER_PROJECTOR must be one of {choices}")
+    return _PLACEMENTS[raw]
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{name} must be a number of seconds above 0, at most 3600")
+    return value
 
 
 def _tokens(env: Mapping[str, str], name: str) -> frozenset[str]:

@@ -19,8 +19,17 @@ from asyncpg.pool import PoolConnectionProxy
 
 from service.domain import upcast
 from service.domain.events import EVENT_TYPES, AnyEvent, type_name
-from service.errors import IdempotencyConflict, VersionConflict
-from service.records import Appended, Checkpoint, NewEvent, RecordedEvent
+from service.errors import IdempotencyConflict, LegacyEventRefused, VersionConflict
+from service.records import (
+    Appended,
+    Batch,
+    Checkpoint,
+    Envelope,
+    NewEvent,
+    RecordedEvent,
+    Refused,
+    envelope,
+)
 
 # asyncpg pools and connections both offer fetch/execute; commands take either.
 # One connection, pooled or not (what a transaction runs on).
@@ -200,8 +209,15 @@ async def position_sequence(conn: Executor) -> str:
     sequence: str = await conn.fetchval(
         "SELECT pg_get_serial_sequence('events', 'global_position')"
     )
-    literal = "'" + sequence.replace("'", "''") + "'"
-    return f"SELECT array_agg(nextval({literal}::regclass)) FROM generate_series(1, $1)"
+    return (
+        f"SELECT array_agg(nextval({_literal(sequence)}::regclass))"
+        " FROM generate_series(1, $1)"
+    )
+
+
+def _literal(text: str) -> str:
+    """`text` as an SQL string literal (for a catalog name from the server itself)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 async def draw_positions(conn: Executor, statement: str, count: int) -> list[int]:
@@ -261,6 +277,34 @@ async def read_all(
     return [_record(r) for r in rows]
 
 
+async def read_batch(conn: Executor, after: Checkpoint, limit: int = 500) -> Batch:
+    """`read_all` for projectors: a legacy row with no current form (upcast refuses
+    it) is returned as refused instead of failing the whole read."""
+    rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+    records: list[RecordedEvent] = []
+    refused: list[Refused] = []
+    for row in rows:
+        try:
+            records.append(_record(row))
+        except LegacyEventRefused as exc:
+            refused.append(_refused(row, exc))
+    end = Checkpoint(rows[-1]["tx_id"], rows[-1]["global_position"]) if rows else after
+    return Batch(records=records, refused=refused, end=end)
+
+
+def _refused(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
+    return Refused(
+        global_position=row["global_position"],
+        tx_id=row["tx_id"],
+        event_id=str(row["event_id"]),
+        stream_id=row["stream_id"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        code=exc.code,
+        message=exc.message,
+    )
+
+
 async def read_all_rows(
     conn: Executor, after: Checkpoint, limit: int = 500
 ) -> list[asyncpg.Record]:
@@ -270,8 +314,9 @@ async def read_all_rows(
 
 async def read_page(
     conn: Executor, *, after: int, limit: int, stream_id: str | None = None
-) -> list[RecordedEvent]:
-    """Events by position for inspection and export: committed ones only."""
+) -> list[Envelope]:
+    """Events by position for inspection (GET /api/events): committed ones only,
+    upcast on read; a legacy event with no current form as it is stored."""
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM events
@@ -283,7 +328,27 @@ async def read_page(
         limit,
         stream_id,
     )
-    return [_record(r) for r in rows]
+    page: list[Envelope] = []
+    for row in rows:
+        try:
+            page.append(envelope(_record(row)))
+        except LegacyEventRefused:
+            page.append(_stored_envelope(row))
+    return page
+
+
+def _stored_envelope(row: asyncpg.Record) -> Envelope:
+    return Envelope(
+        global_position=row["global_position"],
+        event_id=str(row["event_id"]),
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        data=_decode_metadata(row["data"]),
+        metadata=_decode_metadata(row["metadata"]),
+        recorded_at=row["recorded_at"],
+    )
 
 
 async def head(conn: Executor) -> Checkpoint:

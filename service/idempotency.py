@@ -1,5 +1,6 @@
-"""Idempotency-Key answers: the header, a request's fingerprint, and the answer kept
-sealed in command_results beside the command's events, replayed byte for byte.
+"""Idempotency-Key answers: a request's key and fingerprint, and its answer (status
+and body bytes) kept sealed in command_results beside the command's events, replayed
+byte for byte.
 
 A virtual key's secret may be in an answer, so the stored body is sealed with AES-GCM
 under a key derived (HKDF-SHA256) from the Idempotency-Key's value, and the row is
@@ -15,7 +16,6 @@ import secrets
 from typing import NamedTuple
 
 import asyncpg
-from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -43,19 +43,28 @@ class Idempotency(NamedTuple):
     fingerprint: str
 
 
-def from_request(request: web.Request, body: bytes) -> Idempotency | None:
+class Reply(NamedTuple):
+    """A command's answer as kept for its key: the status and the body's bytes."""
+
+    status: int
+    body: bytes
+    replayed: bool = False  # read back for a retry, not made now
+
+
+def from_request(
+    key: str | None, *, method: str, path: str, if_match: str | None, body: bytes
+) -> Idempotency | None:
     """The request's Idempotency-Key with the fingerprint of method, path, If-Match
     and body; None when the header is absent."""
-    key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
     if not 0 < len(key) <= MAX_KEY_LENGTH:
         raise Invalid(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
-    head = f"{request.method}\0{request.path}\0{request.headers.get('If-Match', '')}\0"
+    head = f"{method}\0{path}\0{if_match or ''}\0"
     return Idempotency(key, hashlib.sha256(head.encode() + body).hexdigest())
 
 
-async def replay(conn: Executor, idempotency: Idempotency) -> web.Response | None:
+async def replay(conn: Executor, idempotency: Idempotency) -> Reply | None:
     """The answer stored for this key, marked replayed; None when there is none."""
     row = await conn.fetchrow(_STORED, _row_key(idempotency.key))
     if row is None:
@@ -64,26 +73,18 @@ async def replay(conn: Executor, idempotency: Idempotency) -> web.Response | Non
         raise IdempotencyConflict(
             "this Idempotency-Key was already used for a different request"
         )
-    response = web.Response(
-        body=_unseal(idempotency.key, row["status"], row["body"]),
-        status=row["status"],
-        content_type="application/json",
-    )
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+    body = _unseal(idempotency.key, row["status"], row["body"])
+    return Reply(row["status"], body, replayed=True)
 
 
-async def remember(
-    conn: Executor, idempotency: Idempotency, response: web.Response
-) -> None:
+async def remember(conn: Executor, idempotency: Idempotency, reply: Reply) -> None:
     """Keep the answer, in the transaction that appends the command's events."""
-    assert isinstance(response.body, bytes)
     await conn.execute(
         _STORE,
         _row_key(idempotency.key),
         idempotency.fingerprint,
-        response.status,
-        _seal(idempotency.key, response.status, response.body),
+        reply.status,
+        _seal(idempotency.key, reply.status, reply.body),
     )
 
 

@@ -70,6 +70,26 @@ _lag_seconds = Gauge(
 )
 
 
+_failing_position = Gauge(
+    "projection_failing_position",
+    "Position of the event the projection cannot apply (0 when it is not failing).",
+    ["projection"],
+    registry=registry,
+)
+
+
+_refused_events = Counter(
+    "projection_refused_events",
+    "Legacy events the projection passed over: they have no current form.",
+    ["projection"],
+    registry=registry,
+)
+
+
+def count_refused_event(projection: str) -> None:
+    _refused_events.labels(projection=projection).inc()
+
+
 def count_records(*, accepted: int = 0, duplicates: int = 0, rejected: int = 0) -> None:
     if accepted:
         _accepted.inc(accepted)
@@ -100,6 +120,10 @@ def observe_check(seconds: float, reason: str) -> None:
 def set_projection_lag(projection: str, *, events: int, seconds: float) -> None:
     _lag_events.labels(projection=projection).set(events)
     _lag_seconds.labels(projection=projection).set(seconds)
+
+
+def set_projection_failure(projection: str, position: int | None) -> None:
+    _failing_position.labels(projection=projection).set(position or 0)
 
 
 def render() -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -57,18 +57,46 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
         return Checkpoint(self.tx_id, self.global_position)
 
 
+class Refused(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored legacy event with no exact current form (see upcast): what it was,
+    where it is, and why it is refused. Every reader refuses the same rows, so every
+    projection passes over the same events and none disagrees with another."""
+
+    global_position: int
+    tx_id: int
+    event_id: str
+    stream_id: str
+    type: str
+    schema_version: int
+    code: str
+    message: str
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.tx_id, self.global_position)
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """A tailing read: the events that decode, the rows refused, and the checkpoint
+    of the last row read (`end`; the `after` asked for when nothing was read)."""
+
+    records: list[RecordedEvent]
+    refused: list[Refused]
+    end: Checkpoint
+
+
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     """The wire form of a stored event: a line of export, an item of GET /api/events."""
 
-    global_position: int
-    event_id: str
+    global_position: Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 0})]
+    event_id: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
     stream_id: str
     stream_version: int
     type: str
     schema_version: int
     data: dict[str, Any]
     metadata: dict[str, Any]
-    recorded_at: datetime
+    recorded_at: Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 def envelope(record: RecordedEvent) -> Envelope:

@@ -344,6 +344,7 @@ async def post_batch(
     async with session.post(
         url + "/api/usage/batch",
         data=io.BytesIO(ndjson(records)),
+        headers={"Content-Type": "application/x-ndjson"},
         timeout=aiohttp.ClientTimeout(total=within_s),
     ) as response:
         return response.status, await response.json()

@@ -5,22 +5,17 @@ model deciding like one folded from the log."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from projections import cache_loader
 from projections.cache import CheckResult, GovernanceCache
 from service import eventstore
 from service.config import Settings
 from service.records import Checkpoint
-from service.web.app import create_app
 from service.web.keys import (
     cache_key,
     cache_projector_key,
@@ -28,53 +23,25 @@ from service.web.keys import (
     pool_key,
     readiness_key,
 )
+from tests.api import Api, bearer, serve
 
 CHECK = "/api/governance/check"
 CUSTOMERS = "/api/governance/customers"
 TEAMS = "/api/governance/teams"
 KEYS = "/api/governance/virtual-keys"
 
-Client = TestClient[web.Request, web.Application]
 
-
-@asynccontextmanager
-async def serve(database: str, settings: Settings) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(settings, database))) as client:
-        yield client
-
-
-@pytest.fixture
-async def client(database) -> AsyncIterator[Client]:
-    async with serve(database, Settings()) as client:
-        yield client
-
-
-async def call(
-    client: Client, method: str, path: str, body: Any = None, **headers: str
-) -> tuple[int, Any]:
-    response = await client.request(method, path, json=body, headers=headers)
-    return response.status, await response.json()
-
-
-async def create(client: Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = await call(client, "POST", path, body)
-    assert status == 201, answer
-    return dict(answer)
-
-
-async def hierarchy(client: Client) -> dict[str, Any]:
+async def hierarchy(api: Api) -> dict[str, Any]:
     """A key under a team of a customer: 100/month customer, 10/day team, 5/day key
     with an openai config limited to gpt-4o."""
     customer = (
-        await create(
-            client,
+        await api.create(
             CUSTOMERS,
             {"name": "acme", "budgets": [{"max_limit": 100, "reset_duration": "1M"}]},
         )
     )["customer"]
     team = (
-        await create(
-            client,
+        await api.create(
             TEAMS,
             {
                 "name": "platform",
@@ -83,8 +50,7 @@ async def hierarchy(client: Client) -> dict[str, Any]:
             },
         )
     )["team"]
-    created = await create(
-        client,
+    created = await api.create(
         KEYS,
         {
             "name": "gateway",
@@ -101,9 +67,8 @@ async def hierarchy(client: Client) -> dict[str, Any]:
     }
 
 
-async def record_usage(client: Client, secret: str, cost: str, *, event_id: str) -> int:
-    status, answer = await call(
-        client,
+async def record_usage(api: Api, secret: str, cost: str, *, event_id: str) -> int:
+    status, answer = await api.call(
         "POST",
         "/api/usage",
         {
@@ -139,10 +104,9 @@ def decide(
 # --- answers -----------------------------------------------------------------------
 
 
-async def test_a_new_key_is_allowed_with_the_smallest_headroom_as_remaining(client):
-    made = await hierarchy(client)
-    status, answer = await call(
-        client,
+async def test_a_new_key_is_allowed_with_the_smallest_headroom_as_remaining(api):
+    made = await hierarchy(api)
+    status, answer = await api.call(
         "POST",
         CHECK,
         {
@@ -163,15 +127,14 @@ async def test_a_new_key_is_allowed_with_the_smallest_headroom_as_remaining(clie
     assert answer["position"] >= made["position"]
 
 
-async def test_spend_recorded_over_http_blocks_with_the_budget_named(client):
-    made = await hierarchy(client)
+async def test_spend_recorded_over_http_blocks_with_the_budget_named(api):
+    made = await hierarchy(api)
     secret, key = made["key"]["value"], made["key"]
-    await client.app[cache_projector_key].wait_for(made["position"], 2)
+    await api.caught_up(made["position"])
     position = await record_usage(
-        client, secret, "5", event_id="e0000000-0000-4000-8000-000000000001"
+        api, secret, "5", event_id="e0000000-0000-4000-8000-000000000001"
     )
-    status, answer = await call(
-        client,
+    status, answer = await api.call(
         "POST",
         CHECK,
         {
@@ -195,16 +158,16 @@ async def test_spend_recorded_over_http_blocks_with_the_budget_named(client):
     }
 
 
-async def test_an_estimate_above_the_headroom_blocks_and_may_be_a_string(client):
-    made = await hierarchy(client)
+async def test_an_estimate_above_the_headroom_blocks_and_may_be_a_string(api):
+    made = await hierarchy(api)
     body = {
         "virtual_key": made["key"]["value"],
         "provider": "openai",
         "model": "gpt-4o",
         "min_position": made["position"],
     }
-    _, fits = await call(client, "POST", CHECK, {**body, "estimated_cost": "5"})
-    _, over = await call(client, "POST", CHECK, {**body, "estimated_cost": 5.01})
+    _, fits = await api.call("POST", CHECK, {**body, "estimated_cost": "5"})
+    _, over = await api.call("POST", CHECK, {**body, "estimated_cost": 5.01})
     assert (fits["reason"], fits["remaining"]) == ("ok", 5)
     assert (over["reason"], over["budget_id"], over["current_usage"]) == (
         "budget_exceeded",
@@ -213,10 +176,10 @@ async def test_an_estimate_above_the_headroom_blocks_and_may_be_a_string(client)
     )
 
 
-async def test_refusals_of_the_key_provider_and_model_are_200_answers(client):
-    made = await hierarchy(client)
+async def test_refusals_of_the_key_provider_and_model_are_200_answers(api):
+    made = await hierarchy(api)
     secret = made["key"]["value"]
-    await client.app[cache_projector_key].wait_for(made["position"], 2)
+    await api.caught_up(made["position"])
     cases = [
         ({"virtual_key": "sk-gl-unknown"}, "unknown_virtual_key", 401),
         ({"virtual_key": secret, "provider": "anthropic"}, "provider_not_allowed", 403),
@@ -227,7 +190,7 @@ async def test_refusals_of_the_key_provider_and_model_are_200_answers(client):
         ),
     ]
     for body, reason, http_status in cases:
-        status, answer = await call(client, "POST", CHECK, body)
+        status, answer = await api.call("POST", CHECK, body)
         assert status == 200
         assert answer == {
             "allowed": False,
@@ -237,14 +200,13 @@ async def test_refusals_of_the_key_provider_and_model_are_200_answers(client):
         }
 
 
-async def test_a_deactivated_key_is_refused_once_the_cache_has_its_update(client):
-    made = await hierarchy(client)
-    status, updated = await call(
-        client, "PUT", f"{KEYS}/{made['key']['id']}", {"is_active": False}
+async def test_a_deactivated_key_is_refused_once_the_cache_has_its_update(api):
+    made = await hierarchy(api)
+    status, updated = await api.call(
+        "PUT", f"{KEYS}/{made['key']['id']}", {"is_active": False}
     )
     assert status == 200, updated
-    _, answer = await call(
-        client,
+    _, answer = await api.call(
         "POST",
         CHECK,
         {"virtual_key": made["key"]["value"], "min_position": updated["position"]},
@@ -268,23 +230,22 @@ async def test_a_deactivated_key_is_refused_once_the_cache_has_its_update(client
         {"virtual_key": "sk-gl-x", "min_position": "soon"},
     ],
 )
-async def test_a_malformed_body_is_a_400(client, body):
-    status, answer = await call(client, "POST", CHECK, body)
+async def test_a_malformed_body_is_a_400(api, body):
+    status, answer = await api.call("POST", CHECK, body)
     assert status == 400
     assert answer["error"]["code"] == "invalid_request"
 
 
-async def test_a_negative_min_position_is_a_400(client):
-    status, answer = await call(
-        client, "POST", CHECK, {"virtual_key": "sk-gl-x", "min_position": -1}
+async def test_a_negative_min_position_is_a_400(api):
+    status, answer = await api.call(
+        "POST", CHECK, {"virtual_key": "sk-gl-x", "min_position": -1}
     )
     assert (status, answer["error"]["code"]) == (400, "invalid_position")
 
 
 async def test_a_min_position_the_cache_does_not_reach_is_a_503(database):
-    async with serve(database, Settings(min_position_wait_s=0.2)) as client:
-        status, answer = await call(
-            client,
+    async with serve(database, Settings(min_position_wait_s=0.2)) as api:
+        status, answer = await api.call(
             "POST",
             CHECK,
             {"virtual_key": "sk-gl-x", "min_position": 1_000_000},
@@ -299,37 +260,35 @@ async def test_readers_and_recorders_may_check_and_a_missing_token_may_not(datab
         reader_tokens=frozenset({"read"}),
     )
     body = {"virtual_key": "sk-gl-x"}
-    async with serve(database, settings) as client:
+    async with serve(database, settings) as api:
         for token in ("adm", "rec", "read"):
-            status, answer = await call(
-                client, "POST", CHECK, body, Authorization=f"Bearer {token}"
-            )
+            status, answer = await api.call("POST", CHECK, body, headers=bearer(token))
             assert (status, answer["reason"]) == (200, "unknown_virtual_key")
-        status, answer = await call(client, "POST", CHECK, body)
+        status, answer = await api.call("POST", CHECK, body)
         assert (status, answer["error"]["code"]) == (401, "unauthorized")
 
 
-async def test_the_cache_reports_to_readiness(client):
-    await client.app[cache_projector_key].catch_up()
-    assert client.app[readiness_key]["cache"]() is True
+async def test_the_cache_reports_to_readiness(api):
+    await api.app[cache_projector_key].catch_up()
+    assert api.app[readiness_key]["cache"].ready is True
 
 
 # --- loading -----------------------------------------------------------------------
 
 
 async def test_a_cache_loaded_from_the_read_model_decides_like_one_folded_from_the_log(
-    client,
+    api,
 ):
-    made = await hierarchy(client)
+    made = await hierarchy(api)
     secret = made["key"]["value"]
-    await client.app[cache_projector_key].wait_for(made["position"], 2)
+    await api.caught_up(made["position"])
     for n, cost in enumerate(("1.25", "2.5", "0.000000001")):
         await record_usage(
-            client, secret, cost, event_id=f"e0000000-0000-4000-8000-00000000000{n}"
+            api, secret, cost, event_id=f"e0000000-0000-4000-8000-00000000000{n}"
         )
-    governance = client.app[governance_projector_key]
+    governance = api.app[governance_projector_key]
     await governance.catch_up()
-    pool = client.app[pool_key]
+    pool = api.app[pool_key]
     async with pool.acquire() as conn:
         loaded, checkpoint = await cache_loader.load(conn)
     assert checkpoint == governance.checkpoint
@@ -358,7 +317,7 @@ async def test_a_restarted_service_starts_from_the_read_model_and_tails_on(datab
     async with serve(database, Settings()) as first:
         made = await hierarchy(first)
         secret = made["key"]["value"]
-        await first.app[cache_projector_key].wait_for(made["position"], 2)
+        await first.caught_up(made["position"])
         await record_usage(
             first, secret, "4", event_id="e0000000-0000-4000-8000-000000000011"
         )
@@ -369,8 +328,7 @@ async def test_a_restarted_service_starts_from_the_read_model_and_tails_on(datab
         position = await record_usage(
             second, secret, "0.5", event_id="e0000000-0000-4000-8000-000000000012"
         )
-        _, answer = await call(
-            second,
+        _, answer = await second.call(
             "POST",
             CHECK,
             {

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from decimal import Decimal
+from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from service import eventstore
 from service.config import ConfigError, Settings, check_exposure
 from service.domain.events import Budget, TeamCreated
 from service.records import NewEvent
-from service.web.app import create_app
+from tests.api import serve
 
-TOKENS = {
+TOKENS: dict[str, Any] = {
     "admin_tokens": frozenset({"adm-secret"}),
     "recorder_tokens": frozenset({"rec-secret"}),
     "reader_tokens": frozenset({"read-secret"}),
 }
-
-
-@asynccontextmanager
-async def serve(settings: Settings, dsn: str) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(settings, dsn))) as client:
-        yield client
 
 
 async def append_team(pool) -> int:
@@ -66,9 +58,9 @@ async def append_team(pool) -> int:
 async def test_events_refuse_callers_without_the_admin_right(
     database, pool, header, status, code
 ):
-    async with serve(Settings(**TOKENS), database) as client:
+    async with serve(database, Settings(**TOKENS)) as api:
         headers = {"Authorization": header} if header else {}
-        response = await client.get("/api/events", headers=headers)
+        response = await api.request("GET", "/api/events", headers=headers)
         body = await response.json()
 
     assert response.status == status
@@ -78,9 +70,9 @@ async def test_events_refuse_callers_without_the_admin_right(
 
 async def test_events_list_the_log_for_an_admin_with_exact_money(database, pool):
     position = await append_team(pool)
-    async with serve(Settings(**TOKENS), database) as client:
-        response = await client.get(
-            "/api/events?after=0", headers={"Authorization": "Bearer adm-secret"}
+    async with serve(database, Settings(**TOKENS)) as api:
+        response = await api.request(
+            "GET", "/api/events?after=0", headers={"Authorization": "Bearer adm-secret"}
         )
         text = await response.text()
         body = await response.json()
@@ -118,10 +110,10 @@ async def test_events_list_the_log_for_an_admin_with_exact_money(database, pool)
 
 async def test_events_page_by_after_and_filter_by_stream(database, pool):
     position = await append_team(pool)
-    async with serve(Settings(), database) as client:
-        after = await (await client.get(f"/api/events?after={position}")).json()
-        other = await (await client.get("/api/events?stream_id=team-zz")).json()
-        bad = await client.get("/api/events?after=x")
+    async with serve(database) as api:
+        after = await (await api.request("GET", f"/api/events?after={position}")).json()
+        other = await (await api.request("GET", "/api/events?stream_id=team-zz")).json()
+        bad = await api.request("GET", "/api/events?after=x")
         bad_body = await bad.json()
 
     assert after == {"events": [], "next_after": position}
@@ -133,8 +125,8 @@ async def test_events_page_by_after_and_filter_by_stream(database, pool):
 async def test_the_service_is_open_on_loopback_when_no_token_is_configured(
     database, pool
 ):
-    async with serve(Settings(), database) as client:
-        response = await client.get("/api/events")
+    async with serve(database) as api:
+        response = await api.request("GET", "/api/events")
 
     assert response.status == 200
 
@@ -142,10 +134,10 @@ async def test_the_service_is_open_on_loopback_when_no_token_is_configured(
 async def test_health_needs_no_token_and_unknown_paths_are_404_in_the_error_shape(
     database, pool
 ):
-    async with serve(Settings(**TOKENS), database) as client:
-        health = await client.get("/healthz")
+    async with serve(database, Settings(**TOKENS)) as api:
+        health = await api.request("GET", "/healthz")
         health_body = await health.json()
-        missing = await client.get("/nope")
+        missing = await api.request("GET", "/nope")
         missing_body = await missing.json()
 
     assert (health.status, health_body) == (200, {"status": "ok"})

@@ -16,28 +16,25 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiohttp import WSMsgType, WSServerHandshakeError, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import WSMsgType, WSServerHandshakeError
 
 from service import eventstore
 from service.config import Settings
 from service.domain.events import UsageRecorded
+from service.records import RecordedEvent
 from service.web.app import create_app
 from service.web.keys import resolver_key, writer_key
-from tests.test_ingest import (
+from tests.api import JSON, NDJSON, Api, bearer, serve, serving
+from tests.builders import (
     CONFIG_ID,
     CUSTOMER_ID,
     KEY_ID,
     SECRET,
     SOLO_KEY_ID,
     TEAM_ID,
-    blocked_on_lock,
-    events_locked,
     governance,
-    until,
 )
-
-Client = TestClient[web.Request, web.Application]
+from tests.test_ingest import blocked_on_lock, events_locked, until
 
 TOKENS: dict[str, Any] = {
     "admin_tokens": frozenset({"adm-secret"}),
@@ -47,19 +44,20 @@ TOKENS: dict[str, Any] = {
 
 
 @asynccontextmanager
-async def serve(
+async def resolved(
     database: str, pool, settings: Settings | None = None
-) -> AsyncIterator[Client]:
+) -> AsyncIterator[Api]:
+    """The service with its usage resolver folded from `governance(pool)`."""
     app = create_app(settings or Settings(), database)
     app[resolver_key] = await governance(pool)
-    async with TestClient(TestServer(app)) as client:
-        yield client
+    async with serving(app) as api:
+        yield api
 
 
 @pytest.fixture
-async def client(database, pool) -> AsyncIterator[Client]:
-    async with serve(database, pool) as client:
-        yield client
+async def api(database, pool) -> AsyncIterator[Api]:
+    async with resolved(database, pool) as api:
+        yield api
 
 
 def record(**fields: Any) -> dict[str, Any]:
@@ -92,7 +90,7 @@ async def usage_rows(pool) -> list[Any]:
     )
 
 
-async def usage_events(pool) -> list[eventstore.RecordedEvent]:
+async def usage_events(pool) -> list[RecordedEvent]:
     """Every stored usage event, in position order (committed ones, without waiting
     for older transactions elsewhere to finish, unlike the tailing reads)."""
     streams = await pool.fetch(
@@ -105,10 +103,10 @@ async def usage_events(pool) -> list[eventstore.RecordedEvent]:
 # --- POST /api/usage ----------------------------------------------------------------
 
 
-async def test_a_record_is_accepted_after_commit_and_charged_to_its_chain(client, pool):
+async def test_a_record_is_accepted_after_commit_and_charged_to_its_chain(api, pool):
     body = record(cost="0.000000001")
 
-    response = await client.post("/api/usage", json=body)
+    response = await api.request("POST", "/api/usage", body)
 
     assert response.status == 202
     [stored] = await usage_events(pool)
@@ -136,20 +134,18 @@ async def test_a_record_is_accepted_after_commit_and_charged_to_its_chain(client
     )
 
 
-async def test_a_repeated_record_is_a_duplicate_with_the_original_position(
-    client, pool
-):
+async def test_a_repeated_record_is_a_duplicate_with_the_original_position(api, pool):
     body = record()
-    first = await (await client.post("/api/usage", json=body)).json()
+    first = await (await api.request("POST", "/api/usage", body)).json()
 
-    response = await client.post("/api/usage", json={**body, "cost": 5})
+    response = await api.request("POST", "/api/usage", {**body, "cost": 5})
 
     assert response.status == 202
     assert await response.json() == {"position": first["position"], "duplicate": True}
     assert len(await usage_rows(pool)) == 1
 
 
-async def test_virtual_key_id_may_replace_the_secret_and_defaults_apply(client, pool):
+async def test_virtual_key_id_may_replace_the_secret_and_defaults_apply(api, pool):
     before = datetime.now(UTC)
     body = {
         "event_id": str(uuid.uuid4()),
@@ -159,7 +155,7 @@ async def test_virtual_key_id_may_replace_the_secret_and_defaults_apply(client, 
         "cost": "1.5",
     }
 
-    response = await client.post("/api/usage", json=body)
+    response = await api.request("POST", "/api/usage", body)
 
     assert response.status == 202
     [stored] = await usage_events(pool)
@@ -179,12 +175,12 @@ async def test_virtual_key_id_may_replace_the_secret_and_defaults_apply(client, 
 
 
 async def test_zero_requests_and_occurred_at_up_to_5_minutes_ahead_are_accepted(
-    client, pool
+    api, pool
 ):
     ahead = (datetime.now(UTC) + timedelta(minutes=4, seconds=50)).isoformat()
 
-    response = await client.post(
-        "/api/usage", json=record(requests=0, cost=0, occurred_at=ahead)
+    response = await api.request(
+        "POST", "/api/usage", record(requests=0, cost=0, occurred_at=ahead)
     )
 
     assert response.status == 202
@@ -204,7 +200,7 @@ def _in(minutes: int) -> str:
         ({"cost": "0.0000000001"}, "invalid_cost"),
         ({"cost": "NaN"}, "invalid_cost"),
         ({"cost": 1e300}, "invalid_cost"),
-        ({"occurred_at": "future"}, "future_occurred_at"),
+        ({"occurred_at": "future"}, "occurred_at_out_of_range"),
         ({"virtual_key": "sk-gl-not-a-key"}, "unknown_virtual_key"),
         (
             {"virtual_key": None, "virtual_key_id": str(uuid.uuid4())},
@@ -224,13 +220,13 @@ def _in(minutes: int) -> str:
     ],
 )
 async def test_a_rejected_record_is_a_400_with_its_code_and_stores_nothing(
-    client, pool, change, code
+    api, pool, change, code
 ):
     if change.get("occurred_at") == "future":
         change = {"occurred_at": _in(6)}
     body = {k: v for k, v in {**record(), **change}.items() if v is not None}
 
-    response = await client.post("/api/usage", json=body)
+    response = await api.request("POST", "/api/usage", body)
 
     assert response.status == 400
     error = (await response.json())["error"]
@@ -239,25 +235,29 @@ async def test_a_rejected_record_is_a_400_with_its_code_and_stores_nothing(
     assert await usage_rows(pool) == []
 
 
-async def test_a_body_that_is_not_json_is_an_invalid_record(client):
-    response = await client.post("/api/usage", data=b"{nope")
+async def test_a_body_that_is_not_json_is_an_invalid_record(api):
+    response = await api.request("POST", "/api/usage", data=b"{nope", content_type=JSON)
 
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_record"
 
 
-async def test_a_single_record_over_1_mib_is_a_413(client, pool):
+async def test_a_single_record_over_1_mib_is_a_413(api, pool):
     body = msgspec.json.encode(record(padding="x" * (1 << 20)))
 
-    response = await client.post("/api/usage", data=io.BytesIO(body))
+    response = await api.request(
+        "POST", "/api/usage", data=io.BytesIO(body), content_type=JSON
+    )
 
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "body_too_large"
     assert await usage_rows(pool) == []
 
 
-async def test_the_request_id_is_kept_in_the_event_metadata(client, pool):
-    await client.post("/api/usage", json=record(), headers={"X-Request-Id": "req-42"})
+async def test_the_request_id_is_kept_in_the_event_metadata(api, pool):
+    await api.request(
+        "POST", "/api/usage", record(), headers={"X-Request-Id": "req-42"}
+    )
 
     [stored] = await usage_events(pool)
     assert stored.metadata == {"request_id": "req-42"}
@@ -266,9 +266,7 @@ async def test_the_request_id_is_kept_in_the_event_metadata(client, pool):
 # --- POST /api/usage/batch ----------------------------------------------------------
 
 
-async def test_a_batch_commits_its_valid_lines_and_names_the_rejected_ones(
-    client, pool
-):
+async def test_a_batch_commits_its_valid_lines_and_names_the_rejected_ones(api, pool):
     first = record()
     body = ndjson(
         first,
@@ -282,7 +280,9 @@ async def test_a_batch_commits_its_valid_lines_and_names_the_rejected_ones(
         b"   ",
     )
 
-    response = await client.post("/api/usage/batch", data=body)
+    response = await api.request(
+        "POST", "/api/usage/batch", data=body, content_type=NDJSON
+    )
 
     assert response.status == 200
     answer = await response.json()
@@ -303,12 +303,16 @@ async def test_a_batch_commits_its_valid_lines_and_names_the_rejected_ones(
 
 
 async def test_a_batch_sent_again_is_all_duplicates_at_the_original_positions(
-    client, pool
+    api, pool
 ):
     body = ndjson(*(record() for _ in range(5)))
-    first = await (await client.post("/api/usage/batch", data=body)).json()
+    first = await (
+        await api.request("POST", "/api/usage/batch", data=body, content_type=NDJSON)
+    ).json()
 
-    again = await (await client.post("/api/usage/batch", data=body)).json()
+    again = await (
+        await api.request("POST", "/api/usage/batch", data=body, content_type=NDJSON)
+    ).json()
 
     assert first["accepted"] == 5
     assert again == {
@@ -320,25 +324,34 @@ async def test_a_batch_sent_again_is_all_duplicates_at_the_original_positions(
     assert len(await usage_rows(pool)) == 5
 
 
-async def test_a_batch_with_nothing_to_write_answers_the_head_position(client, pool):
-    await client.post("/api/usage", json=record())
+async def test_a_batch_with_nothing_to_write_answers_the_head_position(api, pool):
+    await api.request("POST", "/api/usage", record())
     head = await eventstore.max_position(pool)
 
     rejected = await (
-        await client.post("/api/usage/batch", data=ndjson(record(cost=-1)))
+        await api.request(
+            "POST",
+            "/api/usage/batch",
+            data=ndjson(record(cost=-1)),
+            content_type=NDJSON,
+        )
     ).json()
-    empty = await (await client.post("/api/usage/batch", data=b"")).json()
+    empty = await (
+        await api.request("POST", "/api/usage/batch", data=b"", content_type=NDJSON)
+    ).json()
 
     assert rejected["position"] == empty["position"] == head
     assert empty == {"accepted": 0, "duplicates": 0, "rejected": [], "position": head}
 
 
-async def test_a_batch_over_16_mib_is_a_413_and_commits_nothing(client, pool):
+async def test_a_batch_over_16_mib_is_a_413_and_commits_nothing(api, pool):
     line = msgspec.json.encode(record())
     body = ndjson(*[line] * ((16 << 20) // len(line) + 1))
     assert len(body) > 16 << 20
 
-    response = await client.post("/api/usage/batch", data=io.BytesIO(body))
+    response = await api.request(
+        "POST", "/api/usage/batch", data=io.BytesIO(body), content_type=NDJSON
+    )
 
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "body_too_large"
@@ -347,7 +360,7 @@ async def test_a_batch_over_16_mib_is_a_413_and_commits_nothing(client, pool):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # ~40 s on an idle 2-core machine
-async def test_money_stays_exact_over_a_million_records(client, pool):
+async def test_money_stays_exact_over_a_million_records(api, pool):
     """1,000,000 records of 0.000001 sum to exactly 1 in the log."""
     key_lines = 10_000
 
@@ -360,7 +373,9 @@ async def test_money_stays_exact_over_a_million_records(client, pool):
                 for i in range(key_lines)
             )
         )
-        response = await client.post("/api/usage/batch", data=io.BytesIO(body))
+        response = await api.request(
+            "POST", "/api/usage/batch", data=io.BytesIO(body), content_type=NDJSON
+        )
         answer = await response.json()
         assert (answer["accepted"], answer["rejected"]) == (key_lines, [])
 
@@ -382,12 +397,12 @@ async def test_money_stays_exact_over_a_million_records(client, pool):
 # --- GET /api/usage/stream ----------------------------------------------------------
 
 
-async def test_stream_acks_pipelined_frames_in_order_after_commit(client, pool):
+async def test_stream_acks_pipelined_frames_in_order_after_commit(api, pool):
     frames: list[dict[str, Any]] = [
         {"seq": seq, "records": [record() for _ in range(size)]}
         for seq, size in ((1, 3), (2, 1), (3, 2))
     ]
-    async with client.ws_connect("/api/usage/stream") as ws:
+    async with api.socket() as ws:
         for frame in frames:
             await ws.send_str(msgspec.json.encode(frame).decode())
         acks = []
@@ -411,7 +426,7 @@ async def test_stream_acks_pipelined_frames_in_order_after_commit(client, pool):
     ]
 
 
-async def test_stream_names_rejected_records_by_index(client, pool):
+async def test_stream_names_rejected_records_by_index(api, pool):
     good = record()
     frame = {
         "seq": 7,
@@ -423,7 +438,7 @@ async def test_stream_names_rejected_records_by_index(client, pool):
             record(virtual_key="x"),
         ],
     }
-    async with client.ws_connect("/api/usage/stream") as ws:
+    async with api.socket() as ws:
         await ws.send_str(msgspec.json.encode(frame).decode())
         ack = await ws.receive_json()
 
@@ -442,9 +457,9 @@ async def test_stream_names_rejected_records_by_index(client, pool):
     }
 
 
-async def test_stream_answers_bad_frames_with_error_frames_and_stays_open(client, pool):
+async def test_stream_answers_bad_frames_with_error_frames_and_stays_open(api, pool):
     too_many = {"seq": 4, "records": [record()] * 10_001}
-    async with client.ws_connect("/api/usage/stream") as ws:
+    async with api.socket() as ws:
         await ws.send_str("{not json")
         await ws.send_str('{"records": []}')
         await ws.send_bytes(b'{"seq": 3, "records": []}')
@@ -465,9 +480,9 @@ async def test_stream_answers_bad_frames_with_error_frames_and_stays_open(client
     assert len(await usage_rows(pool)) == 1
 
 
-async def test_stream_closes_a_socket_whose_frame_is_over_4_mib(client, pool):
+async def test_stream_closes_a_socket_whose_frame_is_over_4_mib(api, pool):
     big = '{"seq": 1, "records": [], "pad": "' + "x" * (4 << 20) + '"}'
-    async with client.ws_connect("/api/usage/stream") as ws:
+    async with api.socket() as ws:
         # The server closes (1009) as soon as the frame header shows the size, so the
         # rest of this send may meet a reset connection.
         with contextlib.suppress(ConnectionError):
@@ -483,13 +498,15 @@ async def test_stream_closes_a_socket_whose_frame_is_over_4_mib(client, pool):
 # --- across the three paths ---------------------------------------------------------
 
 
-async def test_one_event_id_sent_three_ways_is_stored_once(client, pool):
+async def test_one_event_id_sent_three_ways_is_stored_once(api, pool):
     body = record()
-    single = await (await client.post("/api/usage", json=body)).json()
+    single = await (await api.request("POST", "/api/usage", body)).json()
     batch = await (
-        await client.post("/api/usage/batch", data=ndjson(body, body))
+        await api.request(
+            "POST", "/api/usage/batch", data=ndjson(body, body), content_type=NDJSON
+        )
     ).json()
-    async with client.ws_connect("/api/usage/stream") as ws:
+    async with api.socket() as ws:
         await ws.send_str(msgspec.json.encode({"seq": 1, "records": [body]}).decode())
         ack = await ws.receive_json()
 
@@ -506,18 +523,23 @@ async def test_one_event_id_sent_three_ways_is_stored_once(client, pool):
     )
 
 
-async def test_concurrent_requests_share_one_group_commit(client, database, pool):
-    writer = client.app[writer_key]
+async def test_concurrent_requests_share_one_group_commit(api, database, pool):
+    writer = api.app[writer_key]
     async with events_locked(database):
-        first = asyncio.create_task(client.post("/api/usage", json=record()))
+        first = asyncio.create_task(api.request("POST", "/api/usage", record()))
         await until(lambda: writer.backend_pid is not None)
         await blocked_on_lock(pool, writer)
         others = [
             asyncio.create_task(
-                client.post("/api/usage/batch", data=ndjson(record(), record()))
+                api.request(
+                    "POST",
+                    "/api/usage/batch",
+                    data=ndjson(record(), record()),
+                    content_type=NDJSON,
+                )
             )
             for _ in range(3)
-        ] + [asyncio.create_task(client.post("/api/usage", json=record()))]
+        ] + [asyncio.create_task(api.request("POST", "/api/usage", record()))]
         await until(lambda: writer.backlog == 7)
     await first
     answers = [await (await task).json() for task in others]
@@ -533,30 +555,32 @@ async def test_concurrent_requests_share_one_group_commit(client, database, pool
 async def test_recorders_record_readers_may_not_and_readers_scrape_metrics(
     database, pool
 ):
-    async with serve(database, pool, Settings(**TOKENS)) as client:
+    async with resolved(database, pool, Settings(**TOKENS)) as api:
 
         async def post(token: str) -> int:
-            response = await client.post(
+            response = await api.request(
+                "POST",
                 "/api/usage",
-                json=record(),
-                headers={"Authorization": f"Bearer {token}"},
+                record(),
+                headers=bearer(token),
             )
             return response.status
 
         async def scrape(token: str | None) -> int:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            return (await client.get("/metrics", headers=headers)).status
+            headers = bearer(token) if token else {}
+            return (await api.request("GET", "/metrics", headers=headers)).status
 
         assert [await post("rec-secret"), await post("adm-secret")] == [202, 202]
         assert await post("read-secret") == 403
         assert [await scrape("read-secret"), await scrape("adm-secret")] == [200, 200]
         assert [await scrape("rec-secret"), await scrape(None)] == [403, 401]
-        reader = {"Authorization": "Bearer read-secret"}
+        reader = bearer("read-secret")
         with pytest.raises(WSServerHandshakeError) as refused:
-            await client.ws_connect("/api/usage/stream", headers=reader)
+            async with api.socket(headers=reader):
+                pass
         assert refused.value.status == 403
-        recorder = {"Authorization": "Bearer rec-secret"}
-        async with client.ws_connect("/api/usage/stream", headers=recorder) as ws:
+        recorder = bearer("rec-secret")
+        async with api.socket(headers=recorder) as ws:
             await ws.send_str(json.dumps({"seq": 1, "records": [record()]}))
             assert (await ws.receive_json())["accepted"] == 1
 
@@ -566,9 +590,9 @@ def _sample(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def test_metrics_count_ingested_records_by_result(client):
+async def test_metrics_count_ingested_records_by_result(api):
     async def read() -> str:
-        response = await client.get("/metrics")
+        response = await api.request("GET", "/metrics")
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return str(await response.text())
 
@@ -581,7 +605,12 @@ async def test_metrics_count_ingested_records_by_result(client):
     ]
     before = await read()
     body = record()
-    await client.post("/api/usage/batch", data=ndjson(body, record(), body, b"nope"))
+    await api.request(
+        "POST",
+        "/api/usage/batch",
+        data=ndjson(body, record(), body, b"nope"),
+        content_type=NDJSON,
+    )
     after = await read()
 
     assert [_sample(after, n) - _sample(before, n) for n in names] == [2, 1, 1, 1, 2]
@@ -593,27 +622,30 @@ async def test_usage_for_a_key_created_a_moment_ago_is_accepted_on_every_path(
     database, pool
 ):
     """The cache may not have applied a new key yet: ingest catches it up once."""
-    async with TestClient(TestServer(create_app(Settings(), database))) as client:
-        accepted = []
+    async with serve(database) as api:
+        accepted: list[tuple[Any, ...]] = []
         for path in ("single", "batch", "stream"):
-            created = await client.post(
-                "/api/governance/virtual-keys", json={"name": f"fresh-{path}"}
+            created = await api.request(
+                "POST", "/api/governance/virtual-keys", {"name": f"fresh-{path}"}
             )
             secret = (await created.json())["virtual_key"]["value"]
             usage = record(virtual_key=secret)
             if path == "single":
-                response = await client.post("/api/usage", json=usage)
+                response = await api.request("POST", "/api/usage", usage)
                 accepted.append((response.status, (await response.json())["duplicate"]))
             elif path == "batch":
-                response = await client.post(
-                    "/api/usage/batch", data=json.dumps(usage).encode()
+                response = await api.request(
+                    "POST",
+                    "/api/usage/batch",
+                    data=json.dumps(usage).encode(),
+                    content_type=NDJSON,
                 )
                 body = await response.json()
                 accepted.append((response.status, body["accepted"], body["rejected"]))
             else:
-                async with client.ws_connect("/api/usage/stream") as ws:
+                async with api.socket() as ws:
                     await ws.send_str(json.dumps({"seq": 1, "records": [usage]}))
-                    ack = json.loads((await ws.receive()).data)
+                    ack = await ws.receive_json()
                 accepted.append((ack["seq"], ack["accepted"], ack["rejected"]))
 
     assert accepted == [(202, False), (200, 1, []), (1, 1, [])]

@@ -3,7 +3,6 @@ recorded_at, checks with `now` injected; and a brute-force reference model."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +19,9 @@ from projections.cache import (
     UNKNOWN_KEY,
     CheckResult,
     GovernanceCache,
+    RateHalf,
 )
+from projections.governance_views import OwnerType
 from projections.meters import restored_meter
 from service.domain.budgets import parse_duration, period_bounds
 from service.domain.events import (
@@ -43,6 +44,7 @@ from service.domain.events import (
 )
 from service.domain.usage import UsageChain
 from service.records import Checkpoint, RecordedEvent
+from tests.builders import budget, sha256
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
 SECOND = timedelta(seconds=1)
@@ -55,27 +57,6 @@ TEAM = "70000000-0000-4000-8000-000000000001"
 KEY = "a0000000-0000-4000-8000-000000000001"
 CONFIG = "b0000000-0000-4000-8000-000000000001"
 SECRET = "sk-gl-" + "k" * 32
-
-
-def sha256(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def budget(
-    budget_id: str,
-    limit: str,
-    duration: str,
-    *,
-    aligned: bool = False,
-    reset: bool = False,
-) -> Budget:
-    return Budget(
-        budget_id=budget_id,
-        max_limit=Decimal(limit),
-        reset_duration=duration,
-        calendar_aligned=aligned,
-        reset_usage=reset,
-    )
 
 
 class Log:
@@ -237,7 +218,7 @@ def allowed(remaining: str) -> CheckResult:
 
 
 def over_budget(
-    budget_id: str, owner_type: str, owner_id: str, usage: str, limit: str
+    budget_id: str, owner_type: OwnerType, owner_id: str, usage: str, limit: str
 ) -> CheckResult:
     return CheckResult(
         allowed=False,
@@ -252,7 +233,7 @@ def over_budget(
 
 
 def rate_limited(
-    kind: str, owner_type: str, owner_id: str, used: int, limit: int
+    kind: RateHalf, owner_type: OwnerType, owner_id: str, used: int, limit: int
 ) -> CheckResult:
     return CheckResult(
         allowed=False,
@@ -517,8 +498,8 @@ def test_the_daily_cap_blocks_while_the_monthly_one_has_room() -> None:
     log.customer()
     log.team(
         (
-            budget("b-month", "100", "1M", aligned=True),
-            budget("b-day", "10", "1d", aligned=True),
+            budget("b-month", "100", "1M", calendar_aligned=True),
+            budget("b-day", "10", "1d", calendar_aligned=True),
         )
     )
     log.key()
@@ -658,7 +639,8 @@ def test_usage_before_a_budget_existed_never_counts() -> None:
     log.append(
         f"virtual_key-{KEY}",
         VirtualKeyBudgetsReplaced(
-            virtual_key_id=KEY, budgets=(budget("b-key", "10", "1d", aligned=True),)
+            virtual_key_id=KEY,
+            budgets=(budget("b-key", "10", "1d", calendar_aligned=True),),
         ),
         T0 + HOUR,
     )
@@ -681,7 +663,9 @@ def test_turning_calendar_alignment_on_resets_usage_at_that_event() -> None:
         f"virtual_key-{KEY}",
         VirtualKeyBudgetsReplaced(
             virtual_key_id=KEY,
-            budgets=(budget("b-key", "10", "1d", aligned=True, reset=True),),
+            budgets=(
+                budget("b-key", "10", "1d", calendar_aligned=True, reset_usage=True),
+            ),
         ),
         T0 + 2 * HOUR,
     )
@@ -694,7 +678,7 @@ def test_turning_calendar_alignment_on_resets_usage_at_that_event() -> None:
 
 def test_turning_calendar_alignment_off_keeps_the_current_usage() -> None:
     log = Log()
-    log.key((budget("b-key", "10", "1d", aligned=True),), team_id=None)
+    log.key((budget("b-key", "10", "1d", calendar_aligned=True),), team_id=None)
     log.usage("6", at=T0 + HOUR, team_id=None, customer_id=None)
     log.append(
         f"virtual_key-{KEY}",
@@ -716,7 +700,7 @@ def test_an_explicit_reset_shows_zero_at_once_and_counts_later_usage() -> None:
     log.append(
         f"virtual_key-{KEY}",
         VirtualKeyBudgetsReplaced(
-            virtual_key_id=KEY, budgets=(budget("b-key", "10", "1M", reset=True),)
+            virtual_key_id=KEY, budgets=(budget("b-key", "10", "1M", reset_usage=True),)
         ),
         T0 + 2 * HOUR,
     )
@@ -992,7 +976,7 @@ class RefBudget:
 
 @dataclass
 class RefRate:
-    kind: str
+    kind: RateHalf
     limit: int
     duration: str
     anchor: datetime
@@ -1000,7 +984,7 @@ class RefRate:
 
 @dataclass
 class RefOwner:
-    owner_type: str
+    owner_type: OwnerType
     owner_id: str
     budgets: list[RefBudget] = field(default_factory=list)
     rates: list[RefRate] = field(default_factory=list)
@@ -1178,7 +1162,7 @@ class Scenario:
         self.now = datetime(2026, 11, 30, 23, 50, tzinfo=UTC)  # a month end ahead
         self.counter = 0
         self.team_deleted = False
-        for owner_id, owner_type in (
+        owners: tuple[tuple[str, OwnerType], ...] = (
             ("c0", "customer"),
             ("c1", "customer"),
             ("t0", "team"),
@@ -1187,7 +1171,8 @@ class Scenario:
             ("k1", "virtual_key"),
             ("k2", "virtual_key"),
             ("p0", "provider_config"),
-        ):
+        )
+        for owner_id, owner_type in owners:
             self.ref.owners[owner_id] = RefOwner(owner_type, owner_id)
         self.ref.customer_of.update({"t0": "c0", "t1": None, "k1": "c1"})
         self.ref.team_of.update({"k0": "t0", "k1": None, "k2": "t1"})
@@ -1231,7 +1216,11 @@ class Scenario:
             request_max_limit=None if requests is None else requests[0],
             request_reset_duration=None if requests is None else requests[1],
         )
-        for kind, half in (("tokens", tokens), ("requests", requests)):
+        halves: tuple[tuple[RateHalf, Any], ...] = (
+            ("tokens", tokens),
+            ("requests", requests),
+        )
+        for kind, half in halves:
             if half is not None:
                 self.ref.owners[owner_id].rates.append(
                     RefRate(kind, half[0], half[1], self.now)
@@ -1287,7 +1276,11 @@ class Scenario:
             refs.append(ref)
             budgets.append(
                 budget(
-                    ref.budget_id, str(limit), duration, aligned=aligned, reset=reset
+                    ref.budget_id,
+                    str(limit),
+                    duration,
+                    calendar_aligned=aligned,
+                    reset_usage=reset,
                 )
             )
         owner.budgets = refs
@@ -1304,8 +1297,8 @@ class Scenario:
                 b.budget_id,
                 str(b.limit),
                 b.duration,
-                aligned=b.aligned,
-                reset=b is first,
+                calendar_aligned=b.aligned,
+                reset_usage=b is first,
             )
             for b in owner.budgets
         )

@@ -396,7 +396,7 @@ async def test_rejected_records_are_reported_with_their_codes_and_not_retried(
     assert sorted((r.event_id, r.code) for r in reported) == sorted(
         [
             (unknown, "unknown_virtual_key"),
-            (future, "future_occurred_at"),
+            (future, "occurred_at_out_of_range"),
             (negative, "negative_cost"),
             (incomplete, "invalid_record"),
         ]
@@ -406,7 +406,7 @@ async def test_rejected_records_are_reported_with_their_codes_and_not_retried(
     )
     assert stats.rejected == {
         "unknown_virtual_key": 1,
-        "future_occurred_at": 1,
+        "occurred_at_out_of_range": 1,
         "negative_cost": 1,
         "invalid_record": 1,
     }

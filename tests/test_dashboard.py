@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, ClientSession, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientResponse, ClientSession
+from aiohttp.test_utils import TestServer
 
 from projections import dashboard
 from service import eventstore
@@ -27,9 +24,8 @@ from service.config import Settings
 from service.domain.events import AnyEvent, Budget, TeamCreated, UsageRecorded
 from service.records import NewEvent
 from service.web.app import create_app
-from service.web.keys import cache_projector_key, governance_projector_key, pool_key
-
-Client = TestClient[web.Request, web.Application]
+from service.web.keys import pool_key
+from tests.api import Api, bearer, serve
 
 ADMIN, RECORDER, READER = "adm-secret", "rec-secret", "read-secret"
 TOKENS: dict[str, Any] = {
@@ -51,44 +47,34 @@ CHROMIUM_ARGS = [
 MISSING = "00000000-0000-4000-8000-00000000dead"
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@asynccontextmanager
-async def serve(database: str) -> AsyncIterator[Client]:
-    app = create_app(Settings(**TOKENS), database)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-        yield client
-
-
 @pytest.fixture
-async def client(database) -> AsyncIterator[Client]:
-    async with serve(database) as client:
-        yield client
+async def api(database) -> AsyncIterator[Api]:
+    async with serve(database, Settings(**TOKENS)) as api:
+        yield api
 
 
-async def command(client: Client, method: str, path: str, body: Any) -> Any:
-    response = await client.request(method, path, json=body, headers=bearer(ADMIN))
-    answer = await response.json(loads=lambda s: json.loads(s, parse_float=Decimal))
-    assert response.status in (200, 201), answer
+async def command(api: Api, method: str, path: str, body: Any) -> Any:
+    status, answer = await api.call(
+        method, path, body, headers=bearer(ADMIN), exact=True
+    )
+    assert status in (200, 201), answer
     return answer
 
 
-async def create_team(client: Client, *budgets: dict[str, Any], **fields: Any) -> Any:
+async def create_team(api: Api, *budgets: dict[str, Any], **fields: Any) -> Any:
     body = {"name": "platform", "budgets": list(budgets), **fields}
-    return (await command(client, "POST", "/api/governance/teams", body))["team"]
+    return (await command(api, "POST", "/api/governance/teams", body))["team"]
 
 
-async def create_key(client: Client, **fields: Any) -> Any:
+async def create_key(api: Api, **fields: Any) -> Any:
     body = {"name": "ci", **fields}
-    answer = await command(client, "POST", "/api/governance/virtual-keys", body)
+    answer = await command(api, "POST", "/api/governance/virtual-keys", body)
     # Usage is resolved by the enforcement cache: it must know the key first.
-    await client.app[cache_projector_key].wait_for(answer["position"], 10)
+    await api.caught_up(answer["position"])
     return answer["virtual_key"]
 
 
-async def record(client: Client, secret: str, cost: str, **fields: Any) -> int:
+async def record(api: Api, secret: str, cost: str, **fields: Any) -> int:
     body = {
         "event_id": str(uuid.uuid4()),
         "virtual_key": secret,
@@ -97,30 +83,27 @@ async def record(client: Client, secret: str, cost: str, **fields: Any) -> int:
         "cost": cost,
         **fields,
     }
-    response = await client.post("/api/usage", json=body, headers=bearer(RECORDER))
-    answer = await response.json()
-    assert response.status == 202, answer
+    status, answer = await api.call(
+        "POST", "/api/usage", body, headers=bearer(RECORDER)
+    )
+    assert status == 202, answer
     return int(answer["position"])
 
 
-async def applied(client: Client, position: int) -> None:
-    """Wait until the read model and the cache have applied `position`."""
-    await client.app[governance_projector_key].wait_for(position, 10)
-    await client.app[cache_projector_key].wait_for(position, 10)
-
-
-async def check(client: Client, key_id: str) -> Any:
-    response = await client.post(
+async def check(api: Api, key_id: str) -> Any:
+    _, answer = await api.call(
+        "POST",
         "/api/governance/check",
-        json={"virtual_key_id": key_id},
+        {"virtual_key_id": key_id},
         headers=bearer(READER),
+        exact=True,
     )
-    return await response.json(loads=lambda s: json.loads(s, parse_float=Decimal))
+    return answer
 
 
 @asynccontextmanager
-async def event_stream(client: Client) -> AsyncIterator[ClientResponse]:
-    response = await client.get("/api/dashboard/events", headers=bearer(READER))
+async def event_stream(api: Api) -> AsyncIterator[ClientResponse]:
+    response = await api.request("GET", "/api/dashboard/events", headers=bearer(READER))
     try:
         assert response.status == 200
         yield response
@@ -166,14 +149,14 @@ def first_of_next_month(moment: datetime) -> datetime:
 # --- the page ----------------------------------------------------------------------
 
 
-async def test_the_page_and_its_assets_need_no_token(client):
+async def test_the_page_and_its_assets_need_no_token(api):
     expected = {
         "/": "text/html",
         "/dashboard.js": "text/javascript",
         "/dashboard.css": "text/css",
     }
     for path, content_type in expected.items():
-        response = await client.get(path)
+        response = await api.request("GET", path)
         body = await response.text()
         assert (response.status, response.content_type) == (200, content_type)
         assert response.headers["X-Content-Type-Options"] == "nosniff"
@@ -181,18 +164,20 @@ async def test_the_page_and_its_assets_need_no_token(client):
             "default-src 'self';"
         )
         assert body
-    page = await (await client.get("/")).text()
+    page = await (await api.request("GET", "/")).text()
     assert '<script src="/dashboard.js" defer></script>' in page
     assert '<link rel="stylesheet" href="/dashboard.css">' in page
 
 
-async def test_the_event_stream_needs_the_reader_right(client):
-    response = await client.get("/api/dashboard/events")
+async def test_the_event_stream_needs_the_reader_right(api):
+    response = await api.request("GET", "/api/dashboard/events")
     assert (response.status, (await response.json())["error"]["code"]) == (
         401,
         "unauthorized",
     )
-    response = await client.get("/api/dashboard/events", headers=bearer(RECORDER))
+    response = await api.request(
+        "GET", "/api/dashboard/events", headers=bearer(RECORDER)
+    )
     assert (response.status, (await response.json())["error"]["code"]) == (
         403,
         "forbidden",
@@ -202,16 +187,16 @@ async def test_the_event_stream_needs_the_reader_right(client):
 # --- the snapshot stream -----------------------------------------------------------
 
 
-async def test_the_stream_opens_with_a_snapshot_of_the_read_model(client):
+async def test_the_stream_opens_with_a_snapshot_of_the_read_model(api):
     team = await create_team(
-        client,
+        api,
         {"max_limit": 10, "reset_duration": "1d"},
         {"max_limit": 100, "reset_duration": "1M", "calendar_aligned": True},
     )
-    key = await create_key(client, team_id=team["id"])
-    position = await record(client, key["value"], "2.5")
-    await applied(client, position)
-    async with event_stream(client) as response:
+    key = await create_key(api, team_id=team["id"])
+    position = await record(api, key["value"], "2.5")
+    await api.caught_up(position)
+    async with event_stream(api) as response:
         assert response.headers["Content-Type"] == "text/event-stream"
         snapshot = await next_snapshot(response)
     created = instant(team["created_at"])
@@ -247,30 +232,30 @@ async def test_the_stream_opens_with_a_snapshot_of_the_read_model(client):
     assert "value" not in shown_key
 
 
-async def test_the_stream_sends_a_new_snapshot_when_usage_is_applied(client):
-    team = await create_team(client, {"max_limit": 10, "reset_duration": "1d"})
-    key = await create_key(client, team_id=team["id"])
-    await applied(client, await record(client, key["value"], "2.5"))
-    async with event_stream(client) as response:
+async def test_the_stream_sends_a_new_snapshot_when_usage_is_applied(api):
+    team = await create_team(api, {"max_limit": 10, "reset_duration": "1d"})
+    key = await create_key(api, team_id=team["id"])
+    await api.caught_up(await record(api, key["value"], "2.5"))
+    async with event_stream(api) as response:
         first = await next_snapshot(response)
-        position = await record(client, key["value"], "1.25")
+        position = await record(api, key["value"], "1.25")
         later = await snapshot_where(response, lambda s: s["position"] >= position)
     assert first["teams"][0]["budgets"][0]["current_usage"] == Decimal("2.5")
     assert later["position"] == position
     assert later["teams"][0]["budgets"][0]["current_usage"] == Decimal("3.75")
 
 
-async def test_a_key_is_blocked_by_an_exhausted_team_budget_as_the_check_says(client):
+async def test_a_key_is_blocked_by_an_exhausted_team_budget_as_the_check_says(api):
     team = await create_team(
-        client,
+        api,
         {"max_limit": 10, "reset_duration": "1d"},
         {"max_limit": 100, "reset_duration": "1M"},
     )
-    key = await create_key(client, team_id=team["id"])
-    await applied(client, await record(client, key["value"], "10"))
-    async with event_stream(client) as response:
+    key = await create_key(api, team_id=team["id"])
+    await api.caught_up(await record(api, key["value"], "10"))
+    async with event_stream(api) as response:
         snapshot = await next_snapshot(response)
-    answer = await check(client, key["id"])
+    answer = await check(api, key["id"])
     day = team["budgets"][0]["id"]
     assert snapshot["virtual_keys"][0]["blocked"] == {
         "reason": "budget_exceeded",
@@ -287,18 +272,18 @@ async def test_a_key_is_blocked_by_an_exhausted_team_budget_as_the_check_says(cl
     )
 
 
-async def test_rate_limits_block_before_budgets_and_inactive_keys_are_blocked(client):
-    team = await create_team(client, {"max_limit": 1, "reset_duration": "1d"})
+async def test_rate_limits_block_before_budgets_and_inactive_keys_are_blocked(api):
+    team = await create_team(api, {"max_limit": 1, "reset_duration": "1d"})
     key = await create_key(
-        client,
+        api,
         team_id=team["id"],
         rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"},
     )
-    idle = await create_key(client, name="idle", is_active=False)
-    await applied(client, await record(client, key["value"], "5"))
-    async with event_stream(client) as response:
+    idle = await create_key(api, name="idle", is_active=False)
+    await api.caught_up(await record(api, key["value"], "5"))
+    async with event_stream(api) as response:
         snapshot = await next_snapshot(response)
-    answer = await check(client, key["id"])
+    answer = await check(api, key["id"])
     blocked = {k["id"]: k["blocked"] for k in snapshot["virtual_keys"]}
     assert blocked == {
         key["id"]: {
@@ -371,19 +356,19 @@ def test_a_key_with_providers_is_blocked_only_when_every_provider_is():
 # --- budget periods ----------------------------------------------------------------
 
 
-async def append(client: Client, stream_id: str, event: AnyEvent, at: datetime) -> int:
+async def append(api: Api, stream_id: str, event: AnyEvent, at: datetime) -> int:
     appended = await eventstore.append(
-        client.app[pool_key], stream_id, None, [NewEvent(event=event)], recorded_at=at
+        api.app[pool_key], stream_id, None, [NewEvent(event=event)], recorded_at=at
     )
     return appended[-1].global_position
 
 
-async def test_budget_periods_list_the_spend_of_each_past_period(client):
+async def test_budget_periods_list_the_spend_of_each_past_period(api):
     team_id, budget_id, key_id = (str(uuid.uuid4()) for _ in range(3))
     start = (datetime.now(UTC) - timedelta(days=3)).replace(microsecond=0)
     budget = Budget(budget_id=budget_id, max_limit=Decimal(10), reset_duration="1d")
     await append(
-        client,
+        api,
         f"team-{team_id}",
         TeamCreated(team_id=team_id, name="platform", budgets=(budget,)),
         start,
@@ -398,11 +383,11 @@ async def test_budget_periods_list_the_spend_of_each_past_period(client):
             cost=Decimal(cost),
             occurred_at=at,
         )
-        position = await append(client, f"usage-{key_id}", usage, at)
+        position = await append(api, f"usage-{key_id}", usage, at)
     path = f"/api/governance/budgets/{budget_id}/periods"
 
-    response = await client.get(
-        f"{path}?min_position={position}", headers=bearer(READER)
+    response = await api.request(
+        "GET", f"{path}?min_position={position}", headers=bearer(READER)
     )
     assert response.status == 200
     assert await response.json(loads=lambda s: json.loads(s, parse_float=Decimal)) == {
@@ -412,7 +397,7 @@ async def test_budget_periods_list_the_spend_of_each_past_period(client):
             {"period_start": iso(start + timedelta(days=2)), "spend": 4},
         ]
     }
-    response = await client.get(f"{path}?limit=2", headers=bearer(READER))
+    response = await api.request("GET", f"{path}?limit=2", headers=bearer(READER))
     assert [p["period_start"] for p in (await response.json())["periods"]] == [
         iso(start + timedelta(days=1)),
         iso(start + timedelta(days=2)),
@@ -424,21 +409,21 @@ def iso(moment: datetime) -> str:
 
 
 async def test_budget_periods_answer_404_for_an_unknown_budget_and_need_a_reader(
-    client,
+    api,
 ):
     path = f"/api/governance/budgets/{MISSING}/periods"
-    response = await client.get(path, headers=bearer(READER))
+    response = await api.request("GET", path, headers=bearer(READER))
     assert (response.status, (await response.json())["error"]["code"]) == (
         404,
         "not_found",
     )
-    response = await client.get(
-        "/api/governance/budgets/nope/periods", headers=bearer(READER)
+    response = await api.request(
+        "GET", "/api/governance/budgets/nope/periods", headers=bearer(READER)
     )
     assert response.status == 404
-    response = await client.get(f"{path}?limit=0", headers=bearer(READER))
+    response = await api.request("GET", f"{path}?limit=0", headers=bearer(READER))
     assert response.status == 400
-    response = await client.get(path)
+    response = await api.request("GET", path)
     assert response.status == 401
 
 
@@ -447,33 +432,32 @@ async def test_budget_periods_answer_404_for_an_unknown_budget_and_need_a_reader
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing (CI installs it first)."""
+    """Debian's chromium, which CI installs before the tests (a test installs
+    nothing): without it the browser test fails, saying what to do."""
     if not CHROMIUM.exists():
-        if shutil.which("apt-get") is None or os.geteuid() != 0:
-            pytest.skip(
-                "the browser test needs Debian's chromium at /usr/bin/chromium, and it"
-                " cannot be installed here (no apt-get, or not root)"
-            )
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, env=env)
+        pytest.fail(
+            f"the browser test needs Debian's chromium at {CHROMIUM}: install it"
+            " (`apt-get install chromium`, as CI does), or leave the browser tests"
+            " out with -m 'not browser'",
+            pytrace=False,
+        )
     return str(CHROMIUM)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # the first run may apt-get install chromium
+@pytest.mark.browser
 async def test_the_page_shows_budget_bars_and_follows_usage_live(database, chromium):
     from playwright.async_api import async_playwright, expect
 
-    async with serve(database) as client:
+    async with serve(database, Settings(**TOKENS)) as api:
         team = await create_team(
-            client,
+            api,
             {"max_limit": 10, "reset_duration": "1d"},
             {"max_limit": 100, "reset_duration": "1M"},
         )
         day, month = (b["id"] for b in team["budgets"])
-        key = await create_key(client, team_id=team["id"])
-        await record(client, key["value"], "2.5")
+        key = await create_key(api, team_id=team["id"])
+        await record(api, key["value"], "2.5")
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
                 executable_path=chromium, args=CHROMIUM_ARGS
@@ -482,7 +466,7 @@ async def test_the_page_shows_budget_bars_and_follows_usage_live(database, chrom
                 page = await browser.new_page()
                 errors: list[str] = []
                 page.on("pageerror", lambda error: errors.append(str(error)))
-                await page.goto(str(client.make_url("/")))
+                await page.goto(api.url("/"))
                 await expect(page.locator("#login")).to_be_visible(timeout=10_000)
                 await page.fill("#token", READER)
                 await page.click("#token-form button[type=submit]")
@@ -500,11 +484,11 @@ async def test_the_page_shows_budget_bars_and_follows_usage_live(database, chrom
                 )
                 await expect(key_row.locator(".meter")).to_have_count(0)
 
-                await record(client, key["value"], "2.5")
+                await record(api, key["value"], "2.5")
                 await expect(pct(day)).to_have_text("50%", timeout=10_000)
                 await expect(pct(month)).to_have_text("5%", timeout=10_000)
 
-                await record(client, key["value"], "5")
+                await record(api, key["value"], "5")
                 await expect(pct(day)).to_have_text("100%", timeout=10_000)
                 await expect(key_row).to_have_attribute(
                     "data-status", "blocked", timeout=10_000

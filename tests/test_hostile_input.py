@@ -19,8 +19,7 @@ from typing import Any
 import hypothesis
 import pytest
 import schemathesis
-from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import WSMsgType
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
@@ -36,9 +35,7 @@ from service.config import Settings
 from service.web import openapi
 from service.web.app import create_app
 from service.web.http import Right
-from service.web.keys import cache_projector_key, governance_projector_key
-
-Client = TestClient[web.Request, web.Application]
+from tests.api import Api, serve
 
 ADMIN_TOKEN = "adm-hostile"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -67,21 +64,10 @@ schemathesis.serializer.alias("application/x-ndjson", "text/plain")
 
 
 @pytest.fixture
-async def client(database: str) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(SETTINGS, database))) as client:
-        yield client
-
-
-async def call(
-    client: Client, method: str, path: str, body: Any = None, **headers: str
-) -> tuple[int, Any]:
-    """Send `body` as JSON (bytes as they are) and read the answer as JSON."""
-    data = body if isinstance(body, bytes) else None
-    payload = None if isinstance(body, bytes) else body
-    response = await client.request(
-        method, path, json=payload, data=data, headers={**ADMIN, **headers}
-    )
-    return response.status, await response.json(content_type=None)
+async def api(database: str) -> AsyncIterator[Api]:
+    """The service with an admin token, sent with every request."""
+    async with serve(database, SETTINGS, headers=ADMIN) as api:
+        yield api
 
 
 def assert_error(status: int, answer: Any, expected: int, code: str | None = None):
@@ -97,30 +83,28 @@ def assert_error(status: int, answer: Any, expected: int, code: str | None = Non
         assert answer["error"]["code"] == code, answer
 
 
-async def event_count(client: Client) -> int:
-    status, page = await call(client, "GET", "/api/events?limit=10000")
+async def event_count(api: Api) -> int:
+    status, page = await api.call("GET", "/api/events?limit=10000")
     assert status == 200, page
     return len(page["events"])
 
 
-async def seed(client: Client) -> dict[str, str]:
+async def seed(api: Api) -> dict[str, str]:
     """A customer, a team under it, a key under the team; read model and cache
     caught up with them."""
-    status, created = await call(
-        client,
+    status, created = await api.call(
         "POST",
         CUSTOMERS,
         {"name": "acme", "budgets": [{"max_limit": 100, "reset_duration": "1M"}]},
     )
     assert status == 201, created
     customer = created["customer"]["id"]
-    status, created = await call(
-        client, "POST", TEAMS, {"name": "platform", "customer_id": customer}
+    status, created = await api.call(
+        "POST", TEAMS, {"name": "platform", "customer_id": customer}
     )
     assert status == 201, created
     team = created["team"]["id"]
-    status, created = await call(
-        client,
+    status, created = await api.call(
         "POST",
         KEYS,
         {
@@ -133,10 +117,8 @@ async def seed(client: Client) -> dict[str, str]:
     assert status == 201, created
     key = created["virtual_key"]
     position = created["position"]
-    await client.app[governance_projector_key].wait_for(position, 10)
-    await client.app[cache_projector_key].wait_for(position, 10)
-    status, checked = await call(
-        client,
+    await api.caught_up(position)
+    status, checked = await api.call(
         "POST",
         "/api/governance/check",
         {"virtual_key_id": key["id"], "provider": "openai"},
@@ -170,8 +152,9 @@ def test_a_route_without_an_entry_cannot_be_documented():
         openapi.document(routes)
 
 
-async def test_the_document_describes_every_endpoint_with_rights_and_bodies(client):
-    response = await client.get("/api/openapi.json")  # no token
+async def test_the_document_describes_every_endpoint_with_rights_and_bodies(api):
+    anonymous = api.with_headers({})  # no token
+    response = await anonymous.request("GET", "/api/openapi.json")
 
     assert response.status == 200
     assert response.content_type == "application/json"
@@ -218,7 +201,7 @@ async def test_the_document_describes_every_endpoint_with_rights_and_bodies(clie
     assert schemas["BudgetView"]["properties"]["current_usage"] == {"type": "number"}
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     # The same bytes every time: encoded once per app.
-    again = await client.get("/api/openapi.json")
+    again = await anonymous.request("GET", "/api/openapi.json")
     assert await again.read() == await response.read()
 
 
@@ -365,9 +348,9 @@ def aim_at(case: Any, known: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
-async def test_schemathesis_finds_no_server_error_and_only_error_shaped_4xx(client):
-    known = await seed(client)
-    base_url = str(client.make_url("")).rstrip("/")
+async def test_schemathesis_finds_no_server_error_and_only_error_shaped_4xx(api):
+    known = await seed(api)
+    base_url = api.url("").rstrip("/")
 
     problems = await asyncio.to_thread(fuzz, base_url, known)
 
@@ -407,7 +390,7 @@ def ndjson(*lines: dict[str, Any] | bytes) -> bytes:
 
 
 async def send(
-    client: Client,
+    api: Api,
     method: str,
     path: str,
     data: Any,
@@ -419,10 +402,7 @@ async def send(
         headers["Content-Type"] = content_type
     if isinstance(data, bytes):
         data = io.BytesIO(data)  # aiohttp warns about large bytes bodies
-    response = await client.request(
-        method, path, data=data, headers={**ADMIN, **headers}
-    )
-    return response.status, await response.json(content_type=None)
+    return await api.call(method, path, data=data, headers=headers)
 
 
 async def chunks(body: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
@@ -433,55 +413,55 @@ async def chunks(body: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
 
 @pytest.mark.parametrize(("method", "path"), JSON_BODIES)
 async def test_a_body_over_the_limit_is_a_413_in_the_error_shape_and_commits_nothing(
-    client, method, path
+    api, method, path
 ):
-    known = await seed(client)
-    before = await event_count(client)
+    known = await seed(api)
+    before = await event_count(api)
     path = path.format(**known)
     # Valid JSON: only the limit stands between it and a commit.
     body = json.dumps({"name": "n" * MIB}).encode()
 
     for data in (body, chunks(body)):
-        status, answer = await send(client, method, path, data)
+        status, answer = await send(api, method, path, data)
 
         assert_error(status, answer, 413, "body_too_large")
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 async def test_a_batch_over_16_mib_is_a_413_in_the_error_shape_and_commits_nothing(
-    client,
+    api,
 ):
-    known = await seed(client)
-    before = await event_count(client)
+    known = await seed(api)
+    before = await event_count(api)
     line = ndjson(usage_record(known, model="m" * 200))
     body = ndjson(*([line] * (16 * MIB // len(line) + 1)))
     assert len(body) > 16 * MIB
 
     for data in (body, chunks(body, MIB)):
-        status, answer = await send(client, "POST", "/api/usage/batch", data, NDJSON)
+        status, answer = await send(api, "POST", "/api/usage/batch", data, NDJSON)
 
         assert_error(status, answer, 413, "body_too_large")
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
-async def test_a_gzip_bomb_is_stopped_at_the_limit(client):
-    await seed(client)
-    before = await event_count(client)
+async def test_a_gzip_bomb_is_stopped_at_the_limit(api):
+    await seed(api)
+    before = await event_count(api)
     bomb = gzip.compress(b'{"name": "' + b"n" * (64 * MIB) + b'"}')
     assert len(bomb) < MIB
 
     status, answer = await send(
-        client, "POST", CUSTOMERS, bomb, **{"Content-Encoding": "gzip"}
+        api, "POST", CUSTOMERS, bomb, **{"Content-Encoding": "gzip"}
     )
 
     assert_error(status, answer, 413, "body_too_large")
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_a_body_that_does_not_decompress_is_a_400(client, encoding):
-    await seed(client)
-    before = await event_count(client)
+async def test_a_body_that_does_not_decompress_is_a_400(api, encoding):
+    await seed(api)
+    before = await event_count(api)
 
     for path, content_type in [
         (CUSTOMERS, JSON),
@@ -490,7 +470,7 @@ async def test_a_body_that_does_not_decompress_is_a_400(client, encoding):
         ("/api/governance/check", JSON),
     ]:
         status, answer = await send(
-            client,
+            api,
             "POST",
             path,
             b"this is not compressed",
@@ -500,28 +480,28 @@ async def test_a_body_that_does_not_decompress_is_a_400(client, encoding):
         )
 
         assert_error(status, answer, 400)
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 DEEP = b"[" * 100_000
 
 
 @pytest.mark.parametrize(("method", "path"), JSON_BODIES)
-async def test_deeply_nested_json_is_a_400(client, method, path):
-    known = await seed(client)
+async def test_deeply_nested_json_is_a_400(api, method, path):
+    known = await seed(api)
     path = path.format(**known)
 
     for body in (DEEP, b'{"name": ' + DEEP, b'{"budgets": [' + DEEP):
-        status, answer = await send(client, method, path, body)
+        status, answer = await send(api, method, path, body)
 
         assert_error(status, answer, 400)
 
 
-async def test_a_deeply_nested_batch_line_is_a_rejected_line(client):
-    known = await seed(client)
+async def test_a_deeply_nested_batch_line_is_a_rejected_line(api):
+    known = await seed(api)
 
     status, answer = await send(
-        client,
+        api,
         "POST",
         "/api/usage/batch",
         ndjson(DEEP, usage_record(known), b'{"event_id": ' + DEEP),
@@ -536,15 +516,16 @@ async def test_a_deeply_nested_batch_line_is_a_rejected_line(client):
     ]
 
 
-async def test_huge_ndjson_lines_are_rejected_lines_and_do_not_echo_back(client):
-    known = await seed(client)
+async def test_huge_ndjson_lines_are_rejected_lines_and_do_not_echo_back(api):
+    known = await seed(api)
     huge_record = usage_record(known, model="m" * (6 * MIB))
     garbage = b"x" * (6 * MIB)
 
-    response = await client.post(
+    response = await api.request(
+        "POST",
         "/api/usage/batch",
         data=io.BytesIO(ndjson(huge_record, garbage, usage_record(known))),
-        headers={**ADMIN, "Content-Type": NDJSON},
+        headers={"Content-Type": NDJSON},
     )
 
     assert response.status == 200
@@ -561,9 +542,9 @@ INVALID_UTF8 = [b'{"name": "\xff\xfe"}', b"\xff", b'{"name": "caf\xc3"}']
 
 
 @pytest.mark.parametrize(("method", "path"), JSON_BODIES)
-async def test_invalid_utf8_is_a_400_and_commits_nothing(client, method, path):
-    known = await seed(client)
-    before = await event_count(client)
+async def test_invalid_utf8_is_a_400_and_commits_nothing(api, method, path):
+    known = await seed(api)
+    before = await event_count(api)
     path = path.format(**known)
     bodies = [*INVALID_UTF8]
     if path == "/api/usage":
@@ -576,18 +557,18 @@ async def test_invalid_utf8_is_a_400_and_commits_nothing(client, method, path):
         bodies.append(b'{"virtual_key": "\xff"}')
 
     for body in bodies:
-        status, answer = await send(client, method, path, body)
+        status, answer = await send(api, method, path, body)
 
         assert_error(status, answer, 400)
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
-async def test_an_invalid_utf8_batch_line_is_a_rejected_line(client):
-    known = await seed(client)
+async def test_an_invalid_utf8_batch_line_is_a_rejected_line(api):
+    known = await seed(api)
     bad = json.dumps(usage_record(known, model="MODEL")).encode()
 
     status, answer = await send(
-        client,
+        api,
         "POST",
         "/api/usage/batch",
         ndjson(bad.replace(b"MODEL", b"\xff\xfe"), usage_record(known)),
@@ -601,10 +582,10 @@ async def test_an_invalid_utf8_batch_line_is_a_rejected_line(client):
     ]
 
 
-async def test_a_lone_surrogate_is_a_400(client):
-    await seed(client)
+async def test_a_lone_surrogate_is_a_400(api):
+    await seed(api)
 
-    status, answer = await send(client, "POST", CUSTOMERS, b'{"name": "\\ud800"}')
+    status, answer = await send(api, "POST", CUSTOMERS, b'{"name": "\\ud800"}')
 
     assert_error(status, answer, 400)
 
@@ -628,37 +609,37 @@ NUL_BODIES = [
 
 
 @pytest.mark.parametrize(("path", "body"), NUL_BODIES)
-async def test_a_nul_character_in_a_governance_string_is_a_400(client, path, body):
-    known = await seed(client)
-    before = await event_count(client)
+async def test_a_nul_character_in_a_governance_string_is_a_400(api, path, body):
+    known = await seed(api)
+    before = await event_count(api)
 
-    status, answer = await call(client, "POST", path, body)
+    status, answer = await api.call("POST", path, body)
     assert_error(status, answer, 400)
     entity = {CUSTOMERS: "customer", TEAMS: "team", KEYS: "virtual_key"}[path]
-    status, answer = await call(client, "PUT", f"{path}/{known[entity]}", body)
+    status, answer = await api.call("PUT", f"{path}/{known[entity]}", body)
     assert_error(status, answer, 400)
 
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
-async def test_a_nul_character_in_usage_or_check_strings_is_refused_cleanly(client):
-    known = await seed(client)
-    before = await event_count(client)
+async def test_a_nul_character_in_usage_or_check_strings_is_refused_cleanly(api):
+    known = await seed(api)
+    before = await event_count(api)
 
     for field in ("provider", "model"):
-        status, answer = await call(
-            client, "POST", "/api/usage", usage_record(known, **{field: "a\0b"})
+        status, answer = await api.call(
+            "POST", "/api/usage", usage_record(known, **{field: "a\0b"})
         )
         assert_error(status, answer, 400, "invalid_record")
-    status, answer = await call(
-        client, "POST", "/api/usage", usage_record(known, virtual_key_id="\0")
+    status, answer = await api.call(
+        "POST", "/api/usage", usage_record(known, virtual_key_id="\0")
     )
     assert_error(status, answer, 400, "unknown_virtual_key")
-    status, answer = await call(
-        client, "POST", "/api/governance/check", {"virtual_key": "sk-\0"}
+    status, answer = await api.call(
+        "POST", "/api/governance/check", {"virtual_key": "sk-\0"}
     )
     assert (status, answer["reason"]) == (200, "unknown_virtual_key")
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 @pytest.mark.parametrize(
@@ -671,10 +652,8 @@ async def test_a_nul_character_in_usage_or_check_strings_is_refused_cleanly(clie
         "/api/governance/customers/%00",
     ],
 )
-async def test_a_nul_character_in_a_query_or_path_never_reaches_the_database(
-    client, path
-):
-    status, answer = await call(client, "GET", path)
+async def test_a_nul_character_in_a_query_or_path_never_reaches_the_database(api, path):
+    status, answer = await api.call("GET", path)
 
     assert status < 500, answer
     if status >= 400:
@@ -682,35 +661,36 @@ async def test_a_nul_character_in_a_query_or_path_never_reaches_the_database(
 
 
 @pytest.mark.parametrize(
-    ("content_type", "body"),
+    ("content_type", "body", "expected"),
     [
-        ("application/x-www-form-urlencoded", b"name=acme"),
+        ("application/x-www-form-urlencoded", b"name=acme", 415),
         (
             "multipart/form-data; boundary=b",
             b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\n'
             b"acme\r\n--b--\r\n",
+            415,
         ),
-        ("text/plain", b'{"name": "acme"}'),
-        ("application/json; charset=latin-1", b'{"name": "caf\xe9"}'),
+        ("text/plain", b'{"name": "acme"}', 415),
+        ("application/json; charset=latin-1", b'{"name": "caf\xe9"}', 400),
     ],
 )
-async def test_a_body_of_another_content_type_is_a_400_and_commits_nothing(
-    client, content_type, body
+async def test_a_body_of_another_content_type_is_a_4xx_and_commits_nothing(
+    api, content_type, body, expected
 ):
-    await seed(client)
-    before = await event_count(client)
+    await seed(api)
+    before = await event_count(api)
 
-    status, answer = await send(client, "POST", CUSTOMERS, body, content_type)
+    status, answer = await send(api, "POST", CUSTOMERS, body, content_type)
 
-    assert_error(status, answer, 400)
-    assert await event_count(client) == before
+    assert_error(status, answer, expected)
+    assert await event_count(api) == before
 
 
-async def test_form_and_text_bodies_are_refused_by_every_body_endpoint(client):
+async def test_form_and_text_bodies_are_refused_by_every_body_endpoint(api):
     """A browser sends these content types cross-site without asking first: no
     request that could come from a foreign page may change anything."""
-    known = await seed(client)
-    before = await event_count(client)
+    known = await seed(api)
+    before = await event_count(api)
     record = json.dumps(usage_record(known)).encode()
 
     for content_type in (
@@ -726,10 +706,10 @@ async def test_form_and_text_bodies_are_refused_by_every_body_endpoint(client):
             ("POST", "/api/usage/batch", record),
             ("POST", "/api/governance/check", b'{"virtual_key": "x"}'),
         ]:
-            status, answer = await send(client, method, path, body, content_type)
+            status, answer = await send(api, method, path, body, content_type)
 
-            assert_error(status, answer, 400, "unsupported_media_type")
-    assert await event_count(client) == before
+            assert_error(status, answer, 415, "unsupported_media_type")
+    assert await event_count(api) == before
 
 
 @pytest.mark.parametrize(
@@ -743,11 +723,11 @@ async def test_form_and_text_bodies_are_refused_by_every_body_endpoint(client):
         "/api/governance/budgets/nope/periods",
     ],
 )
-async def test_an_id_in_the_path_that_is_not_a_uuid_is_a_404(client, path):
+async def test_an_id_in_the_path_that_is_not_a_uuid_is_a_404(api, path):
     for method in ("GET", "PUT", "DELETE"):
         if method != "GET" and "periods" in path:
             continue
-        status, answer = await call(client, method, path, {"name": "x"})
+        status, answer = await api.call(method, path, {"name": "x"})
 
         assert_error(status, answer, 404)
 
@@ -778,16 +758,15 @@ async def test_an_id_in_the_path_that_is_not_a_uuid_is_a_404(client, path):
         ),
     ],
 )
-async def test_a_bad_query_parameter_is_a_400(client, path, code):
-    status, answer = await call(client, "GET", path)
+async def test_a_bad_query_parameter_is_a_400(api, path, code):
+    status, answer = await api.call("GET", path)
 
     assert_error(status, answer, 400, code)
 
 
-async def test_a_check_min_position_beyond_any_position_is_a_400(client):
+async def test_a_check_min_position_beyond_any_position_is_a_400(api):
     for position in (2**63, 10**40, -1):
-        status, answer = await call(
-            client,
+        status, answer = await api.call(
             "POST",
             "/api/governance/check",
             {"virtual_key": "x", "min_position": position},
@@ -818,17 +797,15 @@ async def test_a_check_min_position_beyond_any_position_is_a_400(client):
         b"[1]",
     ],
 )
-async def test_a_max_limit_that_is_not_a_sane_positive_amount_is_a_400(
-    client, max_limit
-):
-    await seed(client)
-    before = await event_count(client)
+async def test_a_max_limit_that_is_not_a_sane_positive_amount_is_a_400(api, max_limit):
+    await seed(api)
+    before = await event_count(api)
     body = b'{"name": "n", "budgets": [{"max_limit": %s, "reset_duration": "1d"}]}'
 
-    status, answer = await send(client, "POST", CUSTOMERS, body % max_limit)
+    status, answer = await send(api, "POST", CUSTOMERS, body % max_limit)
 
     assert_error(status, answer, 400)
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 @pytest.mark.parametrize(
@@ -846,30 +823,28 @@ async def test_a_max_limit_that_is_not_a_sane_positive_amount_is_a_400(
         (b"Infinity", "invalid_record"),
     ],
 )
-async def test_a_cost_that_is_not_a_sane_amount_is_rejected(client, cost, code):
-    known = await seed(client)
-    before = await event_count(client)
+async def test_a_cost_that_is_not_a_sane_amount_is_rejected(api, cost, code):
+    known = await seed(api)
+    before = await event_count(api)
     body = json.dumps(usage_record(known, cost="COST")).encode()
     body = body.replace(b'"COST"', cost)
 
-    status, answer = await send(client, "POST", "/api/usage", body)
+    status, answer = await send(api, "POST", "/api/usage", body)
 
     assert_error(status, answer, 400, code)
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
-async def test_a_cost_of_minus_zero_is_recorded_as_zero(client):
-    known = await seed(client)
+async def test_a_cost_of_minus_zero_is_recorded_as_zero(api):
+    known = await seed(api)
     body = json.dumps(usage_record(known, cost="COST")).encode()
 
     status, answer = await send(
-        client, "POST", "/api/usage", body.replace(b'"COST"', b"-0")
+        api, "POST", "/api/usage", body.replace(b'"COST"', b"-0")
     )
 
     assert status == 202, answer
-    status, page = await call(
-        client, "GET", f"/api/events?after={answer['position'] - 1}"
-    )
+    status, page = await api.call("GET", f"/api/events?after={answer['position'] - 1}")
     assert page["events"][0]["data"]["cost"] == 0
 
 
@@ -885,13 +860,13 @@ async def test_a_cost_of_minus_zero_is_recorded_as_zero(client):
     ],
 )
 async def test_an_extreme_estimated_cost_is_answered_without_a_server_error(
-    client, estimated_cost
+    api, estimated_cost
 ):
-    known = await seed(client)
+    known = await seed(api)
     body = b'{"virtual_key_id": "%s", "provider": "openai", "estimated_cost": %s}'
 
     status, answer = await send(
-        client,
+        api,
         "POST",
         "/api/governance/check",
         body % (known["virtual_key"].encode(), estimated_cost),
@@ -908,38 +883,38 @@ async def test_an_extreme_estimated_cost_is_answered_without_a_server_error(
     "tokens",
     [2**31, 2**63, 2**64, 10**30, 10**400, -1, 1.5, "1"],
 )
-async def test_a_token_count_out_of_range_is_an_invalid_record(client, tokens):
-    known = await seed(client)
-    before = await event_count(client)
+async def test_a_token_count_out_of_range_is_an_invalid_record(api, tokens):
+    known = await seed(api)
+    before = await event_count(api)
     body = json.dumps(usage_record(known, input_tokens=tokens)).encode()
 
-    status, answer = await send(client, "POST", "/api/usage", body)
+    status, answer = await send(api, "POST", "/api/usage", body)
 
     assert_error(status, answer, 400, "invalid_record")
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 @pytest.mark.parametrize("limit", [0, -5, 2**63, 10**30, 10**400, 1.5, "7"])
-async def test_a_rate_limit_out_of_range_is_a_400(client, limit):
-    await seed(client)
-    before = await event_count(client)
+async def test_a_rate_limit_out_of_range_is_a_400(api, limit):
+    await seed(api)
+    before = await event_count(api)
     body = {
         "name": "c",
         "rate_limit": {"token_max_limit": limit, "token_reset_duration": "1m"},
     }
 
-    status, answer = await call(client, "POST", CUSTOMERS, body)
+    status, answer = await api.call("POST", CUSTOMERS, body)
 
     assert_error(status, answer, 400)
-    assert await event_count(client) == before
+    assert await event_count(api) == before
 
 
 async def test_bad_websocket_frames_get_error_frames_and_the_socket_stays_usable(
-    client,
+    api,
 ):
-    known = await seed(client)
+    known = await seed(api)
 
-    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+    async with api.socket() as ws:
         for frame in (
             "not json",
             "",
@@ -982,10 +957,10 @@ async def test_bad_websocket_frames_get_error_frames_and_the_socket_stays_usable
     ]
 
 
-async def test_a_websocket_frame_over_the_limit_closes_that_socket_only(client):
-    known = await seed(client)
+async def test_a_websocket_frame_over_the_limit_closes_that_socket_only(api):
+    known = await seed(api)
 
-    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+    async with api.socket() as ws:
         # The server may close (1009) and reset the connection mid-send.
         with contextlib.suppress(ConnectionError):
             await ws.send_str('{"seq": 1, "records": ["' + "x" * (5 * MIB) + '"]}')
@@ -993,7 +968,7 @@ async def test_a_websocket_frame_over_the_limit_closes_that_socket_only(client):
             assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), message
             assert ws.close_code == 1009
 
-    async with client.ws_connect("/api/usage/stream", headers=ADMIN) as ws:
+    async with api.socket() as ws:
         await ws.send_str(json.dumps({"seq": 2, "records": [usage_record(known)]}))
         ack = await ws.receive_json(timeout=10)
     assert (ack["seq"], ack["accepted"]) == (2, 1)

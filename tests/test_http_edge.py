@@ -15,7 +15,7 @@ from service import errors
 from service.config import Settings
 from service.domain import usage
 from service.web import http
-from service.web.app import create_app
+from service.web.app import create_app, keepalive_timeout
 
 TOKENS = {
     "admin_tokens": frozenset({"adm-secret"}),
@@ -29,20 +29,24 @@ async def server(database):
         yield server
 
 
-async def raw_request(server: TestServer, head: bytes) -> tuple[int, dict, bytes]:
-    """Send `head` (request line and headers, as bytes) and read the whole answer."""
+async def raw_request(
+    server: TestServer, head: bytes, body: bytes = b""
+) -> tuple[int, dict, bytes]:
+    """Send `head` (request line and headers, as bytes) and `body`, then read one
+    answer: its status, headers and body (by its Content-Length)."""
     reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
-        writer.write(head + b"Connection: close\r\n\r\n")
+        writer.write(head + b"Connection: close\r\n\r\n" + body)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 10)
+        raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = raw_head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers.get("Content-Length", "0"))
+        answer = await asyncio.wait_for(reader.readexactly(length), 10)
     finally:
         writer.close()
-    head_part, _, body = raw.partition(b"\r\n\r\n")
-    lines = head_part.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return status, headers, body
+        await writer.wait_closed()
+    return int(lines[0].split()[1]), headers, answer
 
 
 def test_every_usage_rejection_code_has_its_status_in_the_one_table() -> None:
@@ -151,3 +155,123 @@ async def test_a_503_says_when_to_retry(server) -> None:
         body = await response.json()
     assert (response.status, body["error"]["code"]) == (503, "projection_lag")
     assert response.headers["Retry-After"] == "1"
+
+
+# --- cross-site requests in open mode ------------------------------------------------
+
+
+@pytest.fixture
+async def open_server(database):
+    settings = Settings(allowed_origins=frozenset({"http://console.example"}))
+    async with TestServer(create_app(settings, database)) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/octet-stream", "application/x-www-form-urlencoded"],
+)
+async def test_open_mode_refuses_a_body_not_declared_as_json(
+    open_server, content_type
+) -> None:
+    async with TestClient(open_server) as client:
+        response = await client.post(
+            "/api/governance/customers",
+            data=b'{"name": "acme"}',
+            headers={"Content-Type": content_type},
+        )
+        body = await response.json()
+        events = await client.get("/api/events")
+        log = await events.json()
+    assert (response.status, body["error"]["code"]) == (415, "unsupported_media_type")
+    assert log["events"] == []
+
+
+async def test_open_mode_takes_a_body_declared_as_json(open_server) -> None:
+    async with TestClient(open_server) as client:
+        response = await client.post("/api/governance/customers", json={"name": "acme"})
+    assert response.status == 201
+
+
+async def test_with_tokens_a_body_without_content_type_is_still_read(server) -> None:
+    status, _, _ = await raw_request(
+        server,
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer adm-secret\r\nContent-Length: 16\r\n",
+        b'{"name": "acme"}',
+    )
+    assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://evil.example", False),
+        ("null", False),
+        ("http://console.example", True),
+        ("HTTP://Console.Example/", True),
+        (None, True),  # not a browser: nothing to forge
+    ],
+)
+async def test_open_mode_refuses_a_websocket_from_a_foreign_origin(
+    open_server, origin, allowed
+) -> None:
+    headers = {} if origin is None else {"Origin": origin}
+    async with TestClient(open_server) as client:
+        if allowed:
+            ws = await client.ws_connect("/api/usage/stream", headers=headers)
+            await ws.close()
+        else:
+            response = await client.get(
+                "/api/usage/stream",
+                headers={
+                    **headers,
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            )
+            body = await response.json()
+            assert (response.status, body["error"]["code"]) == (403, "forbidden")
+
+
+async def test_open_mode_takes_a_websocket_from_its_own_origin(open_server) -> None:
+    own = f"http://{open_server.host}:{open_server.port}"
+    async with TestClient(open_server) as client:
+        ws = await client.ws_connect("/api/usage/stream", headers={"Origin": own})
+        await ws.close()
+
+
+# --- slow senders ---------------------------------------------------------------
+
+
+async def test_a_body_shorter_than_its_content_length_times_out_with_a_408(
+    database,
+) -> None:
+    settings = Settings(**TOKENS, body_timeout_s=0.3)
+    async with TestServer(create_app(settings, database)) as slow:
+        status, _, body = await raw_request(
+            slow,
+            b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n",
+            b'{"name":',
+        )
+    assert (status, json.loads(body)["error"]["code"]) == (408, "body_timeout")
+
+
+async def test_a_request_head_that_never_ends_is_closed(database) -> None:
+    settings = Settings(**TOKENS, header_timeout_s=0.3)
+    slow = TestServer(create_app(settings, database))
+    await slow.start_server(keepalive_timeout=keepalive_timeout(settings))
+    try:
+        reader, writer = await asyncio.open_connection(slow.host, slow.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await writer.drain()
+        closed = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await slow.close()
+    assert closed == b""

@@ -4,20 +4,20 @@ effect on the tables, usage per period, exactly-once batches, gap safety, replic
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
 from projections import governance, governance_reads
+from projections.governance_views import BudgetView, CustomerView, RateLimitView
 from projections.runner import Listener, Projector, Tail, Wake, load_checkpoint
 from service import eventstore
 from service.domain.events import (
-    AnyEvent,
     Budget,
     CustomerBudgetsReplaced,
     CustomerCreated,
@@ -30,66 +30,16 @@ from service.domain.events import (
     TeamUpdated,
     UsageRecorded,
     VirtualKeyBudgetsReplaced,
-    VirtualKeyCreated,
     VirtualKeyDeleted,
     VirtualKeyUpdated,
 )
 from service.errors import NotFound, ProjectionLag
-from service.records import Appended, Checkpoint, NewEvent, RecordedEvent
+from service.records import Checkpoint, RecordedEvent
+from tests.builders import append, budget, key_created, uid, usage_event
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
-
-
-def uid() -> str:
-    return str(uuid.uuid4())
-
-
-def budget(
-    budget_id: str,
-    limit: str,
-    duration: str,
-    *,
-    calendar_aligned: bool = False,
-    reset_usage: bool = False,
-) -> Budget:
-    return Budget(
-        budget_id=budget_id,
-        max_limit=Decimal(limit),
-        reset_duration=duration,
-        calendar_aligned=calendar_aligned,
-        reset_usage=reset_usage,
-    )
-
-
-def key_created(key_id: str, **fields) -> VirtualKeyCreated:
-    return VirtualKeyCreated(
-        virtual_key_id=key_id,
-        name="ci",
-        value_sha256=f"sha-{key_id}",
-        value_hint="abcd",
-        **fields,
-    )
-
-
-def spent(key_id: str, cost: str, at: datetime, **fields) -> UsageRecorded:
-    return UsageRecorded(
-        virtual_key_id=key_id,
-        provider="openai",
-        model="gpt-4o",
-        cost=Decimal(cost),
-        occurred_at=at,
-        **fields,
-    )
-
-
-async def append(pool, stream_id: str, *events: AnyEvent, at: datetime) -> int:
-    """Append to a stream as of `at`; the global position of the last event."""
-    appended: list[Appended] = await eventstore.append(
-        pool, stream_id, None, [NewEvent(event=e) for e in events], recorded_at=at
-    )
-    return appended[-1].global_position
 
 
 async def record_usage(pool, *events: UsageRecorded, at: datetime = T0) -> int:
@@ -112,8 +62,8 @@ async def usage_of(pool, budget_id: str, now: datetime) -> tuple[Decimal, dateti
     """(current_usage, last_reset) of one budget as of `now`."""
     async with pool.acquire() as conn:
         budgets = await governance_reads.list_budgets(conn, now)
-    [found] = [b for b in budgets if b["id"] == budget_id]
-    return found["current_usage"], found["last_reset"]
+    [found] = [b for b in budgets if b.id == budget_id]
+    return found.current_usage, found.last_reset
 
 
 async def snapshot(pool) -> dict[str, list[tuple[Any, ...]]]:
@@ -161,33 +111,33 @@ async def test_customer_created_reads_back_with_its_budgets_and_rate_limit(
 
     async with pool.acquire() as conn:
         customer = await governance_reads.fetch_customer(conn, customer_id, T0 + HOUR)
-    assert customer == {
-        "id": customer_id,
-        "name": "acme",
-        "budgets": [
-            {
-                "id": budget_id,
-                "max_limit": Decimal("100.500000001"),
-                "reset_duration": "1d",
-                "calendar_aligned": False,
-                "current_usage": Decimal(0),
-                "last_reset": T0,
-                "owner_type": "customer",
-                "owner_id": customer_id,
-            }
+    assert customer == CustomerView(
+        id=customer_id,
+        name="acme",
+        budgets=[
+            BudgetView(
+                id=budget_id,
+                max_limit=Decimal("100.500000001"),
+                reset_duration="1d",
+                calendar_aligned=False,
+                current_usage=Decimal(0),
+                last_reset=T0,
+                owner_type="customer",
+                owner_id=customer_id,
+            )
         ],
-        "rate_limit": {
-            "token_max_limit": 1000,
-            "token_reset_duration": "1h",
-            "request_max_limit": None,
-            "request_reset_duration": None,
-            "token_current_usage": 0,
-            "request_current_usage": 0,
-        },
-        "version": 1,
-        "created_at": T0,
-        "updated_at": T0,
-    }
+        rate_limit=RateLimitView(
+            token_max_limit=1000,
+            token_reset_duration="1h",
+            request_max_limit=None,
+            request_reset_duration=None,
+            token_current_usage=0,
+            request_current_usage=0,
+        ),
+        version=1,
+        created_at=T0,
+        updated_at=T0,
+    )
 
 
 async def test_customer_update_and_budget_replacement_reconcile_and_bump_version(
@@ -227,16 +177,15 @@ async def test_customer_update_and_budget_replacement_reconcile_and_bump_version
         customer = await governance_reads.fetch_customer(
             conn, customer_id, T0 + 3 * HOUR
         )
-    assert customer["name"] == "acme2"
-    assert customer["rate_limit"] is None
-    assert (customer["version"], customer["created_at"], customer["updated_at"]) == (
+    assert customer.name == "acme2"
+    assert customer.rate_limit is None
+    assert (customer.version, customer.created_at, customer.updated_at) == (
         3,
         T0,
         T0 + 2 * HOUR,
     )
     assert [
-        (b["id"], b["max_limit"], b["reset_duration"], b["last_reset"])
-        for b in customer["budgets"]
+        (b.id, b.max_limit, b.reset_duration, b.last_reset) for b in customer.budgets
     ] == [
         (daily, Decimal(50), "1d", T0),  # kept: same id, same anchor
         (weekly, Decimal(5), "1w", T0 + 2 * HOUR),  # new: anchored at its event
@@ -278,7 +227,7 @@ async def test_deleting_a_customer_removes_its_budgets_and_detaches_teams_and_ke
         team = await governance_reads.fetch_team(conn, team_id, T0)
         key = await governance_reads.fetch_virtual_key(conn, key_id, T0)
         assert await governance_reads.list_budgets(conn, T0) == []
-    assert (team["customer_id"], key["customer_id"]) == (None, None)
+    assert (team.customer_id, key.customer_id) == (None, None)
 
 
 async def test_a_reference_to_a_missing_parent_is_stored_as_none(pool, projector):
@@ -295,11 +244,10 @@ async def test_a_reference_to_a_missing_parent_is_stored_as_none(pool, projector
     await projector.catch_up()
 
     async with pool.acquire() as conn:
-        assert (await governance_reads.fetch_team(conn, team_id, T0))[
-            "customer_id"
-        ] is None
+        team = await governance_reads.fetch_team(conn, team_id, T0)
+        assert team.customer_id is None
         key = await governance_reads.fetch_virtual_key(conn, key_id, T0)
-    assert (key["team_id"], key["customer_id"]) == (None, None)
+    assert (key.team_id, key.customer_id) == (None, None)
 
 
 async def test_team_update_moves_it_between_customers_and_delete_removes_it(
@@ -325,11 +273,9 @@ async def test_team_update_moves_it_between_customers_and_delete_removes_it(
     )
     await projector.catch_up()
     async with pool.acquire() as conn:
-        assert [
-            t["id"] for t in await governance_reads.list_teams(conn, T0, first)
-        ] == []
+        assert [t.id for t in await governance_reads.list_teams(conn, T0, first)] == []
         [team] = await governance_reads.list_teams(conn, T0, second)
-    assert (team["name"], team["version"], team["updated_at"]) == ("ml2", 2, T0 + HOUR)
+    assert (team.name, team.version, team.updated_at) == ("ml2", 2, T0 + HOUR)
 
     await append(pool, stream, TeamDeleted(team_id=team_id), at=T0 + 2 * HOUR)
     await projector.catch_up()
@@ -365,7 +311,8 @@ async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
 
     async with pool.acquire() as conn:
         key = await governance_reads.fetch_virtual_key(conn, key_id, T0 + HOUR)
-    assert key == {
+    # As the answer's JSON has it, field for field (money and times kept as such).
+    assert msgspec.to_builtins(key, builtin_types=(Decimal, datetime)) == {
         "id": key_id,
         "name": "ci",
         "team_id": None,
@@ -467,12 +414,11 @@ async def test_virtual_key_update_replaces_provider_configs_and_delete_cascades(
 
     async with pool.acquire() as conn:
         key = await governance_reads.fetch_virtual_key(conn, key_id, T0 + HOUR)
-    assert (key["name"], key["value_hint"], key["version"]) == ("renamed", "wxyz", 3)
+    assert (key.name, key.value_hint, key.version) == ("renamed", "wxyz", 3)
     assert [
-        (c["provider"], c["allowed_models"], c["budgets"])
-        for c in key["provider_configs"]
+        (c.provider, c.allowed_models, c.budgets) for c in key.provider_configs
     ] == [("openai", [], [])]
-    assert [b["max_limit"] for b in key["budgets"]] == [Decimal(8)]
+    assert [b.max_limit for b in key.budgets] == [Decimal(8)]
     assert await pool.fetchval("SELECT value_sha256 FROM governance_virtual_keys") == (
         "rotated"
     )
@@ -509,9 +455,9 @@ async def test_usage_on_two_days_lands_in_two_spend_rows(pool, projector):
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
     await record_usage(
         pool,
-        spent(key_id, "1.25", T0 + HOUR),
-        spent(key_id, "2.5", T0 + 25 * HOUR),
-        spent(key_id, "0.000000001", T0 + 26 * HOUR),
+        usage_event(key_id, "1.25", T0 + HOUR),
+        usage_event(key_id, "2.5", T0 + 25 * HOUR),
+        usage_event(key_id, "0.000000001", T0 + 26 * HOUR),
     )
     await projector.catch_up()
 
@@ -528,8 +474,8 @@ async def test_usage_on_two_days_lands_in_two_spend_rows(pool, projector):
 async def test_a_late_event_lands_in_its_own_past_period(pool, projector):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
-    await record_usage(pool, spent(key_id, "2", T0 + 25 * HOUR))
-    await record_usage(pool, spent(key_id, "1", T0 + 2 * HOUR))  # arrives late
+    await record_usage(pool, usage_event(key_id, "2", T0 + 25 * HOUR))
+    await record_usage(pool, usage_event(key_id, "1", T0 + 2 * HOUR))  # arrives late
     await projector.catch_up()
 
     assert await spend_rows(pool) == [
@@ -542,7 +488,7 @@ async def test_a_late_event_lands_in_its_own_past_period(pool, projector):
 async def test_usage_before_the_usage_floor_is_not_counted(pool, projector):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
-    await record_usage(pool, spent(key_id, "5", T0 - timedelta(seconds=1)))
+    await record_usage(pool, usage_event(key_id, "5", T0 - timedelta(seconds=1)))
     await projector.catch_up()
 
     assert await spend_rows(pool) == []
@@ -554,7 +500,7 @@ async def test_reset_usage_shows_zero_at_once_and_keeps_the_spend_before_it(
 ):
     monthly = uid()
     key_id = await keyed_budget(pool, budget(monthly, "100", "1M"))
-    await record_usage(pool, spent(key_id, "5", T0 + DAY))
+    await record_usage(pool, usage_event(key_id, "5", T0 + DAY))
     reset_at = T0 + 2 * DAY
     await append(
         pool,
@@ -570,8 +516,8 @@ async def test_reset_usage_shows_zero_at_once_and_keeps_the_spend_before_it(
 
     await record_usage(
         pool,
-        spent(key_id, "1", T0 + 3 * DAY),
-        spent(key_id, "7", reset_at - HOUR),  # late, from before the reset
+        usage_event(key_id, "1", T0 + 3 * DAY),
+        usage_event(key_id, "7", reset_at - HOUR),  # late, from before the reset
     )
     await projector.catch_up()
     assert await usage_of(pool, monthly, T0 + 4 * DAY) == (Decimal(1), T0)
@@ -586,7 +532,7 @@ async def test_turning_calendar_alignment_on_resets_and_aligns_the_periods(
 ):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
-    await record_usage(pool, spent(key_id, "5", T0 + HOUR))
+    await record_usage(pool, usage_event(key_id, "5", T0 + HOUR))
     await append(
         pool,
         f"virtual_key-{key_id}",
@@ -609,7 +555,7 @@ async def test_turning_calendar_alignment_off_keeps_the_current_periods_usage(
 ):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d", calendar_aligned=True))
-    await record_usage(pool, spent(key_id, "3", T0 + DAY + HOUR))  # Nov 3, 10:00
+    await record_usage(pool, usage_event(key_id, "3", T0 + DAY + HOUR))  # Nov 3, 10:00
     switched_at = T0 + DAY + 2 * HOUR
     await append(
         pool,
@@ -669,11 +615,11 @@ async def test_usage_charges_every_existing_owner_the_event_names(pool, projecto
     chain = {"provider_config_id": config_id, "team_id": team_id}
     await record_usage(
         pool,
-        spent(key_id, "1.5", at_seconds(1), customer_id=customer_id, **chain),
-        spent(
+        usage_event(key_id, "1.5", at_seconds(1), customer_id=customer_id, **chain),
+        usage_event(
             key_id, "0.25", at_seconds(2), customer_id=uid(), **chain
         ),  # no such customer
-        spent(key_id, "2", at_seconds(3)),  # names only the key
+        usage_event(key_id, "2", at_seconds(3)),  # names only the key
     )
     await projector.catch_up()
 
@@ -702,22 +648,23 @@ async def test_rate_limits_count_tokens_and_requests_in_their_own_periods(
     )
     await record_usage(
         pool,
-        spent(key_id, "0", at_seconds(10), input_tokens=100, output_tokens=20),
-        spent(key_id, "0", at_seconds(20), input_tokens=30, requests=2),
-        spent(key_id, "0", at_seconds(70), output_tokens=5),
+        usage_event(key_id, "0", at_seconds(10), input_tokens=100, output_tokens=20),
+        usage_event(key_id, "0", at_seconds(20), input_tokens=30, requests=2),
+        usage_event(key_id, "0", at_seconds(70), output_tokens=5),
     )
     await projector.catch_up()
 
     async with pool.acquire() as conn:
         key = await governance_reads.fetch_virtual_key(conn, key_id, at_seconds(75))
-    assert key["rate_limit"]["token_current_usage"] == 155
-    assert key["rate_limit"]["request_current_usage"] == 1  # the second minute
+    assert key.rate_limit is not None
+    assert key.rate_limit.token_current_usage == 155
+    assert key.rate_limit.request_current_usage == 1  # the second minute
 
 
 async def test_changing_a_rate_limits_duration_restarts_its_count(pool, projector):
     limits = RateLimit(token_max_limit=1000, token_reset_duration="1h")
     key_id = await keyed_budget(pool, rate_limit=limits)
-    await record_usage(pool, spent(key_id, "0", at_seconds(10), input_tokens=100))
+    await record_usage(pool, usage_event(key_id, "0", at_seconds(10), input_tokens=100))
     await append(
         pool,
         f"virtual_key-{key_id}",
@@ -730,12 +677,13 @@ async def test_changing_a_rate_limits_duration_restarts_its_count(pool, projecto
         ),
         at=at_seconds(60),
     )
-    await record_usage(pool, spent(key_id, "0", at_seconds(70), input_tokens=7))
+    await record_usage(pool, usage_event(key_id, "0", at_seconds(70), input_tokens=7))
     await projector.catch_up()
 
     async with pool.acquire() as conn:
         key = await governance_reads.fetch_virtual_key(conn, key_id, at_seconds(80))
-    assert key["rate_limit"]["token_current_usage"] == 7
+    assert key.rate_limit is not None
+    assert key.rate_limit.token_current_usage == 7
 
 
 def at_seconds(seconds: int) -> datetime:
@@ -769,8 +717,12 @@ async def test_reapplying_an_applied_batch_changes_nothing(pool, projector):
     )
     await record_usage(
         pool,
-        spent(key_id, "1", at_seconds(1), customer_id=customer_id, input_tokens=3),
-        spent(key_id, "2", at_seconds(2), customer_id=customer_id, input_tokens=4),
+        usage_event(
+            key_id, "1", at_seconds(1), customer_id=customer_id, input_tokens=3
+        ),
+        usage_event(
+            key_id, "2", at_seconds(2), customer_id=customer_id, input_tokens=4
+        ),
     )
     await projector.catch_up()
     before = await snapshot(pool)
@@ -857,8 +809,12 @@ async def test_a_late_committing_transaction_is_applied_late_not_skipped(
         await late_tx.start()
         await early.fetchval("SELECT pg_current_xact_id()")
         await late.fetchval("SELECT pg_current_xact_id()")
-        late_position = await record_usage(late, spent(late_key, "2", at_seconds(2)))
-        early_position = await record_usage(early, spent(early_key, "1", at_seconds(1)))
+        late_position = await record_usage(
+            late, usage_event(late_key, "2", at_seconds(2))
+        )
+        early_position = await record_usage(
+            early, usage_event(early_key, "1", at_seconds(1))
+        )
         assert late_position < early_position
         await early_tx.commit()
         await projector.catch_up()
@@ -876,11 +832,11 @@ async def test_a_late_committing_transaction_is_applied_late_not_skipped(
 async def test_a_new_projector_continues_from_the_stored_checkpoint(pool):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
-    await record_usage(pool, spent(key_id, "1", at_seconds(1)))
+    await record_usage(pool, usage_event(key_id, "1", at_seconds(1)))
     first = Projector(pool, "governance", governance.apply)
     await first.catch_up()
 
-    await record_usage(pool, spent(key_id, "2", at_seconds(2)))
+    await record_usage(pool, usage_event(key_id, "2", at_seconds(2)))
     applied: list[int] = []
 
     async def counting(conn, records: Sequence[RecordedEvent]) -> None:
@@ -898,7 +854,7 @@ async def test_two_projectors_on_one_database_apply_each_batch_once_in_turn(pool
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "1000", "1d"))
     for i in range(60):
-        await record_usage(pool, spent(key_id, "0.5", at_seconds(i)))
+        await record_usage(pool, usage_event(key_id, "0.5", at_seconds(i)))
     running = overlaps = 0
     refused: list[bool] = []
     applied: dict[str, list[int]] = {"a": [], "b": []}

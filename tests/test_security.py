@@ -7,6 +7,7 @@ open off loopback; the event log refuses UPDATE and DELETE to an application rol
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from service.config import Settings
 from service.web.app import create_app
 from service.web.http import ROLE_RIGHTS, Right
 from service.web.keys import rights_key
-from tests.served import CHECK, KEYS, Fleet, call, hierarchy, post_batch
+from tests.api import Api, conformance
+from tests.served import CHECK, CUSTOMERS, KEYS, TEAMS, Fleet, Served, hierarchy, ndjson
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = {"admin": "adm-7f3e", "recorder": "rec-91ab", "reader": "read-5c2d"}
@@ -57,6 +59,11 @@ def fleet(database: str) -> Iterator[Fleet]:
 async def session() -> Any:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def remote(session: aiohttp.ClientSession, served: Served) -> Api:
+    """The served process, its answers checked against the OpenAPI document."""
+    return Api(session, served.url, await conformance(session, served.url))
 
 
 # --- rights ----------------------------------------------------------------------
@@ -111,28 +118,25 @@ def expected_status(right: Right, credential: str) -> str:
 async def test_every_route_answers_each_credential_as_its_rights_say(fleet, session):
     served = fleet.start(name="rights", env=TOKEN_ENV)
     await served.ready(session)
+    api = await remote(session, served)
     got: dict[tuple[str, str, str], str] = {}
     want: dict[tuple[str, str, str], str] = {}
     for method, path, _ in route_table():
         right = api_md_right(method, path)
-        url = served.url + path.replace("{id}", str(uuid.uuid4()))
+        concrete = path.replace("{id}", str(uuid.uuid4()))
         for credential, header in CREDENTIALS.items():
             headers = {} if header is None else {"Authorization": header}
             body: dict[str, Any] | None = None if method in ("GET", "DELETE") else {}
-            # Only the status line is read: a stream (SSE) stays open otherwise.
-            async with session.request(
-                method,
-                url,
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=15),
-            ) as response:
-                status = response.status
-                code = (
-                    (await response.json())["error"]["code"]
-                    if status in (401, 403)
-                    else None
-                )
+            # A stream (SSE) is left unread and closed: it stays open otherwise.
+            async with asyncio.timeout(15):
+                response = await api.request(method, concrete, body, headers=headers)
+            status = response.status
+            code = (
+                (await response.json())["error"]["code"]
+                if status in (401, 403)
+                else None
+            )
+            response.close()
             want[method, path, credential] = expected_status(right, credential)
             got[method, path, credential] = {
                 401: "unauthorized",
@@ -153,6 +157,7 @@ async def test_virtual_key_secrets_appear_only_in_create_and_rotate_answers(
     served = fleet.start(name="secrets", env=TOKEN_ENV)
     await served.ready(session)
     url = served.url
+    api = await remote(session, served)
     admin = {"Authorization": CREDENTIALS["admin"] or ""}
     recorder = {"Authorization": CREDENTIALS["recorder"] or ""}
     reader = {"Authorization": CREDENTIALS["reader"] or ""}
@@ -168,27 +173,21 @@ async def test_virtual_key_secrets_appear_only_in_create_and_rotate_answers(
         customer_limit=10000,
         headers=admin,
     )
-    for answer in tree.answers.values():
+    for name, answer in tree.answers.items():
+        path = {"customer": CUSTOMERS, "team": TEAMS}.get(name, KEYS)
+        api.conformance.check_answer("POST", path, 201, answer)
         (may_show if "virtual_key" in answer else others).append(answer)
     key = tree.keys[0]
     first = key["value"]
     # A create under an Idempotency-Key: its answer is kept (sealed) for retries.
     keyed = {**admin, "Idempotency-Key": "create-once"}
-    status, idem = await call(
-        session, "POST", url + KEYS, {"name": "idem"}, headers=keyed
-    )
+    status, idem = await api.call("POST", KEYS, {"name": "idem"}, headers=keyed)
     assert status == 201, idem
-    status, replayed = await call(
-        session, "POST", url + KEYS, {"name": "idem"}, headers=keyed
-    )
+    status, replayed = await api.call("POST", KEYS, {"name": "idem"}, headers=keyed)
     assert replayed == idem
     may_show += [idem, replayed]
-    status, rotated = await call(
-        session,
-        "PUT",
-        f"{url}{KEYS}/{key['id']}",
-        {"rotate_value": True},
-        headers=admin,
+    status, rotated = await api.call(
+        "PUT", f"{KEYS}/{key['id']}", {"rotate_value": True}, headers=admin
     )
     assert status == 200, rotated
     may_show.append(rotated)
@@ -229,25 +228,29 @@ async def test_virtual_key_secrets_appear_only_in_create_and_rotate_answers(
         ("GET", "/metrics", None, reader),
     ]
     for method, path, body, headers in calls:
-        status, answer = await call(session, method, url + path, body, headers=headers)
+        status, answer = await api.call(method, path, body, headers=headers)
         assert status < 500, (path, answer)
         others.append(answer)
-    status, answer = await post_batch(
-        session,
-        url,
-        [
-            {"event_id": str(uuid.uuid4()), "virtual_key": s, **record}
-            for s in (first, second)
-        ],
+    status, answer = await api.call(
+        "POST",
+        "/api/usage/batch",
+        data=ndjson(
+            [
+                {"event_id": str(uuid.uuid4()), "virtual_key": s, **record}
+                for s in (first, second)
+            ]
+        ),
+        content_type="application/x-ndjson",
+        headers=recorder,
     )
     others.append(answer)
-    async with session.ws_connect(url + "/api/usage/stream", headers=recorder) as ws:
+    async with api.socket(headers=recorder) as ws:
         records = [
             {"event_id": str(uuid.uuid4()), "virtual_key": s, **record}
             for s in (first, second)
         ]
         await ws.send_str(json.dumps({"seq": 1, "records": records}))
-        others.append((await ws.receive(timeout=15)).data)
+        others.append(await ws.receive_json(timeout=15))
 
     # The answers: only create and rotate show a secret, each its own.
     assert all(SECRET.search(json.dumps(a)) for a in may_show)
@@ -379,11 +382,11 @@ def test_sql_text_interpolates_only_reviewed_constants_and_quoted_names():
 
 def test_the_quoting_functions_double_what_would_end_the_quote():
     from projections.shadow import _ident, _literal
-    from service.ingest import _literal as ingest_literal
+    from service.eventstore import _literal as store_literal
 
     assert _ident('a"; DROP TABLE events; --') == '"a""; DROP TABLE events; --"'
     assert _literal("x'; DELETE FROM events; --") == "'x''; DELETE FROM events; --'"
-    assert ingest_literal("it's") == "'it''s'"
+    assert store_literal("it's") == "'it''s'"
 
 
 # --- the service refuses to run open off loopback ---------------------------------

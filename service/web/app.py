@@ -102,6 +102,16 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     return app
 
 
+def keepalive_timeout(settings: Settings) -> float:
+    """The HTTP server's keep-alive timeout, for run_app and the test servers alike.
+
+    aiohttp closes a connection whose request head is not complete when its
+    keep-alive timer fires (the timer starts when the connection opens and after
+    every answer), so that timer is the header timeout.
+    """
+    return settings.header_timeout_s
+
+
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
@@ -121,17 +131,20 @@ def _pool(dsn: str, settings: Settings) -> Context:
 
 
 def _projectors(dsn: str, settings: Settings) -> Context:
-    """The tail (one LISTEN connection) and the SQL read model's projector on it."""
+    """The tail (one LISTEN connection) and the SQL read model's projector on it:
+    applying here ("inline"), or only following the checkpoint that a
+    `govledger project` process writes ("child", "external")."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         projector = Projector(
             app[pool_key],
             "governance",
             governance.apply,
+            follow_only=settings.projector != "inline",
             poll_interval_s=settings.poll_interval_s,
         )
         app[governance_projector_key] = projector
-        app[readiness_key]["governance"] = lambda: projector.ready
+        app[readiness_key]["governance"] = projector
         tail = app[tail_key] = Tail(dsn)
         tail.start(projector)
         try:
@@ -172,7 +185,7 @@ def _cache(settings: Settings) -> Context:
         app[cache_projector_key] = projector
         if resolver_key not in app:
             app[resolver_key] = cache
-        app[readiness_key][cache_loader.CACHE_PROJECTION] = lambda: projector.ready
+        app[readiness_key][cache_loader.CACHE_PROJECTION] = projector
         app[tail_key].start(projector)  # stopped with the tail
         yield
 

@@ -3,6 +3,7 @@ auth, errors), body and header decoding, JSON answers."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from service.config import Settings
 from service.errors import (
+    BodyTimeout,
     BodyTooLarge,
     Forbidden,
     IdempotencyConflict,
@@ -31,6 +33,7 @@ from service.errors import (
     VersionConflict,
 )
 from service.eventstore import UNREACHABLE
+from service.web.answers import Error, ErrorDetail
 from service.web.keys import quiet_key, rights_key, settings_key
 
 log = structlog.get_logger()
@@ -49,7 +52,9 @@ STATUS: Mapping[type[ServiceError], int] = {
     NotFound: 404,
     MethodNotAllowed: 405,
     VersionConflict: 409,
+    BodyTimeout: 408,
     BodyTooLarge: 413,
+    UnsupportedMediaType: 415,
     IdempotencyConflict: 422,
     Unavailable: 503,
     ProjectionLag: 503,
@@ -121,12 +126,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     )
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
-
-
 def error_response(status: int, code: str, message: str) -> web.Response:
-    response = json_response(error_body(code, message), status)
+    answer = Error(error=ErrorDetail(code=code, message=message))
+    response = json_response(answer, status)
     response[ERROR_CODE] = code  # for the request's log line
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
@@ -149,35 +151,51 @@ ERROR_CODE = web.ResponseKey("error_code", str)
 FORM_TYPES = frozenset(
     {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
 )
+# Types a page can only send cross-site after a preflight (which is never granted).
+JSON_TYPES = frozenset({"application/json", "application/x-ndjson"})
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or a 413 once it passes `limit` bytes (chunked bodies too);
-    a 400 for a body declared as a form or plain text."""
-    if request.content_type in FORM_TYPES:
+    """The whole body: a 415 for a body declared as a form or plain text (and, in
+    open mode, for any body not declared as JSON), a 413 once it passes `limit`
+    bytes (chunked bodies too), a 408 when it does not arrive in time."""
+    settings = request.app[settings_key]
+    content_type = request.content_type
+    if content_type in FORM_TYPES or (
+        settings.is_open and content_type not in JSON_TYPES and request.body_exists
+    ):
         raise UnsupportedMediaType(
-            f"a {request.content_type} body is not accepted: send application/json"
-            " (application/x-ndjson for a batch)"
+            f"a body declared as {content_type} is not accepted: send"
+            " Content-Type: application/json (application/x-ndjson for a batch)"
         )
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
     try:
-        if request.content_length is not None and "Content-Encoding" not in (
-            request.headers
-        ):
-            # The common case, in one read: the length is declared and within the
-            # limit, and what arrives is what was declared.
-            return await request.read()
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s:g} s"
+        ) from None
     except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, not gzip
         why = getattr(exc.__cause__, "message", None) or "it is malformed"
         raise Invalid(f"the request body cannot be read: {why}") from None
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and "Content-Encoding" not in (
+        request.headers
+    ):
+        # The common case, in one read: the length is declared and within the
+        # limit, and what arrives is what was declared.
+        return await request.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -285,6 +303,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if refusal is not None:
             raise refusal
         _authorize(request)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            _refuse_cross_site_upgrade(request)
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -328,6 +348,23 @@ def _authorize(request: web.Request) -> None:
     role = authenticate(settings, request.headers.get("Authorization"))
     if right not in ROLE_RIGHTS[role]:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
+
+
+def _refuse_cross_site_upgrade(request: web.Request) -> None:
+    """In open mode any page the user visits could open a WebSocket to a loopback
+    service (browsers send no preflight for upgrades, but always send Origin):
+    only the service's own origin and GOVLEDGER_ALLOWED_ORIGINS may."""
+    settings = request.app[settings_key]
+    origin = request.headers.get("Origin")
+    if not settings.is_open or origin is None:
+        return
+    origin = origin.rstrip("/").lower()
+    own = f"{request.scheme}://{request.host}".lower()
+    if origin != own and origin not in settings.allowed_origins:
+        raise Forbidden(
+            f"a WebSocket from the origin {origin!r} is refused: list it in"
+            " GOVLEDGER_ALLOWED_ORIGINS to allow it"
+        )
 
 
 def authenticate(settings: Settings, header: str | None) -> str:

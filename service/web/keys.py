@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -20,8 +19,9 @@ if TYPE_CHECKING:
 
 settings_key = web.AppKey("settings", Settings)
 pool_key = web.AppKey("pool", asyncpg.Pool)
-# name → "has this projection caught up with the head seen at start?"
-readiness_key = web.AppKey("readiness", dict[str, Callable[[], bool]])
+# Every projector of this process by name: /readyz asks each whether it caught up
+# with the head seen at start, or is stuck on an event it cannot apply.
+readiness_key = web.AppKey("readiness", dict[str, Projector])
 # The SQL read model's projector: GET handlers wait on it for ?min_position=.
 governance_projector_key = web.AppKey("governance_projector", Projector)
 # The process's LISTEN connection and projector tasks; tail.start(projector) adds one.

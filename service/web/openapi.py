@@ -1,17 +1,15 @@
-"""The OpenAPI 3.1 document of the HTTP API: the structs of its answers, one entry per
-route saying what the route takes and answers, and the generator joining them to the
-routes of an app. Bodies are described by the very structs that decode them."""
+"""The OpenAPI 3.1 document of the HTTP API: one entry per route saying what the route
+takes and answers, and the generator joining them to the routes of an app. Bodies and
+answers are described by the very structs that decode and encode them (the answers
+are service.web.answers')."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from decimal import Decimal
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from aiohttp import web
-from msgspec import UNSET, UnsetType
 
 from service.domain.commands import (
     CustomerBody,
@@ -22,301 +20,42 @@ from service.domain.commands import (
     VirtualKeyChanges,
 )
 from service.domain.usage import UsageRecord
+from service.web.answers import (
+    BatchAnswer,
+    BudgetList,
+    BudgetPeriods,
+    CheckAnswer,
+    CustomerFound,
+    CustomerList,
+    CustomerSaved,
+    Deleted,
+    Error,
+    EventPage,
+    Health,
+    Readiness,
+    TeamFound,
+    TeamList,
+    TeamSaved,
+    UsageAccepted,
+    UsageFrameAck,
+    UsageFrameError,
+    VirtualKeyFound,
+    VirtualKeyIssued,
+    VirtualKeyList,
+    VirtualKeySaved,
+)
 from service.web.http import ROLE_RIGHTS, Right
 from service.web.keys import rights_key
 from service.web.routes.check import CheckRequest
+from service.web.routes.usage import UsageFrame
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 REF = "#/components/schemas/{name}"
 
-# --- the answers -------------------------------------------------------------------
-# msgspec describes Decimal as a "decimal" string; _money() turns those marked x-number
-# into plain JSON numbers, which is what the encoder writes.
-
-Uuid = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
-Money = Annotated[Decimal, msgspec.Meta(extra_json_schema={"x-number": True})]
-Instant = Annotated[datetime, msgspec.Meta(tz=True)]
-Position = Annotated[
-    int, msgspec.Meta(ge=0, description="global position in the event log")
-]
-OwnerType = Literal["customer", "team", "virtual_key", "provider_config"]
-
-
-class ErrorDetail(msgspec.Struct, frozen=True):
-    code: Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]*$")]
-    message: str
-
-
-class Error(msgspec.Struct, frozen=True):
-    """Every 4xx and 5xx answer."""
-
-    error: ErrorDetail
-
-
-class BudgetView(msgspec.Struct, frozen=True, kw_only=True):
-    """A budget with its spend in the current period (`last_reset` is its start)."""
-
-    id: Uuid
-    max_limit: Money
-    reset_duration: str
-    calendar_aligned: bool
-    current_usage: Money
-    last_reset: Instant
-    owner_type: OwnerType
-    owner_id: Uuid
-
-
-class RateLimitView(msgspec.Struct, frozen=True, kw_only=True):
-    """Token and request limits with their use in the current window."""
-
-    token_max_limit: int | None
-    token_reset_duration: str | None
-    request_max_limit: int | None
-    request_reset_duration: str | None
-    token_current_usage: int
-    request_current_usage: int
-
-
-class ProviderConfigView(msgspec.Struct, frozen=True, kw_only=True):
-    """`allowed_models` is `["*"]` for every model, `[]` for none."""
-
-    id: Uuid
-    provider: str
-    allowed_models: list[str]
-    budgets: list[BudgetView]
-    rate_limit: RateLimitView | None
-
-
-class CustomerView(msgspec.Struct, frozen=True, kw_only=True):
-    id: Uuid
-    name: str
-    budgets: list[BudgetView]
-    rate_limit: RateLimitView | None
-    version: int
-    created_at: Instant
-    updated_at: Instant
-
-
-class TeamView(msgspec.Struct, frozen=True, kw_only=True):
-    id: Uuid
-    name: str
-    customer_id: Uuid | None
-    budgets: list[BudgetView]
-    rate_limit: RateLimitView | None
-    version: int
-    created_at: Instant
-    updated_at: Instant
-
-
-class VirtualKeyView(msgspec.Struct, frozen=True, kw_only=True):
-    """`value`, the secret, is only in the answer of a PUT with `rotate_value`."""
-
-    id: Uuid
-    name: str
-    team_id: Uuid | None
-    customer_id: Uuid | None
-    is_active: bool
-    budgets: list[BudgetView]
-    rate_limit: RateLimitView | None
-    provider_configs: list[ProviderConfigView]
-    value_hint: str
-    version: int
-    created_at: Instant
-    updated_at: Instant
-    value: str | UnsetType = UNSET
-
-
-class NewVirtualKeyView(msgspec.Struct, frozen=True, kw_only=True):
-    """A created key: the only answer, with a rotation's, that carries its secret."""
-
-    id: Uuid
-    name: str
-    team_id: Uuid | None
-    customer_id: Uuid | None
-    is_active: bool
-    budgets: list[BudgetView]
-    rate_limit: RateLimitView | None
-    provider_configs: list[ProviderConfigView]
-    value_hint: str
-    version: int
-    created_at: Instant
-    updated_at: Instant
-    value: Annotated[str, msgspec.Meta(pattern="^sk-gl-[A-Za-z0-9_-]{32}$")]
-
-
-class CustomerSaved(msgspec.Struct, frozen=True):
-    customer: CustomerView
-    position: Position
-
-
-class TeamSaved(msgspec.Struct, frozen=True):
-    team: TeamView
-    position: Position
-
-
-class VirtualKeyCreated(msgspec.Struct, frozen=True):
-    virtual_key: NewVirtualKeyView
-    position: Position
-
-
-class VirtualKeySaved(msgspec.Struct, frozen=True):
-    virtual_key: VirtualKeyView
-    position: Position
-
-
-class Deleted(msgspec.Struct, frozen=True):
-    position: Position
-
-
-class CustomerFound(msgspec.Struct, frozen=True):
-    customer: CustomerView
-
-
-class CustomerList(msgspec.Struct, frozen=True):
-    customers: list[CustomerView]
-
-
-class TeamFound(msgspec.Struct, frozen=True):
-    team: TeamView
-
-
-class TeamList(msgspec.Struct, frozen=True):
-    teams: list[TeamView]
-
-
-class VirtualKeyFound(msgspec.Struct, frozen=True):
-    virtual_key: VirtualKeyView
-
-
-class VirtualKeyList(msgspec.Struct, frozen=True):
-    virtual_keys: list[VirtualKeyView]
-
-
-class BudgetList(msgspec.Struct, frozen=True):
-    budgets: list[BudgetView]
-
-
-class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
-    """A blocked answer names the blocking budget or rate limit (`rate_limit` says
-    which half, `tokens` or `requests`, and then has no `budget_id`); an allowed one
-    carries `remaining` whenever the chain has a budget. `position` is the cache's."""
-
-    allowed: bool
-    reason: Literal[
-        "ok",
-        "unknown_virtual_key",
-        "key_inactive",
-        "provider_not_allowed",
-        "model_not_allowed",
-        "rate_limited",
-        "budget_exceeded",
-    ]
-    http_status: Literal[200, 401, 402, 403, 429]
-    position: Position
-    budget_id: Uuid | UnsetType = UNSET
-    owner_type: OwnerType | UnsetType = UNSET
-    owner_id: Uuid | UnsetType = UNSET
-    current_usage: Money | UnsetType = UNSET
-    max_limit: Money | UnsetType = UNSET
-    remaining: Money | UnsetType = UNSET
-    rate_limit: Literal["tokens", "requests"] | UnsetType = UNSET
-
-
-class UsageAccepted(msgspec.Struct, frozen=True):
-    """A repeat of an `event_id` is acknowledged as a duplicate and counted once."""
-
-    position: Position
-    duplicate: bool
-
-
-class RejectedLine(msgspec.Struct, frozen=True):
-    line: Annotated[int, msgspec.Meta(ge=1)]
-    code: str
-    message: str
-
-
-class BatchAnswer(msgspec.Struct, frozen=True):
-    accepted: int
-    duplicates: int
-    rejected: list[RejectedLine]
-    position: Position
-
-
-class UsageFrame(msgspec.Struct, frozen=True):
-    """A client text frame of GET /api/usage/stream."""
-
-    seq: int
-    records: list[UsageRecord]
-
-
-class RejectedElement(msgspec.Struct, frozen=True):
-    index: Annotated[int, msgspec.Meta(ge=0)]
-    code: str
-    message: str
-
-
-class UsageFrameAck(msgspec.Struct, frozen=True):
-    """The answer to one frame, sent after its records committed."""
-
-    seq: int
-    accepted: int
-    duplicates: int
-    rejected: list[RejectedElement]
-    position: Position
-
-
-class UsageFrameError(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to a frame that is not `{seq, records}` (`seq` when it has one)."""
-
-    error: ErrorDetail
-    seq: int | UnsetType = UNSET
-
-
-class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    """A stored event, upcast to the current schema."""
-
-    global_position: Position
-    event_id: Uuid
-    stream_id: str
-    stream_version: int
-    type: str
-    schema_version: int
-    data: dict[str, Any]
-    metadata: dict[str, Any]
-    recorded_at: Instant
-
-
-class EventPage(msgspec.Struct, frozen=True):
-    """`next_after` is the `after` of the next page."""
-
-    events: list[EventEnvelope]
-    next_after: Position
-
-
-class BudgetPeriod(msgspec.Struct, frozen=True):
-    """The spend of one period; after an explicit reset a period shows as two."""
-
-    period_start: Instant
-    spend: Money
-
-
-class BudgetPeriods(msgspec.Struct, frozen=True):
-    """Oldest first."""
-
-    periods: list[BudgetPeriod]
-
-
-class Health(msgspec.Struct, frozen=True):
-    status: Literal["ok"]
-
-
-class Readiness(msgspec.Struct, frozen=True, kw_only=True):
-    """`pending` names the projections still catching up."""
-
-    status: Literal["ready", "starting", "catching_up"]
-    pending: list[str] | UnsetType = UNSET
-
+# Every answer is a struct of service.web.answers. msgspec describes Decimal as a
+# "decimal" string; _money() turns those marked x-number (Money) into plain JSON
+# numbers, which is what the encoder writes.
 
 # --- parameters --------------------------------------------------------------------
 
@@ -553,7 +292,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", _KEYS): Operation(
         "create_virtual_key",
         "Create a virtual key; the answer carries its secret `value`, once",
-        Answer(201, VirtualKeyCreated),
+        Answer(201, VirtualKeyIssued),
         body=VirtualKeyBody,
         parameters=COMMAND,
         errors=COMMAND_ERRORS,
@@ -651,7 +390,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         body=UsageRecord,
         errors=(503,),
         description="A rejected record is a 400 whose code says why: `invalid_record`,"
-        " `negative_cost`, `invalid_cost`, `future_occurred_at` or"
+        " `negative_cost`, `invalid_cost`, `occurred_at_out_of_range` or"
         " `unknown_virtual_key`. An acknowledged record is durable.",
         tags=("usage",),
     ),
@@ -689,13 +428,15 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
 FRAME_TYPES: tuple[type, ...] = (UsageFrame, UsageFrameAck, UsageFrameError)
 
 _REASONS = {
-    400: "A client mistake: bad JSON, wrong types, unknown fields, invalid values,"
-    " or a body declared as a form or plain text (unsupported_media_type)",
+    400: "A client mistake: bad JSON, wrong types, unknown fields, invalid values",
     401: "Missing or unknown bearer token",
     403: "The token lacks the right this operation needs",
     404: "No entity with this id",
+    408: "The declared body did not arrive in time (body_timeout); nothing committed",
     409: "If-Match differs from the entity's version, or a concurrent change won",
     413: "The body is over the limit (1 MiB; 16 MiB for a batch); nothing committed",
+    415: "The body is declared as a form or plain text, or, in open mode, not as"
+    " application/json (application/x-ndjson for a batch): unsupported_media_type",
     422: "The Idempotency-Key was already used for a different request",
     503: "The projection did not reach min_position in time (projection_lag), or the"
     " database is unavailable",
@@ -795,7 +536,7 @@ def _operation(
         spec["parameters"] = [p.spec() for p in op.parameters]
     errors = set(op.errors)
     if op.body is not None:
-        errors |= {400, 413}
+        errors |= {400, 408, 413, 415}
         spec["requestBody"] = {
             "required": True,
             "content": {op.body_media: {"schema": _body_schema(op, schema_of)}},

@@ -7,14 +7,20 @@ import hashlib
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
+from projections.cache import CheckResult
 from service import metrics
 from service.errors import Invalid, InvalidPosition
+from service.web.answers import CheckAnswer
 from service.web.http import MAX_QUERY_INT, Right, decode, json_response
 from service.web.keys import cache_key, cache_projector_key, settings_key
+
+T = TypeVar("T")
 
 
 class CheckRequest(
@@ -62,16 +68,31 @@ async def check(request: web.Request) -> web.Response:
         now=datetime.now(UTC),
     )
     metrics.observe_check(time.perf_counter() - started, result.reason)
-    answer = {
-        name: value
-        for name, value in msgspec.structs.asdict(result).items()
-        if value is not None
-    }
-    answer["position"] = cache.position
-    if app[cache_projector_key].failing:
-        # The cache cannot read the log right now: the answer is as of `position`.
-        answer["stale"] = True
-    return json_response(answer)
+    # The cache cannot read the log right now: the answer is as of `position`.
+    stale = app[cache_projector_key].failing
+    return json_response(answer(result, cache.position, stale))
+
+
+def answer(result: CheckResult, position: int, stale: bool) -> CheckAnswer:
+    """The cache's decision as the route answers it."""
+    return CheckAnswer(
+        allowed=result.allowed,
+        reason=result.reason,
+        http_status=result.http_status,
+        budget_id=_given(result.budget_id),
+        owner_type=_given(result.owner_type),
+        owner_id=_given(result.owner_id),
+        current_usage=_given(result.current_usage),
+        max_limit=_given(result.max_limit),
+        remaining=_given(result.remaining),
+        rate_limit=_given(result.rate_limit),
+        position=position,
+        stale=True if stale else UNSET,
+    )
+
+
+def _given(value: T | None) -> T | UnsetType:
+    return UNSET if value is None else value
 
 
 ROUTES = [("POST", "/api/governance/check", check, Right.CHECK)]

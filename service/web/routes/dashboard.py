@@ -24,6 +24,7 @@ from aiohttp import web
 
 from projections import dashboard
 from service.records import Checkpoint
+from service.web.answers import BudgetPeriod, BudgetPeriods
 from service.web.http import Right, json_response, path_id, query_int
 from service.web.keys import governance_projector_key, pool_key
 from service.web.routes.governance_reads import wait_for_min_position
@@ -208,7 +209,14 @@ async def budget_periods(request: web.Request) -> web.Response:
     await wait_for_min_position(request)
     async with request.app[pool_key].acquire() as conn:
         found = await dashboard.periods(conn, budget_id, limit)
-    return json_response({"periods": found})
+    return json_response(
+        BudgetPeriods(
+            periods=[
+                BudgetPeriod(period_start=p["period_start"], spend=p["spend"])
+                for p in found
+            ]
+        )
+    )
 
 
 ROUTES = [

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from service import eventstore
 from service.errors import Invalid
-from service.records import envelope
+from service.web.answers import EventPage
 from service.web.http import Right, json_response, query_int
 from service.web.keys import pool_key
 
@@ -19,14 +19,11 @@ async def list_events(request: web.Request) -> web.Response:
     stream_id = request.query.get("stream_id") or None
     if stream_id is not None and "\x00" in stream_id:
         raise Invalid("query parameter stream_id must not contain U+0000")
-    records = await eventstore.read_page(
+    page = await eventstore.read_page(
         request.app[pool_key], after=after, limit=limit, stream_id=stream_id
     )
     return json_response(
-        {
-            "events": [envelope(r) for r in records],
-            "next_after": records[-1].global_position if records else after,
-        }
+        EventPage(events=page, next_after=page[-1].global_position if page else after)
     )
 
 

@@ -1,11 +1,8 @@
-"""POST/PUT/DELETE of customers, teams and virtual keys: decode, decide, append, answer.
+"""POST/PUT/DELETE of customers, teams and virtual keys: decode the request, build
+the command, run it on the command path (`service.commands`), answer.
 
-A command runs in one REPEATABLE READ transaction: read the streams it touches, decide
-(pure), append at the versions it read, render the answer
-(`service.web.routes.governance_answers`) and keep it beside the events when the request
-has an Idempotency-Key (`service.idempotency`). A concurrent change to any of those
-streams aborts it (VersionConflict or a serialization failure); without If-Match it
-is retried afresh.
+The answer is rendered in the command's transaction (`governance_answers`) and encoded
+here; a replayed one (same Idempotency-Key) says so in `Idempotent-Replayed: true`.
 """
 
 from __future__ import annotations
@@ -15,17 +12,16 @@ import hashlib
 import secrets
 import string
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
 
-from service import idempotency
-from service.domain import customers, teams, virtual_keys
+from service import commands, idempotency
+from service.commands import CUSTOMER, TEAM, VIRTUAL_KEY, Call, Entity
 from service.domain.commands import (
     AnyBody,
     CreateCustomer,
@@ -46,27 +42,24 @@ from service.domain.commands import (
     VirtualKeyChanges,
     ids_needed,
 )
-from service.domain.events import AnyEvent
-from service.errors import Invalid, VersionConflict
+from service.errors import Invalid
 from service.eventstore import Connection, Executed
-from service.web.http import Right, decode_bytes, json_response, path_id, read_body
+from service.idempotency import Reply
+from service.web.answers import Deleted, encode
+from service.web.http import Right, decode_bytes, path_id, read_body
 from service.web.keys import pool_key, settings_key
-from service.web.routes import governance_streams
 from service.web.routes.governance_answers import (
-    render_customer,
-    render_team,
-    render_virtual_key,
+    customer_saved,
+    team_saved,
+    virtual_key_issued,
+    virtual_key_saved,
 )
-
-log = structlog.get_logger()
 
 S = TypeVar("S")
 C = TypeVar("C")
-Answer = tuple[int, dict[str, Any]]
-Run = Callable[[Connection, datetime], Awaitable[Answer]]
-
-# Without If-Match a conflicting command is decided again on fresh state.
-ATTEMPTS = 8
+B = TypeVar("B", bound=AnyBody)
+# Renders the answer struct of a saved entity, as of the command's time.
+Render = Callable[[Connection, Executed[S], datetime], Awaitable[msgspec.Struct]]
 
 
 # --- virtual key secrets -----------------------------------------------------------
@@ -84,7 +77,7 @@ def digest(value: str) -> KeyDigest:
     return KeyDigest(sha256=hashlib.sha256(value.encode()).hexdigest(), hint=value[-4:])
 
 
-# --- the command path: transaction, retries, idempotency ---------------------------
+# --- the request -------------------------------------------------------------------
 
 
 def _if_match(request: web.Request) -> int | None:
@@ -97,75 +90,22 @@ def _if_match(request: web.Request) -> int | None:
     return int(text)
 
 
-_RETRIED = (VersionConflict, asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
-
-
-async def _execute(
-    request: web.Request, body: bytes, run: Run, *, retry: bool
-) -> web.Response:
-    pool = request.app[pool_key]
-    keyed = idempotency.from_request(request, body)
-    at = datetime.now(UTC)
-    for attempt in range(1, ATTEMPTS + 1):
-        if keyed is not None and (replayed := await idempotency.replay(pool, keyed)):
-            return replayed
-        try:
-            async with (
-                pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read"),
-            ):
-                status, answer = await run(conn, at)
-                response = json_response(answer, status)
-                if keyed is not None:
-                    await idempotency.remember(conn, keyed, response)
-        except asyncpg.UniqueViolationError as exc:
-            # The same key committed first in a concurrent request: answer as it did.
-            if keyed is None or not idempotency.is_taken(exc):
-                raise
-            if (replayed := await idempotency.replay(pool, keyed)) is None:
-                raise
-            return replayed
-        except _RETRIED as exc:
-            if retry and attempt < ATTEMPTS:
-                log.info("command_retried", attempt=attempt, error=type(exc).__name__)
-                continue
-            # What moved the stream may be a concurrent request with this same key.
-            if keyed is not None and (
-                replayed := await idempotency.replay(pool, keyed)
-            ):
-                return replayed
-            if isinstance(exc, VersionConflict):
-                raise
-            raise VersionConflict(
-                f"{request.path} was changed by someone else meanwhile; reload it"
-            ) from exc
-        structlog.contextvars.bind_contextvars(position=answer["position"])
-        return response
-    raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-# --- handlers ----------------------------------------------------------------------
-
-
-class Entity(NamedTuple, Generic[S, C]):
-    """One aggregate as the handlers see it; `name` prefixes its streams and answers."""
-
-    name: str
-    decide: Callable[[C, S | None], Sequence[AnyEvent]]
-    evolve: Callable[[S | None, AnyEvent], S | None]
-    render: Callable[[Connection, Executed[S], datetime], Awaitable[dict[str, Any]]]
-
-
-CUSTOMER = Entity("customer", customers.decide, customers.evolve, render_customer)
-TEAM = Entity("team", teams.decide, teams.evolve, render_team)
-VIRTUAL_KEY = Entity(
-    "virtual_key", virtual_keys.decide, virtual_keys.evolve, render_virtual_key
-)
-B = TypeVar("B", bound=AnyBody)
-
-
-def _path_id(request: web.Request, entity: Entity[Any, Any]) -> str:
-    return path_id(request, entity.name.replace("_", " "))
+def _call(request: web.Request, body: bytes, *, if_match: bool) -> Call:
+    """How the request asks for its command; If-Match only counts when `if_match`
+    (a create has no version to match)."""
+    expected = _if_match(request) if if_match else None
+    return Call(
+        at=datetime.now(UTC),
+        request_id=structlog.contextvars.get_contextvars().get("request_id"),
+        idempotency=idempotency.from_request(
+            request.headers.get("Idempotency-Key"),
+            method=request.method,
+            path=request.path,
+            if_match=request.headers.get("If-Match"),
+            body=body,
+        ),
+        expected_version=expected,
+    )
 
 
 async def _decode(request: web.Request, type_: type[B]) -> tuple[bytes, B]:
@@ -206,44 +146,51 @@ def _new_ids(body: AnyBody) -> tuple[str, ...]:
     return tuple(str(uuid.uuid4()) for _ in range(ids_needed(body)))
 
 
+def _path_id(request: web.Request, entity: Entity[Any, Any]) -> str:
+    return path_id(request, entity.name.replace("_", " "))
+
+
+def _respond(reply: Reply) -> web.Response:
+    response = web.Response(
+        body=reply.body, status=reply.status, content_type="application/json"
+    )
+    if reply.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+# --- handlers ----------------------------------------------------------------------
+
+
 async def _save(
     request: web.Request,
     raw: bytes,
     entity: Entity[S, C],
     entity_id: str,
     command: Callable[[frozenset[str]], C],
+    render: Render[S],
     *,
     body: AnyBody,
     created: bool,
-    value: str | None = None,
 ) -> web.Response:
     """Create or update one entity; `command` gets the unknown references."""
-    expected = None if created else _if_match(request)
+    call = _call(request, raw, if_match=not created)
 
-    async def run(conn: Connection, at: datetime) -> Answer:
-        unknown = await governance_streams.unknown_references(
-            conn,
-            customer_id=getattr(body, "customer_id", None),
-            team_id=getattr(body, "team_id", None),
-        )
-        step = await governance_streams.step(
-            conn,
-            f"{entity.name}-{entity_id}",
-            command(unknown),
-            entity.decide,
-            entity.evolve,
-            at,
-            expected,
-        )
-        rendered = await entity.render(conn, step, at)
-        if value is not None:
-            rendered["value"] = value
-        return 201 if created else 200, {
-            entity.name: rendered,
-            "position": step.position,
-        }
+    async def saved(conn: Connection, executed: Executed[S]) -> Reply:
+        answer = await render(conn, executed, call.at)
+        return Reply(201 if created else 200, encode(answer))
 
-    return await _execute(request, raw, run, retry=expected is None)
+    reply = await commands.save(
+        request.app[pool_key],
+        entity,
+        entity_id,
+        command,
+        call,
+        saved,
+        customer_id=getattr(body, "customer_id", None),
+        team_id=getattr(body, "team_id", None),
+    )
+    return _respond(reply)
 
 
 async def _delete(
@@ -251,22 +198,16 @@ async def _delete(
 ) -> web.Response:
     """Delete one entity and detach what pointed at it, in one transaction."""
     entity_id = _path_id(request, entity)
-    expected = _if_match(request)
-
-    async def run(conn: Connection, at: datetime) -> Answer:
-        step = await governance_streams.step(
-            conn,
-            f"{entity.name}-{entity_id}",
-            command(entity_id),
-            entity.decide,
-            entity.evolve,
-            at,
-            expected,
-        )
-        detached = await governance_streams.detach(conn, at, entity.name, entity_id)
-        return 200, {"position": max([step.position, *detached])}
-
-    return await _execute(request, b"", run, retry=expected is None)
+    call = _call(request, b"", if_match=True)
+    reply = await commands.delete(
+        request.app[pool_key],
+        entity,
+        entity_id,
+        command(entity_id),
+        call,
+        lambda position: Reply(200, encode(Deleted(position=position))),
+    )
+    return _respond(reply)
 
 
 async def create_customer(request: web.Request) -> web.Response:
@@ -278,6 +219,7 @@ async def create_customer(request: web.Request) -> web.Response:
         CUSTOMER,
         new_id,
         lambda _: CreateCustomer(customer_id=new_id, body=body, new_ids=_new_ids(body)),
+        customer_saved,
         body=body,
         created=True,
     )
@@ -294,6 +236,7 @@ async def update_customer(request: web.Request) -> web.Response:
         lambda _: UpdateCustomer(
             customer_id=customer_id, changes=changes, new_ids=_new_ids(changes)
         ),
+        customer_saved,
         body=changes,
         created=False,
     )
@@ -317,6 +260,7 @@ async def create_team(request: web.Request) -> web.Response:
             new_ids=_new_ids(body),
             unknown_references=unknown,
         ),
+        team_saved,
         body=body,
         created=True,
     )
@@ -336,6 +280,7 @@ async def update_team(request: web.Request) -> web.Response:
             new_ids=_new_ids(changes),
             unknown_references=unknown,
         ),
+        team_saved,
         body=changes,
         created=False,
     )
@@ -360,9 +305,9 @@ async def create_virtual_key(request: web.Request) -> web.Response:
             new_ids=_new_ids(body),
             unknown_references=unknown,
         ),
+        lambda conn, executed, at: virtual_key_issued(conn, executed, at, value),
         body=body,
         created=True,
-        value=value,
     )
 
 
@@ -382,9 +327,9 @@ async def update_virtual_key(request: web.Request) -> web.Response:
             new_ids=_new_ids(changes),
             unknown_references=unknown,
         ),
+        lambda conn, executed, at: virtual_key_saved(conn, executed, at, value),
         body=changes,
         created=False,
-        value=value,
     )
 
 

@@ -1,5 +1,6 @@
 """GET /api/governance/*: customers, teams, virtual keys and budgets from the read
-model, after waiting for ?min_position= when asked."""
+model as their answers (`service.web.answers`), after waiting for ?min_position= when
+asked."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from projections import governance_reads as read_model
 from projections.governance_usage import OWNER_TYPES
 from service.errors import Invalid, InvalidPosition
 from service.eventstore import Connection
+from service.web.answers import (
+    BudgetList,
+    CustomerFound,
+    CustomerList,
+    TeamFound,
+    TeamList,
+    VirtualKeyFound,
+    VirtualKeyList,
+)
 from service.web.http import Right, json_response, path_id, query_int
 from service.web.keys import governance_projector_key, pool_key, settings_key
 
@@ -56,7 +66,7 @@ def _query_id(request: web.Request, name: str) -> str | None:
 
 async def list_customers(request: web.Request) -> web.Response:
     customers = await _read(request, read_model.list_customers)
-    return json_response({"customers": customers})
+    return json_response(CustomerList(customers=customers))
 
 
 async def get_customer(request: web.Request) -> web.Response:
@@ -64,7 +74,7 @@ async def get_customer(request: web.Request) -> web.Response:
     customer = await _read(
         request, lambda conn, now: read_model.fetch_customer(conn, customer_id, now)
     )
-    return json_response({"customer": customer})
+    return json_response(CustomerFound(customer=customer))
 
 
 async def list_teams(request: web.Request) -> web.Response:
@@ -72,7 +82,7 @@ async def list_teams(request: web.Request) -> web.Response:
     teams = await _read(
         request, lambda conn, now: read_model.list_teams(conn, now, customer_id)
     )
-    return json_response({"teams": teams})
+    return json_response(TeamList(teams=teams))
 
 
 async def get_team(request: web.Request) -> web.Response:
@@ -80,7 +90,7 @@ async def get_team(request: web.Request) -> web.Response:
     team = await _read(
         request, lambda conn, now: read_model.fetch_team(conn, team_id, now)
     )
-    return json_response({"team": team})
+    return json_response(TeamFound(team=team))
 
 
 async def list_virtual_keys(request: web.Request) -> web.Response:
@@ -90,7 +100,7 @@ async def list_virtual_keys(request: web.Request) -> web.Response:
         request,
         lambda conn, now: read_model.list_virtual_keys(conn, now, team_id, customer_id),
     )
-    return json_response({"virtual_keys": keys})
+    return json_response(VirtualKeyList(virtual_keys=keys))
 
 
 async def get_virtual_key(request: web.Request) -> web.Response:
@@ -98,7 +108,7 @@ async def get_virtual_key(request: web.Request) -> web.Response:
     key = await _read(
         request, lambda conn, now: read_model.fetch_virtual_key(conn, key_id, now)
     )
-    return json_response({"virtual_key": key})
+    return json_response(VirtualKeyFound(virtual_key=key))
 
 
 async def list_budgets(request: web.Request) -> web.Response:
@@ -113,7 +123,7 @@ async def list_budgets(request: web.Request) -> web.Response:
         request,
         lambda conn, now: read_model.list_budgets(conn, now, owner_type, owner_id),
     )
-    return json_response({"budgets": budgets})
+    return json_response(BudgetList(budgets=budgets))
 
 
 ROUTES = [

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 import structlog
 from aiohttp import WSMsgType, web
+from msgspec import UNSET
 
 from service import eventstore, metrics
 from service.domain.usage import (
@@ -22,9 +22,17 @@ from service.domain.usage import (
 )
 from service.errors import ProjectionLag, ServiceError
 from service.ingest import Outcome, Submitted, queue_records
+from service.web.answers import (
+    BatchAnswer,
+    ErrorDetail,
+    RejectedElement,
+    RejectedLine,
+    UsageAccepted,
+    UsageFrameAck,
+    UsageFrameError,
+)
 from service.web.http import (
     Right,
-    error_body,
     error_response,
     json_response,
     read_body,
@@ -48,7 +56,9 @@ MAX_PIPELINED = 32
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 
-class _Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class UsageFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A client text frame of GET /api/usage/stream."""
+
     seq: int
     records: list[UsageRecord]
 
@@ -62,7 +72,7 @@ class _Seq(msgspec.Struct, frozen=True):
     seq: int
 
 
-_decode_frame = msgspec.json.Decoder(_Frame).decode
+_decode_frame = msgspec.json.Decoder(UsageFrame).decode
 _decode_raw_frame = msgspec.json.Decoder(_RawFrame).decode
 _decode_seq = msgspec.json.Decoder(_Seq).decode
 
@@ -132,7 +142,7 @@ async def record_one(request: web.Request) -> web.Response:
         return error_response(status_of_code(why.code), why.code, why.message)
     [outcome] = await submitted.outcomes()
     return json_response(
-        {"position": outcome.position, "duplicate": outcome.duplicate}, 202
+        UsageAccepted(position=outcome.position, duplicate=outcome.duplicate), 202
     )
 
 
@@ -156,15 +166,15 @@ async def record_batch(request: web.Request) -> web.Response:
     outcomes = await submitted.outcomes()
     accepted, duplicates, position = _summary(outcomes)
     return json_response(
-        {
-            "accepted": accepted,
-            "duplicates": duplicates,
-            "rejected": [
-                {"line": r.where, "code": r.why.code, "message": r.why.message}
+        BatchAnswer(
+            accepted=accepted,
+            duplicates=duplicates,
+            rejected=[
+                RejectedLine(line=r.where, code=r.why.code, message=r.why.message)
                 for r in rejected
             ],
-            "position": position if outcomes else await _head(request),
-        }
+            position=position if outcomes else await _head(request),
+        )
     )
 
 
@@ -210,7 +220,7 @@ async def _accept_frame(
         except RecursionError:  # msgspec.Raw skips nested values recursively
             message = "the frame is not valid JSON: it is nested too deeply"
             return _ready(_error_frame("invalid_frame", message))
-        frame = _Frame(raw.seq, [])
+        frame = UsageFrame(raw.seq, [])
         records, bad = _decode_elements(raw.records)
     if len(records) + len(bad) > MAX_FRAME_RECORDS:
         return _ready(
@@ -264,16 +274,16 @@ async def _ack(
     if not outcomes:
         position = await _head(request)
     return _encode(
-        {
-            "seq": seq,
-            "accepted": accepted,
-            "duplicates": duplicates,
-            "rejected": [
-                {"index": r.where, "code": r.why.code, "message": r.why.message}
+        UsageFrameAck(
+            seq=seq,
+            accepted=accepted,
+            duplicates=duplicates,
+            rejected=[
+                RejectedElement(index=r.where, code=r.why.code, message=r.why.message)
                 for r in rejected
             ],
-            "position": position,
-        }
+            position=position,
+        )
     )
 
 
@@ -309,10 +319,12 @@ def _frame_error(data: str, exc: msgspec.MsgspecError) -> bytes:
 
 
 def _error_frame(code: str, message: str, seq: int | None = None) -> bytes:
-    body: dict[str, Any] = error_body(code, message)
-    if seq is not None:
-        body = {"seq": seq, **body}
-    return _encode(body)
+    return _encode(
+        UsageFrameError(
+            seq=UNSET if seq is None else seq,
+            error=ErrorDetail(code=code, message=message),
+        )
+    )
 
 
 def _ready(data: bytes) -> asyncio.Future[bytes]:
