@@ -16,7 +16,7 @@ import structlog
 
 from service import eventstore, metrics
 from service.errors import ProjectionLag
-from service.eventstore import UNREACHABLE, Connection, Executor
+from service.eventstore import UNREACHABLE, Connection, Queryable
 from service.records import Batch, Checkpoint, RecordedEvent, Refused
 
 log = structlog.get_logger()
@@ -58,7 +58,7 @@ class LostCheckpoint(Exception):
     """The checkpoint moved while this batch ran: someone else applied it."""
 
 
-async def load_checkpoint(conn: Executor, name: str) -> Checkpoint:
+async def load_checkpoint(conn: Queryable, name: str) -> Checkpoint:
     """A projection's stored checkpoint (the start of the log if it has none)."""
     row = await conn.fetchrow(_CHECKPOINT, name)
     return Checkpoint() if row is None else _checkpoint(row)

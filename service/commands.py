@@ -26,7 +26,7 @@ from service.domain import customers, teams, virtual_keys
 from service.domain.commands import DetachTeam, DetachVirtualKey
 from service.domain.events import AnyEvent
 from service.errors import VersionConflict
-from service.eventstore import Connection, Executed, Executor
+from service.eventstore import Connection, Executed, Queryable
 from service.idempotency import Idempotency, Reply
 
 log = structlog.get_logger()
@@ -196,7 +196,7 @@ async def _execute(
 
 
 async def unknown_references(
-    conn: Executor, *, customer_id: object = None, team_id: object = None
+    conn: Queryable, *, customer_id: object = None, team_id: object = None
 ) -> frozenset[str]:
     """The customer and team ids a body names that do not exist (None, UNSET: none)."""
     unknown: set[str] = set()
@@ -212,7 +212,7 @@ async def unknown_references(
 
 
 async def _exists(
-    conn: Executor, stream_id: str, evolve: Callable[[S | None, AnyEvent], S | None]
+    conn: Queryable, stream_id: str, evolve: Callable[[S | None, AnyEvent], S | None]
 ) -> bool:
     _, history = await eventstore.read_stream(conn, stream_id)
     return reduce(evolve, (r.event for r in history), None) is not None

@@ -31,10 +31,10 @@ from service.records import (
     envelope,
 )
 
-# asyncpg pools and connections both offer fetch/execute; commands take either.
 # One connection, pooled or not (what a transaction runs on).
 Connection = asyncpg.Connection | PoolConnectionProxy
-Executor = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+# Anything a query runs on: a pool, a pooled connection or a plain one.
+Queryable = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
 
 # The database cannot be reached (down, restarting, refusing connections, or the
 # connection dropped mid-request): a 503 the client may retry, never a 500.
@@ -114,7 +114,7 @@ _APPEND = "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 async def append(
-    conn: Executor,
+    conn: Queryable,
     stream_id: str,
     expected_version: int | None,
     events: Sequence[NewEvent],
@@ -204,7 +204,7 @@ USAGE_COLUMNS = (
 )
 
 
-async def position_sequence(conn: Executor) -> str:
+async def position_sequence(conn: Queryable) -> str:
     """The statement that draws n positions of the log in one round trip."""
     sequence: str = await conn.fetchval(
         "SELECT pg_get_serial_sequence('events', 'global_position')"
@@ -220,7 +220,7 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-async def draw_positions(conn: Executor, statement: str, count: int) -> list[int]:
+async def draw_positions(conn: Queryable, statement: str, count: int) -> list[int]:
     """`count` fresh positions, in the order drawn (`statement`: position_sequence)."""
     drawn: list[int] = await conn.fetchval(statement, count)
     return drawn
@@ -231,7 +231,7 @@ async def copy_usage(conn: Connection, records: Sequence[tuple[Any, ...]]) -> No
     await conn.copy_records_to_table("events", records=records, columns=USAGE_COLUMNS)
 
 
-async def stored_positions(conn: Executor, event_ids: Sequence[Any]) -> dict[int, int]:
+async def stored_positions(conn: Queryable, event_ids: Sequence[Any]) -> dict[int, int]:
     """The positions of the events already stored under these ids (uuid.int keys)."""
     rows = await conn.fetch(
         "SELECT event_id, global_position FROM events WHERE event_id = ANY($1::uuid[])",
@@ -249,7 +249,7 @@ _COLUMNS = (
 
 
 async def read_stream(
-    conn: Executor, stream_id: str
+    conn: Queryable, stream_id: str
 ) -> tuple[int, list[RecordedEvent]]:
     """A stream's version and its events in order (version 0: no such stream)."""
     rows = await conn.fetch(
@@ -270,14 +270,14 @@ LIMIT $3
 
 
 async def read_all(
-    conn: Executor, after: Checkpoint, limit: int = 500
+    conn: Queryable, after: Checkpoint, limit: int = 500
 ) -> list[RecordedEvent]:
     """The next events after a checkpoint, only from finished transactions."""
     rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
     return [_record(r) for r in rows]
 
 
-async def read_batch(conn: Executor, after: Checkpoint, limit: int = 500) -> Batch:
+async def read_batch(conn: Queryable, after: Checkpoint, limit: int = 500) -> Batch:
     """`read_all` for projectors: a legacy row with no current form (upcast refuses
     it) is returned as refused instead of failing the whole read."""
     rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
@@ -306,14 +306,14 @@ def _refused(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
 
 
 async def read_all_rows(
-    conn: Executor, after: Checkpoint, limit: int = 500
+    conn: Queryable, after: Checkpoint, limit: int = 500
 ) -> list[asyncpg.Record]:
     """`read_all` without decoding, for bulk readers that decode themselves."""
     return await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
 
 
 async def read_page(
-    conn: Executor, *, after: int, limit: int, stream_id: str | None = None
+    conn: Queryable, *, after: int, limit: int, stream_id: str | None = None
 ) -> list[Envelope]:
     """Events by position for inspection (GET /api/events): committed ones only,
     upcast on read; a legacy event with no current form as it is stored."""
@@ -351,7 +351,7 @@ def _stored_envelope(row: asyncpg.Record) -> Envelope:
     )
 
 
-async def head(conn: Executor) -> Checkpoint:
+async def head(conn: Queryable) -> Checkpoint:
     """The last safely readable (tx_id, position): what a reader has to reach."""
     row = await conn.fetchrow(
         """
@@ -363,7 +363,7 @@ async def head(conn: Executor) -> Checkpoint:
     return Checkpoint(row["tx_id"], row["global_position"]) if row else Checkpoint()
 
 
-async def checkpoint_of(conn: Executor, position: int) -> Checkpoint | None:
+async def checkpoint_of(conn: Queryable, position: int) -> Checkpoint | None:
     """The checkpoint of the event at `position` (None: no such event, or not yet
     committed)."""
     tx_id = await conn.fetchval(
@@ -373,7 +373,7 @@ async def checkpoint_of(conn: Executor, position: int) -> Checkpoint | None:
 
 
 async def last_at_or_before(
-    conn: Executor, position: int
+    conn: Queryable, position: int
 ) -> tuple[Checkpoint, datetime] | None:
     """The checkpoint and recorded_at of the last event at or before `position`."""
     row = await conn.fetchrow(
@@ -386,7 +386,7 @@ async def last_at_or_before(
     return Checkpoint(int(row["tx_id"]), row["global_position"]), row["recorded_at"]
 
 
-async def max_position(conn: Executor) -> int:
+async def max_position(conn: Queryable) -> int:
     return int(
         await conn.fetchval("SELECT coalesce(max(global_position), 0) FROM events")
     )
@@ -411,7 +411,7 @@ ORDER BY stream_id
 
 
 async def streams_naming(
-    conn: Executor, field: Literal["customer_id", "team_id"], value: str
+    conn: Queryable, field: Literal["customer_id", "team_id"], value: str
 ) -> list[str]:
     """The streams whose events ever set `field` to `value`, ordered by stream id;
     folding each tells whether it still does."""
@@ -434,7 +434,7 @@ class Executed(NamedTuple, Generic[S]):
 
 
 async def execute(
-    conn: Executor,
+    conn: Queryable,
     stream_id: str,
     command: C,
     decide: Callable[[C, S | None], Sequence[AnyEvent]],

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from service.errors import IdempotencyConflict, Invalid
-from service.eventstore import Executor
+from service.eventstore import Queryable
 
 MAX_KEY_LENGTH = 255
 _NONCE_BYTES = 12  # AES-GCM's standard nonce; each derived key seals one answer
@@ -64,7 +64,7 @@ def from_request(
     return Idempotency(key, hashlib.sha256(head.encode() + body).hexdigest())
 
 
-async def replay(conn: Executor, idempotency: Idempotency) -> Reply | None:
+async def replay(conn: Queryable, idempotency: Idempotency) -> Reply | None:
     """The answer stored for this key, marked replayed; None when there is none."""
     row = await conn.fetchrow(_STORED, _row_key(idempotency.key))
     if row is None:
@@ -77,7 +77,7 @@ async def replay(conn: Executor, idempotency: Idempotency) -> Reply | None:
     return Reply(row["status"], body, replayed=True)
 
 
-async def remember(conn: Executor, idempotency: Idempotency, reply: Reply) -> None:
+async def remember(conn: Queryable, idempotency: Idempotency, reply: Reply) -> None:
     """Keep the answer, in the transaction that appends the command's events."""
     await conn.execute(
         _STORE,

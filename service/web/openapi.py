@@ -122,7 +122,9 @@ IDEMPOTENCY_KEY = Param(
 # --- operations --------------------------------------------------------------------
 
 
-class Answer(NamedTuple):
+class Documented(NamedTuple):
+    """One answer an operation documents: its status, body type and media type."""
+
     status: int
     type: Any  # a struct (or type msgspec describes); None: no body
     media: str = JSON
@@ -135,8 +137,8 @@ class Operation(NamedTuple):
 
     id: str
     summary: str
-    answer: Answer
-    other_answers: tuple[Answer, ...] = ()
+    answer: Documented
+    other_answers: tuple[Documented, ...] = ()
     body: Any = None
     body_media: str = JSON
     parameters: tuple[Param, ...] = ()
@@ -170,30 +172,33 @@ object, or a binary frame, is answered with an error frame
 
 OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/healthz"): Operation(
-        "healthz", "Liveness", Answer(200, Health), tags=("operations",)
+        "healthz", "Liveness", Documented(200, Health), tags=("operations",)
     ),
     ("GET", "/readyz"): Operation(
         "readyz",
         "Readiness: caught up with the log head seen at start",
-        Answer(200, Readiness),
+        Documented(200, Readiness),
         other_answers=(
-            Answer(503, Readiness, description="A projection is still catching up"),
+            Documented(503, Readiness, description="A projection is still catching up"),
         ),
         tags=("operations",),
     ),
     ("GET", "/metrics"): Operation(
         "metrics",
         "Prometheus metrics: ingest rate, check latency, projection lag",
-        Answer(200, str, "text/plain", "The Prometheus text exposition format"),
+        Documented(200, str, "text/plain", "The Prometheus text exposition format"),
         tags=("operations",),
     ),
     ("GET", "/api/openapi.json"): Operation(
-        "openapi", "This document", Answer(200, dict[str, Any]), tags=("operations",)
+        "openapi",
+        "This document",
+        Documented(200, dict[str, Any]),
+        tags=("operations",),
     ),
     ("GET", "/api/events"): Operation(
         "list_events",
         "The event log, upcast on read",
-        Answer(200, EventPage),
+        Documented(200, EventPage),
         parameters=(AFTER, LIMIT, STREAM_ID),
         errors=READ_ERRORS,
         tags=("events",),
@@ -202,26 +207,26 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/"): Operation(
         "dashboard",
         "The live governance dashboard page",
-        Answer(200, str, "text/html"),
+        Documented(200, str, "text/html"),
         tags=("dashboard",),
     ),
     ("GET", "/dashboard.js"): Operation(
         "dashboard_script",
         "The dashboard's script",
-        Answer(200, str, "text/javascript"),
+        Documented(200, str, "text/javascript"),
         tags=("dashboard",),
     ),
     ("GET", "/dashboard.css"): Operation(
         "dashboard_style",
         "The dashboard's style sheet",
-        Answer(200, str, "text/css"),
+        Documented(200, str, "text/css"),
         tags=("dashboard",),
     ),
     ("GET", "/api/dashboard/events"): Operation(
         "dashboard_events",
         "Server-Sent Events: a `snapshot` of the read model at once, then one per"
         " change",
-        Answer(200, str, "text/event-stream"),
+        Documented(200, str, "text/event-stream"),
         description="Each event is `event: snapshot`, `id: <position>` and `data:`"
         " `{position, generated_at, customers, teams, virtual_keys}` (the entities"
         " as the governance reads answer them). The stream stays open.",
@@ -231,7 +236,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/api/governance/budgets/{id}/periods"): Operation(
         "list_budget_periods",
         "A budget's spend per period",
-        Answer(200, BudgetPeriods),
+        Documented(200, BudgetPeriods),
         parameters=(PATH_ID, LATEST, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -240,7 +245,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", _CUSTOMERS): Operation(
         "create_customer",
         "Create a customer",
-        Answer(201, CustomerSaved),
+        Documented(201, CustomerSaved),
         body=CustomerBody,
         parameters=COMMAND,
         errors=COMMAND_ERRORS,
@@ -249,7 +254,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("PUT", _CUSTOMERS + "/{id}"): Operation(
         "update_customer",
         "Change a customer (omitted fields unchanged; budgets: the full set)",
-        Answer(200, CustomerSaved),
+        Documented(200, CustomerSaved),
         body=CustomerChanges,
         parameters=CHANGE,
         errors=COMMAND_ERRORS,
@@ -258,7 +263,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("DELETE", _CUSTOMERS + "/{id}"): Operation(
         "delete_customer",
         "Delete a customer and its budgets; its teams and keys are detached",
-        Answer(200, Deleted),
+        Documented(200, Deleted),
         parameters=CHANGE,
         errors=(400, *COMMAND_ERRORS),
         tags=_GOV,
@@ -266,7 +271,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", _TEAMS): Operation(
         "create_team",
         "Create a team",
-        Answer(201, TeamSaved),
+        Documented(201, TeamSaved),
         body=TeamBody,
         parameters=COMMAND,
         errors=COMMAND_ERRORS,
@@ -275,7 +280,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("PUT", _TEAMS + "/{id}"): Operation(
         "update_team",
         "Change a team (omitted fields unchanged; customer_id null detaches)",
-        Answer(200, TeamSaved),
+        Documented(200, TeamSaved),
         body=TeamChanges,
         parameters=CHANGE,
         errors=COMMAND_ERRORS,
@@ -284,7 +289,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("DELETE", _TEAMS + "/{id}"): Operation(
         "delete_team",
         "Delete a team and its budgets; its keys are detached",
-        Answer(200, Deleted),
+        Documented(200, Deleted),
         parameters=CHANGE,
         errors=(400, *COMMAND_ERRORS),
         tags=_GOV,
@@ -292,7 +297,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", _KEYS): Operation(
         "create_virtual_key",
         "Create a virtual key; the answer carries its secret `value`, once",
-        Answer(201, VirtualKeyIssued),
+        Documented(201, VirtualKeyIssued),
         body=VirtualKeyBody,
         parameters=COMMAND,
         errors=COMMAND_ERRORS,
@@ -301,7 +306,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("PUT", _KEYS + "/{id}"): Operation(
         "update_virtual_key",
         "Change a virtual key; `rotate_value: true` returns a new secret",
-        Answer(200, VirtualKeySaved),
+        Documented(200, VirtualKeySaved),
         body=VirtualKeyChanges,
         parameters=CHANGE,
         errors=COMMAND_ERRORS,
@@ -310,7 +315,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("DELETE", _KEYS + "/{id}"): Operation(
         "delete_virtual_key",
         "Delete a virtual key with its budgets and provider configs",
-        Answer(200, Deleted),
+        Documented(200, Deleted),
         parameters=CHANGE,
         errors=(400, *COMMAND_ERRORS),
         tags=_GOV,
@@ -319,7 +324,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _CUSTOMERS): Operation(
         "list_customers",
         "Every customer",
-        Answer(200, CustomerList),
+        Documented(200, CustomerList),
         parameters=READ,
         errors=READ_ERRORS,
         tags=_GOV,
@@ -327,7 +332,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _CUSTOMERS + "/{id}"): Operation(
         "get_customer",
         "One customer",
-        Answer(200, CustomerFound),
+        Documented(200, CustomerFound),
         parameters=(PATH_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -335,7 +340,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _TEAMS): Operation(
         "list_teams",
         "Every team, or a customer's",
-        Answer(200, TeamList),
+        Documented(200, TeamList),
         parameters=(CUSTOMER_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -343,7 +348,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _TEAMS + "/{id}"): Operation(
         "get_team",
         "One team",
-        Answer(200, TeamFound),
+        Documented(200, TeamFound),
         parameters=(PATH_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -351,7 +356,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _KEYS): Operation(
         "list_virtual_keys",
         "Every virtual key, or a team's or customer's",
-        Answer(200, VirtualKeyList),
+        Documented(200, VirtualKeyList),
         parameters=(TEAM_ID, CUSTOMER_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -359,7 +364,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", _KEYS + "/{id}"): Operation(
         "get_virtual_key",
         "One virtual key (without its secret)",
-        Answer(200, VirtualKeyFound),
+        Documented(200, VirtualKeyFound),
         parameters=(PATH_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -367,7 +372,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/api/governance/budgets"): Operation(
         "list_budgets",
         "Every budget, or those of an owner or a kind of owner",
-        Answer(200, BudgetList),
+        Documented(200, BudgetList),
         parameters=(OWNER_TYPE, OWNER_ID, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
@@ -375,7 +380,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", "/api/governance/check"): Operation(
         "check",
         "May this key spend more? Answered from the in-memory cache",
-        Answer(200, CheckAnswer),
+        Documented(200, CheckAnswer),
         body=CheckRequest,
         errors=(503,),
         description="`min_position` in the body waits up to 2 s for the cache to"
@@ -386,7 +391,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", "/api/usage"): Operation(
         "record_usage",
         "Record one usage record",
-        Answer(202, UsageAccepted),
+        Documented(202, UsageAccepted),
         body=UsageRecord,
         errors=(503,),
         description="A rejected record is a 400 whose code says why: `invalid_record`,"
@@ -397,7 +402,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("POST", "/api/usage/batch"): Operation(
         "record_usage_batch",
         "Record an NDJSON batch, one usage record a line",
-        Answer(200, BatchAnswer),
+        Documented(200, BatchAnswer),
         body=str,
         body_media=NDJSON,
         errors=(503,),
@@ -410,7 +415,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/api/usage/stream"): Operation(
         "usage_stream",
         "Record usage over a WebSocket",
-        Answer(101, None, description="Switching Protocols: the WebSocket is open"),
+        Documented(101, None, description="Switching Protocols: the WebSocket is open"),
         errors=(400,),
         description=_STREAM_DESCRIPTION,
         tags=("usage",),
@@ -565,7 +570,7 @@ def _body_schema(op: Operation, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
     return dict(schema_of[op.body])
 
 
-def _answer(answer: Answer, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
+def _answer(answer: Documented, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {"description": answer.description or "Success"}
     if answer.type is not None:
         spec["content"] = {answer.media: {"schema": schema_of[answer.type]}}
