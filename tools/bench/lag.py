@@ -121,9 +121,9 @@ async def ceiling(
     dsn: str, url: str, keys: Sequence[Key], *, per_body: int, seconds: float
 ) -> Ceiling:
     """The most records/s the service takes with these bodies (closed loop, 16
-    connections), and the most it sustains: the projections run in the serving
-    process and catch up after a burst, so a rate the read model cannot follow is
-    counted with the time it then needs."""
+    connections), and the most it sustains: the projections catch up after a
+    burst, so a rate the read model cannot follow is counted with the time it then
+    needs."""
     body_list = bodies(keys, int(seconds * 4000) + 1000, per_body)
     result = await post_loop(
         f"{url}/api/usage/batch",

@@ -432,16 +432,17 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
                     burst.latency(0.5),
                     burst.latency(0.99),
                 )
-                cache_row.timeline = keep_pace_bench.timeline(burst)
+                timeline = cache_row.timeline = keep_pace_bench.timeline(burst)
                 notes.append(
                     f"{burst.records:,} records acknowledged in {burst.seconds:.1f} s"
                     f" ({burst.records_per_second:,.0f}/s, {burst.errors} errors),"
                     f" both projections done {max(burst.cache_s, burst.model_s):.2f} s"
-                    " later"
+                    f" later; lag at most {max(timeline['cache_s']):.2f} s (cache),"
+                    f" {max(timeline['model_s']):.2f} s (read model)"
                 )
                 _progress(cache_row, model_row, ingest_row)
     finally:
-        await conn.execute(f"TRUNCATE {ingest_bench.RAW_TABLE}")
+        await ingest_bench.reset_tables(conn)
         await conn.close()
     cache_row.note = model_row.note = ingest_row.note = (
         f"{args.connections} connections, {keep_pace_bench.PER_BODY} records a body,"
