@@ -40,6 +40,20 @@ chromium:
 test: postgres chromium
 	$(BIN)/pytest
 
+# LiteLLM's proxy in a venv of its own; tests/test_litellm.py runs in .venv and
+# starts the proxy and the SDK driver from it.
+LITELLM_VENV := .venv-litellm
+LITELLM_INSTALLED := $(LITELLM_VENV)/.installed
+
+$(LITELLM_INSTALLED): client/pyproject.toml
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install 'litellm[proxy]==1.108.7' -e './client[litellm]'
+	touch $@
+
+.PHONY: test-litellm
+test-litellm: postgres $(LITELLM_INSTALLED)
+	GOVLEDGER_LITELLM_VENV=$(LITELLM_VENV) $(BIN)/pytest tests/test_litellm.py
+
 # The inner loop: everything but the slow and the browser tests.
 .PHONY: test-fast
 test-fast: postgres
@@ -55,10 +69,12 @@ $(BENCH_INSTALLED): $(INSTALLED)
 	$(BIN)/python -m pip install -e '.[dev,bench]'
 	touch $@
 
+# make bench BENCH_ARGS="keep-pace --reps 1": any scenarios and options of govledger bench.
+BENCH_ARGS ?=
 .PHONY: bench
 bench: $(BENCH_INSTALLED)
 	command -v wrk >/dev/null || { [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq wrk; }; }
-	$(BIN)/govledger bench
+	$(BIN)/govledger bench $(BENCH_ARGS)
 
 .PHONY: screenshot
 screenshot: $(INSTALLED)
@@ -80,7 +96,7 @@ check: lint test
 
 .PHONY: clean
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LITELLM_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find . -path ./.data -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Separate from clean on purpose: .data is the local cluster of `make run`.

@@ -140,7 +140,7 @@ class ProjectorChild:
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise())
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             *self._argv,
             stdin=asyncio.subprocess.PIPE,
@@ -148,23 +148,28 @@ class ProjectorChild:
             start_new_session=True,
         )
         log.info("projector_child_started", pid=self._proc.pid)
-        return self._proc
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.0
         while True:
-            proc = self._proc
-            assert proc is not None
-            started = loop.time()
-            code = await proc.wait()
+            proc, started = self._proc, loop.time()
+            code = None if proc is None else await proc.wait()
             quick = loop.time() - started < self._healthy_after_s
             delay = min(max(delay * 2, 0.5), self._max_backoff_s) if quick else 0.5
-            log.warning(
-                "projector_child_exited", pid=proc.pid, code=code, restart_in_s=delay
-            )
+            if proc is not None:
+                log.warning(
+                    "projector_child_exited",
+                    pid=proc.pid,
+                    code=code,
+                    restart_in_s=delay,
+                )
             await asyncio.sleep(delay)
-            await self._spawn()
+            try:
+                await self._spawn()
+            except OSError:  # no process to wait for: try again after a back-off
+                self._proc = None
+                log.exception("projector_child_not_started")
 
     async def stop(self) -> None:
         if self._supervisor is not None:

@@ -336,7 +336,8 @@ def keep_pace(rows: Sequence[Result], path: Path) -> bool:
     events.set_ylabel("events acknowledged, not yet applied")
     events.set_title(
         f"Keep pace: /api/usage/batch at full rate"
-        f" ({timeline['records_per_second']:,} records/s) until the last ack (dashed)"
+        f" ({timeline['records_per_second']:,} records/s) until the last ack (dashed);"
+        f" GOVLEDGER_PROJECTOR={timeline.get('projector', 'child')}"
     )
     events.legend(fontsize=8, loc="upper left")
     seconds.set_ylabel("age of the oldest unapplied ack, s")

@@ -380,6 +380,8 @@ async def scenario_lag(dsn: str, args: argparse.Namespace) -> list[Row]:
 
 async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
     await empty_tables(dsn)
+    # GOVLEDGER_PROJECTOR=inline govledger bench keep-pace: the projector inside serve.
+    placement = os.environ.get("GOVLEDGER_PROJECTOR") or "child"
     seconds = args.keep_pace_seconds
     notify = f"LISTEN/NOTIFY: COPY {keep_pace_bench.PER_BODY} rows + pg_notify →"
     notify += " listener woken, p50"
@@ -432,7 +434,8 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
                     burst.latency(0.5),
                     burst.latency(0.99),
                 )
-                timeline = cache_row.timeline = keep_pace_bench.timeline(burst)
+                timeline = keep_pace_bench.timeline(burst)
+                cache_row.timeline = {**timeline, "projector": placement}
                 notes.append(
                     f"{burst.records:,} records acknowledged in {burst.seconds:.1f} s"
                     f" ({burst.records_per_second:,.0f}/s, {burst.errors} errors),"
@@ -446,7 +449,7 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
         await conn.close()
     cache_row.note = model_row.note = ingest_row.note = (
         f"{args.connections} connections, {keep_pace_bench.PER_BODY} records a body,"
-        " the SQL projector in its own process (serve's child); " + "; ".join(notes)
+        f" GOVLEDGER_PROJECTOR={placement}; " + "; ".join(notes)
     )
     return [cache_row, model_row, ingest_row]
 
