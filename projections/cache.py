@@ -20,6 +20,7 @@ of a large cache; the one cycle (a key's chain holds the key) is cut on unlink.
 
 from __future__ import annotations
 
+import heapq
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -46,6 +47,8 @@ from service.domain.events import (
     CustomerUpdated,
     ProviderConfig,
     RateLimit,
+    ReservationHeld,
+    ReservationReleased,
     TeamBudgetsReplaced,
     TeamCreated,
     TeamEvent,
@@ -129,9 +132,26 @@ class Owner(msgspec.Struct, gc=False, kw_only=True):
     version: int = 0
     budgets: tuple[Meter, ...] = ()
     rates: tuple[Meter, ...] = ()  # the token meter first, then the request meter
+    # Open holds (reservations) on this owner: nanos by budget id, and the tokens
+    # and requests held against its rate limit.
+    held: dict[str, int] | None = None
+    held_tokens: int = 0
+    held_requests: int = 0
 
 
 _O = TypeVar("_O", bound=Owner)
+
+
+class Hold(msgspec.Struct, gc=False, kw_only=True):
+    """An open reservation: what it holds on which owners, until `expires_at`."""
+
+    reservation_id: str
+    virtual_key_id: str
+    budgets: list[tuple[Owner, str]]  # (owner, budget id) it holds `amount` on
+    rate_owners: list[Owner]  # owners whose rate limit it holds tokens + 1 on
+    amount: int
+    tokens: int
+    expires_at: datetime
 
 
 class Customer(Owner, gc=False, kw_only=True):
@@ -180,20 +200,31 @@ Holder = VirtualKey | ProviderConfigState
 def _aggregate(owner: Owner) -> None:
     left = UNLIMITED
     next_end = FOREVER
+    held = owner.held
     for meter in owner.budgets:
         headroom = meter.limit - meter.used
+        if held:
+            headroom -= held.get(meter.name, 0)
         if headroom < left:
             left = headroom
         if meter.end < next_end:
             next_end = meter.end
     rate_blocked = False
     for meter in owner.rates:
-        if meter.used >= meter.limit:
+        if meter.used + _rate_held(owner, meter) >= meter.limit:
             rate_blocked = True
         if meter.end < next_end:
             next_end = meter.end
     owner.left, owner.rate_blocked, owner.next_end = left, rate_blocked, next_end
     owner.allowed = None
+
+
+def _rate_held(owner: Owner, meter: Meter) -> int:
+    return owner.held_tokens if meter.name == "tokens" else owner.held_requests
+
+
+def _budget_held(owner: Owner, meter: Meter) -> int:
+    return owner.held.get(meter.name, 0) if owner.held else 0
 
 
 def _allowed(owner: Owner) -> CheckResult:
@@ -315,6 +346,13 @@ class GovernanceCache:
         self.generation = 0
         # Team and customer ids a key named but that did not exist when it linked.
         self.awaited: set[str] = set()
+        # Open holds by reservation id, and (expires_at, id) in a heap: a check
+        # drops what expired by its `now` first (expiry needs no job).
+        self.holds: dict[str, Hold] = {}
+        self._expiring: list[tuple[datetime, str]] = []
+        # Reservations settled, released or expired (until their expiry passes): a
+        # ReservationHeld applied late must not hold them again.
+        self._closed: dict[str, datetime] = {}
 
     @property
     def position(self) -> int:
@@ -327,6 +365,8 @@ class GovernanceCache:
         event = record.event
         if isinstance(event, UsageRecorded):
             self._apply_usage(record, event)
+        elif isinstance(event, ReservationHeld | ReservationReleased):
+            self._apply_reservation(record, event)
         elif isinstance(event, CustomerEvent):
             self._apply_customer(record, event)
         elif isinstance(event, TeamEvent):
@@ -408,6 +448,8 @@ class GovernanceCache:
                 del self.keys_by_sha256[key.value_sha256]
             self.deleted.add(record.stream_id)
             _unlink(key)
+            for hold in [h for h in self.holds.values() if h.virtual_key_id == key.id]:
+                self._drop(hold)
 
     def restore(
         self,
@@ -492,6 +534,130 @@ class GovernanceCache:
             customer = self.customers.get(usage.customer_id)
             if customer is not None:
                 _charge_owner(customer, usage, clock)
+        if usage.reservation_id is not None:
+            hold = self.holds.get(usage.reservation_id)
+            if hold is not None and hold.virtual_key_id == usage.virtual_key_id:
+                self._drop(hold)
+
+    def reserve(
+        self,
+        *,
+        virtual_key_sha256: str | None,
+        virtual_key_id: str | None,
+        provider: str | None,
+        model: str | None,
+        estimated_cost: Decimal,
+        estimated_tokens: int,
+        reservation_id: str,
+        expires_at: datetime,
+        now: datetime,
+    ) -> tuple[CheckResult, ReservationHeld | None]:
+        return _reserve(
+            self,
+            virtual_key_sha256=virtual_key_sha256,
+            virtual_key_id=virtual_key_id,
+            provider=provider,
+            model=model,
+            estimated_cost=estimated_cost,
+            estimated_tokens=estimated_tokens,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+            now=now,
+        )
+
+    def _apply_reservation(
+        self, record: RecordedEvent, event: ReservationHeld | ReservationReleased
+    ) -> None:
+        seen = (record.tx_id << 64) | record.global_position
+        if seen <= self.usage_seen.get(event.virtual_key_id, -1):
+            return
+        self.usage_seen[event.virtual_key_id] = seen
+        if isinstance(event, ReservationHeld):
+            self.hold(event)
+        else:
+            self.release(event.reservation_id, event.virtual_key_id)
+
+    # --- holds -----------------------------------------------------------------
+
+    def hold(self, event: ReservationHeld) -> Hold | None:
+        """Hold `event.amount` on its budgets and a request plus its tokens on its
+        rate owners (those that still exist); nothing for a closed or held one."""
+        if event.reservation_id in self.holds or event.reservation_id in self._closed:
+            return None
+        key = self.keys.get(event.virtual_key_id)
+        owners: list[Owner] = [] if key is None else [key]
+        if key is not None and event.provider_config_id is not None:
+            owners += [
+                c for c in key.providers or () if c.id == event.provider_config_id
+            ]
+        team = None if event.team_id is None else self.teams.get(event.team_id)
+        customer = (
+            None if event.customer_id is None else self.customers.get(event.customer_id)
+        )
+        owners += [o for o in (team, customer) if o is not None]
+        wanted = set(event.budget_ids)
+        rate_ids = set(event.rate_owner_ids)
+        hold = Hold(
+            reservation_id=event.reservation_id,
+            virtual_key_id=event.virtual_key_id,
+            budgets=[
+                (o, m.name) for o in owners for m in o.budgets if m.name in wanted
+            ],
+            rate_owners=[o for o in owners if o.id in rate_ids],
+            amount=to_nanos(event.amount),
+            tokens=event.tokens,
+            expires_at=event.expires_at,
+        )
+        for owner, budget_id in hold.budgets:
+            held = owner.held if owner.held is not None else {}
+            held[budget_id] = held.get(budget_id, 0) + hold.amount
+            owner.held = held
+        for owner in hold.rate_owners:
+            owner.held_tokens += hold.tokens
+            owner.held_requests += 1
+        for owner in owners:
+            _aggregate(owner)
+        self.holds[hold.reservation_id] = hold
+        heapq.heappush(self._expiring, (hold.expires_at, hold.reservation_id))
+        return hold
+
+    def release(self, reservation_id: str, virtual_key_id: str) -> bool:
+        """Drop an open hold of this key; False when there was none."""
+        hold = self.holds.get(reservation_id)
+        if hold is None or hold.virtual_key_id != virtual_key_id:
+            return False
+        self._drop(hold)
+        return True
+
+    def _drop(self, hold: Hold) -> None:
+        del self.holds[hold.reservation_id]
+        self._closed[hold.reservation_id] = hold.expires_at
+        touched: dict[int, Owner] = {}
+        for owner, budget_id in hold.budgets:
+            if owner.held is not None:
+                left = owner.held.get(budget_id, 0) - hold.amount
+                if left > 0:
+                    owner.held[budget_id] = left
+                else:
+                    owner.held.pop(budget_id, None)
+            touched[id(owner)] = owner
+        for owner in hold.rate_owners:
+            owner.held_tokens -= hold.tokens
+            owner.held_requests -= 1
+            touched[id(owner)] = owner
+        for owner in touched.values():
+            _aggregate(owner)
+
+    def expire(self, now: datetime) -> None:
+        """Drop every hold whose `expires_at` is not after `now`."""
+        expiring = self._expiring
+        while expiring and expiring[0][0] <= now:
+            at, reservation_id = heapq.heappop(expiring)
+            hold = self.holds.get(reservation_id)
+            if hold is not None and hold.expires_at == at:
+                self._drop(hold)
+            if self._closed.get(reservation_id) == at:
+                del self._closed[reservation_id]
 
     # --- read ------------------------------------------------------------------
 
@@ -567,6 +733,8 @@ class GovernanceCache:
         An allowed answer's `remaining` is the smallest `max_limit - current_usage`
         in the chain, before the estimate.
         """
+        if self._expiring and self._expiring[0][0] <= now:
+            self.expire(now)
         if virtual_key_sha256 is not None:
             key = self.keys_by_sha256.get(virtual_key_sha256)
         else:
@@ -617,6 +785,61 @@ class GovernanceCache:
         return answer
 
 
+def _reserve(
+    cache: GovernanceCache,
+    *,
+    virtual_key_sha256: str | None,
+    virtual_key_id: str | None,
+    provider: str | None,
+    model: str | None,
+    estimated_cost: Decimal,
+    estimated_tokens: int,
+    reservation_id: str,
+    expires_at: datetime,
+    now: datetime,
+) -> tuple[CheckResult, ReservationHeld | None]:
+    """A check that, when allowed, holds the estimate at once (synchronously: the
+    next check already sees it). Returns the decision, its `remaining` counted after
+    the hold, and the hold's event to append (None when nothing is held)."""
+    result = cache.check(
+        virtual_key_sha256=virtual_key_sha256,
+        virtual_key_id=virtual_key_id,
+        provider=provider,
+        model=model,
+        estimated_cost=estimated_cost,
+        now=now,
+    )
+    if not result.allowed:
+        return result, None
+    key = cache._key(virtual_key_sha256, virtual_key_id)
+    assert key is not None  # the check found it
+    holder: Holder = key
+    if key.providers is not None:
+        holder = _config(key.providers, provider or "") or key
+    chain = holder.chain
+    ids = _charged(chain)
+    event = ReservationHeld(
+        reservation_id=reservation_id,
+        virtual_key_id=ids.virtual_key_id,
+        provider_config_id=ids.provider_config_id,
+        team_id=ids.team_id,
+        customer_id=ids.customer_id,
+        budget_ids=tuple(m.name for owner in chain for m in owner.budgets),
+        rate_owner_ids=tuple(owner.id for owner in chain if owner.rates),
+        amount=estimated_cost,
+        tokens=estimated_tokens,
+        expires_at=expires_at,
+    )
+    if cache.hold(event) is None:  # already held (a retry): nothing more
+        return result, None
+    left = min(owner.left for owner in chain)
+    remaining = None if left == UNLIMITED else to_money(left)
+    return (
+        CheckResult(allowed=True, reason="ok", http_status=200, remaining=remaining),
+        event,
+    )
+
+
 def _charged(chain: tuple[Owner, ...]) -> UsageChain:
     ids = {type(owner): owner.id for owner in chain}
     return UsageChain(
@@ -637,7 +860,7 @@ def _config(
 
 
 def _rate_limited(owner: Owner) -> CheckResult:
-    meter = next(m for m in owner.rates if m.used >= m.limit)
+    meter = next(m for m in owner.rates if m.used + _rate_held(owner, m) >= m.limit)
     return CheckResult(
         allowed=False,
         reason="rate_limited",
@@ -660,7 +883,8 @@ def _budget_exceeded(
         (owner, meter)
         for owner in chain
         for meter in owner.budgets
-        if meter.used >= meter.limit or estimate > meter.limit - meter.used
+        if (held := meter.used + _budget_held(owner, meter)) >= meter.limit
+        or estimate > meter.limit - held
     )
     return CheckResult(
         allowed=False,

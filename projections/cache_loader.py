@@ -16,7 +16,7 @@ from typing import NamedTuple, TypedDict
 import asyncpg
 import structlog
 
-from projections import runner
+from projections import governance_holds, runner
 from projections.cache import (
     Customer,
     GovernanceCache,
@@ -92,6 +92,7 @@ async def load(
             budgets=await _budget_meters(conn, budgets, at),
             rates=await _rate_meters(conn, rate_limits, at),
         )
+        holds = await governance_holds.open_holds(conn, at)
     cache = GovernanceCache()
     cache.restore(
         customers=[
@@ -110,6 +111,8 @@ async def load(
         keys=_keys(keys, configs, owned),
         checkpoint=checkpoint,
     )
+    for hold in holds:
+        cache.hold(hold)
     return cache, checkpoint
 
 

@@ -12,6 +12,7 @@ from typing import assert_never
 
 import asyncpg
 
+from projections import governance_holds
 from projections.governance_usage import (
     Owner,
     budgets_of,
@@ -29,6 +30,8 @@ from service.domain.events import (
     CustomerUpdated,
     ProviderConfig,
     RateLimit,
+    ReservationHeld,
+    ReservationReleased,
     TeamBudgetsReplaced,
     TeamCreated,
     TeamDeleted,
@@ -57,11 +60,18 @@ async def apply(conn: Connection, records: Sequence[RecordedEvent]) -> None:
             usage.append((record, record.event))
             continue
         if usage:
-            await charge(conn, usage)
+            await _charge(conn, usage)
             usage = []
         await _apply_event(conn, record)
     if usage:
-        await charge(conn, usage)
+        await _charge(conn, usage)
+
+
+async def _charge(
+    conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
+) -> None:
+    await charge(conn, usage)
+    await governance_holds.settle(conn, [event for _, event in usage])
 
 
 async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
@@ -112,6 +122,11 @@ async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
         case VirtualKeyDeleted():
             # Cascades to its budgets, rate limit, provider configs and theirs.
             await conn.execute(_DELETE_VIRTUAL_KEY, e.virtual_key_id, v)
+            await governance_holds.drop_key(conn, e.virtual_key_id)
+        case ReservationHeld():
+            await governance_holds.hold(conn, e, record.global_position)
+        case ReservationReleased():
+            await governance_holds.release(conn, e.reservation_id, e.virtual_key_id)
         case UsageRecorded():
             raise AssertionError("usage is charged in runs by charge")
         case _:

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from projections import governance_holds
 from projections.governance_usage import (
     RATE_KINDS,
     Owner,
@@ -216,6 +217,7 @@ async def _budgets(
     periods = [budget_period(r, now) for r in rows]
     keys = [(r["id"], key) for r, (_, key) in zip(rows, periods, strict=True)]
     spend = await spend_at(conn, keys)
+    held = await governance_holds.held_by_budget(conn, [r["id"] for r in rows], now)
     return [
         BudgetView(
             id=r["id"],
@@ -226,6 +228,7 @@ async def _budgets(
             last_reset=start,
             owner_type=r["owner_type"],
             owner_id=r["owner_id"],
+            held=held.get(r["id"], Decimal(0)),
         )
         for r, (start, _), key in zip(rows, periods, keys, strict=True)
     ]
@@ -241,6 +244,9 @@ async def _rate_limits(
             if key is not None:
                 slots[r["id"], kind] = (r["id"], kind, key)
     used = await rate_usage_at(conn, slots.values())
+    held = await governance_holds.held_by_rate_owner(
+        conn, [r["owner_id"] for r in rows], now
+    )
 
     def current(r: asyncpg.Record, kind: str) -> int:
         slot = slots.get((r["id"], kind))
@@ -254,6 +260,8 @@ async def _rate_limits(
             request_reset_duration=r["request_reset_duration"],
             token_current_usage=current(r, "tokens"),
             request_current_usage=current(r, "requests"),
+            token_held=held.get(r["owner_id"], (0, 0))[0],
+            request_held=held.get(r["owner_id"], (0, 0))[1],
         )
         for r in rows
     }

@@ -34,6 +34,8 @@ class BudgetView(msgspec.Struct, frozen=True, kw_only=True):
     last_reset: Instant
     owner_type: OwnerType
     owner_id: Uuid
+    # What open holds (reservations) on this budget reserve; spend is current_usage.
+    held: Money = Decimal(0)
 
 
 class RateLimitView(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +47,9 @@ class RateLimitView(msgspec.Struct, frozen=True, kw_only=True):
     request_reset_duration: str | None
     token_current_usage: int
     request_current_usage: int
+    # What open holds reserve: their estimated tokens, and one request each.
+    token_held: int = 0
+    request_held: int = 0
 
 
 class ProviderConfigView(msgspec.Struct, frozen=True, kw_only=True):

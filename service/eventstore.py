@@ -363,6 +363,14 @@ async def head(conn: Queryable) -> Checkpoint:
     return Checkpoint(row["tx_id"], row["global_position"]) if row else Checkpoint()
 
 
+async def position_of(conn: Queryable, event_id: str) -> int | None:
+    """The position of the event stored under `event_id`, if any."""
+    position: int | None = await conn.fetchval(
+        "SELECT global_position FROM events WHERE event_id = $1::uuid", event_id
+    )
+    return position
+
+
 async def checkpoint_of(conn: Queryable, position: int) -> Checkpoint | None:
     """The checkpoint of the event at `position` (None: no such event, or not yet
     committed)."""

@@ -23,7 +23,7 @@ import msgspec
 import structlog
 
 from service import eventstore, metrics
-from service.domain.events import UsageRecorded
+from service.domain.events import ReservationHeld, ReservationReleased, UsageRecorded
 from service.domain.usage import (
     UNKNOWN_VIRTUAL_KEY,
     KeyResolver,
@@ -88,8 +88,11 @@ async def queue_records(
 
 # --- the writer --------------------------------------------------------------------
 
-_TYPE = "UsageRecorded"
-_SCHEMA_VERSION = UsageRecorded.schema_version
+# What a usage stream holds; all are unversioned (stream_version = position).
+_SCHEMA_VERSIONS = {
+    cls.__struct_config__.tag: cls.schema_version
+    for cls in (UsageRecorded, ReservationHeld, ReservationReleased)
+}
 # The server refused a group for what it holds (the connection is fine).
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -395,8 +398,8 @@ class Writer:
                         position,  # usage streams are unversioned
                         row.event_id,
                         row.stream_id,
-                        _TYPE,
-                        _SCHEMA_VERSION,
+                        row.type,
+                        _SCHEMA_VERSIONS[row.type],
                         row.data,
                         metadata,
                     )

@@ -107,6 +107,7 @@ async def test_create_customer_answers_201_with_the_entity_and_its_position(clie
                     "last_reset": customer["created_at"],
                     "owner_type": "customer",
                     "owner_id": customer["id"],
+                    "held": 0,
                 },
                 {
                     "id": monthly["id"],
@@ -117,6 +118,7 @@ async def test_create_customer_answers_201_with_the_entity_and_its_position(clie
                     "last_reset": month_start.isoformat().replace("+00:00", "Z"),
                     "owner_type": "customer",
                     "owner_id": customer["id"],
+                    "held": 0,
                 },
             ],
             "rate_limit": {
@@ -126,6 +128,8 @@ async def test_create_customer_answers_201_with_the_entity_and_its_position(clie
                 "request_reset_duration": None,
                 "token_current_usage": 0,
                 "request_current_usage": 0,
+                "token_held": 0,
+                "request_held": 0,
             },
             "version": 1,
             "created_at": customer["created_at"],
@@ -640,6 +644,8 @@ async def test_a_put_answer_shows_the_read_models_usage_of_kept_budgets_and_limi
         "request_reset_duration": None,
         "token_current_usage": 120,
         "request_current_usage": 0,
+        "token_held": 0,
+        "request_held": 0,
     }
     # Once the projection has the PUT, GET shows the same.
     await client.app[governance_projector_key].wait_for(answer["position"], 5)

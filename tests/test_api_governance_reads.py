@@ -142,6 +142,7 @@ async def test_get_customer_answers_the_wire_shape_with_current_usage(client):
                         "last_reset": rfc3339(AT),
                         "owner_type": "customer",
                         "owner_id": customer_id,
+                        "held": 0,
                     }
                 ],
                 "rate_limit": {
@@ -151,6 +152,8 @@ async def test_get_customer_answers_the_wire_shape_with_current_usage(client):
                     "request_reset_duration": None,
                     "token_current_usage": 120,
                     "request_current_usage": 0,
+                    "token_held": 0,
+                    "request_held": 0,
                 },
                 "version": 1,
                 "created_at": rfc3339(AT),
@@ -208,6 +211,8 @@ async def test_get_virtual_key_shows_the_hint_but_never_the_secret_or_its_hash(
                         "request_reset_duration": "1m",
                         "token_current_usage": 0,
                         "request_current_usage": 0,
+                        "token_held": 0,
+                        "request_held": 0,
                     },
                 }
             ],

@@ -328,6 +328,7 @@ async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
                 "last_reset": datetime(2026, 11, 2, tzinfo=UTC),  # ISO week: Monday
                 "owner_type": "virtual_key",
                 "owner_id": key_id,
+                "held": Decimal(0),
             }
         ],
         "rate_limit": {
@@ -337,6 +338,8 @@ async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
             "request_reset_duration": "1m",
             "token_current_usage": 0,
             "request_current_usage": 0,
+            "token_held": 0,
+            "request_held": 0,
         },
         "provider_configs": [
             {
@@ -353,6 +356,7 @@ async def test_virtual_key_with_provider_configs_reads_back_in_the_wire_shape(
                         "last_reset": T0,
                         "owner_type": "provider_config",
                         "owner_id": openai,
+                        "held": Decimal(0),
                     }
                 ],
                 "rate_limit": None,

@@ -1,6 +1,8 @@
 """govledger_client: stream LLM usage to govledger and ask it for budget checks.
 
-Depends on aiohttp and msgspec only; imports nothing of the server.
+Depends on aiohttp and msgspec only; imports nothing of the server. The LiteLLM
+integration, `govledger_client.litellm`, needs the `litellm` extra and is imported
+only when asked for.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from .checker import Checker
 from .errors import RecorderError
 from .ndjson import RecordReport, record_file, send_ndjson
 from .recorder import Recorder, RecorderStats, RejectedRecord
-from .wire import CheckRequest, CheckResult, UsageRecord
+from .reservations import Releaser
+from .wire import CheckRequest, CheckResult, Reservation, UsageRecord
 
 __all__ = [
     "CheckRequest",
@@ -20,6 +23,8 @@ __all__ = [
     "RecorderError",
     "RecorderStats",
     "RejectedRecord",
+    "Releaser",
+    "Reservation",
     "UsageRecord",
     "record_file",
     "send_ndjson",

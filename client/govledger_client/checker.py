@@ -1,19 +1,23 @@
 """Checks: `Checker` asks POST /api/governance/check within a deadline, and answers by
-the fail-open or fail-closed policy when the server does not."""
+the fail-open or fail-closed policy when the server does not; a reserving check's
+hold is released through it."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
 import aiohttp
 
 from .errors import RecorderError
+from .reservations import Releaser
 from .wire import (
     CHECK_PATH,
     CheckRequest,
     CheckResult,
+    Reservation,
     decode_check,
     encode,
     error_of,
@@ -33,6 +37,12 @@ class Checker:
     the result has `fallback` true and `reason` "timeout" or "unavailable", and
     `fallbacks` counts it. A 4xx answer (a bad request, a bad token) raises
     RecorderError.
+
+    `check(..., reserve=True, estimated_cost=...)` also holds the estimate: the
+    result's `reservation` is settled by a usage record naming its id, or dropped by
+    `release()`. A reserving check whose answer is lost (a timeout, a dropped
+    connection) is asked again in the background with the same Idempotency-Key and
+    its hold, if it took one, released.
 
     Use it as `async with Checker(url, token=...) as checker:` (or call `close()`).
     `session`, when given, supplies the HTTP session (with its token) instead: a
@@ -56,6 +66,7 @@ class Checker:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.fallbacks = 0
+        self.releaser = Releaser(self.url, self._client)
 
     async def __aenter__(self) -> Checker:
         return self
@@ -63,11 +74,18 @@ class Checker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Close the session this checker opened (not a shared one)."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Give running releases `grace` seconds, then close the session this
+        checker opened (not a shared one)."""
+        await self.releaser.close(grace)
         self._closed = True
         if self._session is not None:
             await self._session.close()
+
+    def release(self, reservation: Reservation | str) -> asyncio.Task[bool]:
+        """Drop a hold in the background (see `Releaser.release`): returns at once,
+        never raises; a repeat while it runs returns the same task."""
+        return self.releaser.release(reservation)
 
     async def check(
         self,
@@ -79,12 +97,26 @@ class Checker:
         estimated_cost: Decimal | int | float | str | None = None,
         min_position: int | None = None,
         within: float | None = None,
+        reserve: bool = False,
+        estimated_tokens: int | None = None,
+        ttl_s: int | None = None,
+        idempotency_key: str | None = None,
     ) -> CheckResult:
         """The server's answer if it comes within `within` seconds (default: the
         checker's timeout), else the fail-open or fail-closed policy's. Pass exactly
         one of `virtual_key` (the secret) and `virtual_key_id`; `min_position` (a
         position a command answered with) makes the server wait until its cache has
-        applied that event."""
+        applied that event.
+
+        `reserve=True` (with `estimated_cost`; `estimated_tokens` and `ttl_s`, 1 to
+        3600 seconds, optional) holds the estimate: an allowed answer carries a
+        `reservation`. A reserving check writes, so give it more than a cache
+        read's time (`within`). It is sent with `idempotency_key` (default: a new
+        uuid4) so that a lost answer can be recovered."""
+        if reserve and estimated_cost is None:
+            raise ValueError("a reserving check needs estimated_cost")
+        if not reserve and (ttl_s is not None or estimated_tokens is not None):
+            raise ValueError("ttl_s and estimated_tokens go with reserve=True")
         body = encode(
             CheckRequest(
                 virtual_key=virtual_key,
@@ -95,19 +127,33 @@ class Checker:
                 if estimated_cost is None
                 else money(estimated_cost),
                 min_position=min_position,
+                reserve=reserve,
+                estimated_tokens=estimated_tokens,
+                ttl_s=ttl_s,
             )
         )
+        headers = _JSON
+        if reserve:
+            idempotency_key = idempotency_key or str(uuid.uuid4())
+        if idempotency_key is not None:
+            headers = {**_JSON, "Idempotency-Key": idempotency_key}
         session = self._client()
         try:
             async with asyncio.timeout(self._timeout if within is None else within):
                 async with session.post(
-                    self.url + CHECK_PATH, data=body, headers=_JSON
+                    self.url + CHECK_PATH, data=body, headers=headers
                 ) as response:
                     status = response.status
                     raw = await response.read()
         except TimeoutError:
+            if reserve and idempotency_key is not None:
+                self.releaser.recover(body, idempotency_key)
             return self._fallback("timeout")
-        except (aiohttp.ClientError, OSError):
+        except aiohttp.ClientConnectorError:  # never reached the server
+            return self._fallback("unavailable")
+        except (aiohttp.ClientError, OSError):  # it may have arrived
+            if reserve and idempotency_key is not None:
+                self.releaser.recover(body, idempotency_key)
             return self._fallback("unavailable")
         if status == 200:
             return decode_check(raw)

@@ -8,6 +8,9 @@ disconnect, a 5xx or a timeout, until the server acknowledges them: the server d
 by event_id, so nothing is lost and nothing is counted twice. Its buffer is bounded:
 `record()` waits while it is full and never drops. A record the server refuses is
 reported (callback or list) and not sent again.
+
+The buffer lives in memory: what is not yet acknowledged when the process dies is
+lost (a graceful `close()` waits for it); everything acknowledged is durable.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .wire import (
     STREAM_PATH,
     TRANSIENT_CODES,
     CheckResult,
+    Reservation,
     UsageRecord,
     decode_batch_answer,
     decode_stream_ack,
@@ -77,6 +81,9 @@ class RecorderStats(msgspec.Struct, frozen=True, kw_only=True):
     transport: str  # "websocket" or "batch"
     position: int  # the highest global position acknowledged (for min_position)
     check_fallbacks: int  # checks decided by the fail-open/fail-closed policy
+    released: int = 0  # holds released (or found gone) by release()
+    releasing: int = 0  # releases still running
+    releases_abandoned: int = 0  # holds given up on (they expire on their own)
 
 
 # --- the buffer --------------------------------------------------------------------
@@ -115,7 +122,9 @@ class Recorder:
 
     `check()` gives the server `check_timeout` seconds; past that (or when it cannot be
     reached, or answers 5xx) `fail_open` decides: allowed, or blocked with 503.
-    Rejected records go to `on_rejected` when given, else to `rejections`.
+    A reserving check's hold is settled by `record(..., reservation_id=...)` or
+    dropped by `release()`. Rejected records go to `on_rejected` when given, else to
+    `rejections`.
     """
 
     def __init__(
@@ -206,6 +215,7 @@ class Recorder:
         requests: int = 1,
         occurred_at: datetime | None = None,
         event_id: str | uuid.UUID | None = None,
+        reservation_id: str | None = None,
     ) -> str:
         """Buffer one record (waiting while the buffer is full); return its event_id.
 
@@ -213,6 +223,7 @@ class Recorder:
         `event_id` defaults to a new uuid4, `occurred_at` to now (so a record sent
         again later still counts in the period it happened in). A float `cost` is
         rounded to 9 fractional digits; pass a Decimal or a str to keep it exact.
+        `reservation_id` (a reserving check's) settles that hold.
         """
         if (virtual_key is None) == (virtual_key_id is None):
             raise ValueError("pass exactly one of virtual_key and virtual_key_id")
@@ -229,6 +240,7 @@ class Recorder:
                 output_tokens=output_tokens,
                 requests=requests,
                 occurred_at=occurred_at or datetime.now(UTC),
+                reservation_id=reservation_id,
             )
         )
         await self._enqueue(eid, payload)
@@ -275,7 +287,8 @@ class Recorder:
 
     async def close(self, grace: float | None = None) -> None:
         """Stop taking records, wait until everything buffered is acknowledged (at
-        most `grace` seconds: then TimeoutError, with the rest unsent), and hang up."""
+        most `grace` seconds: then TimeoutError, with the rest unsent), and hang up.
+        Running releases get `grace` seconds too (5 s if None)."""
         if self._closed:
             return
         self._closing = True
@@ -283,6 +296,7 @@ class Recorder:
         self._space.set()  # blocked record() calls raise: the recorder is closing
         task = self._task
         try:
+            await self._checker.releaser.close(5.0 if grace is None else grace)
             if task is not None:
                 done, _ = await asyncio.wait({task}, timeout=grace)
                 if not done:
@@ -313,6 +327,9 @@ class Recorder:
             transport="websocket" if self._websocket else "batch",
             position=self._position,
             check_fallbacks=self._checker.fallbacks,
+            released=self._checker.releaser.released,
+            releasing=self._checker.releaser.pending,
+            releases_abandoned=self._checker.releaser.abandoned,
         )
 
     # --- checking ---
@@ -327,11 +344,16 @@ class Recorder:
         estimated_cost: Decimal | int | float | str | None = None,
         min_position: int | None = None,
         within: float | None = None,
+        reserve: bool = False,
+        estimated_tokens: int | None = None,
+        ttl_s: int | None = None,
+        idempotency_key: str | None = None,
     ) -> CheckResult:
         """May this key spend more? The server's answer if it comes within `within`
         seconds (default: the recorder's check_timeout), else the fail-open or
         fail-closed policy's. A 4xx (bad request, bad token) raises RecorderError.
-        See `Checker.check`; this one shares the recorder's session and token."""
+        `reserve=True` holds the estimate (the result's `reservation`). See
+        `Checker.check`; this one shares the recorder's session and token."""
         return await self._checker.check(
             virtual_key=virtual_key,
             virtual_key_id=virtual_key_id,
@@ -340,7 +362,16 @@ class Recorder:
             estimated_cost=estimated_cost,
             min_position=min_position,
             within=within,
+            reserve=reserve,
+            estimated_tokens=estimated_tokens,
+            ttl_s=ttl_s,
+            idempotency_key=idempotency_key,
         )
+
+    def release(self, reservation: Reservation | str) -> asyncio.Task[bool]:
+        """Drop a hold in the background: returns at once with the task (True once
+        the hold is gone), never raises; see `Releaser.release`."""
+        return self._checker.release(reservation)
 
     # --- lifetime ---
 

@@ -16,6 +16,7 @@ import msgspec
 __all__ = [
     "BATCH_PATH",
     "CHECK_PATH",
+    "RELEASE_PATH",
     "STREAM_PATH",
     "TRANSIENT_CODES",
     "BatchAnswer",
@@ -24,10 +25,13 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "Refusal",
+    "ReleaseAnswer",
+    "Reservation",
     "StreamAck",
     "UsageRecord",
     "decode_batch_answer",
     "decode_check",
+    "decode_release",
     "decode_stream_ack",
     "encode",
     "error_of",
@@ -37,6 +41,8 @@ __all__ = [
 STREAM_PATH: Final = "/api/usage/stream"
 BATCH_PATH: Final = "/api/usage/batch"
 CHECK_PATH: Final = "/api/governance/check"
+# POST: drops a reservation's hold (format with the reservation id).
+RELEASE_PATH: Final = "/api/governance/reservations/{}/release"
 # Error codes (frames and answers) that another attempt may not get: send again.
 TRANSIENT_CODES: Final = frozenset(
     {"database_unavailable", "internal_error", "projection_lag"}
@@ -62,10 +68,12 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     output_tokens: int = 0
     requests: int = 1
     occurred_at: datetime | None = None
+    reservation_id: str | None = None  # settles that reservation's hold
 
 
 class CheckRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The body of POST /api/governance/check."""
+    """The body of POST /api/governance/check; `reserve` (with `estimated_cost`, and
+    optionally `estimated_tokens` and `ttl_s`) makes it hold the estimate."""
 
     virtual_key: str | None = None
     virtual_key_id: str | None = None
@@ -73,6 +81,9 @@ class CheckRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     model: str | None = None
     estimated_cost: Decimal | None = None
     min_position: int | None = None
+    reserve: bool = False
+    estimated_tokens: int | None = None
+    ttl_s: int | None = None
 
 
 # --- received ------------------------------------------------------------------------
@@ -85,9 +96,11 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     A blocked answer names what blocks: a budget (`budget_id`), or a rate limit
     (`rate_limit` is "tokens" or "requests", and `current_usage` and `max_limit`
     count tokens or requests). An allowed answer carries `remaining` when the key's
-    chain has a budget. `position` is the log position the server's cache has
-    applied; `stale` is true when the server cannot read its log right now, so the
-    answer is as of `position`. `fallback` is the client's own, never sent.
+    chain has a budget; an allowed reserving check also `reservation_id` and
+    `expires_at` (see `reservation`). `position` is the log position the server's
+    cache has applied (a reserving check: its hold's); `stale` is true when the
+    server cannot read its log right now, so the answer is as of `position`.
+    `fallback` is the client's own, never sent.
     """
 
     allowed: bool
@@ -102,7 +115,24 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit: str | None = None
     position: int | None = None
     stale: bool = False
+    reservation_id: str | None = None
+    expires_at: datetime | None = None
     fallback: bool = False
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """The hold an allowed reserving check took, else None."""
+        if self.reservation_id is None or self.expires_at is None:
+            return None
+        return Reservation(id=self.reservation_id, expires_at=self.expires_at)
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """A hold on the estimate of a call in flight, until the first of: a usage
+    record naming `id` (settled), a release, or `expires_at`."""
+
+    id: str
+    expires_at: datetime
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
@@ -146,10 +176,17 @@ class BatchAnswer(msgspec.Struct, frozen=True):
     position: int
 
 
+class ReleaseAnswer(msgspec.Struct, frozen=True):
+    """The answer of POST /api/governance/reservations/{id}/release."""
+
+    position: int
+
+
 encode = msgspec.json.Encoder(decimal_format="number").encode
 decode_stream_ack = msgspec.json.Decoder(StreamAck).decode
 decode_batch_answer = msgspec.json.Decoder(BatchAnswer).decode
 decode_check = msgspec.json.Decoder(CheckResult).decode
+decode_release = msgspec.json.Decoder(ReleaseAnswer).decode
 _decode_error = msgspec.json.Decoder(ErrorBody).decode
 
 

@@ -165,6 +165,32 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     provider_config_id: str | None = None
     team_id: str | None = None
     customer_id: str | None = None
+    # The hold this spend settles (the first record naming an open hold of its key).
+    reservation_id: str | None = None
+
+
+class ReservationHeld(Event, frozen=True, kw_only=True):
+    """An estimate held on the budgets and rate limits of a key's chain until the
+    first of: a usage record naming it, a release, `expires_at` (in the key's usage
+    stream). The hold stays on the budgets it was decided on."""
+
+    reservation_id: str
+    virtual_key_id: str
+    provider_config_id: str | None = None
+    team_id: str | None = None
+    customer_id: str | None = None
+    budget_ids: tuple[str, ...] = ()  # every budget of the chain when decided
+    rate_owner_ids: tuple[str, ...] = ()  # owners whose rate limit it holds on
+    amount: Decimal
+    tokens: int = 0
+    expires_at: datetime
+
+
+class ReservationReleased(Event, frozen=True, kw_only=True):
+    """A hold dropped without spend (the call failed or was abandoned)."""
+
+    reservation_id: str
+    virtual_key_id: str
 
 
 CustomerEvent = (
@@ -177,7 +203,10 @@ VirtualKeyEvent = (
     | VirtualKeyBudgetsReplaced
     | VirtualKeyDeleted
 )
-AnyEvent = CustomerEvent | TeamEvent | VirtualKeyEvent | UsageRecorded
+ReservationEvent = ReservationHeld | ReservationReleased
+AnyEvent = (
+    CustomerEvent | TeamEvent | VirtualKeyEvent | UsageRecorded | ReservationEvent
+)
 
 EVENT_TYPES: dict[str, type[AnyEvent]] = {
     t.__struct_config__.tag: t for t in get_args(AnyEvent)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -66,6 +67,8 @@ class UsageRecord(
     output_tokens: Count = 0
     requests: Count = 1
     occurred_at: Instant | None = None
+    # The hold this spend settles (a check with "reserve": true answered it).
+    reservation_id: uuid.UUID | None = None
 
 
 class UsageChain(msgspec.Struct, frozen=True):
@@ -197,6 +200,9 @@ def to_event(record: UsageRecord, chain: UsageChain, now: datetime) -> UsageReco
         provider_config_id=chain.provider_config_id,
         team_id=chain.team_id,
         customer_id=chain.customer_id,
+        reservation_id=(
+            None if record.reservation_id is None else str(record.reservation_id)
+        ),
     )
 
 
@@ -216,12 +222,14 @@ class KeyResolver(Protocol):
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
-    """A screened record, ready to append (untracked by the GC: no references)."""
+    """An event of a usage stream ready to append: a screened record, or a hold or
+    its release (untracked by the GC: no references)."""
 
     key: int  # event_id as an int: the idempotency key
     event_id: str
     stream_id: str
     data: bytes  # the event's `data` column
+    type: str = "UsageRecorded"
 
 
 class Rejected(NamedTuple):

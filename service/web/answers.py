@@ -160,6 +160,15 @@ class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit: RateHalf | UnsetType = UNSET
     position: Position
     stale: bool | UnsetType = UNSET
+    # A reserving check that was allowed: the hold, and when it lapses by itself.
+    reservation_id: Uuid | UnsetType = UNSET
+    expires_at: Instant | UnsetType = UNSET
+
+
+class Released(msgspec.Struct, frozen=True, kw_only=True):
+    """The position of the release (or, when nothing was open, the cache's)."""
+
+    position: Position
 
 
 class UsageAccepted(msgspec.Struct, frozen=True, kw_only=True):

@@ -253,6 +253,16 @@ def path_id(request: web.Request, what: str) -> str:
         raise NotFound(f"{what} {raw!r} does not exist") from None
 
 
+def event_metadata() -> bytes:
+    """The metadata of events a request appends: its request id (as its log
+    lines carry)."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return _metadata_encoder.encode({"request_id": request_id}) if request_id else b"{}"
+
+
+_metadata_encoder = msgspec.json.Encoder()
+
+
 # --- headers -----------------------------------------------------------------------
 
 

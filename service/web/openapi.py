@@ -33,6 +33,7 @@ from service.web.answers import (
     EventPage,
     Health,
     Readiness,
+    Released,
     TeamFound,
     TeamList,
     TeamSaved,
@@ -47,6 +48,7 @@ from service.web.answers import (
 from service.web.http import ROLE_RIGHTS, Right
 from service.web.keys import rights_key
 from service.web.routes.check import CheckRequest
+from service.web.routes.dashboard import MODULES as DASHBOARD_MODULES
 from service.web.routes.usage import UsageFrame
 
 JSON = "application/json"
@@ -222,6 +224,15 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         Documented(200, str, "text/css"),
         tags=("dashboard",),
     ),
+    **{
+        ("GET", f"/dashboard/{name}"): Operation(
+            f"dashboard_module_{name.removesuffix('.js')}",
+            f"A module of the dashboard's script: {name}",
+            Documented(200, str, "text/javascript"),
+            tags=("dashboard",),
+        )
+        for name in DASHBOARD_MODULES
+    },
     ("GET", "/api/dashboard/events"): Operation(
         "dashboard_events",
         "Server-Sent Events: a `snapshot` of the read model at once, then one per"
@@ -384,7 +395,22 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         body=CheckRequest,
         errors=(503,),
         description="`min_position` in the body waits up to 2 s for the cache to"
-        " reach it, else 503 projection_lag.",
+        " reach it, else 503 projection_lag. With `reserve: true` (recorder right)"
+        " an allowed check holds `estimated_cost` (and a request plus"
+        " `estimated_tokens` against the rate limits) on every budget of the chain"
+        " until a usage record names its `reservation_id`, a release, or"
+        " `expires_at` (receive time + `ttl_s`, default 600); it answers after the"
+        " hold is committed, and an `Idempotency-Key` retry names the same"
+        " reservation.",
+        tags=("enforcement",),
+    ),
+    ("POST", "/api/governance/reservations/{id}/release"): Operation(
+        "release_reservation",
+        "Drop an open hold without recording usage",
+        Documented(200, Released),
+        errors=(404, 503),
+        description="Repeating it, or releasing a settled or expired hold, answers"
+        " 200 and appends nothing; an id no reserving check answered is a 404.",
         tags=("enforcement",),
     ),
     # --- usage

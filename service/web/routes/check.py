@@ -5,20 +5,40 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from projections.cache import CheckResult
-from service import metrics
-from service.errors import Invalid, InvalidPosition
-from service.web.answers import CheckAnswer
-from service.web.http import MAX_QUERY_INT, Right, decode, json_response
-from service.web.keys import cache_key, cache_projector_key, settings_key
+from service import eventstore, metrics
+from service.domain.events import ReservationReleased
+from service.domain.usage import Row
+from service.errors import Forbidden, Invalid, InvalidPosition, NotFound
+from service.eventstore import encode_event
+from service.web.answers import CheckAnswer, Released
+from service.web.http import (
+    MAX_QUERY_INT,
+    ROLE_RIGHTS,
+    Right,
+    authenticate,
+    decode,
+    event_metadata,
+    header,
+    json_response,
+    path_id,
+)
+from service.web.keys import (
+    cache_key,
+    cache_projector_key,
+    pool_key,
+    settings_key,
+    writer_key,
+)
 
 T = TypeVar("T")
 
@@ -34,6 +54,18 @@ class CheckRequest(
     model: str | None = None
     estimated_cost: Decimal | None = None
     min_position: int | None = None
+    # Hold the estimate until a usage record names the reservation, a release, or
+    # `ttl_s` seconds pass (docs/API.md, "Reservations").
+    reserve: bool = False
+    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] = 0
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] | None = None
+
+
+MAX_TOKENS = 2**31 - 1
+DEFAULT_TTL_S = 600
+# A reservation id made from the key and the client's Idempotency-Key: a retry of a
+# reserving check names the same reservation.
+_RESERVATIONS = uuid.UUID("5c6f0e1a-9a53-4d0e-8f0b-7a0c2f3b8e11")
 
 
 def _validate(body: CheckRequest) -> None:
@@ -44,6 +76,12 @@ def _validate(body: CheckRequest) -> None:
         raise Invalid(f"estimated_cost must be a finite number ≥ 0, got {cost}")
     if body.min_position is not None and not 0 <= body.min_position <= MAX_QUERY_INT:
         raise InvalidPosition(f"min_position must be from 0 to {MAX_QUERY_INT}")
+    if body.reserve and body.estimated_cost is None:
+        raise Invalid("a reserving check needs estimated_cost (0 holds no money)")
+    if not body.reserve and body.ttl_s is not None:
+        raise Invalid("ttl_s goes with reserve: true")
+    if not body.reserve and body.estimated_tokens:
+        raise Invalid("estimated_tokens goes with reserve: true")
 
 
 async def check(request: web.Request) -> web.Response:
@@ -56,6 +94,8 @@ async def check(request: web.Request) -> web.Response:
         )
     cache = app[cache_key]
     secret = body.virtual_key
+    if body.reserve:
+        return await _reserve(request, body)
     started = time.perf_counter()
     result = cache.check(
         virtual_key_sha256=(
@@ -71,6 +111,111 @@ async def check(request: web.Request) -> web.Response:
     # The cache cannot read the log right now: the answer is as of `position`.
     stale = app[cache_projector_key].failing
     return json_response(answer(result, cache.position, stale))
+
+
+async def _reserve(request: web.Request, body: CheckRequest) -> web.Response:
+    """A reserving check: decided and held in memory at once (so concurrent checks
+    see the hold), then the hold's event is appended through the usage writer and
+    answered after its commit; a failed append drops the hold and answers 503."""
+    app = request.app
+    settings = app[settings_key]
+    if not settings.is_open:
+        role = authenticate(settings, request.headers.get("Authorization"))
+        if Right.RECORD not in ROLE_RIGHTS[role]:
+            raise Forbidden(f"the {role} role may not reserve: a reservation writes")
+    cache = app[cache_key]
+    now = datetime.now(UTC)
+    secret = body.virtual_key
+    sha256 = None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
+    idempotency_key = header(request, "Idempotency-Key")
+    key = cache._key(sha256, body.virtual_key_id)
+    reservation_id = (
+        str(uuid.uuid5(_RESERVATIONS, f"{key.id}:{idempotency_key}"))
+        if idempotency_key is not None and key is not None
+        else str(uuid.uuid4())
+    )
+    held = cache.holds.get(reservation_id)
+    if held is not None:  # a retry of a check whose hold is open: the same answer
+        return json_response(
+            CheckAnswer(
+                allowed=True,
+                reason="ok",
+                http_status=200,
+                position=cache.position,
+                reservation_id=reservation_id,
+                expires_at=held.expires_at,
+            )
+        )
+    assert body.estimated_cost is not None  # _validate
+    result, event = cache.reserve(
+        virtual_key_sha256=sha256,
+        virtual_key_id=body.virtual_key_id,
+        provider=body.provider,
+        model=body.model,
+        estimated_cost=body.estimated_cost,
+        estimated_tokens=body.estimated_tokens,
+        reservation_id=reservation_id,
+        expires_at=now + timedelta(seconds=body.ttl_s or DEFAULT_TTL_S),
+        now=now,
+    )
+    stale = app[cache_projector_key].failing
+    if event is None:
+        return json_response(answer(result, cache.position, stale))
+    row = Row(
+        key=uuid.UUID(reservation_id).int,
+        event_id=reservation_id,
+        stream_id="usage-" + event.virtual_key_id,
+        data=encode_event(event),
+        type="ReservationHeld",
+    )
+    try:
+        submitted = await app[writer_key].submit([row], event_metadata())
+        [outcome] = await submitted.outcomes()
+    except BaseException:
+        cache.release(reservation_id, event.virtual_key_id)
+        raise
+    reserved = answer(result, outcome.position, stale)
+    return json_response(
+        msgspec.structs.replace(
+            reserved, reservation_id=reservation_id, expires_at=event.expires_at
+        )
+    )
+
+
+async def release(request: web.Request) -> web.Response:
+    """POST /api/governance/reservations/{id}/release: drop an open hold (200 with
+    the release's position); a closed one answers 200 and appends nothing; an id
+    no check ever answered is a 404."""
+    reservation_id = path_id(request, "reservation")
+    app = request.app
+    cache = app[cache_key]
+    hold = cache.holds.get(reservation_id)
+    if hold is None:
+        stored = await eventstore.position_of(app[pool_key], reservation_id)
+        if stored is None:
+            raise NotFound(f"reservation {reservation_id} does not exist")
+        # Held through another replica: wait until this cache has seen it.
+        await app[cache_projector_key].wait_for(
+            stored, app[settings_key].min_position_wait_s
+        )
+        hold = cache.holds.get(reservation_id)
+        if hold is None:  # settled, released or expired: nothing to do
+            return json_response(Released(position=cache.position))
+    event = ReservationReleased(
+        reservation_id=reservation_id, virtual_key_id=hold.virtual_key_id
+    )
+    released_id = uuid.uuid5(_RESERVATIONS, f"{reservation_id}:released")
+    row = Row(
+        key=released_id.int,
+        event_id=str(released_id),
+        stream_id="usage-" + hold.virtual_key_id,
+        data=encode_event(event),
+        type="ReservationReleased",
+    )
+    submitted = await app[writer_key].submit([row], event_metadata())
+    [outcome] = await submitted.outcomes()
+    cache.release(reservation_id, hold.virtual_key_id)
+    return json_response(Released(position=outcome.position))
 
 
 def answer(result: CheckResult, position: int, stale: bool) -> CheckAnswer:
@@ -95,4 +240,7 @@ def _given(value: T | None) -> T | UnsetType:
     return UNSET if value is None else value
 
 
-ROUTES = [("POST", "/api/governance/check", check, Right.CHECK)]
+ROUTES = [
+    ("POST", "/api/governance/check", check, Right.CHECK),
+    ("POST", "/api/governance/reservations/{id}/release", release, Right.RECORD),
+]

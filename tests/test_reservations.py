@@ -1,0 +1,324 @@
+"""Reservations: a reserving check holds its estimate in memory at once and in the log
+after commit; usage settles it, a release drops it, expiry lapses it; every budget
+in reads shows `held` (real PostgreSQL, real aiohttp server)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from projections import cache_loader, replay
+from projections.cache import GovernanceCache
+from service.config import Settings
+from service.domain.events import (
+    Budget,
+    ReservationHeld,
+    VirtualKeyCreated,
+)
+from service.records import Checkpoint, RecordedEvent
+from tests.api import bearer, serve
+
+CHECK = "/api/governance/check"
+KEYS = "/api/governance/virtual-keys"
+TEAMS = "/api/governance/teams"
+TOKENS = Settings(
+    admin_tokens=frozenset({"adm"}),
+    recorder_tokens=frozenset({"rec"}),
+    reader_tokens=frozenset({"read"}),
+)
+
+
+@pytest.fixture
+async def api(database):
+    async with serve(database, TOKENS, bearer("adm")) as api:
+        yield api
+
+
+async def key_under_team(api, limit: int = 10) -> tuple[str, str, str]:
+    """A key under a team with one budget of `limit`: (key id, secret, budget id)."""
+    team = await api.create(
+        TEAMS,
+        {"name": "t", "budgets": [{"max_limit": limit, "reset_duration": "1d"}]},
+    )
+    key = await api.create(KEYS, {"name": "k", "team_id": team["team"]["id"]})
+    await api.caught_up(key["position"])
+    return (
+        key["virtual_key"]["id"],
+        key["virtual_key"]["value"],
+        team["team"]["budgets"][0]["id"],
+    )
+
+
+async def reserve(api, key_id: str, cost: str, **extra) -> tuple[int, dict]:
+    return await api.call(
+        "POST",
+        CHECK,
+        {
+            "virtual_key_id": key_id,
+            "estimated_cost": cost,
+            "reserve": True,
+            **extra,
+        },
+        headers=bearer("rec"),
+    )
+
+
+async def budget(api, budget_id: str, position: int) -> dict:
+    _, found = await api.call(
+        "GET", f"/api/governance/budgets?min_position={position}", exact=True
+    )
+    [only] = [b for b in found["budgets"] if b["id"] == budget_id]
+    return only
+
+
+async def test_a_hold_counts_until_usage_settles_it(api):
+    key_id, _, budget_id = await key_under_team(api, limit=10)
+
+    status, held = await reserve(api, key_id, "4")
+    second = await reserve(api, key_id, "4")
+    third = await reserve(api, key_id, "4")
+    shown = await budget(api, budget_id, second[1]["position"])
+
+    assert (status, held["allowed"], held["remaining"]) == (200, True, 6)
+    assert uuid.UUID(held["reservation_id"]).version == 4
+    assert (second[1]["allowed"], second[1]["remaining"]) == (True, 2)
+    assert (third[1]["allowed"], third[1]["reason"]) == (False, "budget_exceeded")
+    assert (shown["held"], shown["current_usage"]) == (Decimal(8), Decimal(0))
+
+    _, recorded = await api.call(
+        "POST",
+        "/api/usage",
+        {
+            "event_id": str(uuid.uuid4()),
+            "virtual_key_id": key_id,
+            "provider": "openai",
+            "model": "gpt",
+            "cost": "3",
+            "reservation_id": held["reservation_id"].upper(),
+        },
+        headers=bearer("rec"),
+    )
+    settled = await budget(api, budget_id, recorded["position"])
+    _, after = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "min_position": recorded["position"]},
+        headers=bearer("rec"),
+    )
+
+    assert (settled["held"], settled["current_usage"]) == (Decimal(4), Decimal(3))
+    assert after["remaining"] == 3
+
+
+async def test_concurrent_reserving_checks_admit_exactly_what_fits(api):
+    key_id, _, budget_id = await key_under_team(api, limit=10)
+
+    answers = await asyncio.gather(*(reserve(api, key_id, "3") for _ in range(12)))
+
+    admitted = [a for s, a in answers if a["allowed"]]
+    assert [s for s, _ in answers] == [200] * 12
+    assert len(admitted) == 3  # min(12, floor(10 / 3))
+    top = max(a["position"] for a in admitted)
+    assert (await budget(api, budget_id, top))["held"] == Decimal(9)
+
+
+async def test_a_release_drops_the_hold_once_and_unknown_ids_are_404(api):
+    key_id, _, budget_id = await key_under_team(api, limit=10)
+    _, held = await reserve(api, key_id, "6")
+    path = f"/api/governance/reservations/{held['reservation_id']}/release"
+
+    first = await api.call("POST", path, headers=bearer("rec"))
+    _, log_before = await api.call("GET", "/api/events?after=0&limit=10000")
+    again = await api.call("POST", path, headers=bearer("rec"))
+    _, log_after = await api.call("GET", "/api/events?after=0&limit=10000")
+    unknown = await api.call(
+        "POST",
+        f"/api/governance/reservations/{uuid.uuid4()}/release",
+        headers=bearer("rec"),
+    )
+
+    assert first[0] == 200
+    assert (await budget(api, budget_id, first[1]["position"]))["held"] == 0
+    assert again[0] == 200
+    assert len(log_after["events"]) == len(log_before["events"])
+    assert [e["type"] for e in log_after["events"][-2:]] == [
+        "ReservationHeld",
+        "ReservationReleased",
+    ]
+    assert (unknown[0], unknown[1]["error"]["code"]) == (404, "not_found")
+
+
+async def test_an_idempotent_retry_names_the_same_reservation(api):
+    key_id, _, _ = await key_under_team(api, limit=10)
+    again = {"Idempotency-Key": "call-1", **bearer("rec")}
+
+    first = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "estimated_cost": "2", "reserve": True},
+        headers=again,
+    )
+    second = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "estimated_cost": "2", "reserve": True},
+        headers=again,
+    )
+    _, log = await api.call("GET", "/api/events?after=0&limit=10000")
+
+    assert first[1]["reservation_id"] == second[1]["reservation_id"]
+    assert first[1]["expires_at"] == second[1]["expires_at"]
+    assert [e["type"] for e in log["events"]].count("ReservationHeld") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"reserve": True}, "invalid_request"),
+        ({"estimated_cost": "1", "ttl_s": 60}, "invalid_request"),
+        ({"estimated_cost": "1", "reserve": True, "ttl_s": 0}, "invalid_request"),
+        ({"estimated_cost": "1", "reserve": True, "ttl_s": 3601}, "invalid_request"),
+    ],
+)
+async def test_malformed_reserving_checks_are_400(api, body, code):
+    key_id, _, _ = await key_under_team(api)
+
+    status, answer = await api.call(
+        "POST", CHECK, {"virtual_key_id": key_id, **body}, headers=bearer("rec")
+    )
+
+    assert (status, answer["error"]["code"]) == (400, code)
+
+
+async def test_a_reader_may_check_but_not_reserve(api):
+    key_id, _, _ = await key_under_team(api)
+
+    plain = await api.call(
+        "POST", CHECK, {"virtual_key_id": key_id}, headers=bearer("read")
+    )
+    reserving = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "estimated_cost": "1", "reserve": True},
+        headers=bearer("read"),
+    )
+
+    assert plain[0] == 200
+    assert (reserving[0], reserving[1]["error"]["code"]) == (403, "forbidden")
+
+
+async def test_a_usage_record_with_a_malformed_reservation_id_is_rejected(api):
+    key_id, _, _ = await key_under_team(api)
+
+    status, answer = await api.call(
+        "POST",
+        "/api/usage",
+        {
+            "event_id": str(uuid.uuid4()),
+            "virtual_key_id": key_id,
+            "provider": "p",
+            "model": "m",
+            "cost": "1",
+            "reservation_id": "not-a-uuid",
+        },
+        headers=bearer("rec"),
+    )
+
+    assert (status, answer["error"]["code"]) == (400, "invalid_record")
+
+
+async def test_holds_survive_a_restart_and_replay(api, pool):
+    key_id, _, budget_id = await key_under_team(api, limit=10)
+    _, held = await reserve(api, key_id, "7")
+    await api.caught_up(held["position"])
+
+    async with pool.acquire() as conn:
+        restored, _ = await cache_loader.load(conn)
+    report = await replay.rebuild(pool, "governance", verify=True)
+
+    assert set(restored.holds) == {held["reservation_id"]}
+    assert report.differences == []
+    assert (await budget(api, budget_id, held["position"]))["held"] == Decimal(7)
+
+
+# --- the cache alone: expiry is computed, not run -------------------------------------
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+KEY = "00000000-0000-4000-8000-00000000000b"
+BUDGET = "00000000-0000-4000-8000-00000000000c"
+
+
+def cache_with_key(limit: int) -> GovernanceCache:
+    cache = GovernanceCache()
+    event = VirtualKeyCreated(
+        virtual_key_id=KEY,
+        name="k",
+        value_sha256="0" * 64,
+        value_hint="sk-gl-...",
+        budgets=(
+            Budget(budget_id=BUDGET, max_limit=Decimal(limit), reset_duration="1d"),
+        ),
+    )
+    cache.apply(
+        RecordedEvent(
+            global_position=1,
+            tx_id=1,
+            event_id=str(uuid.uuid4()),
+            stream_id=f"virtual_key-{KEY}",
+            stream_version=1,
+            schema_version=type(event).schema_version,
+            event=event,
+            metadata={},
+            recorded_at=NOW - timedelta(hours=1),
+        )
+    )
+    return cache
+
+
+def test_a_hold_lapses_at_its_expiry_without_any_job():
+    cache = cache_with_key(limit=10)
+    hold = ReservationHeld(
+        reservation_id=str(uuid.uuid4()),
+        virtual_key_id=KEY,
+        budget_ids=(BUDGET,),
+        amount=Decimal(10),
+        expires_at=NOW + timedelta(seconds=60),
+    )
+    cache.hold(hold)
+
+    def check(at: datetime) -> bool:
+        return cache.check(
+            virtual_key_sha256=None,
+            virtual_key_id=KEY,
+            provider=None,
+            model=None,
+            estimated_cost=Decimal(1),
+            now=at,
+        ).allowed
+
+    assert check(NOW + timedelta(seconds=59)) is False
+    assert check(NOW + timedelta(seconds=60)) is True
+    assert cache.holds == {}
+    cache.hold(hold)  # a late redelivery lapses again at the next check
+    assert check(NOW + timedelta(seconds=61)) is True
+
+
+def test_a_checkpoint_is_unchanged_by_holding_in_memory():
+    cache = cache_with_key(limit=10)
+    before = cache.checkpoint
+
+    cache.hold(
+        ReservationHeld(
+            reservation_id=str(uuid.uuid4()),
+            virtual_key_id=KEY,
+            budget_ids=(BUDGET,),
+            amount=Decimal(1),
+            expires_at=NOW,
+        )
+    )
+
+    assert cache.checkpoint == before == Checkpoint(1, 1)
