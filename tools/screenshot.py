@@ -1,10 +1,13 @@
 """`make screenshot`: the dashboard with demo data, rendered by headless Chromium
-into docs/dashboard.png.
+into docs/dashboard.png, and beside it the main screens of managing governance:
+docs/dashboard-manage.png (a team's edit form, each budget saying what saving does to
+its usage) and docs/dashboard-secret.png (a new key's one-time secret).
 
 Starts a throwaway PostgreSQL, appends two weeks of demo history (2 customers,
 3 teams, 5 keys; usage that leaves bars at various levels and one key blocked),
-serves the app on a free loopback port and saves a full-page screenshot through
-Playwright driving Debian's chromium (`/usr/bin/chromium`).
+takes one open reservation, serves the app on a free loopback port and drives the
+page as an administrator through Playwright and Debian's chromium
+(`/usr/bin/chromium`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from service import eventstore, pgcluster
 from service.config import Settings
@@ -49,7 +52,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TOKEN = "demo-reader"
+TOKEN = "demo-admin"
 HISTORY_DAYS = 14
 
 
@@ -254,9 +257,20 @@ async def _populate(dsn: str, now: datetime) -> int:
     return position
 
 
+def shots(out: Path) -> tuple[Path, Path, Path]:
+    """The board, the edit form and the secret dialog: `out` and two beside it."""
+    return (
+        out,
+        out.with_name(f"{out.stem}-manage{out.suffix}"),
+        out.with_name(f"{out.stem}-secret{out.suffix}"),
+    )
+
+
 async def _shoot(url: str, out: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
+    board, manage, secret = shots(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS
@@ -266,21 +280,67 @@ async def _shoot(url: str, out: Path) -> None:
             await page.goto(url)
             await page.fill("#token", TOKEN)
             await page.click("#token-form button[type=submit]")
-            await page.wait_for_selector(".row[data-id]", timeout=15_000)
+            await page.wait_for_selector(".row[data-id] .actions", timeout=15_000)
             for budget in ("platform:day", "research:day"):
                 await page.click(f'[data-budget-id="{_id("budget:" + budget)}"]')
             # Locators, not wait_for_function: the page's CSP forbids eval.
             await expect(page.locator(".chart svg")).to_have_count(2, timeout=15_000)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(out), full_page=True)
+            await page.screenshot(path=str(board), full_page=True)
+
+            # A team's form: a raised limit (usage kept), a budget turned rolling
+            # (this calendar period's usage kept), a new weekly budget (usage 0).
+            await page.set_viewport_size({"width": 1360, "height": 1020})
+            await page.click(f'button[data-action="edit"][data-id="{PLATFORM}"]')
+            editor = page.locator("#editor")
+            await page.fill('[data-path="$.budgets[0].max_limit"]', "200")
+            await page.uncheck('[data-path="$.budgets[1].calendar_aligned"]')
+            await editor.get_by_role("button", name="Add budget").click()
+            await page.fill('[data-path="$.budgets[2].max_limit"]', "900")
+            await page.fill('[data-path="$.budgets[2].reset_duration"]', "1w")
+            await page.locator('[data-path="$.budgets[2].reset_duration"]').blur()
+            await expect(editor.locator('.preview[data-kind="new"]')).to_have_count(1)
+            await page.screenshot(path=str(manage))
+            await page.keyboard.press("Escape")
+
+            # A new key under Platform: its secret, shown once.
+            await page.set_viewport_size({"width": 1360, "height": 720})
+            await page.click('button[data-action="new"][data-kind="virtual_key"]')
+            await page.fill('[data-path="$.name"]', "staging-gateway")
+            await page.select_option('[data-path="$.team_id"]', f"team:{PLATFORM}")
+            await editor.get_by_role("button", name="Create virtual key").click()
+            await expect(page.locator("#secret-dialog")).to_be_visible(timeout=15_000)
+            await page.screenshot(path=str(secret))
         finally:
             await browser.close()
+
+
+async def _hold(base: str) -> int:
+    """An open reservation on prod-gateway's chain (the second shade of its bars),
+    taken as a gateway takes one; the position of the hold."""
+    async with (
+        ClientSession() as session,
+        session.post(
+            f"{base}/api/governance/check",
+            json={
+                "virtual_key_id": _id("key:prod-gateway"),
+                "reserve": True,
+                "estimated_cost": "12",
+                "estimated_tokens": 1500,
+                "ttl_s": 3600,
+            },
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as response,
+    ):
+        answer = await response.json()
+    if not answer.get("allowed"):
+        raise RuntimeError(f"the demo reservation was refused: {answer}")
+    return int(answer["position"])
 
 
 async def screenshot(dsn: str, out: Path) -> None:
     await migrate(dsn)
     position = await _populate(dsn, datetime.now(UTC))
-    app = create_app(Settings(reader_tokens=frozenset({TOKEN})), dsn)
+    app = create_app(Settings(admin_tokens=frozenset({TOKEN})), dsn)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -288,7 +348,9 @@ async def screenshot(dsn: str, out: Path) -> None:
         await site.start()
         await app[governance_projector_key].wait_for(position, 60)
         host, port = runner.addresses[0][:2]
-        await _shoot(f"http://{host}:{port}/", out)
+        base = f"http://{host}:{port}"
+        await app[governance_projector_key].wait_for(await _hold(base), 60)
+        await _shoot(f"{base}/", out)
     finally:
         await runner.cleanup()
 
@@ -297,7 +359,8 @@ def main(argv: Sequence[str] = sys.argv[1:]) -> None:
     out = Path(argv[0] if argv else "docs/dashboard.png")
     with pgcluster.throwaway() as dsn:
         asyncio.run(screenshot(dsn, out))
-    print(f"wrote {out}")
+    for path in shots(out):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from service.web.answers import (
 from service.web.http import ROLE_RIGHTS, Right
 from service.web.keys import rights_key
 from service.web.routes.check import CheckRequest
+from service.web.routes.dashboard import MODULES as DASHBOARD_MODULES
 from service.web.routes.usage import UsageFrame
 
 JSON = "application/json"
@@ -223,6 +224,15 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         Documented(200, str, "text/css"),
         tags=("dashboard",),
     ),
+    **{
+        ("GET", f"/dashboard/{name}"): Operation(
+            f"dashboard_module_{name.removesuffix('.js')}",
+            f"A module of the dashboard's script: {name}",
+            Documented(200, str, "text/javascript"),
+            tags=("dashboard",),
+        )
+        for name in DASHBOARD_MODULES
+    },
     ("GET", "/api/dashboard/events"): Operation(
         "dashboard_events",
         "Server-Sent Events: a `snapshot` of the read model at once, then one per"

@@ -1,5 +1,6 @@
-"""The live governance dashboard: the static page at `/`, its Server-Sent Events
-stream of read-model snapshots, and a budget's spend per past period.
+"""The live governance dashboard: the static page at `/` and its script modules, its
+Server-Sent Events stream of read-model snapshots, and a budget's spend per past
+period.
 
 The page is public; its data needs the reader right. One `Feed` per app builds a
 snapshot once per change of the read model, however many pages watch: each stream
@@ -44,10 +45,25 @@ MAX_AGE = timedelta(minutes=5)
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
+# The modules the page's script imports, served under /dashboard/ (no build step).
+MODULES = (
+    "admin.js",
+    "api.js",
+    "budgets.js",
+    "chart.js",
+    "dialogs.js",
+    "errors.js",
+    "fields.js",
+    "format.js",
+    "forms.js",
+    "render.js",
+    "stream.js",
+)
 _STATIC = {
     "/": ("dashboard.html", "text/html"),
     "/dashboard.js": ("dashboard.js", "text/javascript"),
     "/dashboard.css": ("dashboard.css", "text/css"),
+    **{f"/dashboard/{name}": (name, "text/javascript") for name in MODULES},
 }
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
