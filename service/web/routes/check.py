@@ -57,7 +57,7 @@ class CheckRequest(
     # Hold the estimate until a usage record names the reservation, a release, or
     # `ttl_s` seconds pass (docs/API.md, "Reservations").
     reserve: bool = False
-    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] = 0
+    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] | None = None
     ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] | None = None
 
 
@@ -153,7 +153,7 @@ async def _reserve(request: web.Request, body: CheckRequest) -> web.Response:
         provider=body.provider,
         model=body.model,
         estimated_cost=body.estimated_cost,
-        estimated_tokens=body.estimated_tokens,
+        estimated_tokens=body.estimated_tokens or 0,
         reservation_id=reservation_id,
         expires_at=now + timedelta(seconds=body.ttl_s or DEFAULT_TTL_S),
         now=now,
