@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
@@ -24,7 +24,6 @@ from projections import replay as replay_module
 from service import log as logging_setup
 from service.config import ConfigError, Settings, check_exposure
 from service.pgcluster import ClusterError
-from service.supervisor import Supervised
 
 log = structlog.get_logger()
 
@@ -63,8 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     asyncio.run(migrate(dsn))
     app = create_app(settings, dsn)
     app.on_startup.append(_freeze_heap)
-    if settings.projector == "child":
-        app.cleanup_ctx.append(_projector_child(dsn))
     log.info(
         "serving", host=settings.host, port=settings.port, projector=settings.projector
     )
@@ -90,25 +87,6 @@ def _embedded_status(settings: Settings) -> str | None:
     from service import pgcluster
 
     return pgcluster.status(Path(settings.data_dir))
-
-
-def _projector_child(
-    dsn: str,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """`govledger project` as a child of this serve, for the app's lifetime."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        child = Supervised(
-            [sys.executable, "-m", "service", "project", "--with-parent"],
-            {**os.environ, "DATABASE_URL": dsn},
-        )
-        await child.start()
-        try:
-            yield
-        finally:
-            await child.stop()
-
-    return ctx
 
 
 async def _freeze_heap(app: web.Application) -> None:

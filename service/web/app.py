@@ -4,6 +4,8 @@ lifetime, as aiohttp cleanup contexts in start-up order."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import structlog
@@ -14,6 +16,7 @@ from projections.runner import Projector, Tail
 from service import eventstore
 from service.config import Settings
 from service.ingest import Writer
+from service.supervisor import Supervised
 from service.web.http import MIDDLEWARES, Handler, Right
 from service.web.keys import (
     cache_key,
@@ -99,6 +102,9 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
             _usage_writer(database_url),
         )
     )
+    if settings.projector == "child":
+        # The SQL projector in `govledger project`, a child of this process.
+        app.cleanup_ctx.append(_projector_child(database_url))
     return app
 
 
@@ -188,6 +194,23 @@ def _cache(settings: Settings) -> Context:
         app[readiness_key][cache_loader.CACHE_PROJECTION] = projector
         app[tail_key].start(projector)  # stopped with the tail
         yield
+
+    return ctx
+
+
+def _projector_child(dsn: str) -> Context:
+    """`govledger project` as a supervised child, for the app's lifetime."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        child = Supervised(
+            [sys.executable, "-m", "service", "project", "--with-parent"],
+            {**os.environ, "DATABASE_URL": dsn},
+        )
+        await child.start()
+        try:
+            yield
+        finally:
+            await child.stop()
 
     return ctx
 
