@@ -296,7 +296,10 @@ def keep_pace(rows: Sequence[Result], path: Path) -> bool:
     """The keep-pace burst: each projection's lag behind the acknowledged records
     over time, in events and in seconds, with the targets after the last ack;
     False when the scenario has not run."""
-    timeline = next((r["timeline"] for r in rows if r.get("timeline")), None)
+    timeline = next(
+        (r["timeline"] for r in rows if r.get("timeline") and "t" in r["timeline"]),
+        None,
+    )
     if timeline is None:
         return False
     plt = _pyplot()
@@ -348,3 +351,158 @@ def keep_pace(rows: Sequence[Result], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+PLAIN = "#8c8c8c"
+
+
+def reservations(rows: Sequence[Result], path: Path) -> bool:
+    """Concurrent gateway calls with plain and with reserving checks (admitted, spend
+    above the limit), a reserving check against a plain one, and what several serving
+    processes admit beyond the headroom; False when the scenario has not run."""
+    detail: Result = {}
+    for row in rows:
+        if row.get("group") == "reservations" and row.get("timeline"):
+            detail |= row["timeline"]
+    if not detail:
+        return False
+    plt = _pyplot()
+    fig, panels = plt.subplots(
+        1, 3, figsize=(19, 5.5), gridspec_kw={"width_ratios": [1.2, 1, 1.3]}
+    )
+    for axes, key, draw in zip(
+        panels,
+        ("spend", "check", "processes"),
+        (_overspend, _check_cost, _over_admission),
+        strict=True,
+    ):
+        if key in detail:
+            draw(axes, detail)
+        else:
+            axes.set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _overspend(axes: Any, detail: Result) -> None:
+    spend = detail["spend"]
+    groups = ("calls admitted", "spend above the limit, $")
+    fields = ("admitted", "above")
+    for offset, (mode, label, color) in enumerate(
+        (
+            ("plain", "check → record", PLAIN),
+            ("reserve", "reserve → record (holds)", MET),
+        )
+    ):
+        xs = [g + (offset - 0.5) * 0.38 for g in range(len(groups))]
+        values = [_median(spend[mode][f]) for f in fields]
+        axes.bar(xs, values, width=0.36, color=color, label=label)
+        for x, field in zip(xs, fields, strict=True):
+            runs = spend[mode][field]
+            axes.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
+        for x, value in zip(xs, values, strict=True):
+            axes.annotate(
+                f"{value:g}", (x, value), ha="center", va="bottom", fontsize=8
+            )
+    room = detail["room"]
+    axes.hlines(room, -0.5, 0.5, color="black", linestyle="--", linewidth=1)
+    axes.annotate(f" room for {room}", (-0.5, room), va="bottom", fontsize=8)
+    # With holds, spend stays within the limit plus what the admitted calls cost
+    # beyond their estimates.
+    beyond = max(spend["reserve"]["beyond_estimates"])
+    axes.hlines(beyond, 1.0, 1.4, color=MET, linestyle=":", linewidth=1.5)
+    axes.annotate(
+        f"admitted calls beyond\ntheir estimates: {beyond:g}",
+        (1.4, beyond),
+        va="bottom",
+        ha="right",
+        fontsize=7,
+    )
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_xlim(-0.6, len(groups) - 0.4)
+    axes.set_title(
+        f"{detail['calls']} concurrent calls against a budget with room for"
+        f" {detail['room']}, 1 process",
+        fontsize=10,
+    )
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def _check_cost(axes: Any, detail: Result) -> None:
+    checks = detail["check"]
+    modes = (("plain", "plain check", PLAIN), ("reserve", "reserving check", MET))
+    medians = [_median(checks[m]["per_second"]) for m, _, _ in modes]
+    axes.bar(
+        range(len(modes)),
+        medians,
+        color=[c for _, _, c in modes],
+        width=0.6,
+    )
+    for i, (mode, _, _) in enumerate(modes):
+        p50 = _median(checks[mode]["p50_ms"])
+        p99 = _median(checks[mode]["p99_ms"])
+        axes.annotate(
+            f"{medians[i]:,.0f}/s\np50 {p50:.1f} ms\np99 {p99:.1f} ms",
+            (i, medians[i]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ratio = medians[1] / medians[0] if medians[0] else 0.0
+    axes.set_xticks(range(len(modes)), [label for _, label, _ in modes])
+    axes.set_ylim(0, max(medians) * 1.35)
+    ticker = _ticker()
+    axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axes.set_ylabel("checks/s over HTTP, same client, 64 connections")
+    axes.set_title(f"A reserving check costs a commit: {ratio:.2f}x", fontsize=10)
+    axes.grid(True, axis="y", alpha=0.3)
+
+
+def _over_admission(axes: Any, detail: Result) -> None:
+    processes, room = detail["processes"], detail["room"]
+    over = processes["over"]
+    labels = [k for k in over if k != "plain"]
+    names = ["all at once" if float(k) == 0 else f"every {k} ms" for k in labels]
+    for i, key in enumerate(labels):
+        runs = over[key]
+        axes.bar(i, _median(runs), width=0.6, color=MET)
+        axes.scatter([i] * len(runs), runs, color="black", s=12, zorder=3)
+    bound = (processes["count"] - 1) * room
+    axes.axhline(bound, color=MISSED, linestyle="--", linewidth=1)
+    axes.annotate(
+        f" bound: (processes - 1) ⌊H/e⌋ = {bound}",
+        (-0.5, bound),
+        va="bottom",
+        fontsize=8,
+    )
+    axes.set_xticks(range(len(labels)), names)
+    axes.set_xlim(-0.6, len(labels) - 0.4)
+    axes.set_ylim(0, max(bound, *(max(over[k]) for k in labels)) * 1.25 + 1)
+    seen, window = processes["seen_ms"], processes["window_ms"]
+    axes.set_xlabel(
+        f"{sum(processes['spread'][0])} reserving checks over"
+        f" {processes['count']} processes, alternating; plain checks admit"
+        f" {_median(over['plain']):g} beyond\na hold is seen by another process"
+        f" {window['p50']:.0f} ms (p50), {window['p99']:.0f} ms (p99) after its"
+        f" decision\n(its ack → another cache: p50 {seen['p50']:.0f} ms,"
+        f" p99 {seen['p99']:.0f} ms)",
+        fontsize=8,
+    )
+    axes.set_ylabel("checks admitted beyond ⌊H/e⌋")
+    axes.set_title(
+        f"{processes['count']} serving processes (SO_REUSEPORT): over-admission",
+        fontsize=10,
+    )
+    axes.grid(True, axis="y", alpha=0.3)

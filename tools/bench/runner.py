@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -33,6 +32,8 @@ from tools.bench import keep_pace as keep_pace_bench
 from tools.bench import lag as lag_bench
 from tools.bench import peer as peer_bench
 from tools.bench import replay as replay_bench
+from tools.bench import reservations as reservations_bench
+from tools.bench.rows import Row, number, progress
 
 # Durable, as in production: an acknowledged record is on disk.
 DURABLE = {
@@ -44,90 +45,6 @@ DURABLE = {
     "checkpoint_timeout": "30min",
     "max_connections": "200",
 }
-
-
-class Row:
-    """One line of the report: a figure, its baseline, their ratio, latencies.
-
-    `target`: the figure must be at most (lower_is_better) or at least this;
-    `min_ratio`: and figure / baseline at least this. `series` and `x` place a row
-    on a scaling curve (e.g. events in the log) instead of the overview chart, or
-    on both with `overview=True`; `timeline` is what a scenario's own chart draws.
-    """
-
-    def __init__(
-        self,
-        scenario: str,
-        unit: str,
-        baseline_name: str,
-        *,
-        lower_is_better: bool = False,
-        target: float | None = None,
-        min_ratio: float | None = None,
-        series: str | None = None,
-        x: float | None = None,
-        overview: bool | None = None,
-    ) -> None:
-        self.scenario = scenario
-        self.unit = unit
-        self.baseline_name = baseline_name
-        self.lower_is_better = lower_is_better
-        self.target = target
-        self.min_ratio = min_ratio
-        self.series = series
-        self.x = x
-        self.overview = series is None if overview is None else overview
-        self.timeline: dict[str, Any] | None = None
-        self.pairs: list[tuple[float, float]] = []
-        self.p50: list[float] = []
-        self.p99: list[float] = []
-        self.note = ""
-
-    def add(
-        self, value: float, baseline: float, p50: float = 0.0, p99: float = 0.0
-    ) -> None:
-        self.pairs.append((value, baseline))
-        self.p50.append(p50)
-        self.p99.append(p99)
-
-    def as_dict(self) -> dict[str, Any]:
-        values = [v for v, _ in self.pairs]
-        baselines = [b for _, b in self.pairs]
-        ratios = [v / b for v, b in self.pairs if b]
-        value = statistics.median(values)
-        ratio = statistics.median(ratios) if ratios else 0.0
-        return {
-            "scenario": self.scenario,
-            "unit": self.unit,
-            "value": value,
-            "baseline": self.baseline_name,
-            "baseline_value": statistics.median(baselines),
-            "ratio": ratio,
-            "ratios": [round(r, 3) for r in ratios],
-            # Oriented so that higher is better and the baseline is 1.0.
-            "speed": (1 / ratio if ratio else 0.0) if self.lower_is_better else ratio,
-            "lower_is_better": self.lower_is_better,
-            "p50_ms": statistics.median(self.p50) if any(self.p50) else None,
-            "p99_ms": statistics.median(self.p99) if any(self.p99) else None,
-            "target": self.target,
-            "min_ratio": self.min_ratio,
-            "meets": self._meets(value, ratio),
-            "series": self.series,
-            "x": self.x,
-            "overview": self.overview,
-            "note": self.note,
-            **({"timeline": self.timeline} if self.timeline else {}),
-        }
-
-    def _meets(self, value: float, ratio: float) -> bool | None:
-        if self.target is None and self.min_ratio is None:
-            return None
-        ok = True
-        if self.target is not None:
-            ok = value <= self.target if self.lower_is_better else value >= self.target
-        if self.min_ratio is not None:
-            ok = ok and ratio >= self.min_ratio
-        return ok
 
 
 async def create_keys(url: str, count: int) -> list[str]:
@@ -214,7 +131,7 @@ async def scenario_ingest(dsn: str, args: argparse.Namespace) -> list[Row]:
                     result.percentile(0.5),
                     result.percentile(0.99),
                 )
-                _progress(batch, ws)
+                progress(batch, ws)
         rows += [batch, ws]
     await conn.close()
     return rows
@@ -251,7 +168,7 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
                     result.per_second, base.per_second, result.p50_ms, result.p99_ms
                 )
                 row.note = f"client: {result.client}, 64 connections"
-                _progress(row)
+                progress(row)
     return [row]
 
 
@@ -285,7 +202,7 @@ async def scenario_check_inproc(dsn: str, args: argparse.Namespace) -> list[Row]
         f" {measured.events:,} events in {measured.build_s:.1f} s; baseline single"
         f" calls p50/p99 {measured.base_p50_ns:,.0f}/{measured.base_p99_ns:,.0f} ns"
     )
-    _progress(random_keys, hot)
+    progress(random_keys, hot)
     return [random_keys, hot]
 
 
@@ -313,7 +230,7 @@ async def scenario_memory(dsn: str, args: argparse.Namespace) -> list[Row]:
             f" {shape.keys:,} keys, {shape.teams:,} teams, {shape.customers:,}"
             " customers, 3 budgets each, 1 usage event per key"
         )
-        _progress(row)
+        progress(row)
         rows.append(row)
     return rows
 
@@ -368,7 +285,7 @@ async def scenario_lag(dsn: str, args: argparse.Namespace) -> list[Row]:
                 f" p50/p99 {lag_bench.percentile(result.floor_ms, 0.5):.2f}"
                 f"/{lag_bench.percentile(result.floor_ms, 0.99):.2f} ms"
             )
-            _progress(cache_row, model_row)
+            progress(cache_row, model_row)
     cache_row.note = model_row.note = (
         f"{args.lag_load:.0%} of the {ceiling.sustained:,.0f} records/s the service"
         f" sustains with the same {per_body}-record batches (bursts:"
@@ -443,7 +360,7 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
                     f" later; lag at most {max(timeline['cache_s']):.2f} s (cache),"
                     f" {max(timeline['model_s']):.2f} s (read model)"
                 )
-                _progress(cache_row, model_row, ingest_row)
+                progress(cache_row, model_row, ingest_row)
     finally:
         await ingest_bench.reset_tables(conn)
         await conn.close()
@@ -476,7 +393,7 @@ async def scenario_replay(dsn: str, args: argparse.Namespace) -> list[Row]:
             if read != log.events or rebuilt != log.events:
                 raise RuntimeError(f"read {read}, rebuilt {rebuilt} of {log.events}")
             row.add(ours, base)
-            _progress(row)
+            progress(row)
         spend = await replay_bench.spend_of(pool)
     finally:
         await pool.close()
@@ -505,7 +422,7 @@ async def scenario_peer(dsn: str, args: argparse.Namespace) -> list[Row]:
         await empty_tables(dsn)
         ours = await peer_bench.our_appends(dsn, seconds=args.seconds)
         row.add(ours, theirs)
-        _progress(row)
+        progress(row)
     row.note = f"{peer_bench.version()}; same cluster, fsync on, sequential"
     await empty_tables(dsn)
     return [row]
@@ -540,7 +457,7 @@ async def scenario_scaling(dsn: str, args: argparse.Namespace) -> list[Row]:
             f"{measured.rss_bytes / measured.budgets:,.0f} bytes/budget;"
             f" built in {measured.build_s:.1f} s"
         )
-        _progress(row)
+        progress(row)
         rows.append(row)
     await empty_tables(dsn)
     log = await replay_bench.create_owners(dsn)
@@ -564,7 +481,7 @@ async def scenario_scaling(dsn: str, args: argparse.Namespace) -> list[Row]:
                 x=rebuilt,
             )
             row.add(ours, base)
-            _progress(row)
+            progress(row)
             rows.append(row)
     finally:
         await pool.close()
@@ -583,26 +500,8 @@ SCENARIOS: dict[str, Scenario] = {
     "replay": scenario_replay,
     "peer": scenario_peer,
     "scaling": scenario_scaling,
+    "reservations": reservations_bench.scenario,
 }
-
-
-def _progress(*rows: Row) -> None:
-    for row in rows:
-        value, base = row.pairs[-1]
-        ratio = f"{value / base:.2f}" if base else "-"
-        print(
-            f"  {row.scenario}: {_number(value)} {row.unit} vs {_number(base)}"
-            f" = {ratio}",
-            flush=True,
-        )
-
-
-def _number(value: float) -> str:
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
 
 
 def _duration(ms: float) -> str:
@@ -617,7 +516,7 @@ def _target(r: dict[str, Any]) -> str:
     parts = []
     if r.get("target") is not None:
         sign = "≤" if r["lower_is_better"] else "≥"
-        parts.append(f"{sign} {_number(r['target'])}")
+        parts.append(f"{sign} {number(r['target'])}")
     if r.get("min_ratio") is not None:
         parts.append(f"ratio ≥ {r['min_ratio']:.2f}")
     if not parts:
@@ -638,8 +537,8 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
         )
         arrow = " (lower is better)" if r.get("lower_is_better") else ""
         lines.append(
-            f"| {r['scenario']} | {_number(r['value'])} {r['unit']}{arrow} | "
-            f"{r['baseline']}: {_number(r['baseline_value'])} | "
+            f"| {r['scenario']} | {number(r['value'])} {r['unit']}{arrow} | "
+            f"{r['baseline']}: {number(r['baseline_value'])} | "
             f"**{r['ratio']:.2f}** ({', '.join(map(str, r['ratios']))}) | {lat} |"
             f" {_target(r)} |"
         )
@@ -712,6 +611,9 @@ def _charts(rows: list[dict[str, Any]], path: Path) -> None:
     keep_pace = path.with_name(f"{path.stem}-keep-pace{path.suffix}")
     if chart.keep_pace(rows, keep_pace):
         print(f"chart {keep_pace}")
+    reservations = path.with_name(f"{path.stem}-reservations{path.suffix}")
+    if chart.reservations(rows, reservations):
+        print(f"chart {reservations}")
 
 
 def _save(path: Path, document: dict[str, Any]) -> None:
@@ -773,6 +675,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="ingest rate of the lag scenario, as a fraction of the measured maximum",
+    )
+    p.add_argument(
+        "--reservation-calls",
+        type=int,
+        default=64,
+        help="concurrent calls (and checks) of the reservations scenario (default 64)",
+    )
+    p.add_argument(
+        "--reservation-room",
+        type=int,
+        default=10,
+        help="estimates the budget has room for in the reservations scenario",
+    )
+    p.add_argument(
+        "--reservation-latency-ms",
+        type=float,
+        default=200.0,
+        help="simulated provider latency between a call's check and its record",
+    )
+    p.add_argument(
+        "--reservation-runs",
+        type=int,
+        default=5,
+        help="bursts of each kind over 2 serving processes (default 5)",
+    )
+    p.add_argument(
+        "--reservation-gaps-ms",
+        default="0,2,5,20",
+        help="time between the sends of a burst over 2 processes, comma-separated"
+        " (0: all at once)",
+    )
+    p.add_argument(
+        "--reservation-probes",
+        type=int,
+        default=40,
+        help="holds per run timed from their ack to another process's cache",
     )
     p.add_argument("--output", default=".bench/results.json")
     p.add_argument(

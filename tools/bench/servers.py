@@ -4,6 +4,7 @@ and the do-nothing baseline."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -140,3 +142,41 @@ async def _post(session: aiohttp.ClientSession, url: str, body: object) -> Any:
         if resp.status >= 300:
             raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
         return await resp.json()
+
+
+async def call_json(
+    session: aiohttp.ClientSession, method: str, url: str, body: object = None
+) -> Any:
+    """One JSON request; the answer decoded with exact money (Decimal); any answer
+    other than 2xx raises."""
+    async with session.request(
+        method, url, json=body, timeout=aiohttp.ClientTimeout(total=30)
+    ) as resp:
+        text = await resp.text()
+        if resp.status >= 300:
+            raise RuntimeError(f"{method} {url}: {resp.status} {text}")
+        return json.loads(text, parse_float=Decimal)
+
+
+async def budget_key(
+    session: aiohttp.ClientSession, url: str, limit: Decimal
+) -> tuple[str, int]:
+    """A key of its own with one daily budget of `limit` (no team), known to the
+    cache of the process that answers; (its id, the position of its creation)."""
+    created = await call_json(
+        session,
+        "POST",
+        f"{url}/api/governance/virtual-keys",
+        {
+            "name": "bench-reservations",
+            "budgets": [{"max_limit": str(limit), "reset_duration": "1d"}],
+        },
+    )
+    key_id, position = created["virtual_key"]["id"], int(created["position"])
+    await call_json(
+        session,
+        "POST",
+        f"{url}/api/governance/check",
+        {"virtual_key_id": key_id, "min_position": position},
+    )
+    return key_id, position
