@@ -320,6 +320,16 @@ async def recorded(pool, key: Key, count: int, within_s: float = 10.0):
         await asyncio.sleep(0.02)
 
 
+async def stream_head(pool, key: Key) -> int:
+    """The position of the last event of the key's usage stream."""
+    return int(
+        await pool.fetchval(
+            "SELECT coalesce(max(global_position), 0) FROM events WHERE stream_id = $1",
+            f"usage-{key.id}",
+        )
+    )
+
+
 async def count_events(pool, kind: str, key: Key) -> int:
     return int(
         await pool.fetchval(
@@ -330,11 +340,14 @@ async def count_events(pool, kind: str, key: Key) -> int:
     )
 
 
-async def held(session, url: str, key: Key) -> list[Decimal]:
+async def held(session, url: str, key: Key, min_position: int = 0) -> list[Decimal]:
+    """The key's budgets' `held`, from a read model that has applied `min_position`
+    (the projector runs in a process of its own: read your writes, not sooner)."""
     status, answer = await call(
         session,
         "GET",
-        f"{url}/api/governance/budgets?owner_type=virtual_key&owner_id={key.id}",
+        f"{url}/api/governance/budgets?owner_type=virtual_key&owner_id={key.id}"
+        f"&min_position={min_position}",
         headers=ADMIN_AUTH,
     )
     assert status == 200, answer
@@ -493,7 +506,8 @@ async def test_allowed_calls_are_recorded_once_with_litellms_cost_and_tokens(
     assert not event_ids & {a["call_id"] for a in answers}
     if mode == "reserve":
         await every_hold_settled_or_released(pool, key, usage)
-        assert await held(session, govledger.url, key) == [Decimal(0)]
+        head = await stream_head(pool, key)
+        assert await held(session, govledger.url, key, head) == [Decimal(0)]
 
 
 @pytest.mark.slow
@@ -621,7 +635,8 @@ async def test_64_concurrent_calls_against_room_for_10(
     assert sorted(a["status"] for a in answers) == [200] * 10 + [402] * 54
     assert spent - limit <= beyond_estimates
     await every_hold_settled_or_released(pool, key, usage)
-    assert await held(session, govledger.url, key) == [Decimal(0)]
+    head = await stream_head(pool, key)
+    assert await held(session, govledger.url, key, head) == [Decimal(0)]
 
 
 # --- custom auth, fail open and closed ---------------------------------------------
@@ -777,7 +792,8 @@ async def test_sdk_calls_are_recorded_once_refused_with_govledgers_status_or_rel
         # Each attempt held its estimate: the failed ones were released.
         assert await count_events(pool, "ReservationReleased", key) >= 3
         await every_hold_settled_or_released(pool, key, usage)
-        assert await held(session, url, key) == [Decimal(0)]
+        head = await stream_head(pool, key)
+        assert await held(session, url, key, head) == [Decimal(0)]
 
 
 @pytest.mark.slow
