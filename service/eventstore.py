@@ -1,6 +1,7 @@
 """The event log: append with optimistic concurrency and idempotency, gap-safe reads.
 
-Every SQL statement on `events` lives here (the upcaster's audited rewrite excepted).
+Every SQL statement on `events` lives here: appends, ingest's COPY, reads, the gap-safe
+tail, import's appends as given and the audited rewrite's one UPDATE.
 Tailing readers only take rows whose writing transaction is below the snapshot xmin
 and order by (tx_id, global_position), so an event whose transaction commits late is
 delivered late, never skipped.
@@ -481,4 +482,146 @@ async def execute(
         timeline,
         appended[-1].stream_version,
         appended[-1].global_position,
+    )
+
+
+# --- the audited rewrite (service.rewrite): the one UPDATE the log allows -----------
+
+# Rows whose "type:schema_version" is one of the legacy keys given.
+_LEGACY = "type || ':' || schema_version = ANY($2::text[])"
+
+_LEGACY_ROWS = f"""
+SELECT global_position, event_id, type, schema_version, data FROM events
+WHERE global_position > $1 AND {_LEGACY}
+ORDER BY global_position LIMIT $3
+"""
+
+_LOWEST_LEGACY = f"""
+SELECT min(global_position) FROM events WHERE global_position <= $1 AND {_LEGACY}
+"""
+
+_ARCHIVE = """
+INSERT INTO event_archive
+    (event_id, run_id, global_position, type, schema_version, data, metadata)
+SELECT event_id, $1::uuid, global_position, type, schema_version, data, metadata
+FROM events WHERE event_id = ANY($2::uuid[])
+ON CONFLICT DO NOTHING
+"""
+
+# The stamp is built from the old row (SET expressions see it); `at` is the batch's
+# transaction time in UTC, whatever the session's time zone.
+_REWRITE = """
+UPDATE events AS e
+SET type = u.to_type, schema_version = u.to_version, data = u.data,
+    metadata = e.metadata || jsonb_build_object('upcast', jsonb_build_object(
+        'run', $1::text, 'from_type', e.type, 'from_version', e.schema_version,
+        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')))
+FROM unnest($2::uuid[], $3::text[], $4::smallint[], $5::text[], $6::smallint[],
+            $7::jsonb[])
+     AS u(event_id, from_type, from_version, to_type, to_version, data)
+WHERE e.event_id = u.event_id AND e.type = u.from_type
+  AND e.schema_version = u.from_version
+"""
+
+
+async def legacy_rows(
+    conn: Queryable, after: int, keys: Sequence[str], limit: int, *, lock: bool = False
+) -> list[asyncpg.Record]:
+    """Legacy rows after `after` by position (`keys`: "type:version"), locked for
+    the rewrite's transaction with `lock`."""
+    return await conn.fetch(
+        _LEGACY_ROWS + (" FOR UPDATE" if lock else ""), after, list(keys), limit
+    )
+
+
+async def lowest_legacy(conn: Queryable, up_to: int, keys: Sequence[str]) -> int | None:
+    position: int | None = await conn.fetchval(_LOWEST_LEGACY, up_to, list(keys))
+    return position
+
+
+async def archive(conn: Connection, run_id: str, event_ids: Sequence[str]) -> None:
+    """Keep the original rows of a rewrite batch (the trigger insists on it)."""
+    await conn.execute(_ARCHIVE, run_id, list(event_ids))
+
+
+async def rewrite_in_place(
+    conn: Connection,
+    run_id: str,
+    event_ids: Sequence[str],
+    from_types: Sequence[str],
+    from_versions: Sequence[int],
+    to_types: Sequence[str],
+    to_versions: Sequence[int],
+    data: Sequence[bytes],
+) -> int:
+    """Replace legacy rows by their current form, stamped with the run; identity
+    columns never change. Returns how many rows were rewritten."""
+    status = await conn.execute(
+        _REWRITE,
+        run_id,
+        list(event_ids),
+        list(from_types),
+        list(from_versions),
+        list(to_types),
+        list(to_versions),
+        list(data),
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+# --- import (service.transfer): events appended as given ----------------------------
+
+_STORED = """
+SELECT event_id, stream_id, stream_version, type, schema_version, data, metadata,
+    recorded_at
+FROM events WHERE event_id = ANY($1::uuid[])
+"""
+_NEXT_POSITIONS = """
+SELECT nextval(pg_get_serial_sequence('events', 'global_position'))
+FROM generate_series(1, $1)
+"""
+_INSERT_AS_GIVEN = """
+INSERT INTO events (global_position, event_id, stream_id, stream_version, type,
+                    schema_version, data, metadata, recorded_at)
+SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
+                     $6::smallint[], $7::jsonb[], $8::jsonb[], $9::timestamptz[])
+"""
+
+
+async def stored_rows(
+    conn: Queryable, event_ids: Sequence[Any]
+) -> list[asyncpg.Record]:
+    """The stored rows of these event ids (raw: the caller decodes)."""
+    return await conn.fetch(_STORED, list(event_ids))
+
+
+async def next_positions(conn: Queryable, count: int) -> list[int]:
+    """`count` fresh positions, ascending."""
+    return sorted(r[0] for r in await conn.fetch(_NEXT_POSITIONS, count))
+
+
+async def insert_as_given(
+    conn: Connection,
+    positions: Sequence[int],
+    event_ids: Sequence[Any],
+    stream_ids: Sequence[str],
+    stream_versions: Sequence[int],
+    types: Sequence[str],
+    schema_versions: Sequence[int],
+    data: Sequence[bytes],
+    metadata: Sequence[bytes],
+    recorded_at: Sequence[datetime],
+) -> None:
+    """Rows exactly as an import gives them (ids, types, versions, recorded_at)."""
+    await conn.execute(
+        _INSERT_AS_GIVEN,
+        list(positions),
+        list(event_ids),
+        list(stream_ids),
+        list(stream_versions),
+        list(types),
+        list(schema_versions),
+        list(data),
+        list(metadata),
+        list(recorded_at),
     )

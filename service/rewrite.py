@@ -115,44 +115,6 @@ def convert_row(row: asyncpg.Record) -> Converted:
     )
 
 
-# --- SQL ---------------------------------------------------------------------------
-
-_LEGACY = "type || ':' || schema_version = ANY($2::text[])"
-
-_SELECT_BATCH = f"""
-SELECT global_position, event_id, type, schema_version, data FROM events
-WHERE global_position > $1 AND {_LEGACY}
-ORDER BY global_position LIMIT $3
-"""
-
-_LOWEST_LEGACY = f"""
-SELECT min(global_position) FROM events WHERE global_position <= $1 AND {_LEGACY}
-"""
-
-_ARCHIVE = """
-INSERT INTO event_archive
-    (event_id, run_id, global_position, type, schema_version, data, metadata)
-SELECT event_id, $1::uuid, global_position, type, schema_version, data, metadata
-FROM events WHERE event_id = ANY($2::uuid[])
-ON CONFLICT DO NOTHING
-"""
-
-# The stamp is built from the old row (SET expressions see it); `at` is the batch's
-# transaction time in UTC, whatever the session's time zone.
-_REWRITE = """
-UPDATE events AS e
-SET type = u.to_type, schema_version = u.to_version, data = u.data,
-    metadata = e.metadata || jsonb_build_object('upcast', jsonb_build_object(
-        'run', $1::text, 'from_type', e.type, 'from_version', e.schema_version,
-        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')))
-FROM unnest($2::uuid[], $3::text[], $4::smallint[], $5::text[], $6::smallint[],
-            $7::jsonb[])
-     AS u(event_id, from_type, from_version, to_type, to_version, data)
-WHERE e.event_id = u.event_id AND e.type = u.from_type
-  AND e.schema_version = u.from_version
-"""
-
-
 # --- the run -----------------------------------------------------------------------
 
 
@@ -199,7 +161,7 @@ async def rewrite(
                         continue
                     # Nothing past `position`: sweep once more from the lowest legacy
                     # row left below it (a resumed run, or a row that committed late).
-                    lowest = await conn.fetchval(_LOWEST_LEGACY, position, keys)
+                    lowest = await eventstore.lowest_legacy(conn, position, keys)
                     if lowest is None:
                         await _finish(conn, run_id, "done", counts, {})
                         return _report(
@@ -264,14 +226,14 @@ async def _rewrite_batch(
         await conn.execute(
             "SELECT set_config('govledger.rewrite_run', $1, true)", run_id
         )
-        rows = await conn.fetch(_SELECT_BATCH + " FOR UPDATE", after, keys, batch_size)
+        rows = await eventstore.legacy_rows(conn, after, keys, batch_size, lock=True)
         if not rows:
             return False, after
         converted = [convert_row(r) for r in rows]
         ids = [c.event_id for c in converted]
-        await conn.execute(_ARCHIVE, run_id, ids)
-        status = await conn.execute(
-            _REWRITE,
+        await eventstore.archive(conn, run_id, ids)
+        rewritten = await eventstore.rewrite_in_place(
+            conn,
             run_id,
             ids,
             [c.from_type for c in converted],
@@ -280,8 +242,10 @@ async def _rewrite_batch(
             [c.to_version for c in converted],
             [c.after for c in converted],
         )
-        if status != f"UPDATE {len(converted)}":
-            raise RewriteFailed(f"expected to rewrite {len(converted)} rows: {status}")
+        if rewritten != len(converted):
+            raise RewriteFailed(
+                f"expected to rewrite {len(converted)} rows, rewrote {rewritten}"
+            )
         batch_counts = Counter(c.key for c in converted)
         position = converted[-1].global_position
         await conn.execute(
@@ -358,7 +322,7 @@ async def dry_run(
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
         position = 0
-        while rows := await conn.fetch(_SELECT_BATCH, position, keys, batch_size):
+        while rows := await eventstore.legacy_rows(conn, position, keys, batch_size):
             position = rows[-1]["global_position"]
             for row in rows:
                 try:

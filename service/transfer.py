@@ -282,26 +282,11 @@ def _without_stamp(metadata: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if k != "upcast"}
 
 
-_POSITIONS = """
-SELECT nextval(pg_get_serial_sequence('events', 'global_position'))
-FROM generate_series(1, $1)
-"""
-
-_INSERT = """
-INSERT INTO events (global_position, event_id, stream_id, stream_version, type,
-                    schema_version, data, metadata, recorded_at)
-SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
-                     $6::smallint[], $7::jsonb[], $8::jsonb[], $9::timestamptz[])
-"""
-
-
 async def _append(conn: Connection, batch: list[Line]) -> tuple[int, int]:
     existing = {
         str(r["event_id"]): _stored(r)
-        for r in await conn.fetch(
-            "SELECT event_id, stream_id, stream_version, type, schema_version, data,"
-            " metadata, recorded_at FROM events WHERE event_id = ANY($1::uuid[])",
-            [line.envelope.event_id for line in batch],
+        for r in await eventstore.stored_rows(
+            conn, [line.envelope.event_id for line in batch]
         )
     }
     versions = await _lock_streams(
@@ -332,9 +317,9 @@ async def _append(conn: Connection, batch: list[Line]) -> tuple[int, int]:
         new.append(line)
     if not new:
         return 0, present
-    positions = sorted(r[0] for r in await conn.fetch(_POSITIONS, len(new)))
-    await conn.execute(
-        _INSERT,
+    positions = await eventstore.next_positions(conn, len(new))
+    await eventstore.insert_as_given(
+        conn,
         positions,
         [line.envelope.event_id for line in new],
         [line.envelope.stream_id for line in new],
