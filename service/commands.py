@@ -8,7 +8,7 @@ A concurrent change to any stream the transaction read aborts it (a version conf
 or a serialization failure). Without If-Match the command is then decided again on
 fresh state, which is safe since `decide` is pure. A retry under the same
 Idempotency-Key, or a concurrent request with it that committed first, gets the first
-answer back.
+answer back; a refusal is kept for the key too (`refuse`).
 """
 
 from __future__ import annotations
@@ -114,6 +114,22 @@ async def delete(
         return reply(position), position
 
     return await _transact(pool, stream_id, call, run)
+
+
+async def refuse(pool: asyncpg.Pool, key: Idempotency, refusal: Reply) -> Reply:
+    """Keep a refusal for its key, in a transaction of its own (the command's rolled
+    back); the answer of a concurrent request with the same key if it came first."""
+    try:
+        async with pool.acquire() as conn:
+            await idempotency.remember(conn, key, refusal)
+    except asyncpg.UniqueViolationError as exc:
+        if not idempotency.is_taken(exc):
+            raise
+        replayed = await idempotency.replay(pool, key)
+        if replayed is None:  # not expected: the row that took the key is committed
+            raise
+        return replayed
+    return refusal
 
 
 def _metadata(command: object, request_id: str | None) -> dict[str, Any]:

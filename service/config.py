@@ -46,6 +46,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_origins: frozenset[str] = frozenset()
     # The default suits an app built in process; the environment's is "child".
     projector: ProjectorPlacement = "inline"
+    # Seals the answers kept for Idempotency-Keys (service.idempotency); never in the
+    # database. None: the key file beside data_dir, made on first use. The default
+    # is the environment's, so an app built in process shares it with `serve`.
+    secret_key: str | None = msgspec.field(
+        default_factory=lambda: os.environ.get("GOVLEDGER_SECRET_KEY") or None
+    )
 
     @property
     def is_open(self) -> bool:
@@ -73,6 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 o.rstrip("/").lower() for o in _tokens(env, "GOVLEDGER_ALLOWED_ORIGINS")
             ),
             projector=_placement(env.get("GOVLEDGER_PROJECTOR") or "child"),
+            secret_key=_secret(env.get("GOVLEDGER_SECRET_KEY") or None),
         )
 
 
@@ -99,6 +106,19 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value <= 3600:
         raise ConfigError(f"{name} must be a number of seconds above 0, at most 3600")
     return value
+
+
+# The shortest secret that seals stored answers (service.idempotency).
+MIN_SECRET_LENGTH = 32
+
+
+def _secret(raw: str | None) -> str | None:
+    if raw is not None and len(raw) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"GOVLEDGER_SECRET_KEY must be at least {MIN_SECRET_LENGTH} characters,"
+            " e.g. the output of `openssl rand -hex 32`"
+        )
+    return raw
 
 
 def _tokens(env: Mapping[str, str], name: str) -> frozenset[str]:

@@ -14,9 +14,11 @@ without the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Protocol
 
 import asyncpg
 import msgspec
@@ -33,6 +35,7 @@ from service.domain.usage import (
     screen,
 )
 from service.errors import Unavailable
+from service.eventstore import Queryable
 
 log = structlog.get_logger()
 
@@ -63,8 +66,12 @@ async def queue_records(
     Between slices the loop runs other callbacks: the writer's COPY round trips must
     not wait behind the screening of a whole large body, and the first slices commit
     while later ones are screened. A key the cache does not know yet may have been
-    created a moment ago: `refresh` (once per call) brings the cache up to the log
-    head before those records are screened again.
+    created a moment ago: `refresh` (once per call, see `reach_head`) brings the
+    cache up to the log head before those records are screened again, so a record
+    is rejected as `unknown_virtual_key` only once the cache has seen every event
+    committed before the request asked. When the cache cannot get there in time,
+    the call raises ProjectionLag (a 503: retry), once what it already queued has
+    committed (a retry finds those as duplicates).
     """
     submitted = Submitted()
     rejected: list[Rejected] = []
@@ -75,7 +82,12 @@ async def queue_records(
         rows, refused = screen(part, resolver, now)
         unknown = {r.where for r in refused if r.why is UNKNOWN_VIRTUAL_KEY}
         if unknown and refresh is not None:
-            await refresh()
+            try:
+                await refresh()
+            except Exception:  # lag or an unreachable database: a retryable 503
+                with contextlib.suppress(Exception):
+                    await submitted.outcomes()
+                raise
             refresh = None
             again = screen([(at, r) for at, r in part if at in unknown], resolver, now)
             rows += again.rows
@@ -84,6 +96,26 @@ async def queue_records(
         await writer.submit(rows, metadata, submitted)
     rejected.sort(key=lambda r: r.where)
     return submitted, rejected
+
+
+# A bounded wait is the contract (API.md: 2 s), so its budget is a parameter rather
+# than the caller's asyncio.timeout, as in projections.runner.
+class Follower(Protocol):
+    """A projection's tail, as a wait for a position sees it (projections.runner)."""
+
+    async def wait_for(self, position: int, timeout: float) -> None: ...  # noqa: ASYNC109
+
+
+async def reach_head(
+    pool: Queryable,
+    follower: Follower,
+    timeout: float,  # noqa: ASYNC109
+) -> None:
+    """Return once `follower` has applied every event committed now: the rule before
+    a key is answered as unknown (docs/API.md, "Retryable or final"). ProjectionLag
+    when it cannot within `timeout`; Unavailable-class errors while the database
+    cannot be read (both retryable)."""
+    await follower.wait_for(await eventstore.max_position(pool), timeout)
 
 
 # --- the writer --------------------------------------------------------------------

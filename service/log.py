@@ -131,6 +131,8 @@ def environment_secrets(env: Mapping[str, str]) -> list[str]:
         if token.strip()
     ]
     found += dsn_secrets(env.get("DATABASE_URL"))
+    if env.get("GOVLEDGER_SECRET_KEY"):
+        found.append(env["GOVLEDGER_SECRET_KEY"])
     if env.get("PGPASSWORD"):
         found.append(env["PGPASSWORD"])
     return found

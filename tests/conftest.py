@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import structlog
 
 from service import eventstore, pgcluster
 
@@ -23,6 +25,65 @@ if TYPE_CHECKING:
 
 # A test that asks for any of these gets the tables emptied after it.
 DATABASE_FIXTURES = frozenset({"database", "pool", "client", "api"})
+
+# The service's own secret (it seals the answers kept for Idempotency-Keys) for every
+# app built in process and every served process of the session: made up here, so no
+# key file is written beside a data directory.
+os.environ.setdefault("GOVLEDGER_SECRET_KEY", secrets.token_hex(32))
+
+
+# --- no secret in any log line the service wrote during the session ----------------
+# What the scan looks for: a virtual key's secret, a bearer credential, a password in
+# a DSN or a key/value string, and the session's own secret key. Lines of apps built
+# in process pass a structlog processor; a served process's JSON lines are read before
+# its log file is removed. What service.log masked ("[redacted]") is no leak.
+_MASKED = r"(?!\[redacted\]|<token>)"
+_SECRET_SHAPES = re.compile(
+    r"sk-gl-[A-Za-z0-9_-]{32}"
+    rf"|(?i:\bbearer\s+{_MASKED}[^\s\"',;<]+)"
+    rf"|\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:@/]+:{_MASKED}[^\s@/]+@"
+    rf"|(?i:\bpassword\s*=\s*{_MASKED}[^\s&;,'\"]+)"
+    r"|" + re.escape(os.environ["GOVLEDGER_SECRET_KEY"])
+)
+_leaks: list[str] = []
+
+
+def _scan(where: str, text: str) -> None:
+    for line in text.splitlines():
+        if _SECRET_SHAPES.search(line) and len(_leaks) < 20:
+            _leaks.append(f"{where}: {line[:300]}")
+
+
+def _scanning(logger: object, method: str, event: Any) -> Any:
+    """A structlog processor: every event of the session, as written, scanned."""
+    _scan("in process", repr(event))
+    return event
+
+
+@pytest.fixture(scope="session", autouse=True)
+def log_scan(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the session if any line the service wrote carried a secret."""
+    processors = list(structlog.get_config()["processors"])
+    structlog.configure(processors=[*processors[:-1], _scanning, processors[-1]])
+    items = request.session.items
+    if all(item.nodeid.startswith("tests/domain/") for item in items):
+        yield  # no service runs: tests/domain must not need aiohttp either
+    else:
+        from tests.served import Served
+
+        remove_log = Served.remove_log
+
+        def scanned(self: Served) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                _scan(f"served {self.name}", self.log_text())
+            remove_log(self)
+
+        Served.remove_log = scanned  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            Served.remove_log = remove_log  # type: ignore[method-assign]
+    assert _leaks == [], "secrets in log lines:\n" + "\n".join(_leaks)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
 import re
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -16,13 +18,22 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from service import eventstore
-from service.config import Settings
+from service import eventstore, idempotency
+from service.config import ConfigError, Settings
 from service.domain import teams, virtual_keys
 from service.domain.events import RateLimit, TeamUpdated, VirtualKeyUpdated
 from service.web.app import ROUTE_TABLES, create_app
-from service.web.keys import cache_projector_key, governance_projector_key, pool_key
+from service.web.keys import (
+    cache_projector_key,
+    governance_projector_key,
+    pool_key,
+    settings_key,
+)
 from service.web.routes import governance_commands
 
 CUSTOMERS = "/api/governance/customers"
@@ -852,3 +863,291 @@ async def test_command_answers_match_what_get_shows_once_the_projection_caught_u
         [(name, entity)] = [(k, v) for k, v in answer.items() if k != "position"]
         entity.pop("value", None)
         assert await call(client, "GET", path) == (200, {name: entity})
+
+
+# --- partial updates at every depth -------------------------------------------------
+
+
+async def test_a_provider_entry_that_omits_fields_keeps_them_with_their_usage(client):
+    rate_limit = {
+        "token_max_limit": 1000,
+        "token_reset_duration": "1h",
+        "request_max_limit": 10,
+        "request_reset_duration": "1m",
+    }
+    key = (
+        await create(
+            client,
+            KEYS,
+            {
+                "name": "ci",
+                "provider_configs": [
+                    {
+                        "provider": "openai",
+                        "allowed_models": ["gpt-4o"],
+                        "budgets": [budget(10, "1d")],
+                        "rate_limit": rate_limit,
+                    }
+                ],
+            },
+        )
+    )["virtual_key"]
+    await client.app[cache_projector_key].wait_for(1, 5)
+    status, recorded = await call(
+        client,
+        "POST",
+        "/api/usage",
+        {
+            "event_id": str(uuid.uuid4()),
+            "virtual_key": key["value"],
+            "provider": "openai",
+            "model": "gpt-4o",
+            "cost": "2.5",
+            "input_tokens": 100,
+            "output_tokens": 20,
+        },
+    )
+    assert status == 202, recorded
+    await client.app[governance_projector_key].wait_for(recorded["position"], 5)
+
+    status, answer = await call(
+        client,
+        "PUT",
+        f"{KEYS}/{key['id']}",
+        {
+            "provider_configs": [
+                {"provider": "openai", "rate_limit": {"request_max_limit": 20}},
+                {"provider": "anthropic"},
+            ]
+        },
+    )
+
+    [openai, anthropic] = answer["virtual_key"]["provider_configs"]
+    [before] = key["provider_configs"]
+    [daily] = openai["budgets"]
+    assert status == 200, answer
+    assert (openai["id"], openai["allowed_models"]) == (before["id"], ["gpt-4o"])
+    assert (daily["id"], daily["max_limit"], daily["current_usage"]) == (
+        before["budgets"][0]["id"],
+        10,
+        2.5,
+    )
+    assert openai["rate_limit"] == {
+        **rate_limit,
+        "request_max_limit": 20,
+        "token_current_usage": 120,
+        "request_current_usage": 1,
+        "token_held": 0,
+        "request_held": 0,
+    }
+    assert (anthropic["allowed_models"], anthropic["budgets"]) == (["*"], [])
+    assert anthropic["rate_limit"] is None
+    await client.app[governance_projector_key].wait_for(answer["position"], 5)
+    assert await call(client, "GET", f"{KEYS}/{key['id']}") == (
+        200,
+        {"virtual_key": answer["virtual_key"]},
+    )
+
+
+async def test_a_rate_limit_naming_one_half_keeps_the_other_and_null_drops_a_half(
+    client,
+):
+    team = (
+        await create(
+            client,
+            TEAMS,
+            {
+                "name": "platform",
+                "rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1h"},
+            },
+        )
+    )["team"]
+    path = f"{TEAMS}/{team['id']}"
+
+    _, both = await call(
+        client,
+        "PUT",
+        path,
+        {"rate_limit": {"request_max_limit": 5, "request_reset_duration": "1s"}},
+    )
+    _, requests_only = await call(
+        client, "PUT", path, {"rate_limit": {"token_max_limit": None}}
+    )
+
+    limits = ("token_max_limit", "token_reset_duration")
+    limits += ("request_max_limit", "request_reset_duration")
+    assert [both["team"]["rate_limit"][k] for k in limits] == [1000, "1h", 5, "1s"]
+    assert [requests_only["team"]["rate_limit"][k] for k in limits] == [
+        None,
+        None,
+        5,
+        "1s",
+    ]
+
+
+async def test_a_key_names_its_team_in_any_letter_case_and_is_answered_in_lower_case(
+    client,
+):
+    team = (await create(client, TEAMS, {"name": "platform"}))["team"]
+
+    key = await create(client, KEYS, {"name": "k", "team_id": team["id"].upper()})
+    status, moved = await call(
+        client,
+        "PUT",
+        f"{KEYS}/{key['virtual_key']['id'].upper()}",
+        {"team_id": None, "customer_id": None},
+    )
+
+    assert key["virtual_key"]["team_id"] == team["id"]
+    assert (status, moved["virtual_key"]["team_id"]) == (200, None)
+
+
+# --- every answer but a 5xx is kept for its Idempotency-Key ------------------------
+
+
+async def test_a_refusal_is_replayed_even_after_the_state_changed(client):
+    team = (await create(client, TEAMS, {"name": "platform"}))["team"]
+    path = f"{TEAMS}/{team['id']}"
+    stale = {"If-Match": "2", "Idempotency-Key": "stale-put"}
+
+    first = await client.put(path, json={"name": "a"}, headers=stale)
+    first_bytes = await first.read()
+    moved = await call(client, "PUT", path, {"name": "b"})  # now at version 2
+    retry = await client.put(path, json={"name": "a"}, headers=stale)
+    other = await call(client, "PUT", path, {"name": "c"}, **_headers(stale))
+
+    assert (first.status, moved[0], retry.status) == (409, 200, 409)
+    assert await retry.read() == first_bytes
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert (other[0], other[1]["error"]["code"]) == (422, "idempotency_conflict")
+    assert [e.name for e in await stream(client, f"team-{team['id']}")] == [
+        "platform",
+        "b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", CUSTOMERS, b'{"name": ""}', 400),
+        ("POST", CUSTOMERS, b"{", 400),
+        ("POST", TEAMS, b'{"name": "t", "customer_id": "%s"}' % MISSING.encode(), 400),
+        ("PUT", f"{TEAMS}/{MISSING}", b'{"name": "t"}', 404),
+        ("DELETE", f"{KEYS}/{MISSING}", b"", 404),
+    ],
+)
+async def test_a_refused_request_with_a_key_is_answered_the_same_on_every_retry(
+    client, method, path, body, status
+):
+    headers = {"Idempotency-Key": f"refused-{method}-{status}", **JSON_BODY}
+
+    answers = [
+        await client.request(method, path, data=body, headers=headers) for _ in range(2)
+    ]
+    other = await client.request(method, path, data=b'{"name": "x"}', headers=headers)
+
+    assert [a.status for a in answers] == [status, status]
+    assert await answers[1].read() == await answers[0].read()
+    assert answers[1].headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in answers[0].headers
+    assert other.status == (422 if body else status)
+    assert await event_count(client) == 0
+
+
+def _headers(headers: dict[str, str]) -> dict[str, str]:
+    """Headers as `call` takes them (underscores for dashes)."""
+    return {k.replace("-", "_"): v for k, v in headers.items()}
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "tab\there", "é" * 256])
+async def test_an_idempotency_key_that_is_not_1_to_255_printable_characters_is_400(
+    client, key
+):
+    status, answer = await call(
+        client, "POST", CUSTOMERS, {"name": "acme"}, Idempotency_Key=key
+    )
+
+    assert (status, answer["error"]["code"]) == (400, "invalid_request")
+    assert await event_count(client) == 0
+
+
+# --- no secret recoverable from a copy of the database ------------------------------
+
+
+async def test_a_copy_of_the_database_alone_cannot_open_a_kept_answer(client):
+    guessable = "1"
+    answer = await client.post(
+        KEYS, json={"name": "ci"}, headers={"Idempotency-Key": guessable}
+    )
+    secret = (await answer.json())["virtual_key"]["value"]
+    [row] = await client.app[pool_key].fetch(
+        "SELECT idempotency_key, status, body FROM command_results"
+    )
+    nonce, sealed = row["body"][:12], row["body"][12:]
+    status = str(row["status"]).encode()
+
+    # Everything a copy holds, and the key the client chose: nothing opens it.
+    for info in (b"govledger command result", b"govledger command result v2"):
+        guess = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+            guessable.encode()
+        )
+        with pytest.raises(InvalidTag):
+            AESGCM(guess).decrypt(nonce, sealed, status)
+    with pytest.raises(idempotency.AnswerUnreadable):
+        idempotency.Sealer("another service's secret, 32 chars+").unseal(
+            row["status"], row["body"]
+        )
+    assert secret.encode() not in row["body"]
+    # The service's own secret opens it: that is what a retry gets.
+    settings = client.app[settings_key]
+    own = idempotency.sealer(settings.secret_key, settings.data_dir)
+    assert secret.encode() in own.unseal(row["status"], row["body"])
+
+
+async def test_a_replica_with_the_same_secret_replays_and_another_secret_is_loud(
+    client, database
+):
+    headers = {"Idempotency-Key": "across"}
+    first = await client.post(CUSTOMERS, json={"name": "acme"}, headers=headers)
+    first_bytes = await first.read()
+    settings = client.app[settings_key]
+
+    async with TestClient(TestServer(create_app(settings, database))) as twin:
+        again = await twin.post(CUSTOMERS, json={"name": "acme"}, headers=headers)
+        again_bytes = await again.read()
+    other = Settings(secret_key="a different secret of 32 characters")
+    async with TestClient(TestServer(create_app(other, database))) as stranger:
+        refused = await stranger.post(CUSTOMERS, json={"name": "acme"}, headers=headers)
+        refused_body = await refused.json()
+
+    assert (first.status, again.status, again_bytes) == (201, 201, first_bytes)
+    assert refused.status == 500
+    assert refused_body["error"]["code"] == "idempotency_answer_unreadable"
+    assert await event_count(client) == 1
+
+
+def test_without_a_configured_secret_a_key_file_is_made_once_for_the_owner_only(
+    tmp_path,
+):
+    data_dir = str(tmp_path / "data")
+    path = idempotency.key_file(data_dir)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(idempotency._file_secret, [path] * 8))
+
+    assert path == tmp_path / "data.secret-key"
+    assert len(set(made)) == 1
+    assert len(made[0]) == 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.secret-key"]
+    sealed = idempotency.sealer(None, data_dir).seal(201, b"{}")
+    assert idempotency.Sealer(made[0]).unseal(201, sealed) == b"{}"
+    path.chmod(0o644)
+    with pytest.raises(idempotency.SecretKeyError, match="chmod 600"):
+        idempotency._file_secret(path)
+
+
+def test_a_secret_key_shorter_than_32_characters_is_refused_at_start():
+    with pytest.raises(ConfigError, match="GOVLEDGER_SECRET_KEY"):
+        Settings.from_env({"GOVLEDGER_SECRET_KEY": "short"})
+    assert Settings.from_env({"GOVLEDGER_SECRET_KEY": "s" * 32}).secret_key == "s" * 32

@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, InvalidOperation
 from functools import lru_cache
+from typing import Annotated
 
 import msgspec
 
 from service.domain.events import Budget, RateLimit
+from service.domain.numbers import Money, money_schema
 from service.errors import (
     DuplicateResetDuration,
     InvalidCalendarAlignment,
@@ -65,6 +67,41 @@ _MAX_COUNT_DIGITS = max(len(str(n)) for n in _MAX_COUNT.values())
 _DURATION = re.compile(r"([1-9][0-9]*)([smhdwMQY])")
 
 
+def _count_up_to(limit: int) -> str:
+    """A regular expression for the whole numbers 1..limit, without leading zeros."""
+    digits = str(limit)
+    shorter = len(digits) - 1
+    alternatives = [f"[1-9][0-9]{{0,{shorter - 1}}}"] if shorter else []
+    for i, digit in enumerate(digits):
+        low, high = (1 if i == 0 else 0), int(digit) - 1
+        if high >= low:
+            rest = len(digits) - i - 1
+            lead = str(low) if low == high else f"[{low}-{high}]"
+            tail = "" if rest == 0 else "[0-9]" if rest == 1 else f"[0-9]{{{rest}}}"
+            alternatives.append(f"{digits[:i]}{lead}{tail}")
+    alternatives.append(digits)
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+# The grammar parse_duration accepts, exactly, as the OpenAPI document states it.
+DURATION_PATTERN = (
+    "^(?:" + "|".join(f"{_count_up_to(n)}{u}" for u, n in _MAX_COUNT.items()) + ")$"
+)
+MAX_DURATION_LENGTH = _MAX_COUNT_DIGITS + 1
+ResetDuration = Annotated[
+    str,
+    msgspec.Meta(
+        # Enforced by parse_duration, which names the error (invalid_reset_duration).
+        extra_json_schema={
+            "maxLength": MAX_DURATION_LENGTH,
+            "pattern": DURATION_PATTERN,
+        },
+        description="<count><unit>: unit one of s m h d w M Q Y; a period spans at"
+        f" most {_MAX_YEARS} years",
+    ),
+]
+
+
 def _shown(text: str) -> str:
     """`text` quoted for an error message, cut short so a huge value stays readable."""
     return repr(text if len(text) <= 40 else text[:37] + "...")
@@ -94,6 +131,18 @@ def parse_duration(text: str) -> Duration:
 def is_calendar_alignable(duration: Duration) -> bool:
     """True for exactly one day, ISO week, month, quarter or year."""
     return duration.count == 1 and duration.unit in _ALIGNABLE_UNITS
+
+
+# validate_calendar_alignment as the OpenAPI document states it.
+CALENDAR_ALIGNMENT_RULE = {
+    "if": {
+        "properties": {"calendar_aligned": {"const": True}},
+        "required": ["calendar_aligned"],
+    },
+    "then": {
+        "properties": {"reset_duration": {"enum": ["1d", "1w", "1M", "1Q", "1Y"]}}
+    },
+}
 
 
 def validate_calendar_alignment(duration: Duration, calendar_aligned: bool) -> None:
@@ -233,14 +282,35 @@ def _first_of_month(year: int, month: int, later: int) -> datetime:
     return datetime(year, month0 + 1, 1, 0, 0, 0, 0, UTC)
 
 
+# 18 integer and 9 fractional digits: a limit fits NUMERIC(27, 9) and stays exact.
+_INTEGER_TEXT = "0*[1-9][0-9]{0,17}"
+_FRACTION_TEXT = "[0-9]{1,9}0*"  # at most 9 significant fractional digits
+MaxLimit = Annotated[
+    Money,
+    msgspec.Meta(
+        extra_json_schema=money_schema(
+            number={
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1e18,
+                "multipleOf": 1e-9,
+            },
+            text=f"^(?:{_INTEGER_TEXT}(?:\\.{_FRACTION_TEXT})?"
+            f"|0+\\.(?=[0-9]{{0,8}}[1-9]){_FRACTION_TEXT})$",
+            description="Above 0 and below 10^18, at most 9 fractional digits",
+        )
+    ),
+]
+
+
 # --- reconciliation ----------------------------------------------------------------
 
 
 class BudgetSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One budget as a request asks for it; `calendar_aligned` None means not sent."""
+    """One budget as a request asks for it; `calendar_aligned` None means not sent.
+    Within one list each `reset_duration` may appear once."""
 
-    max_limit: Decimal
-    reset_duration: str
+    max_limit: MaxLimit
+    reset_duration: ResetDuration
     calendar_aligned: bool | None = None
 
 
@@ -336,7 +406,7 @@ def new_budgets(
 
 # --- rate limits -------------------------------------------------------------------
 
-_MAX_RATE_LIMIT = 2**63 - 1  # a PostgreSQL bigint
+MAX_RATE_LIMIT = 2**63 - 1  # a PostgreSQL bigint
 
 
 def validate_rate_limit(rate_limit: RateLimit) -> RateLimit:
@@ -357,9 +427,9 @@ def _validate_rate_pair(kind: str, limit: int | None, duration: str | None) -> N
                 f"{kind}_reset_duration {_shown(duration)} needs a {kind}_max_limit"
             )
         return
-    if isinstance(limit, bool) or not 0 < limit <= _MAX_RATE_LIMIT:
+    if isinstance(limit, bool) or not 0 < limit <= MAX_RATE_LIMIT:
         raise InvalidRateLimit(
-            f"{kind}_max_limit must be a whole number from 1 to {_MAX_RATE_LIMIT},"
+            f"{kind}_max_limit must be a whole number from 1 to {MAX_RATE_LIMIT},"
             f" got {limit}"
         )
     if duration is None:

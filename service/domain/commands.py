@@ -1,44 +1,92 @@
-"""Governance request bodies (strict), the commands built from them, and the checks
-the customer, team and virtual-key decisions share."""
+"""Governance request bodies (strict, bounded), the commands built from them, and the
+checks the customer, team and virtual-key decisions share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from service.domain.budgets import BudgetSpec, reconcile, validate_rate_limit
+from service.domain.bounds import (
+    MAX_PROVIDER_CONFIGS,
+    Budgets,
+    Id,
+    Models,
+    Name,
+    RateLimitValue,
+    canonical_id,
+)
+from service.domain.budgets import (
+    BudgetSpec,
+    ResetDuration,
+    reconcile,
+    validate_rate_limit,
+)
 from service.domain.events import Budget, RateLimit
+from service.domain.numbers import decode_hook
 from service.errors import Invalid, UnknownReference
 
 # --- request bodies ----------------------------------------------------------------
+# In a PUT an omitted field (UNSET) keeps its value at every depth and null removes
+# it; in a POST an omitted field takes its default (docs/API.md, "Partial updates").
 
 
 class RateLimitSpec(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 ):
-    """A rate limit as a request asks for it: each limit (> 0) needs its duration."""
+    """A rate limit as a create asks for it: each limit (> 0) needs its duration,
+    each duration its limit (bounds.RATE_LIMIT_PAIRS)."""
 
-    token_max_limit: int | None = None
-    token_reset_duration: str | None = None
-    request_max_limit: int | None = None
-    request_reset_duration: str | None = None
+    token_max_limit: RateLimitValue | None = None
+    token_reset_duration: ResetDuration | None = None
+    request_max_limit: RateLimitValue | None = None
+    request_reset_duration: ResetDuration | None = None
+
+
+class RateLimitChanges(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """A rate limit in a PUT: a field not sent keeps its value, so a half that is
+    not named is kept; a limit set to null removes its half, duration included."""
+
+    token_max_limit: RateLimitValue | UnsetType | None = UNSET
+    token_reset_duration: ResetDuration | UnsetType | None = UNSET
+    request_max_limit: RateLimitValue | UnsetType | None = UNSET
+    request_reset_duration: ResetDuration | UnsetType | None = UNSET
 
 
 class ProviderConfigSpec(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 ):
-    """A virtual key's settings for one provider, described in full.
+    """A virtual key's settings for one provider, as a create asks for them.
 
     `allowed_models` omitted, null or containing "*" allows every model; `[]` none.
-    Omitted `budgets` or `rate_limit` mean none: the entry replaces the config.
     """
 
-    provider: str
-    allowed_models: tuple[str, ...] | None = None
-    budgets: tuple[BudgetSpec, ...] = ()
+    provider: Name
+    allowed_models: Models | None = None
+    budgets: Budgets = ()
     rate_limit: RateLimitSpec | None = None
+
+
+class ProviderConfigChanges(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """A provider's settings in a PUT. For a provider the key has, an omitted
+    `allowed_models`, `budgets` or `rate_limit` keeps its value (budgets with their
+    usage); for a new one it takes the create's default (every model, none, none).
+    """
+
+    provider: Name
+    allowed_models: Models | UnsetType | None = UNSET
+    budgets: Budgets | UnsetType = UNSET
+    rate_limit: RateLimitChanges | UnsetType | None = UNSET
+
+
+AnyProviderConfig = ProviderConfigSpec | ProviderConfigChanges
 
 
 class CustomerBody(
@@ -46,8 +94,8 @@ class CustomerBody(
 ):
     """Body of POST /api/governance/customers."""
 
-    name: str
-    budgets: tuple[BudgetSpec, ...] = ()
+    name: Name
+    budgets: Budgets = ()
     rate_limit: RateLimitSpec | None = None
 
 
@@ -60,17 +108,17 @@ class CustomerChanges(
     removes the rate limit.
     """
 
-    name: str | UnsetType = UNSET
-    budgets: tuple[BudgetSpec, ...] | UnsetType = UNSET
-    rate_limit: RateLimitSpec | UnsetType | None = UNSET
+    name: Name | UnsetType = UNSET
+    budgets: Budgets | UnsetType = UNSET
+    rate_limit: RateLimitChanges | UnsetType | None = UNSET
 
 
 class TeamBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/governance/teams."""
 
-    name: str
-    customer_id: str | None = None
-    budgets: tuple[BudgetSpec, ...] = ()
+    name: Name
+    customer_id: Id | None = None
+    budgets: Budgets = ()
     rate_limit: RateLimitSpec | None = None
 
 
@@ -82,10 +130,10 @@ class TeamChanges(
     `customer_id: null` detaches the team; `budgets` is the full resulting set.
     """
 
-    name: str | UnsetType = UNSET
-    customer_id: str | UnsetType | None = UNSET
-    budgets: tuple[BudgetSpec, ...] | UnsetType = UNSET
-    rate_limit: RateLimitSpec | UnsetType | None = UNSET
+    name: Name | UnsetType = UNSET
+    customer_id: Id | UnsetType | None = UNSET
+    budgets: Budgets | UnsetType = UNSET
+    rate_limit: RateLimitChanges | UnsetType | None = UNSET
 
 
 class VirtualKeyBody(
@@ -94,13 +142,15 @@ class VirtualKeyBody(
     """Body of POST /api/governance/virtual-keys: a key under a team or a customer,
     never both."""
 
-    name: str
-    team_id: str | None = None
-    customer_id: str | None = None
+    name: Name
+    team_id: Id | None = None
+    customer_id: Id | None = None
     is_active: bool = True
-    budgets: tuple[BudgetSpec, ...] = ()
+    budgets: Budgets = ()
     rate_limit: RateLimitSpec | None = None
-    provider_configs: tuple[ProviderConfigSpec, ...] = ()
+    provider_configs: Annotated[
+        tuple[ProviderConfigSpec, ...], msgspec.Meta(max_length=MAX_PROVIDER_CONFIGS)
+    ] = ()
 
 
 class VirtualKeyChanges(
@@ -112,14 +162,63 @@ class VirtualKeyChanges(
     `rotate_value: true` issues a new secret, returned once in the answer.
     """
 
-    name: str | UnsetType = UNSET
-    team_id: str | UnsetType | None = UNSET
-    customer_id: str | UnsetType | None = UNSET
+    name: Name | UnsetType = UNSET
+    team_id: Id | UnsetType | None = UNSET
+    customer_id: Id | UnsetType | None = UNSET
     is_active: bool | UnsetType = UNSET
-    budgets: tuple[BudgetSpec, ...] | UnsetType = UNSET
-    rate_limit: RateLimitSpec | UnsetType | None = UNSET
-    provider_configs: tuple[ProviderConfigSpec, ...] | UnsetType = UNSET
+    budgets: Budgets | UnsetType = UNSET
+    rate_limit: RateLimitChanges | UnsetType | None = UNSET
+    provider_configs: (
+        Annotated[
+            tuple[ProviderConfigChanges, ...],
+            msgspec.Meta(max_length=MAX_PROVIDER_CONFIGS),
+        ]
+        | UnsetType
+    ) = UNSET
     rotate_value: bool = False
+
+
+AnyBody = (
+    CustomerBody
+    | CustomerChanges
+    | TeamBody
+    | TeamChanges
+    | VirtualKeyBody
+    | VirtualKeyChanges
+)
+
+
+B = TypeVar("B", bound=AnyBody)
+
+
+def body_decoder(type_: type[B]) -> msgspec.json.Decoder[B]:
+    """The strict decoder of a body: money exact (see budgets.Money)."""
+    return msgspec.json.Decoder(type_, dec_hook=decode_hook, float_hook=Decimal)
+
+
+T = TypeVar("T")
+
+
+def strict_decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """Decode a request body; every failure is an Invalid naming the JSON path."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"the request body is invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise Invalid(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 in a string
+        raise Invalid(f"the request body is not valid UTF-8: {exc}") from None
+
+
+def canonical_references(body: B) -> B:
+    """The body with the customer and team ids it names in their stored spelling."""
+    references = {
+        name: canonical_id(value)
+        for name in ("team_id", "customer_id")
+        if isinstance(value := getattr(body, name, None), str)
+    }
+    return msgspec.structs.replace(body, **references) if references else body
 
 
 # --- commands ----------------------------------------------------------------------
@@ -207,25 +306,18 @@ class DetachVirtualKey(msgspec.Struct, frozen=True, kw_only=True):
     customer_id: str | None = None
 
 
-AnyBody = (
-    CustomerBody
-    | CustomerChanges
-    | TeamBody
-    | TeamChanges
-    | VirtualKeyBody
-    | VirtualKeyChanges
-)
-
-
 def ids_needed(body: AnyBody) -> int:
     """The most new ids a command built from `body` can draw."""
-    budgets = () if isinstance(body.budgets, UnsetType) else body.budgets
-    configs: Iterable[ProviderConfigSpec] = ()
+    configs: Iterable[AnyProviderConfig] = ()
     if isinstance(body, VirtualKeyBody | VirtualKeyChanges) and not isinstance(
         body.provider_configs, UnsetType
     ):
         configs = body.provider_configs
-    return len(budgets) + sum(1 + len(c.budgets) for c in configs)
+    return _count(body.budgets) + sum(1 + _count(c.budgets) for c in configs)
+
+
+def _count(budgets: tuple[BudgetSpec, ...] | UnsetType) -> int:
+    return 0 if isinstance(budgets, UnsetType) else len(budgets)
 
 
 # --- checks shared by the aggregates ----------------------------------------------
@@ -259,18 +351,53 @@ def checked_reference(
 
 
 def rate_limit_of(spec: RateLimitSpec | None) -> RateLimit | None:
-    """The validated rate limit a spec asks for; None when it sets no limit."""
-    if spec is None:
+    """The validated rate limit a create asks for; None when it sets no limit."""
+    return rate_limit_after(None, spec)
+
+
+def rate_limit_after(
+    current: RateLimit | None,
+    requested: RateLimitSpec | RateLimitChanges | UnsetType | None,
+) -> RateLimit | None:
+    """The validated rate limit once `requested` is applied to `current`: UNSET keeps
+    it, null removes it, and each half not named in `requested` is kept (a limit set
+    to null drops its half). None when no limit remains."""
+    if isinstance(requested, UnsetType):
+        return current
+    if requested is None:
         return None
+    base = current or RateLimit()
+    token_max_limit, token_reset_duration = _half(
+        (base.token_max_limit, base.token_reset_duration),
+        (requested.token_max_limit, requested.token_reset_duration),
+    )
+    request_max_limit, request_reset_duration = _half(
+        (base.request_max_limit, base.request_reset_duration),
+        (requested.request_max_limit, requested.request_reset_duration),
+    )
     rate_limit = validate_rate_limit(
         RateLimit(
-            token_max_limit=spec.token_max_limit,
-            token_reset_duration=spec.token_reset_duration,
-            request_max_limit=spec.request_max_limit,
-            request_reset_duration=spec.request_reset_duration,
+            token_max_limit=token_max_limit,
+            token_reset_duration=token_reset_duration,
+            request_max_limit=request_max_limit,
+            request_reset_duration=request_reset_duration,
         )
     )
     return None if rate_limit == RateLimit() else rate_limit
+
+
+def _half(
+    current: tuple[int | None, str | None],
+    requested: tuple[int | UnsetType | None, str | UnsetType | None],
+) -> tuple[int | None, str | None]:
+    (limit, duration), (new_limit, new_duration) = current, requested
+    if not isinstance(new_limit, UnsetType):
+        limit = new_limit
+        if new_limit is None and isinstance(new_duration, UnsetType):
+            duration = None  # the half goes with its limit
+    if not isinstance(new_duration, UnsetType):
+        duration = new_duration
+    return limit, duration
 
 
 def settled(budgets: Iterable[Budget]) -> tuple[Budget, ...]:

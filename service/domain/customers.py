@@ -15,6 +15,7 @@ from service.domain.commands import (
     UpdateCustomer,
     checked_name,
     id_source,
+    rate_limit_after,
     rate_limit_of,
     replaced_budgets,
     settled,
@@ -97,9 +98,7 @@ def _updated(customer: Customer, command: UpdateCustomer) -> list[CustomerEvent]
     name = customer.name
     if not isinstance(changes.name, msgspec.UnsetType):
         name = checked_name(changes.name, "customer")
-    rate_limit = customer.rate_limit
-    if not isinstance(changes.rate_limit, msgspec.UnsetType):
-        rate_limit = rate_limit_of(changes.rate_limit)
+    rate_limit = rate_limit_after(customer.rate_limit, changes.rate_limit)
     budgets = replaced_budgets(
         customer.budgets, changes.budgets, id_source(command.new_ids)
     )

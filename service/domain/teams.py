@@ -17,6 +17,7 @@ from service.domain.commands import (
     checked_name,
     checked_reference,
     id_source,
+    rate_limit_after,
     rate_limit_of,
     replaced_budgets,
     settled,
@@ -123,9 +124,7 @@ def _updated(team: Team, command: UpdateTeam) -> list[TeamEvent]:
         customer_id = checked_reference(
             changes.customer_id, "customer", command.unknown_references
         )
-    rate_limit = team.rate_limit
-    if not isinstance(changes.rate_limit, msgspec.UnsetType):
-        rate_limit = rate_limit_of(changes.rate_limit)
+    rate_limit = rate_limit_after(team.rate_limit, changes.rate_limit)
     budgets = replaced_budgets(
         team.budgets, changes.budgets, id_source(command.new_ids)
     )

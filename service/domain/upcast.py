@@ -24,10 +24,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
+from service.domain.bounds import (
+    MAX_BUDGETS,
+    MAX_MODELS,
+    MAX_NAME,
+    MAX_PROVIDER_CONFIGS,
+)
 from service.domain.budgets import (
     BudgetSpec,
     is_calendar_alignable,
@@ -53,6 +59,7 @@ from service.domain.events import (
 from service.errors import DuplicateProvider, Invalid, LegacyEventRefused
 
 Data = dict[str, Any]
+T = TypeVar("T")
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -454,27 +461,86 @@ _WITH_RATE_LIMIT = (
 
 
 def check_values(event: AnyEvent) -> None:
-    """Raise the Invalid a command would have met for the budgets, rate limits and
-    provider configs of `event`: what the projections and the read model's indexes
-    rely on. calendar_aligned on a duration that cannot be aligned is let through
-    (every read ignores it); usage has its own rules (domain.usage)."""
+    """Raise the Invalid a command would have met for `event`: its names, ids and
+    lists within their bounds (which keep every row within the read model's index
+    limits), its budgets, rate limits and provider configs valid. calendar_aligned
+    on a duration that cannot be aligned is let through (every read ignores it);
+    usage has its own rules (domain.usage). Ids are kept as the log spells them,
+    so a legacy id need not be a UUID, only bounded text."""
+    _check_ids(msgspec.to_builtins(event))
+    name = getattr(event, "name", None)
+    if isinstance(name, str):
+        _check_name(name, "name")
     if isinstance(event, _WITH_BUDGETS):
         _check_budgets(event.budgets)
     if isinstance(event, _WITH_RATE_LIMIT):
         _check_rate_limit(event.rate_limit)
     if isinstance(event, VirtualKeyCreated | VirtualKeyUpdated):
+        _check_text(event.value_sha256, "value_sha256", MAX_DIGEST)
+        _check_text(event.value_hint, "value_hint", MAX_DIGEST, empty=True)
+        _check_count(event.provider_configs, "provider_configs", MAX_PROVIDER_CONFIGS)
         providers: set[str] = set()
         for config in event.provider_configs:
+            _check_name(config.provider, "provider")
             if config.provider in providers:
                 raise DuplicateProvider(
                     f"provider {_shown(config.provider)} has more than one config"
                 )
             providers.add(config.provider)
+            for model in _check_count(
+                config.allowed_models or (), "allowed_models", MAX_MODELS
+            ):
+                _check_text(model, "a model", MAX_NAME)
             _check_budgets(config.budgets)
             _check_rate_limit(config.rate_limit)
 
 
+# An id of the log is text of at most this many characters (a UUID has 36): with its
+# stream's prefix it stays far below a btree row's limit in every index it is in.
+MAX_LOG_ID = 255
+# A secret's SHA-256 (64 hex digits) and its last characters, with room to spare.
+MAX_DIGEST = 128
+
+
+def _check_ids(fields: Mapping[str, Any]) -> None:
+    """Every `*_id` (and `*_ids`) field, nested ones included, is bounded text."""
+    for key, value in fields.items():
+        if isinstance(value, Mapping):
+            _check_ids(value)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                if isinstance(item, Mapping):
+                    _check_ids(item)
+                elif key.endswith("_ids"):
+                    _check_text(item, key, MAX_LOG_ID)
+        elif key.endswith("_id") and value is not None:
+            _check_text(value, key, MAX_LOG_ID)
+
+
+def _check_name(value: str, what: str) -> None:
+    _check_text(value, what, MAX_NAME)
+    if not value.strip():
+        raise Invalid(f"{what} must not be blank")
+
+
+def _check_text(value: object, what: str, limit: int, *, empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise Invalid(f"{what} must be text, not {value!r:.40}")
+    if not (empty or value) or len(value) > limit:
+        raise Invalid(f"{what} must have 1 to {limit} characters, got {len(value)}")
+    # PostgreSQL's text and jsonb cannot hold U+0000.
+    if "\x00" in value:
+        raise Invalid(f"{what} must not contain the character U+0000")
+
+
+def _check_count(items: Sequence[T], what: str, limit: int) -> Sequence[T]:
+    if len(items) > limit:
+        raise Invalid(f"{what} holds at most {limit} entries, got {len(items)}")
+    return items
+
+
 def _check_budgets(budgets: Sequence[Budget]) -> None:
+    _check_count(budgets, "budgets", MAX_BUDGETS)
     specs = [
         BudgetSpec(
             max_limit=b.max_limit,

@@ -29,7 +29,9 @@ from typing import Annotated, NamedTuple, Protocol
 
 import msgspec
 
+from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
 from service.domain.events import UsageRecorded
+from service.domain.numbers import Money, Whole, decode_hook, money_schema
 
 MAX_FUTURE = timedelta(minutes=5)
 # The instants a record may carry: from 2000-01-01 to MAX_FUTURE after the receive
@@ -40,29 +42,64 @@ MAX_COST = Decimal(10) ** 12
 NANO = Decimal("1e-9")
 # Per record; sums over millions of records still fit a bigint.
 MAX_COUNT = 2**31 - 1
+# An id in an imported usage event: bounded text, as upcast.check_values has it.
+MAX_LOG_ID = 255
 
 _UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 # event_id stays a str: str is not tracked by the cyclic GC, uuid.UUID is (see
-# research/ingest-pipeline.md), and the canonical form is enforced by the pattern.
-EventId = Annotated[str, msgspec.Meta(pattern=_UUID)]
-MAX_NAME = 256
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
-Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+# research/ingest-pipeline.md); the pattern and the exact length (a trailing newline
+# would pass the pattern alone) make it a hyphenated UUID in either letter case.
+EventId = Annotated[str, msgspec.Meta(min_length=36, max_length=36, pattern=_UUID)]
+# Text of 1 to MAX_NAME characters without U+0000 (which jsonb cannot hold).
+Name = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=NO_NUL_PATTERN)
+]
+Secret = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+# Enforced by `validate`: a count is a whole number, so 5.0 is taken (numbers.Whole).
+Count = Annotated[
+    Whole, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_COUNT})
+]
 Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+# Enforced by `_content`, which names the error (negative_cost, invalid_cost).
+Cost = Annotated[
+    Money,
+    msgspec.Meta(
+        extra_json_schema=money_schema(
+            number={"minimum": 0, "exclusiveMaximum": 1e12, "multipleOf": 1e-9},
+            text="^(?:0*[0-9]{1,12}(?:\\.[0-9]{1,9}0*)?|-0+(?:\\.0+)?)$",
+            description="At least 0 and below 10^12, at most 9 fractional digits",
+        )
+    ),
+]
+# What a record's (or a check's) decoding cannot say and `validate` enforces: exactly
+# one of the secret and the key's id, the other absent or null.
+KEY_CHOICE_SCHEMA = {
+    "oneOf": [
+        {
+            "required": [given],
+            "properties": {given: {"type": "string"}, other: {"type": "null"}},
+        }
+        for given, other in (
+            ("virtual_key", "virtual_key_id"),
+            ("virtual_key_id", "virtual_key"),
+        )
+    ]
+}
 
 
 class UsageRecord(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 ):
-    """One record of POST /api/usage, a batch line or a stream frame's element."""
+    """One record of POST /api/usage, a batch line or a stream frame's element.
+    `virtual_key_id` is a UUID in any letter case (resolved in lower case)."""
 
     event_id: EventId
     provider: Name
     model: Name
-    cost: Decimal
-    virtual_key: Name | None = None
-    virtual_key_id: Name | None = None
+    cost: Cost
+    virtual_key: Secret | None = None
+    virtual_key_id: Id | None = None
     input_tokens: Count = 0
     output_tokens: Count = 0
     requests: Count = 1
@@ -103,6 +140,10 @@ UNKNOWN_VIRTUAL_KEY = Rejection(
 KEY_CHOICE = Rejection(
     "invalid_record", "send exactly one of virtual_key and virtual_key_id"
 )
+COUNT_OUT_OF_RANGE = Rejection(
+    "invalid_record",
+    f"token and request counts must lie in 0..{MAX_COUNT}",
+)
 NUL_CHARACTER = Rejection(
     "invalid_record", "provider and model must not contain the character U+0000"
 )
@@ -126,6 +167,8 @@ def validate(record: UsageRecord, now: datetime) -> Rejection | None:
     """What is wrong with a decoded record that its types cannot say, if anything."""
     if (record.virtual_key is None) == (record.virtual_key_id is None):
         return KEY_CHOICE
+    if not _are_counts(record.input_tokens, record.output_tokens, record.requests):
+        return COUNT_OUT_OF_RANGE
     rejection = _content(record.provider, record.model, record.cost)
     at = record.occurred_at
     if rejection is None and at is not None and not is_in_range(at, now):
@@ -142,12 +185,19 @@ def validate_recorded(event: UsageRecorded, recorded_at: datetime) -> Rejection 
             "invalid_record",
             f"provider and model must have 1 to {MAX_NAME} characters",
         )
-    if not all(
-        0 <= n <= MAX_COUNT
-        for n in (event.input_tokens, event.output_tokens, event.requests)
-    ):
+    if not _are_counts(event.input_tokens, event.output_tokens, event.requests):
+        return COUNT_OUT_OF_RANGE
+    ids = (
+        event.virtual_key_id,
+        event.provider_config_id,
+        event.team_id,
+        event.customer_id,
+        event.reservation_id,
+    )
+    if not all(i is None or _is_log_id(i) for i in ids):
         return Rejection(
-            "invalid_record", f"token and request counts must lie in 0..{MAX_COUNT}"
+            "invalid_record",
+            f"ids must have 1 to {MAX_LOG_ID} characters, without U+0000",
         )
     rejection = _content(event.provider, event.model, event.cost)
     if rejection is None and (
@@ -156,6 +206,14 @@ def validate_recorded(event: UsageRecorded, recorded_at: datetime) -> Rejection 
     ):
         return OCCURRED_AT_OUT_OF_RANGE
     return rejection
+
+
+def _are_counts(*counts: int) -> bool:
+    return all(0 <= n <= MAX_COUNT for n in counts)
+
+
+def _is_log_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_LOG_ID and "\x00" not in value
 
 
 def _content(provider: str, model: str, cost: Decimal) -> Rejection | None:
@@ -240,8 +298,12 @@ class Rejected(NamedTuple):
 
 
 _encode = msgspec.json.Encoder().encode
-_decode_record = msgspec.json.Decoder(UsageRecord).decode
-_decode_records = msgspec.json.Decoder(UsageRecord).decode_lines
+# Money exact (budgets.Money): a hook call per record, about a microsecond.
+_record_decoder = msgspec.json.Decoder(
+    UsageRecord, dec_hook=decode_hook, float_hook=Decimal
+)
+_decode_record = _record_decoder.decode
+_decode_records = _record_decoder.decode_lines
 # A line that ends one JSON value and starts another (false positives only cost speed).
 _TWO_VALUES = re.compile(rb"\}[ \t\r]*\{")
 _BLANK = b" \t\r"
@@ -327,12 +389,13 @@ def screen(
 def _resolve(
     resolver: KeyResolver, record: UsageRecord
 ) -> tuple[UsageChain, str] | None:
-    secret = record.virtual_key
+    secret, key_id = record.virtual_key, record.virtual_key_id
     chain = resolver.resolve_usage(
         virtual_key_sha256=(
             None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
         ),
-        virtual_key_id=record.virtual_key_id,
+        # A hyphenated UUID (the pattern): in lower case, it is the stored spelling.
+        virtual_key_id=None if key_id is None else key_id.lower(),
         provider=record.provider,
     )
     return None if chain is None else (chain, "usage-" + chain.virtual_key_id)

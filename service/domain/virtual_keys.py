@@ -11,14 +11,15 @@ import msgspec
 
 from service.domain.budgets import new_budgets, reconcile
 from service.domain.commands import (
+    AnyProviderConfig,
     CreateVirtualKey,
     DeleteVirtualKey,
     DetachVirtualKey,
-    ProviderConfigSpec,
     UpdateVirtualKey,
     checked_name,
     checked_reference,
     id_source,
+    rate_limit_after,
     rate_limit_of,
     replaced_budgets,
     same_budgets,
@@ -172,11 +173,7 @@ def _updated(key: VirtualKey, command: UpdateVirtualKey) -> list[VirtualKeyEvent
         is_active=(
             key.is_active if isinstance(changes.is_active, unset) else changes.is_active
         ),
-        rate_limit=(
-            key.rate_limit
-            if isinstance(changes.rate_limit, unset)
-            else rate_limit_of(changes.rate_limit)
-        ),
+        rate_limit=rate_limit_after(key.rate_limit, changes.rate_limit),
         provider_configs=(
             key.provider_configs
             if isinstance(changes.provider_configs, unset)
@@ -249,13 +246,16 @@ def _same_key(a: VirtualKey, b: VirtualKey) -> bool:
 
 def reconcile_provider_configs(
     current: tuple[ProviderConfig, ...],
-    requested: Iterable[ProviderConfigSpec],
+    requested: Iterable[AnyProviderConfig],
     new_id: Callable[[], str],
 ) -> tuple[ProviderConfig, ...]:
     """A key's provider configs after a request replaces the whole set.
 
-    A kept provider keeps its provider_config_id and reconciles its budgets by
-    reset_duration; a new provider gets `new_id()`; a dropped one is gone.
+    A kept provider keeps its provider_config_id, reconciles its budgets by
+    reset_duration and keeps whatever the entry leaves out (UNSET): its allowed
+    models, its budgets with their usage, each half of its rate limit. A new
+    provider gets `new_id()` and the defaults (every model, no budget, no rate
+    limit); a dropped one is gone.
     """
     by_provider = {config.provider: config for config in current}
     seen: set[str] = set()
@@ -270,18 +270,21 @@ def reconcile_provider_configs(
             )
         seen.add(spec.provider)
         kept = by_provider.get(spec.provider)
-        rate_limit = rate_limit_of(spec.rate_limit)
-        if kept is None:
-            config_id = new_id()
-            budgets = new_budgets(spec.budgets, new_id)
-        else:
-            budgets = reconcile(kept.budgets, spec.budgets, new_id)
-            config_id = kept.provider_config_id
+        # A new provider starts from the defaults: every model, nothing else.
+        before = kept or ProviderConfig(provider_config_id="", provider=spec.provider)
+        rate_limit = rate_limit_after(before.rate_limit, spec.rate_limit)
+        allowed_models = before.allowed_models
+        if not isinstance(spec.allowed_models, msgspec.UnsetType):
+            allowed_models = _allowed_models(spec.allowed_models)
+        config_id = new_id() if kept is None else kept.provider_config_id
+        budgets = before.budgets
+        if not isinstance(spec.budgets, msgspec.UnsetType):
+            budgets = reconcile(before.budgets, spec.budgets, new_id)
         configs.append(
             ProviderConfig(
                 provider_config_id=config_id,
                 provider=spec.provider,
-                allowed_models=_allowed_models(spec.allowed_models),
+                allowed_models=allowed_models,
                 budgets=budgets,
                 rate_limit=rate_limit,
             )

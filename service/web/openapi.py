@@ -11,6 +11,8 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from aiohttp import web
 
+from service.domain.bounds import ONE_OWNER_RULE, RATE_LIMIT_PAIRS
+from service.domain.budgets import CALENDAR_ALIGNMENT_RULE
 from service.domain.commands import (
     CustomerBody,
     CustomerChanges,
@@ -19,7 +21,9 @@ from service.domain.commands import (
     VirtualKeyBody,
     VirtualKeyChanges,
 )
-from service.domain.usage import UsageRecord
+from service.domain.numbers import schema_hook
+from service.domain.usage import KEY_CHOICE_SCHEMA, UsageRecord
+from service.idempotency import MAX_KEY_LENGTH
 from service.web.answers import (
     BatchAnswer,
     BudgetList,
@@ -45,7 +49,7 @@ from service.web.answers import (
     VirtualKeyList,
     VirtualKeySaved,
 )
-from service.web.http import ROLE_RIGHTS, Right
+from service.web.http import MAX_QUERY_INT, ROLE_RIGHTS, Right
 from service.web.keys import rights_key
 from service.web.routes.check import CheckRequest
 from service.web.routes.dashboard import MODULES as DASHBOARD_MODULES
@@ -67,58 +71,106 @@ class Param(NamedTuple):
     where: Literal["path", "query", "header"]
     schema: Mapping[str, Any]
     description: str
+    required: bool = False  # a path parameter always is
 
     def spec(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "in": self.where,
-            "required": self.where == "path",
+            "required": self.where == "path" or self.required,
             "description": self.description,
             "schema": dict(self.schema),
         }
 
 
+def _or_empty(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema: the value, or empty, which means not given."""
+    return {"anyOf": [dict(schema), {"type": "string", "maxLength": 0}]}
+
+
+def _count(minimum: int) -> dict[str, Any]:
+    # query_int refuses what no bigint holds.
+    return _or_empty({"type": "integer", "minimum": minimum, "maximum": MAX_QUERY_INT})
+
+
 _UUID = {"type": "string", "format": "uuid"}
-PATH_ID = Param("id", "path", _UUID, "The entity's id")
-LATEST = Param(
-    "limit", "query", {"type": "integer", "minimum": 1}, "Only the latest this many"
-)
+PATH_ID = Param("id", "path", _UUID, "The entity's id, a UUID in any letter case")
+LATEST = Param("limit", "query", _count(1), "Only the latest this many")
 MIN_POSITION = Param(
     "min_position",
     "query",
-    {"type": "integer", "minimum": 0},
+    _count(0),
     "Wait up to 2 s for the read model to reach this position, else 503 projection_lag",
 )
-AFTER = Param(
-    "after", "query", {"type": "integer", "minimum": 0}, "Events after this position"
-)
+AFTER = Param("after", "query", _count(0), "Events after this position")
 LIMIT = Param(
     "limit",
     "query",
-    {"type": "integer", "minimum": 1},
+    _count(1),
     "At most this many events (capped at 10000; default 1000)",
 )
 STREAM_ID = Param("stream_id", "query", {"type": "string"}, "Only this stream")
 OWNER_TYPE = Param(
     "owner_type",
     "query",
-    {"type": "string", "enum": ["customer", "team", "virtual_key", "provider_config"]},
+    _or_empty(
+        {
+            "type": "string",
+            "enum": ["customer", "team", "virtual_key", "provider_config"],
+        }
+    ),
     "Only budgets of this kind of owner",
 )
-OWNER_ID = Param("owner_id", "query", _UUID, "Only budgets of this owner")
-TEAM_ID = Param("team_id", "query", _UUID, "Only keys of this team")
-CUSTOMER_ID = Param("customer_id", "query", _UUID, "Only those of this customer")
+OWNER_ID = Param("owner_id", "query", _or_empty(_UUID), "Only budgets of this owner")
+TEAM_ID = Param("team_id", "query", _or_empty(_UUID), "Only keys of this team")
+CUSTOMER_ID = Param(
+    "customer_id", "query", _or_empty(_UUID), "Only those of this customer"
+)
 IF_MATCH = Param(
     "If-Match",
     "header",
-    {"type": "string", "pattern": "^[0-9]{1,18}$"},
+    # The bare integer; quotes around it, as an ETag has them, are taken too.
+    {"type": "string", "pattern": '^"?[0-9]{1,18}"?$'},
     "The entity's version; another version is a 409",
 )
 IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
     "header",
-    {"type": "string", "minLength": 1, "maxLength": 255},
-    "A retry with the same key returns the first answer and appends nothing",
+    {"type": "string", "pattern": f"^[\\x20-\\x7e]{{1,{MAX_KEY_LENGTH}}}$"},
+    "1 to 255 printable ASCII characters. Every answer but a 5xx is kept for it: a"
+    " retry with the same key returns that answer byte for byte and appends"
+    " nothing; the key with another request is a 422",
+)
+# What aiohttp's handshake requires of a WebSocket upgrade (else a 400).
+UPGRADE = (
+    Param(
+        "Upgrade",
+        "header",
+        {"type": "string", "pattern": "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$"},
+        "websocket",
+        required=True,
+    ),
+    Param(
+        "Connection",
+        "header",
+        {"type": "string", "pattern": "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]"},
+        "A list that holds Upgrade",
+        required=True,
+    ),
+    Param(
+        "Sec-WebSocket-Version",
+        "header",
+        {"type": "string", "enum": ["13", "8", "7"]},
+        "The WebSocket protocol version",
+        required=True,
+    ),
+    Param(
+        "Sec-WebSocket-Key",
+        "header",
+        {"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$"},
+        "16 random bytes in base64",
+        required=True,
+    ),
 )
 
 # --- operations --------------------------------------------------------------------
@@ -171,6 +223,24 @@ the frames came, after the frame's records committed (frames may be pipelined):
 object, or a binary frame, is answered with an error frame
 `{"seq"?, "error": {"code", "message"}}` (schema `UsageFrameError`, code
 `invalid_frame`) and the socket stays open."""
+
+# The `data` of the dashboard's `snapshot` event: the read views of every entity,
+# with what the page adds (next resets, what blocks a key).
+_ENTITIES = {
+    "type": "array",
+    "items": {"type": "object", "required": ["id", "name", "budgets", "rate_limit"]},
+}
+_SNAPSHOT = {
+    "type": "object",
+    "required": ["position", "generated_at", "customers", "teams", "virtual_keys"],
+    "properties": {
+        "position": {"type": "integer", "minimum": 0},
+        "generated_at": {"type": "string", "format": "date-time"},
+        "customers": _ENTITIES,
+        "teams": _ENTITIES,
+        "virtual_keys": _ENTITIES,
+    },
+}
 
 OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/healthz"): Operation(
@@ -240,9 +310,13 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         Documented(200, str, "text/event-stream"),
         description="Each event is `event: snapshot`, `id: <position>` and `data:`"
         " `{position, generated_at, customers, teams, virtual_keys}` (the entities"
-        " as the governance reads answer them). The stream stays open.",
+        " as the governance reads answer them; `x-events` gives the schema of"
+        " `data`). The stream stays open.",
         errors=(503,),
         tags=("dashboard",),
+        extensions={
+            "x-events": {"snapshot": {"id": "data.position", "data": _SNAPSHOT}}
+        },
     ),
     ("GET", "/api/governance/budgets/{id}/periods"): Operation(
         "list_budget_periods",
@@ -408,6 +482,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "release_reservation",
         "Drop an open hold without recording usage",
         Documented(200, Released),
+        parameters=(PATH_ID,),
         errors=(404, 503),
         description="Repeating it, or releasing a settled or expired hold, answers"
         " 200 and appends nothing; an id no reserving check answered is a 404.",
@@ -422,7 +497,9 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         errors=(503,),
         description="A rejected record is a 400 whose code says why: `invalid_record`,"
         " `negative_cost`, `invalid_cost`, `occurred_at_out_of_range` or"
-        " `unknown_virtual_key`. An acknowledged record is durable.",
+        " `unknown_virtual_key` (given only once the cache has seen the log as it"
+        " was when the record arrived; while it lags, a 503 `projection_lag` says"
+        " retry). An acknowledged record is durable.",
         tags=("usage",),
     ),
     ("POST", "/api/usage/batch"): Operation(
@@ -442,6 +519,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "usage_stream",
         "Record usage over a WebSocket",
         Documented(101, None, description="Switching Protocols: the WebSocket is open"),
+        parameters=UPGRADE,
         errors=(400,),
         description=_STREAM_DESCRIPTION,
         tags=("usage",),
@@ -469,8 +547,39 @@ _REASONS = {
     415: "The body is declared as a form or plain text, or, in open mode, not as"
     " application/json (application/x-ndjson for a batch): unsupported_media_type",
     422: "The Idempotency-Key was already used for a different request",
-    503: "The projection did not reach min_position in time (projection_lag), or the"
-    " database is unavailable",
+    503: "Retry later (Retry-After): the projection did not reach min_position in"
+    " time, or the cache has not yet seen a key that may have been created a moment"
+    " ago (projection_lag); or the database is unavailable",
+}
+
+# What the decoding of a body cannot say and its handler enforces: stated beside the
+# struct's own schema, so a request the document calls valid is one the service takes.
+_RESERVE = {"properties": {"reserve": {"const": True}}, "required": ["reserve"]}
+BODY_RULES: Mapping[str, Mapping[str, Any]] = {
+    "UsageRecord": KEY_CHOICE_SCHEMA,  # domain.usage.validate
+    "RateLimitSpec": RATE_LIMIT_PAIRS,  # domain.budgets.validate_rate_limit
+    "BudgetSpec": CALENDAR_ALIGNMENT_RULE,  # domain.budgets
+    "VirtualKeyBody": ONE_OWNER_RULE,  # domain.virtual_keys
+    "VirtualKeyChanges": ONE_OWNER_RULE,
+    # routes.check._validate
+    "CheckRequest": {
+        "allOf": [
+            KEY_CHOICE_SCHEMA,
+            {
+                "if": _RESERVE,
+                "then": {
+                    "required": ["estimated_cost"],
+                    "properties": {"estimated_cost": {"not": {"type": "null"}}},
+                },
+                "else": {
+                    "properties": {
+                        "ttl_s": {"type": "null"},
+                        "estimated_tokens": {"enum": [None, 0]},
+                    }
+                },
+            },
+        ]
+    },
 }
 
 # --- the document ------------------------------------------------------------------
@@ -506,7 +615,12 @@ def document(routes: Iterable[RouteEntry]) -> dict[str, Any]:
         + [t for *_, op in entries for t in _types(op) if t is not None]
         + list(FRAME_TYPES)
     )
-    schemas, components = msgspec.json.schema_components(types, ref_template=REF)
+    schemas, components = msgspec.json.schema_components(
+        types, schema_hook=schema_hook, ref_template=REF
+    )
+    for name, rules in BODY_RULES.items():
+        if name in components:
+            components[name] = {**components[name], **rules}
     schema_of = {t: _money(s) for t, s in zip(types, schemas, strict=True)}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, right, op in entries:

@@ -12,6 +12,7 @@ from service.domain.commands import (
     CustomerBody,
     CustomerChanges,
     DeleteCustomer,
+    RateLimitChanges,
     RateLimitSpec,
     UpdateCustomer,
 )
@@ -97,7 +98,7 @@ def test_create_customer_rejects_a_blank_name_and_duplicate_durations():
 
 
 def test_a_rate_limit_without_its_duration_is_rejected():
-    changes = CustomerChanges(rate_limit=RateLimitSpec(token_max_limit=10))
+    changes = CustomerChanges(rate_limit=RateLimitChanges(token_max_limit=10))
 
     with pytest.raises(InvalidRateLimit):
         decide(update(changes), fold([CREATED]))
@@ -188,3 +189,75 @@ def test_fold_applies_updates_and_budget_replacements():
         budgets=(MONTHLY,),
         rate_limit=RateLimit(token_max_limit=5, token_reset_duration="1h"),
     )
+
+
+RATED = CustomerCreated(
+    customer_id="c1",
+    name="acme",
+    rate_limit=RateLimit(
+        token_max_limit=1000,
+        token_reset_duration="1h",
+        request_max_limit=60,
+        request_reset_duration="1m",
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "after"),
+    [
+        pytest.param(
+            RateLimitChanges(request_max_limit=30, request_reset_duration="1m"),
+            RateLimit(
+                token_max_limit=1000,
+                token_reset_duration="1h",
+                request_max_limit=30,
+                request_reset_duration="1m",
+            ),
+            id="the-request-half-alone-keeps-the-token-half",
+        ),
+        pytest.param(
+            RateLimitChanges(token_max_limit=2000),
+            RateLimit(
+                token_max_limit=2000,
+                token_reset_duration="1h",
+                request_max_limit=60,
+                request_reset_duration="1m",
+            ),
+            id="a-new-limit-keeps-its-duration",
+        ),
+        pytest.param(
+            RateLimitChanges(token_max_limit=None),
+            RateLimit(request_max_limit=60, request_reset_duration="1m"),
+            id="a-null-limit-removes-its-half",
+        ),
+        pytest.param(
+            RateLimitChanges(request_max_limit=None, token_max_limit=None),
+            None,
+            id="both-halves-null-remove-the-rate-limit",
+        ),
+    ],
+)
+def test_a_rate_limit_in_a_put_changes_only_what_it_names(changes, after):
+    assert decide(update(CustomerChanges(rate_limit=changes)), fold([RATED])) == [
+        CustomerUpdated(customer_id="c1", name="acme", rate_limit=after)
+    ]
+
+
+def test_an_empty_or_omitted_rate_limit_changes_nothing_and_null_removes_it():
+    customer = fold([RATED])
+
+    assert (
+        decide(update(CustomerChanges(rate_limit=RateLimitChanges())), customer) == []
+    )
+    assert decide(update(CustomerChanges(name="acme")), customer) == []
+    assert decide(update(CustomerChanges(rate_limit=None)), customer) == [
+        CustomerUpdated(customer_id="c1", name="acme", rate_limit=None)
+    ]
+
+
+def test_a_null_duration_under_a_kept_limit_is_rejected():
+    changes = CustomerChanges(rate_limit=RateLimitChanges(token_reset_duration=None))
+
+    with pytest.raises(InvalidRateLimit):
+        decide(update(changes), fold([RATED]))

@@ -11,6 +11,7 @@ from service.domain.commands import (
     CreateTeam,
     DeleteTeam,
     DetachTeam,
+    RateLimitChanges,
     RateLimitSpec,
     TeamBody,
     TeamChanges,
@@ -239,7 +240,7 @@ def test_rate_limit_null_removes_it_and_name_and_budgets_change_together():
             InvalidCalendarAlignment,
         ),
         (
-            TeamChanges(rate_limit=RateLimitSpec(token_max_limit=0)),
+            TeamChanges(rate_limit=RateLimitChanges(token_max_limit=0)),
             InvalidRateLimit,
         ),
         (TeamChanges(name="  "), Invalid),
@@ -311,3 +312,27 @@ def test_state_keeps_budgets_without_their_reset_marker():
             ),
         ),
     )
+
+
+def test_a_rate_limit_naming_one_half_keeps_the_other():
+    rated = TeamCreated(
+        team_id="t1",
+        name="platform",
+        rate_limit=RateLimit(token_max_limit=1000, token_reset_duration="1h"),
+    )
+    changes = TeamChanges(
+        rate_limit=RateLimitChanges(request_max_limit=5, request_reset_duration="1s")
+    )
+
+    assert decide(update(changes), fold([rated])) == [
+        TeamUpdated(
+            team_id="t1",
+            name="platform",
+            rate_limit=RateLimit(
+                token_max_limit=1000,
+                token_reset_duration="1h",
+                request_max_limit=5,
+                request_reset_duration="1s",
+            ),
+        )
+    ]

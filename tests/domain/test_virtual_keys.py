@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from service.domain.budgets import BudgetSpec
@@ -12,7 +13,9 @@ from service.domain.commands import (
     DeleteVirtualKey,
     DetachVirtualKey,
     KeyDigest,
+    ProviderConfigChanges,
     ProviderConfigSpec,
+    RateLimitChanges,
     RateLimitSpec,
     UpdateVirtualKey,
     VirtualKeyBody,
@@ -172,11 +175,11 @@ def test_unknown_team_or_customer_is_rejected():
 def test_duplicate_providers_and_blank_providers_are_rejected():
     twice = VirtualKeyChanges(
         provider_configs=(
-            ProviderConfigSpec(provider="openai"),
-            ProviderConfigSpec(provider="openai"),
+            ProviderConfigChanges(provider="openai"),
+            ProviderConfigChanges(provider="openai"),
         )
     )
-    blank = VirtualKeyChanges(provider_configs=(ProviderConfigSpec(provider=" "),))
+    blank = VirtualKeyChanges(provider_configs=(ProviderConfigChanges(provider=" "),))
 
     with pytest.raises(DuplicateProvider):
         decide(update(twice, "x", "y"), fold([CREATED]))
@@ -187,12 +190,12 @@ def test_duplicate_providers_and_blank_providers_are_rejected():
 def test_provider_configs_reconcile_by_provider_and_their_budgets_by_duration():
     changes = VirtualKeyChanges(
         provider_configs=(
-            ProviderConfigSpec(
+            ProviderConfigChanges(
                 provider="openai",
                 allowed_models=("gpt-4o", "gpt-4o-mini"),
                 budgets=(spec("5", "1d", calendar_aligned=True), spec("9", "1w")),
             ),
-            ProviderConfigSpec(provider="mistral"),
+            ProviderConfigChanges(provider="mistral"),
         )
     )
 
@@ -227,7 +230,7 @@ def test_provider_configs_reconcile_by_provider_and_their_budgets_by_duration():
 def test_duplicate_durations_inside_a_provider_config_are_rejected():
     changes = VirtualKeyChanges(
         provider_configs=(
-            ProviderConfigSpec(
+            ProviderConfigChanges(
                 provider="openai", budgets=(spec("1", "1d"), spec("2", "1d"))
             ),
         )
@@ -240,8 +243,8 @@ def test_duplicate_durations_inside_a_provider_config_are_rejected():
 def test_resending_the_same_provider_configs_in_another_order_decides_nothing():
     changes = VirtualKeyChanges(
         provider_configs=(
-            ProviderConfigSpec(provider="anthropic"),
-            ProviderConfigSpec(
+            ProviderConfigChanges(provider="anthropic"),
+            ProviderConfigChanges(
                 provider="openai",
                 allowed_models=("gpt-4o",),
                 budgets=(spec("5", "1d"),),
@@ -297,3 +300,145 @@ def test_delete_and_not_found():
         decide(DeleteVirtualKey(virtual_key_id="k1"), deleted)
     with pytest.raises(NotFound):
         decide(update(VirtualKeyChanges(name="x")), deleted)
+
+
+# --- partial updates at every depth -----------------------------------------------
+
+RATED_OPENAI = ProviderConfig(
+    provider_config_id="pc-openai",
+    provider="openai",
+    allowed_models=("gpt-4o",),
+    budgets=(OPENAI_DAILY,),
+    rate_limit=RateLimit(
+        token_max_limit=500,
+        token_reset_duration="1h",
+        request_max_limit=10,
+        request_reset_duration="1m",
+    ),
+)
+
+
+def test_an_existing_provider_that_omits_its_fields_keeps_them():
+    key = fold([msgspec.structs.replace(CREATED, provider_configs=(RATED_OPENAI,))])
+    changes = VirtualKeyChanges(
+        provider_configs=(ProviderConfigChanges(provider="openai"),)
+    )
+
+    assert decide(update(changes), key) == []
+
+
+def test_an_existing_provider_changes_only_the_fields_it_names():
+    key = fold([msgspec.structs.replace(CREATED, provider_configs=(RATED_OPENAI,))])
+    changes = VirtualKeyChanges(
+        provider_configs=(
+            ProviderConfigChanges(
+                provider="openai",
+                rate_limit=RateLimitChanges(request_max_limit=20),
+            ),
+        )
+    )
+
+    [event] = decide(update(changes), key)
+
+    assert event == updated(
+        provider_configs=(
+            msgspec.structs.replace(
+                RATED_OPENAI,
+                rate_limit=RateLimit(
+                    token_max_limit=500,
+                    token_reset_duration="1h",
+                    request_max_limit=20,
+                    request_reset_duration="1m",
+                ),
+            ),
+        )
+    )
+
+
+def test_a_new_provider_that_omits_its_fields_takes_the_defaults():
+    changes = VirtualKeyChanges(
+        provider_configs=(
+            ProviderConfigChanges(provider="openai"),
+            ProviderConfigChanges(provider="anthropic"),
+            ProviderConfigChanges(
+                provider="mistral",
+                rate_limit=RateLimitChanges(
+                    token_max_limit=5, token_reset_duration="1d"
+                ),
+            ),
+        )
+    )
+
+    assert decide(update(changes, "pc-mistral"), fold([CREATED])) == [
+        updated(
+            provider_configs=(
+                OPENAI,
+                ANTHROPIC,
+                ProviderConfig(
+                    provider_config_id="pc-mistral",
+                    provider="mistral",
+                    allowed_models=None,
+                    rate_limit=RateLimit(token_max_limit=5, token_reset_duration="1d"),
+                ),
+            )
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("allowed_models", "after"),
+    [(None, None), (("*", "gpt-4o"), None), ((), ()), (("o1", "o1"), ("o1",))],
+)
+def test_allowed_models_null_or_star_allow_every_model_and_empty_none(
+    allowed_models, after
+):
+    changes = VirtualKeyChanges(
+        provider_configs=(
+            ProviderConfigChanges(provider="openai", allowed_models=allowed_models),
+            ProviderConfigChanges(provider="anthropic"),
+        )
+    )
+
+    assert decide(update(changes), fold([CREATED])) == [
+        updated(
+            provider_configs=(
+                msgspec.structs.replace(OPENAI, allowed_models=after),
+                ANTHROPIC,
+            )
+        )
+    ]
+
+
+def test_a_provider_budget_list_replaces_the_set_and_empty_removes_every_one():
+    changes = VirtualKeyChanges(
+        provider_configs=(
+            ProviderConfigChanges(provider="openai", budgets=()),
+            ProviderConfigChanges(provider="anthropic"),
+        )
+    )
+
+    assert decide(update(changes), fold([CREATED])) == [
+        updated(
+            provider_configs=(msgspec.structs.replace(OPENAI, budgets=()), ANTHROPIC)
+        )
+    ]
+
+
+def test_a_key_rate_limit_naming_the_request_half_keeps_the_token_half():
+    rated = msgspec.structs.replace(
+        CREATED, rate_limit=RateLimit(token_max_limit=100, token_reset_duration="1m")
+    )
+    changes = VirtualKeyChanges(
+        rate_limit=RateLimitChanges(request_max_limit=3, request_reset_duration="1s")
+    )
+
+    assert decide(update(changes), fold([rated])) == [
+        updated(
+            rate_limit=RateLimit(
+                token_max_limit=100,
+                token_reset_duration="1m",
+                request_max_limit=3,
+                request_reset_duration="1s",
+            )
+        )
+    ]

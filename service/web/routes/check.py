@@ -16,21 +16,25 @@ from msgspec import UNSET, UnsetType
 
 from projections.cache import CheckResult
 from service import eventstore, metrics
+from service.domain.bounds import Id
+from service.domain.commands import strict_decode
 from service.domain.events import ReservationReleased
-from service.domain.usage import Row
+from service.domain.numbers import Money, Whole, decode_hook, money_schema
+from service.domain.usage import Name, Row, Secret
 from service.errors import Forbidden, Invalid, InvalidPosition, NotFound
 from service.eventstore import encode_event
+from service.ingest import reach_head
 from service.web.answers import CheckAnswer, Released
 from service.web.http import (
     MAX_QUERY_INT,
     ROLE_RIGHTS,
     Right,
     authenticate,
-    decode,
     event_metadata,
     header,
     json_response,
     path_id,
+    read_body,
 )
 from service.web.keys import (
     cache_key,
@@ -43,25 +47,49 @@ from service.web.keys import (
 T = TypeVar("T")
 
 
+# Enforced by _validate, which names the error (invalid_request).
+EstimatedCost = Annotated[
+    Money,
+    msgspec.Meta(
+        extra_json_schema=money_schema(
+            number={"minimum": 0},
+            text="^(?:[0-9]+(?:\\.[0-9]+)?|-0+(?:\\.0+)?)$",
+            description="At least 0",
+        )
+    ),
+]
+MAX_TOKENS = 2**31 - 1
+MAX_TTL_S = 3600
+_RANGE_TOKENS = {"minimum": 0, "maximum": MAX_TOKENS}
+_RANGE_TTL = {"minimum": 1, "maximum": MAX_TTL_S}
+# Enforced by _validate, which names the error (invalid_position).
+MinPosition = Annotated[
+    Whole, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_QUERY_INT})
+]
+
+
 class CheckRequest(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 ):
-    """The body: exactly one of `virtual_key` (the secret) and `virtual_key_id`."""
+    """The body: exactly one of `virtual_key` (the secret) and `virtual_key_id` (a
+    UUID in any letter case)."""
 
-    virtual_key: str | None = None
-    virtual_key_id: str | None = None
-    provider: str | None = None
-    model: str | None = None
-    estimated_cost: Decimal | None = None
-    min_position: int | None = None
+    virtual_key: Secret | None = None
+    virtual_key_id: Id | None = None
+    provider: Name | None = None
+    model: Name | None = None
+    estimated_cost: EstimatedCost | None = None
+    min_position: MinPosition | None = None
     # Hold the estimate until a usage record names the reservation, a release, or
     # `ttl_s` seconds pass (docs/API.md, "Reservations").
     reserve: bool = False
-    estimated_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] | None = None
-    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] | None = None
+    # Whole numbers (5.0 is 5), their ranges enforced by _validate.
+    estimated_tokens: (
+        Annotated[Whole, msgspec.Meta(extra_json_schema=_RANGE_TOKENS)] | None
+    ) = None
+    ttl_s: Annotated[Whole, msgspec.Meta(extra_json_schema=_RANGE_TTL)] | None = None
 
 
-MAX_TOKENS = 2**31 - 1
 DEFAULT_TTL_S = 600
 # A reservation id made from the key and the client's Idempotency-Key: a retry of a
 # reserving check names the same reservation.
@@ -82,10 +110,31 @@ def _validate(body: CheckRequest) -> None:
         raise Invalid("ttl_s goes with reserve: true")
     if not body.reserve and body.estimated_tokens:
         raise Invalid("estimated_tokens goes with reserve: true")
+    if body.estimated_tokens is not None and not 0 <= body.estimated_tokens <= (
+        MAX_TOKENS
+    ):
+        raise Invalid(f"estimated_tokens must be from 0 to {MAX_TOKENS}")
+    if body.ttl_s is not None and not 1 <= body.ttl_s <= MAX_TTL_S:
+        raise Invalid(f"ttl_s must be from 1 to {MAX_TTL_S}")
+
+
+_decode_check = msgspec.json.Decoder(
+    CheckRequest, dec_hook=decode_hook, float_hook=Decimal
+)
+
+
+async def _body(request: web.Request) -> CheckRequest:
+    """The body, strictly decoded (money exact), the key's id in lower case."""
+    raw = await read_body(request, request.app[settings_key].max_body_bytes)
+    body = strict_decode(_decode_check, raw)
+    key_id = body.virtual_key_id
+    if key_id is not None:  # a hyphenated UUID: lower case is its stored spelling
+        body = msgspec.structs.replace(body, virtual_key_id=key_id.lower())
+    return body
 
 
 async def check(request: web.Request) -> web.Response:
-    body = await decode(request, CheckRequest)
+    body = await _body(request)
     _validate(body)
     app = request.app
     if body.min_position:
@@ -94,13 +143,26 @@ async def check(request: web.Request) -> web.Response:
         )
     cache = app[cache_key]
     secret = body.virtual_key
+    if (
+        cache.resolve_usage(
+            virtual_key_sha256=_sha256(secret),
+            virtual_key_id=body.virtual_key_id,
+            provider=None,
+        )
+        is None
+    ):
+        # Unknown only once the cache has seen the log as it was when asked: a key
+        # created a moment ago (through any replica) is then known; else a 503.
+        await reach_head(
+            app[pool_key],
+            app[cache_projector_key],
+            app[settings_key].min_position_wait_s,
+        )
     if body.reserve:
         return await _reserve(request, body)
     started = time.perf_counter()
     result = cache.check(
-        virtual_key_sha256=(
-            None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
-        ),
+        virtual_key_sha256=_sha256(secret),
         virtual_key_id=body.virtual_key_id,
         provider=body.provider,
         model=body.model,
@@ -234,6 +296,10 @@ def answer(result: CheckResult, position: int, stale: bool) -> CheckAnswer:
         position=position,
         stale=True if stale else UNSET,
     )
+
+
+def _sha256(secret: str | None) -> str | None:
+    return None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _given(value: T | None) -> T | UnsetType:

@@ -1,13 +1,14 @@
 """POST/PUT/DELETE of customers, teams and virtual keys: decode the request, build
 the command, run it on the command path (`service.commands`), answer.
 
-The answer is rendered in the command's transaction (`governance_answers`) and encoded
-here; a replayed one (same Idempotency-Key) says so in `Idempotent-Replayed: true`.
+Every answer but a 5xx is kept for the request's Idempotency-Key, refusals included
+(a 400, 404, 409 decided now is the answer of every retry, whatever happens in
+between); a replayed one says so in `Idempotent-Replayed: true`. The answer of a
+saved entity is rendered in the command's transaction (`governance_answers`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import secrets
 import string
@@ -40,13 +41,23 @@ from service.domain.commands import (
     UpdateVirtualKey,
     VirtualKeyBody,
     VirtualKeyChanges,
+    body_decoder,
+    canonical_references,
     ids_needed,
+    strict_decode,
 )
-from service.errors import Invalid
+from service.errors import Invalid, ServiceError
 from service.eventstore import Connection, Executed
 from service.idempotency import Reply
-from service.web.answers import Deleted, encode
-from service.web.http import Right, decode_bytes, path_id, read_body
+from service.web.answers import Deleted, Error, ErrorDetail, encode
+from service.web.http import (
+    ERROR_CODE,
+    Right,
+    header,
+    path_id,
+    read_body,
+    status_of,
+)
 from service.web.keys import pool_key, settings_key
 from service.web.routes.governance_answers import (
     customer_saved,
@@ -60,7 +71,8 @@ C = TypeVar("C")
 B = TypeVar("B", bound=AnyBody)
 # Renders the answer struct of a saved entity, as of the command's time.
 Render = Callable[[Connection, Executed[S], datetime], Awaitable[msgspec.Struct]]
-
+# What a command does once its request is read: the body's bytes and the call.
+Run = Callable[[bytes, Call], Awaitable[Reply]]
 
 # --- virtual key secrets -----------------------------------------------------------
 
@@ -80,66 +92,68 @@ def digest(value: str) -> KeyDigest:
 # --- the request -------------------------------------------------------------------
 
 
-def _if_match(request: web.Request) -> int | None:
-    raw = request.headers.get("If-Match")
+async def _command(
+    request: web.Request, run: Run, *, body: bool = True
+) -> web.Response:
+    """Read the request, replay the answer kept for its Idempotency-Key if there is
+    one, else `run` it; whatever it answers but a 5xx is kept for the key."""
+    app = request.app
+    settings = app[settings_key]
+    raw = await read_body(request, settings.max_body_bytes) if body else b""
+    key_header = header(request, "Idempotency-Key")
+    key = None
+    if key_header is not None:
+        key = idempotency.from_request(
+            key_header,
+            method=request.method,
+            path=request.path,
+            if_match=header(request, "If-Match"),
+            body=raw,
+            sealer=idempotency.sealer(settings.secret_key, settings.data_dir),
+        )
+    pool = app[pool_key]
+    if key is not None and (replayed := await idempotency.replay(pool, key)):
+        return _respond(replayed)
+    call = Call(
+        at=datetime.now(UTC),
+        request_id=structlog.contextvars.get_contextvars().get("request_id"),
+        idempotency=key,
+        expected_version=None,
+    )
+    try:
+        reply = await run(raw, call)
+    except ServiceError as exc:
+        status = status_of(type(exc))
+        if key is None or status >= 500:
+            raise
+        refusal = Error(error=ErrorDetail(code=exc.code, message=exc.message))
+        reply = await commands.refuse(pool, key, Reply(status, encode(refusal)))
+    return _respond(reply)
+
+
+def _expected_version(request: web.Request, call: Call) -> Call:
+    """The call with the version If-Match names (the bare integer, or quoted)."""
+    raw = header(request, "If-Match")
     if raw is None:
-        return None
+        return call
     text = raw.strip().removeprefix('"').removesuffix('"')
     if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise Invalid(f"If-Match must be the entity's version, an integer; got {raw!r}")
-    return int(text)
+    return call._replace(expected_version=int(text))
 
 
-def _call(request: web.Request, body: bytes, *, if_match: bool) -> Call:
-    """How the request asks for its command; If-Match only counts when `if_match`
-    (a create has no version to match)."""
-    expected = _if_match(request) if if_match else None
-    return Call(
-        at=datetime.now(UTC),
-        request_id=structlog.contextvars.get_contextvars().get("request_id"),
-        idempotency=idempotency.from_request(
-            request.headers.get("Idempotency-Key"),
-            method=request.method,
-            path=request.path,
-            if_match=request.headers.get("If-Match"),
-            body=body,
-        ),
-        expected_version=expected,
-    )
+_CUSTOMER_BODY = body_decoder(CustomerBody)
+_CUSTOMER_CHANGES = body_decoder(CustomerChanges)
+_TEAM_BODY = body_decoder(TeamBody)
+_TEAM_CHANGES = body_decoder(TeamChanges)
+_VIRTUAL_KEY_BODY = body_decoder(VirtualKeyBody)
+_VIRTUAL_KEY_CHANGES = body_decoder(VirtualKeyChanges)
 
 
-async def _decode(request: web.Request, type_: type[B]) -> tuple[bytes, B]:
-    """The raw body and its strict decoding, references in their stored spelling."""
-    raw = await read_body(request, request.app[settings_key].max_body_bytes)
-    body = decode_bytes(raw, type_)
-    if _has_nul(msgspec.to_builtins(body)):
-        # PostgreSQL's text and jsonb cannot hold U+0000.
-        raise Invalid("strings in the body must not contain the character U+0000")
-    references = {
-        name: _canonical(getattr(body, name))
-        for name in ("team_id", "customer_id")
-        if name in body.__struct_fields__
-    }
-    return raw, msgspec.structs.replace(body, **references)
-
-
-def _has_nul(value: object) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
-def _canonical(reference: object) -> object:
-    """A UUID in the spelling ids are stored in; anything else as sent (it names
-    nothing, so it is an unknown reference)."""
-    if isinstance(reference, str):
-        with contextlib.suppress(ValueError):
-            return str(uuid.UUID(reference))
-    return reference
+def _decode(raw: bytes, decoder: msgspec.json.Decoder[B]) -> B:
+    """The strict decoding of a body (money exact), references in their stored
+    spelling: a UUID is taken in any letter case."""
+    return canonical_references(strict_decode(decoder, raw))
 
 
 def _new_ids(body: AnyBody) -> tuple[str, ...]:
@@ -156,6 +170,8 @@ def _respond(reply: Reply) -> web.Response:
     )
     if reply.replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    if reply.status >= 400:  # for the request's log line
+        response[ERROR_CODE] = msgspec.json.decode(reply.body, type=Error).error.code
     return response
 
 
@@ -164,7 +180,7 @@ def _respond(reply: Reply) -> web.Response:
 
 async def _save(
     request: web.Request,
-    raw: bytes,
+    call: Call,
     entity: Entity[S, C],
     entity_id: str,
     command: Callable[[frozenset[str]], C],
@@ -172,15 +188,14 @@ async def _save(
     *,
     body: AnyBody,
     created: bool,
-) -> web.Response:
+) -> Reply:
     """Create or update one entity; `command` gets the unknown references."""
-    call = _call(request, raw, if_match=not created)
 
     async def saved(conn: Connection, executed: Executed[S]) -> Reply:
         answer = await render(conn, executed, call.at)
         return Reply(201 if created else 200, encode(answer))
 
-    reply = await commands.save(
+    return await commands.save(
         request.app[pool_key],
         entity,
         entity_id,
@@ -190,56 +205,65 @@ async def _save(
         customer_id=getattr(body, "customer_id", None),
         team_id=getattr(body, "team_id", None),
     )
-    return _respond(reply)
 
 
 async def _delete(
     request: web.Request, entity: Entity[S, C], command: Callable[[str], C]
 ) -> web.Response:
     """Delete one entity and detach what pointed at it, in one transaction."""
-    entity_id = _path_id(request, entity)
-    call = _call(request, b"", if_match=True)
-    reply = await commands.delete(
-        request.app[pool_key],
-        entity,
-        entity_id,
-        command(entity_id),
-        call,
-        lambda position: Reply(200, encode(Deleted(position=position))),
-    )
-    return _respond(reply)
+
+    async def run(_raw: bytes, call: Call) -> Reply:
+        entity_id = _path_id(request, entity)
+        return await commands.delete(
+            request.app[pool_key],
+            entity,
+            entity_id,
+            command(entity_id),
+            _expected_version(request, call),
+            lambda position: Reply(200, encode(Deleted(position=position))),
+        )
+
+    return await _command(request, run, body=False)
 
 
 async def create_customer(request: web.Request) -> web.Response:
-    raw, body = await _decode(request, CustomerBody)
-    new_id = str(uuid.uuid4())
-    return await _save(
-        request,
-        raw,
-        CUSTOMER,
-        new_id,
-        lambda _: CreateCustomer(customer_id=new_id, body=body, new_ids=_new_ids(body)),
-        customer_saved,
-        body=body,
-        created=True,
-    )
+    async def run(raw: bytes, call: Call) -> Reply:
+        body = _decode(raw, _CUSTOMER_BODY)
+        new_id = str(uuid.uuid4())
+        return await _save(
+            request,
+            call,
+            CUSTOMER,
+            new_id,
+            lambda _: CreateCustomer(
+                customer_id=new_id, body=body, new_ids=_new_ids(body)
+            ),
+            customer_saved,
+            body=body,
+            created=True,
+        )
+
+    return await _command(request, run)
 
 
 async def update_customer(request: web.Request) -> web.Response:
-    customer_id = _path_id(request, CUSTOMER)
-    raw, changes = await _decode(request, CustomerChanges)
-    return await _save(
-        request,
-        raw,
-        CUSTOMER,
-        customer_id,
-        lambda _: UpdateCustomer(
-            customer_id=customer_id, changes=changes, new_ids=_new_ids(changes)
-        ),
-        customer_saved,
-        body=changes,
-        created=False,
-    )
+    async def run(raw: bytes, call: Call) -> Reply:
+        customer_id = _path_id(request, CUSTOMER)
+        changes = _decode(raw, _CUSTOMER_CHANGES)
+        return await _save(
+            request,
+            _expected_version(request, call),
+            CUSTOMER,
+            customer_id,
+            lambda _: UpdateCustomer(
+                customer_id=customer_id, changes=changes, new_ids=_new_ids(changes)
+            ),
+            customer_saved,
+            body=changes,
+            created=False,
+        )
+
+    return await _command(request, run)
 
 
 async def delete_customer(request: web.Request) -> web.Response:
@@ -247,43 +271,49 @@ async def delete_customer(request: web.Request) -> web.Response:
 
 
 async def create_team(request: web.Request) -> web.Response:
-    raw, body = await _decode(request, TeamBody)
-    new_id = str(uuid.uuid4())
-    return await _save(
-        request,
-        raw,
-        TEAM,
-        new_id,
-        lambda unknown: CreateTeam(
-            team_id=new_id,
+    async def run(raw: bytes, call: Call) -> Reply:
+        body = _decode(raw, _TEAM_BODY)
+        new_id = str(uuid.uuid4())
+        return await _save(
+            request,
+            call,
+            TEAM,
+            new_id,
+            lambda unknown: CreateTeam(
+                team_id=new_id,
+                body=body,
+                new_ids=_new_ids(body),
+                unknown_references=unknown,
+            ),
+            team_saved,
             body=body,
-            new_ids=_new_ids(body),
-            unknown_references=unknown,
-        ),
-        team_saved,
-        body=body,
-        created=True,
-    )
+            created=True,
+        )
+
+    return await _command(request, run)
 
 
 async def update_team(request: web.Request) -> web.Response:
-    team_id = _path_id(request, TEAM)
-    raw, changes = await _decode(request, TeamChanges)
-    return await _save(
-        request,
-        raw,
-        TEAM,
-        team_id,
-        lambda unknown: UpdateTeam(
-            team_id=team_id,
-            changes=changes,
-            new_ids=_new_ids(changes),
-            unknown_references=unknown,
-        ),
-        team_saved,
-        body=changes,
-        created=False,
-    )
+    async def run(raw: bytes, call: Call) -> Reply:
+        team_id = _path_id(request, TEAM)
+        changes = _decode(raw, _TEAM_CHANGES)
+        return await _save(
+            request,
+            _expected_version(request, call),
+            TEAM,
+            team_id,
+            lambda unknown: UpdateTeam(
+                team_id=team_id,
+                changes=changes,
+                new_ids=_new_ids(changes),
+                unknown_references=unknown,
+            ),
+            team_saved,
+            body=changes,
+            created=False,
+        )
+
+    return await _command(request, run)
 
 
 async def delete_team(request: web.Request) -> web.Response:
@@ -291,46 +321,52 @@ async def delete_team(request: web.Request) -> web.Response:
 
 
 async def create_virtual_key(request: web.Request) -> web.Response:
-    raw, body = await _decode(request, VirtualKeyBody)
-    new_id, value = str(uuid.uuid4()), new_secret()
-    return await _save(
-        request,
-        raw,
-        VIRTUAL_KEY,
-        new_id,
-        lambda unknown: CreateVirtualKey(
-            virtual_key_id=new_id,
+    async def run(raw: bytes, call: Call) -> Reply:
+        body = _decode(raw, _VIRTUAL_KEY_BODY)
+        new_id, value = str(uuid.uuid4()), new_secret()
+        return await _save(
+            request,
+            call,
+            VIRTUAL_KEY,
+            new_id,
+            lambda unknown: CreateVirtualKey(
+                virtual_key_id=new_id,
+                body=body,
+                value=digest(value),
+                new_ids=_new_ids(body),
+                unknown_references=unknown,
+            ),
+            lambda conn, executed, at: virtual_key_issued(conn, executed, at, value),
             body=body,
-            value=digest(value),
-            new_ids=_new_ids(body),
-            unknown_references=unknown,
-        ),
-        lambda conn, executed, at: virtual_key_issued(conn, executed, at, value),
-        body=body,
-        created=True,
-    )
+            created=True,
+        )
+
+    return await _command(request, run)
 
 
 async def update_virtual_key(request: web.Request) -> web.Response:
-    key_id = _path_id(request, VIRTUAL_KEY)
-    raw, changes = await _decode(request, VirtualKeyChanges)
-    value = new_secret() if changes.rotate_value else None
-    return await _save(
-        request,
-        raw,
-        VIRTUAL_KEY,
-        key_id,
-        lambda unknown: UpdateVirtualKey(
-            virtual_key_id=key_id,
-            changes=changes,
-            new_value=None if value is None else digest(value),
-            new_ids=_new_ids(changes),
-            unknown_references=unknown,
-        ),
-        lambda conn, executed, at: virtual_key_saved(conn, executed, at, value),
-        body=changes,
-        created=False,
-    )
+    async def run(raw: bytes, call: Call) -> Reply:
+        key_id = _path_id(request, VIRTUAL_KEY)
+        changes = _decode(raw, _VIRTUAL_KEY_CHANGES)
+        value = new_secret() if changes.rotate_value else None
+        return await _save(
+            request,
+            _expected_version(request, call),
+            VIRTUAL_KEY,
+            key_id,
+            lambda unknown: UpdateVirtualKey(
+                virtual_key_id=key_id,
+                changes=changes,
+                new_value=None if value is None else digest(value),
+                new_ids=_new_ids(changes),
+                unknown_references=unknown,
+            ),
+            lambda conn, executed, at: virtual_key_saved(conn, executed, at, value),
+            body=changes,
+            created=False,
+        )
+
+    return await _command(request, run)
 
 
 async def delete_virtual_key(request: web.Request) -> web.Response:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import msgspec
 import structlog
@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 from msgspec import UNSET
 
 from service import eventstore, metrics
+from service.domain.numbers import decode_hook
 from service.domain.usage import (
     Rejected,
     UsageRecord,
@@ -20,8 +21,8 @@ from service.domain.usage import (
     decode_record,
     invalid_record,
 )
-from service.errors import ProjectionLag, ServiceError
-from service.ingest import Outcome, Submitted, queue_records
+from service.errors import ServiceError
+from service.ingest import Outcome, Submitted, queue_records, reach_head
 from service.web.answers import (
     BatchAnswer,
     ErrorDetail,
@@ -72,7 +73,9 @@ class _Seq(msgspec.Struct, frozen=True):
     seq: int
 
 
-_decode_frame = msgspec.json.Decoder(UsageFrame).decode
+_decode_frame = msgspec.json.Decoder(
+    UsageFrame, dec_hook=decode_hook, float_hook=Decimal
+).decode
 _decode_raw_frame = msgspec.json.Decoder(_RawFrame).decode
 _decode_seq = msgspec.json.Decoder(_Seq).decode
 
@@ -88,18 +91,18 @@ async def _head(request: web.Request) -> int:
 
 
 def _refresher(request: web.Request) -> Callable[[], Awaitable[None]]:
-    """Bring this replica's cache up to the log head (bounded): a key created a
-    moment ago, perhaps through another replica, is then known."""
+    """Bring this replica's cache up to the log head: a key created a moment ago,
+    perhaps through another replica, is then known; ProjectionLag (503) when it
+    cannot within the wait of min_position (ingest.reach_head)."""
 
     async def refresh() -> None:
         projector = request.app.get(cache_projector_key)
         if projector is None:  # an app without the cache's tail (some tests)
             return
-        head = await eventstore.max_position(request.app[pool_key])
-        with contextlib.suppress(ProjectionLag):
-            await projector.wait_for(
-                head, request.app[settings_key].min_position_wait_s
-            )
+        app = request.app
+        await reach_head(
+            app[pool_key], projector, app[settings_key].min_position_wait_s
+        )
 
     return refresh
 

@@ -1,0 +1,101 @@
+"""The bounds of what a request may carry: the longest name, the longest lists, the
+patterns of names and ids, and the one spelling an id is stored in.
+
+Every string and list a body may carry has a maximum (docs/API.md, "Bounded input"),
+so that nothing accepted can exceed what the read model's indexes hold: the longest
+provider (256 characters, at most 1 KiB of UTF-8) with its key's id stays far below
+the ~2.7 KB a btree row of governance_provider_configs (virtual_key_id, provider) may
+take. Ids are UUIDs (36 characters); durations are at most 11 characters.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import msgspec
+
+from service.domain.budgets import MAX_RATE_LIMIT, BudgetSpec
+from service.domain.numbers import Whole
+
+MAX_NAME = 256  # a name, a provider, a model
+MAX_BUDGETS = 32  # per owner: one per reset_duration
+MAX_PROVIDER_CONFIGS = 64
+MAX_MODELS = 256
+
+# The characters str.isspace() takes (what `strip()` removes): a name of nothing else
+# is blank. Spelled out, so the document's pattern means the same in every engine.
+_BLANK = (
+    "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a"
+    "\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
+# Not blank, and no U+0000 (PostgreSQL's text and jsonb cannot hold it).
+NAME_PATTERN = f"^[{_BLANK}]*[^{_BLANK}\\x00][^\\x00]*$"
+NO_NUL_PATTERN = "^[^\\x00]*$"
+
+Name = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN)
+]
+Model = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=NO_NUL_PATTERN)
+]
+UUID_PATTERN = (
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+# A UUID in any letter case, exactly 36 characters; stored and answered lower case.
+Id = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=36,
+        max_length=36,
+        pattern=UUID_PATTERN,
+        extra_json_schema={"format": "uuid"},
+    ),
+]
+Budgets = Annotated[tuple[BudgetSpec, ...], msgspec.Meta(max_length=MAX_BUDGETS)]
+Models = Annotated[tuple[Model, ...], msgspec.Meta(max_length=MAX_MODELS)]
+# Enforced by budgets.validate_rate_limit, which names the error (invalid_rate_limit).
+RateLimitValue = Annotated[
+    Whole, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_RATE_LIMIT})
+]
+
+
+def canonical_id(value: str) -> str:
+    """The stored spelling of a UUID: lower case, with hyphens."""
+    return str(uuid.UUID(value))
+
+
+# --- what a body's decoding cannot say, as the OpenAPI document states it -----------
+
+
+def _needs(given: str, given_type: str, needed: str, needed_type: str) -> object:
+    """JSON Schema: a `given` of `given_type` needs a `needed` of `needed_type`."""
+    return {
+        "if": {"properties": {given: {"type": given_type}}, "required": [given]},
+        "then": {"properties": {needed: {"type": needed_type}}, "required": [needed]},
+    }
+
+
+# What RateLimitSpec's decoding cannot say and validate_rate_limit enforces.
+RATE_LIMIT_PAIRS = {
+    "allOf": [
+        _needs(f"{half}_max_limit", "integer", f"{half}_reset_duration", "string")
+        for half in ("token", "request")
+    ]
+    + [
+        _needs(f"{half}_reset_duration", "string", f"{half}_max_limit", "integer")
+        for half in ("token", "request")
+    ]
+}
+
+
+# virtual_keys' rule of one owner, as a body can break it alone: both ids named.
+ONE_OWNER_RULE = {
+    "not": {
+        "required": ["team_id", "customer_id"],
+        "properties": {
+            "team_id": {"type": "string"},
+            "customer_id": {"type": "string"},
+        },
+    }
+}

@@ -1,0 +1,97 @@
+"""How a request's numbers decode: money exactly, from a JSON number (never through a
+binary float) or a plain decimal string; whole numbers from 5 or 5.0, which JSON
+Schema's `integer` both admits.
+
+Money is ASCII digits with an optional minus sign and fraction when it is a string:
+no spaces, exponent, underscores or other digits, which Decimal() would also take.
+Fields of type Money and Whole decode through `decode_hook` (with float_hook=Decimal)
+into a Decimal and an int; each field states its range in the OpenAPI document
+(`money_schema`), and the code that takes the field enforces that range.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    Money = Decimal
+    Whole = int
+else:
+    # Markers, not interfaces: Decimal and int are registered as virtual subclasses.
+    class Money(abc.ABC):  # noqa: B024
+        """The decoding of a request's money field: always a Decimal."""
+
+    class Whole(abc.ABC):  # noqa: B024
+        """The decoding of a request's whole-number field: always an int."""
+
+    Money.register(Decimal)
+    Whole.register(int)
+
+# Non-finite spellings pass here so the field's own rule names them (invalid_cost,
+# invalid_max_limit): every one of them refuses a value that is not finite.
+_MONEY_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?|[+-]?(?i:s?nan|inf|infinity)")
+# Digits of the largest whole number a float spelling may stand for (far past any
+# bound a field has): int() of 1e400000 would take its time.
+_WHOLE_DIGITS = 20
+
+
+def decode_hook(type_: type, value: object) -> object:
+    """msgspec's dec_hook for the request bodies: Money and Whole."""
+    if type_ is Money:
+        return _money(value)
+    if type_ is Whole:
+        return _whole(value)
+    raise NotImplementedError(f"no decoding for {type_!r}")
+
+
+def _money(value: object) -> Decimal:
+    if isinstance(value, str):
+        if _MONEY_TEXT.fullmatch(value) is None:
+            raise ValueError(
+                "Expected a number or a decimal string of ASCII digits, like"
+                f' "12.50", got {value[:40]!r}'
+            )
+        return Decimal(value)
+    if isinstance(value, Decimal) or (
+        isinstance(value, int) and not isinstance(value, bool)
+    ):
+        return Decimal(value)
+    raise TypeError(
+        f"Expected a number or a decimal string, got {type(value).__name__}"
+    )
+
+
+def _whole(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if (
+        isinstance(value, Decimal)
+        and value.is_finite()
+        and value.adjusted() < _WHOLE_DIGITS
+        and value == value.to_integral_value()
+    ):
+        return int(value)
+    raise TypeError(f"Expected an integer, got {value!r:.40}")
+
+
+def schema_hook(type_: type) -> dict[str, object]:
+    """msgspec's schema_hook: a Money or Whole field states its range where it is."""
+    if type_ is Money:
+        return {}
+    if type_ is Whole:
+        return {"type": "integer"}
+    raise NotImplementedError(f"no schema for {type_!r}")
+
+
+def money_schema(
+    *, number: dict[str, object], text: str, description: str
+) -> dict[str, object]:
+    """A money field as the OpenAPI document states it: a number within `number`'s
+    bounds, or a decimal string matching `text`."""
+    return {
+        "anyOf": [{"type": "number", **number}, {"type": "string", "pattern": text}],
+        "description": description,
+    }
