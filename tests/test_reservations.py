@@ -126,15 +126,17 @@ async def test_concurrent_reserving_checks_admit_exactly_what_fits(api):
     assert (await budget(api, budget_id, top))["held"] == Decimal(9)
 
 
-async def test_a_release_drops_the_hold_once_and_unknown_ids_are_404(api):
+async def test_a_release_drops_the_hold_once_and_unknown_ids_are_404(api, pool):
     key_id, _, budget_id = await key_under_team(api, limit=10)
     _, held = await reserve(api, key_id, "6")
     path = f"/api/governance/reservations/{held['reservation_id']}/release"
 
     first = await api.call("POST", path, headers=bearer("rec"))
-    _, log_before = await api.call("GET", "/api/events?after=0&limit=10000")
+    # Counted in the table: GET /api/events shows only what is below every open
+    # transaction's horizon, which a projector's batch may hold back a moment.
+    before = await pool.fetch("SELECT type FROM events ORDER BY global_position")
     again = await api.call("POST", path, headers=bearer("rec"))
-    _, log_after = await api.call("GET", "/api/events?after=0&limit=10000")
+    after = await pool.fetch("SELECT type FROM events ORDER BY global_position")
     unknown = await api.call(
         "POST",
         f"/api/governance/reservations/{uuid.uuid4()}/release",
@@ -144,15 +146,15 @@ async def test_a_release_drops_the_hold_once_and_unknown_ids_are_404(api):
     assert first[0] == 200
     assert (await budget(api, budget_id, first[1]["position"]))["held"] == 0
     assert again[0] == 200
-    assert len(log_after["events"]) == len(log_before["events"])
-    assert [e["type"] for e in log_after["events"][-2:]] == [
+    assert after == before
+    assert [r["type"] for r in after[-2:]] == [
         "ReservationHeld",
         "ReservationReleased",
     ]
     assert (unknown[0], unknown[1]["error"]["code"]) == (404, "not_found")
 
 
-async def test_an_idempotent_retry_names_the_same_reservation(api):
+async def test_an_idempotent_retry_names_the_same_reservation(api, pool):
     key_id, _, _ = await key_under_team(api, limit=10)
     again = {"Idempotency-Key": "call-1", **bearer("rec")}
 
@@ -168,11 +170,13 @@ async def test_an_idempotent_retry_names_the_same_reservation(api):
         {"virtual_key_id": key_id, "estimated_cost": "2", "reserve": True},
         headers=again,
     )
-    _, log = await api.call("GET", "/api/events?after=0&limit=10000")
+    held = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'ReservationHeld'"
+    )
 
     assert first[1]["reservation_id"] == second[1]["reservation_id"]
     assert first[1]["expires_at"] == second[1]["expires_at"]
-    assert [e["type"] for e in log["events"]].count("ReservationHeld") == 1
+    assert held == 1
 
 
 @pytest.mark.parametrize(
