@@ -73,16 +73,16 @@ def api_md_right(method: str, path: str) -> Right:
     """The right API.md gives a route: /healthz, /readyz and /api/openapi.json are
     public; /api/events is admin only; recorders record usage, check and release
     reservations (a reserving check needs the record right too: checked in
-    tests/test_reservations.py); readers check and GET; commands are admin's. The dashboard's static page (GETs outside
-    /api/ other than /metrics) is public: it holds no data, its data stream needs
-    the reader right."""
+    tests/test_reservations.py); readers check and GET; commands are admin's. The
+    dashboard's static page (GETs outside /api/ other than /metrics) is public: it
+    holds no data, its data stream needs the reader right."""
     if path in ("/healthz", "/readyz", "/api/openapi.json"):
         return Right.PUBLIC
     if path == "/api/events":
         return Right.ADMIN
     if path == "/api/governance/check":
         return Right.CHECK
-    if path.startswith("/api/usage") or path.startswith("/api/governance/reservations"):
+    if path.startswith(("/api/usage", "/api/governance/reservations")):
         return Right.RECORD
     if method == "GET" and path != "/metrics" and not path.startswith("/api/"):
         return Right.PUBLIC
