@@ -8,8 +8,10 @@ Pure: no SQL, no clock (`now` is a parameter), no logging. The shell
 Hot state is kept small and few objects are read per check:
 - money is held as integer nanos (9 fractional digits, the precision of the service),
   so the check compares ints and converts to Decimal only for its answer;
-- each budget or rate-limit half is a `Meter` (`projections.meters`) that holds the
-  usage of its current period and rolls lazily as the clock passes the period's end;
+- each owner holds its `Ledger` (`service.domain.ledger`, the one fold of budget
+  and rate-limit usage, without history): each budget or rate-limit half is a
+  `Meter` with the usage of its current period, rolled lazily as the clock passes
+  the period's end; holds (reservations) stay here, outside the ledger;
 - each owner caches its smallest headroom (max_limit - used), whether a rate limit is
   exhausted, and its earliest period end; each key caches its chain (key, provider
   config, team, customer) and the chain's earliest end, so a check reads two fields
@@ -30,15 +32,7 @@ from typing import ClassVar, Literal, TypeGuard, TypeVar
 import msgspec
 
 from projections.governance_views import OwnerType
-from projections.meters import (
-    Meter,
-    budget_meters,
-    charge,
-    rate_meters,
-    roll,
-    to_money,
-    to_nanos,
-)
+from service.domain import ledger as fold
 from service.domain.events import (
     Budget,
     CustomerBudgetsReplaced,
@@ -59,6 +53,7 @@ from service.domain.events import (
     VirtualKeyEvent,
     VirtualKeyUpdated,
 )
+from service.domain.ledger import TOKENS, Ledger, Meter, open_ledger, to_money, to_nanos
 from service.domain.usage import UsageChain
 from service.records import Checkpoint, RecordedEvent
 
@@ -130,8 +125,7 @@ class Owner(msgspec.Struct, gc=False, kw_only=True):
     next_end: datetime = FOREVER  # earliest end of a current period
     id: str
     version: int = 0
-    budgets: tuple[Meter, ...] = ()
-    rates: tuple[Meter, ...] = ()  # the token meter first, then the request meter
+    ledger: Ledger  # its budgets and rate-limit halves, folded
     # Open holds (reservations) on this owner: nanos by budget id, and the tokens
     # and requests held against its rate limit.
     held: dict[str, int] | None = None
@@ -201,16 +195,17 @@ def _aggregate(owner: Owner) -> None:
     left = UNLIMITED
     next_end = FOREVER
     held = owner.held
-    for meter in owner.budgets:
+    ledger = owner.ledger
+    for meter in ledger.budgets:
         headroom = meter.limit - meter.used
         if held:
-            headroom -= held.get(meter.name, 0)
+            headroom -= held.get(meter.id, 0)
         if headroom < left:
             left = headroom
         if meter.end < next_end:
             next_end = meter.end
     rate_blocked = False
-    for meter in owner.rates:
+    for meter in _halves(ledger):
         if meter.used + _rate_held(owner, meter) >= meter.limit:
             rate_blocked = True
         if meter.end < next_end:
@@ -219,12 +214,20 @@ def _aggregate(owner: Owner) -> None:
     owner.allowed = None
 
 
+def _halves(ledger: Ledger) -> tuple[Meter, ...]:
+    """The rate limit's halves that are set: tokens first, then requests."""
+    tokens, requests = ledger.tokens, ledger.requests
+    if tokens is None:
+        return () if requests is None else (requests,)
+    return (tokens,) if requests is None else (tokens, requests)
+
+
 def _rate_held(owner: Owner, meter: Meter) -> int:
-    return owner.held_tokens if meter.name == "tokens" else owner.held_requests
+    return owner.held_tokens if meter.kind == TOKENS else owner.held_requests
 
 
 def _budget_held(owner: Owner, meter: Meter) -> int:
-    return owner.held.get(meter.name, 0) if owner.held else 0
+    return owner.held.get(meter.id, 0) if owner.held else 0
 
 
 def _allowed(owner: Owner) -> CheckResult:
@@ -238,12 +241,7 @@ def _allowed(owner: Owner) -> CheckResult:
 
 def _advance(owner: Owner, now: datetime) -> None:
     """Roll every meter whose period ended by `now`, then refresh the aggregates."""
-    for meter in owner.budgets:
-        if now >= meter.end:
-            roll(meter, now)
-    for meter in owner.rates:
-        if now >= meter.end:
-            roll(meter, now)
+    fold.advance(owner.ledger, now)
     _aggregate(owner)
 
 
@@ -268,28 +266,26 @@ def _unlink(key: VirtualKey) -> None:
 
 
 def _replace_budgets(owner: Owner, budgets: tuple[Budget, ...], at: datetime) -> None:
-    owner.budgets = budget_meters(owner.budgets, budgets, at)
+    fold.define_budgets(owner.ledger, budgets, at)
     _aggregate(owner)
 
 
 def _replace_rate_limit(
     owner: Owner, rate_limit: RateLimit | None, at: datetime
 ) -> None:
-    owner.rates = rate_meters(owner.rates, rate_limit, at)
+    fold.define_rate_limit(owner.ledger, rate_limit, at)
     _aggregate(owner)
 
 
-def _charge_owner(owner: Owner, usage: UsageRecorded, clock: datetime) -> None:
-    cost = to_nanos(usage.cost)
-    for meter in owner.budgets:
-        charge(meter, usage.occurred_at, cost, clock)
-    for meter in owner.rates:
-        amount = (
-            usage.input_tokens + usage.output_tokens
-            if meter.name == "tokens"
-            else usage.requests
-        )
-        charge(meter, usage.occurred_at, amount, clock)
+def _charge_owner(
+    owner: Owner,
+    occurred_at: datetime,
+    cost: int,
+    usage: UsageRecorded,
+    clock: datetime,
+) -> None:
+    tokens = usage.input_tokens + usage.output_tokens
+    fold.charge(owner.ledger, occurred_at, cost, tokens, usage.requests, clock)
     _aggregate(owner)
 
 
@@ -310,14 +306,16 @@ def _provider_configs(
         models = config.allowed_models
         state = by_id.get(config.provider_config_id)
         if state is None:
-            state = ProviderConfigState(id=config.provider_config_id, provider=provider)
+            state = ProviderConfigState(
+                id=config.provider_config_id, provider=provider, ledger=open_ledger(at)
+            )
         state.provider = provider
         state.models = (
             None
             if models is None or "*" in models
             else frozenset(sys.intern(model) for model in models)
         )
-        state.budgets = budget_meters(state.budgets, config.budgets, at)
+        fold.define_budgets(state.ledger, config.budgets, at)
         _replace_rate_limit(state, config.rate_limit, at)
         result.append(state)
     return tuple(result) or None
@@ -380,7 +378,7 @@ class GovernanceCache:
         customer = self.customers.get(event.customer_id)
         if isinstance(event, CustomerCreated):
             if self._is_new(customer, record):
-                customer = Customer(id=event.customer_id)
+                customer = Customer(id=event.customer_id, ledger=open_ledger(at))
                 self._created(self.customers, customer, record)
                 _replace_budgets(customer, event.budgets, at)
                 _replace_rate_limit(customer, event.rate_limit, at)
@@ -401,7 +399,11 @@ class GovernanceCache:
         team = self.teams.get(event.team_id)
         if isinstance(event, TeamCreated):
             if self._is_new(team, record):
-                team = Team(id=event.team_id, customer_id=event.customer_id)
+                team = Team(
+                    id=event.team_id,
+                    customer_id=event.customer_id,
+                    ledger=open_ledger(at),
+                )
                 self._created(self.teams, team, record)
                 _replace_budgets(team, event.budgets, at)
                 _replace_rate_limit(team, event.rate_limit, at)
@@ -430,6 +432,7 @@ class GovernanceCache:
                     team_id=event.team_id,
                     customer_id=event.customer_id,
                     providers=_provider_configs(None, event.provider_configs, at),
+                    ledger=open_ledger(at),
                 )
                 self._created(self.keys, key, record)
                 self.keys_by_sha256[key.value_sha256] = key
@@ -459,8 +462,8 @@ class GovernanceCache:
         keys: Iterable[VirtualKey],
         checkpoint: Checkpoint,
     ) -> None:
-        """Take owners rebuilt from the read model (meters from
-        `meters.restored_meter`), as of `checkpoint`."""
+        """Take owners rebuilt from the read model (ledgers from
+        `service.domain.ledger.restore`), as of `checkpoint`."""
         for customer in customers:
             _aggregate(customer)
             self.customers[customer.id] = customer
@@ -520,20 +523,24 @@ class GovernanceCache:
             return
         self.usage_seen[stream] = seen
         clock = record.recorded_at
+        at = usage.occurred_at
+        if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
+            at = at.replace(tzinfo=UTC)
+        cost = to_nanos(usage.cost)
         if key is not None:
-            _charge_owner(key, usage, clock)
+            _charge_owner(key, at, cost, usage, clock)
             if usage.provider_config_id is not None and key.providers:
                 for config in key.providers:
                     if config.id == usage.provider_config_id:
-                        _charge_owner(config, usage, clock)
+                        _charge_owner(config, at, cost, usage, clock)
         if usage.team_id is not None:
             team = self.teams.get(usage.team_id)
             if team is not None:
-                _charge_owner(team, usage, clock)
+                _charge_owner(team, at, cost, usage, clock)
         if usage.customer_id is not None:
             customer = self.customers.get(usage.customer_id)
             if customer is not None:
-                _charge_owner(customer, usage, clock)
+                _charge_owner(customer, at, cost, usage, clock)
         if usage.reservation_id is not None:
             hold = self.holds.get(usage.reservation_id)
             if hold is not None and hold.virtual_key_id == usage.virtual_key_id:
@@ -601,7 +608,7 @@ class GovernanceCache:
             reservation_id=event.reservation_id,
             virtual_key_id=event.virtual_key_id,
             budgets=[
-                (o, m.name) for o in owners for m in o.budgets if m.name in wanted
+                (o, m.id) for o in owners for m in o.ledger.budgets if m.id in wanted
             ],
             rate_owners=[o for o in owners if o.id in rate_ids],
             amount=to_nanos(event.amount),
@@ -824,8 +831,8 @@ def _reserve(
         provider_config_id=ids.provider_config_id,
         team_id=ids.team_id,
         customer_id=ids.customer_id,
-        budget_ids=tuple(m.name for owner in chain for m in owner.budgets),
-        rate_owner_ids=tuple(owner.id for owner in chain if owner.rates),
+        budget_ids=tuple(m.id for owner in chain for m in owner.ledger.budgets),
+        rate_owner_ids=tuple(owner.id for owner in chain if _halves(owner.ledger)),
         amount=estimated_cost,
         tokens=estimated_tokens,
         expires_at=expires_at,
@@ -860,7 +867,9 @@ def _config(
 
 
 def _rate_limited(owner: Owner) -> CheckResult:
-    meter = next(m for m in owner.rates if m.used + _rate_held(owner, m) >= m.limit)
+    meter = next(
+        m for m in _halves(owner.ledger) if m.used + _rate_held(owner, m) >= m.limit
+    )
     return CheckResult(
         allowed=False,
         reason="rate_limited",
@@ -869,7 +878,7 @@ def _rate_limited(owner: Owner) -> CheckResult:
         owner_id=owner.id,
         current_usage=Decimal(meter.used),
         max_limit=Decimal(meter.limit),
-        rate_limit="tokens" if meter.name == "tokens" else "requests",
+        rate_limit="tokens" if meter.kind == TOKENS else "requests",
     )
 
 
@@ -882,7 +891,7 @@ def _budget_exceeded(
     owner, meter = next(
         (owner, meter)
         for owner in chain
-        for meter in owner.budgets
+        for meter in owner.ledger.budgets
         if (held := meter.used + _budget_held(owner, meter)) >= meter.limit
         or estimate > meter.limit - held
     )
@@ -890,7 +899,7 @@ def _budget_exceeded(
         allowed=False,
         reason="budget_exceeded",
         http_status=402,
-        budget_id=meter.name,
+        budget_id=meter.id,
         owner_type=owner.owner_type,
         owner_id=owner.id,
         current_usage=to_money(meter.used),

@@ -9,11 +9,11 @@ the whole log: the same cache, only slower to start.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple, TypedDict
 
 import asyncpg
+import msgspec
 import structlog
 
 from projections import governance_holds, runner
@@ -24,9 +24,18 @@ from projections.cache import (
     Team,
     VirtualKey,
 )
-from projections.meters import Meter, restored_meter, to_nanos
+from projections.governance_usage import Owner, all_owners, stored_ledgers
 from projections.runner import Apply
-from service.domain.budgets import parse_duration, period_bounds
+from service.domain.ledger import (
+    BUDGET,
+    Ledger,
+    StoredLedger,
+    kept_from,
+    meters,
+    open_ledger,
+    restore,
+    to_nanos,
+)
 from service.eventstore import Connection
 from service.records import Checkpoint, RecordedEvent
 
@@ -46,18 +55,7 @@ _PROVIDER_CONFIGS = """
 SELECT id, virtual_key_id, provider, allowed_models FROM governance_provider_configs
 ORDER BY virtual_key_id, ordinal
 """
-_BUDGETS = """
-SELECT id, owner_type, owner_id, max_limit, reset_duration, calendar_aligned, anchor,
-    usage_floor
-FROM governance_budgets ORDER BY owner_type, owner_id, ordinal
-"""
-_RATE_LIMITS = """
-SELECT id, owner_type, owner_id, token_max_limit, token_reset_duration, token_anchor,
-    token_usage_floor, request_max_limit, request_reset_duration, request_anchor,
-    request_usage_floor
-FROM governance_rate_limits
-"""
-# Usage of the period containing now and later ones; keys are effective starts.
+# The cells a ledger without history keeps: keys from `kept_from` on.
 _SPEND = """
 SELECT s.budget_id, s.period_start, s.spend FROM governance_budget_spend s
 JOIN unnest($1::text[], $2::timestamptz[]) AS k(budget_id, since) USING (budget_id)
@@ -71,9 +69,6 @@ JOIN unnest($1::bigint[], $2::text[], $3::timestamptz[])
 WHERE u.period_start >= k.since
 """
 
-# (owner_type, owner_id) → meters, in the owner's order.
-Owned = defaultdict[tuple[str, str], list[Meter]]
-
 
 async def load(
     conn: Connection, now: datetime | None = None
@@ -86,17 +81,19 @@ async def load(
         teams = await conn.fetch(_TEAMS)
         keys = await conn.fetch(_VIRTUAL_KEYS)
         configs = await conn.fetch(_PROVIDER_CONFIGS)
-        budgets = await conn.fetch(_BUDGETS)
-        rate_limits = await conn.fetch(_RATE_LIMITS)
-        owned = _Owned(
-            budgets=await _budget_meters(conn, budgets, at),
-            rates=await _rate_meters(conn, rate_limits, at),
-        )
+        ledgers = await _ledgers(conn, at)
         holds = await governance_holds.open_holds(conn, at)
+
+    def ledger(owner_type: str, owner_id: str) -> Ledger:
+        found = ledgers.get(Owner(owner_type, owner_id))
+        return open_ledger(at) if found is None else found
+
     cache = GovernanceCache()
     cache.restore(
         customers=[
-            Customer(id=r["id"], version=r["version"], **owned.of("customer", r["id"]))
+            Customer(
+                id=r["id"], version=r["version"], ledger=ledger("customer", r["id"])
+            )
             for r in customers
         ],
         teams=[
@@ -104,11 +101,11 @@ async def load(
                 id=r["id"],
                 version=r["version"],
                 customer_id=r["customer_id"],
-                **owned.of("team", r["id"]),
+                ledger=ledger("team", r["id"]),
             )
             for r in teams
         ],
-        keys=_keys(keys, configs, owned),
+        keys=_keys(keys, configs, ledger),
         checkpoint=checkpoint,
     )
     for hold in holds:
@@ -116,113 +113,58 @@ async def load(
     return cache, checkpoint
 
 
-class _Limits(TypedDict):
-    budgets: tuple[Meter, ...]
-    rates: tuple[Meter, ...]
-
-
-class _Owned(NamedTuple):
-    budgets: Owned
-    rates: Owned
-
-    def of(self, owner_type: str, owner_id: str) -> _Limits:
-        """An owner's `budgets` and `rates` (tokens before requests)."""
-        owner = (owner_type, owner_id)
-        rates = sorted(self.rates.get(owner, ()), key=lambda m: m.name != "tokens")
-        return {"budgets": tuple(self.budgets.get(owner, ())), "rates": tuple(rates)}
-
-
-def _effective_start(
-    now: datetime, anchor: datetime, floor: datetime, duration: str, aligned: bool
-) -> datetime:
-    """The read model's key of the period containing `now`."""
-    start, _ = period_bounds(
-        now,
-        anchor=anchor,
-        duration=parse_duration(duration),
-        calendar_aligned=aligned,
-    )
-    return max(start, floor)
-
-
-async def _budget_meters(
-    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> Owned:
-    since = [
-        _effective_start(
-            now,
-            r["anchor"],
-            r["usage_floor"],
-            r["reset_duration"],
-            r["calendar_aligned"],
+async def _ledgers(conn: Connection, now: datetime) -> dict[Owner, Ledger]:
+    """Every owner's ledger as a cache folds it: restored with the cells it keeps
+    (from `kept_from` at its clock on), read at `now`."""
+    states = await stored_ledgers(conn, await all_owners(conn))
+    budget_since: list[tuple[str, datetime]] = []
+    rate_since: list[tuple[int, str, datetime]] = []
+    for state, _, rate in states.values():
+        for meter in meters(restore(state, now=now, history=True)):
+            since = kept_from(meter, state.clock)
+            if meter.kind == BUDGET:
+                budget_since.append((meter.id, since))
+            elif rate is not None:
+                rate_since.append((rate["id"], meter.kind, since))
+    spend: defaultdict[str, dict[datetime, int]] = defaultdict(dict)
+    if budget_since:
+        for budget_id, key, amount in await conn.fetch(
+            _SPEND, *map(list, zip(*budget_since, strict=True))
+        ):
+            spend[budget_id][key] = to_nanos(amount)
+    used: defaultdict[tuple[int, str], dict[datetime, int]] = defaultdict(dict)
+    if rate_since:
+        for limit_id, kind, key, amount in await conn.fetch(
+            _RATE_USAGE, *map(list, zip(*rate_since, strict=True))
+        ):
+            used[limit_id, kind][key] = amount
+    ledgers = {}
+    for owner, (state, _, rate) in states.items():
+        rate_id: int | None = None if rate is None else rate["id"]
+        cells = [
+            spend.get(m.id, {})
+            if m.kind == BUDGET
+            else used.get((rate_id, m.kind), {})
+            if rate_id is not None
+            else {}
+            for m in state.meters
+        ]
+        full = StoredLedger(
+            clock=state.clock,
+            meters=tuple(
+                msgspec.structs.replace(m, cells=tuple(sorted(c.items())))
+                for m, c in zip(state.meters, cells, strict=True)
+            ),
+            pending=state.pending,
         )
-        for r in rows
-    ]
-    usage: defaultdict[str, dict[datetime, int]] = defaultdict(dict)
-    for s in await conn.fetch(_SPEND, [r["id"] for r in rows], since):
-        usage[s["budget_id"]][s["period_start"]] = to_nanos(s["spend"])
-    owned: Owned = defaultdict(list)
-    for r in rows:
-        owned[r["owner_type"], r["owner_id"]].append(
-            restored_meter(
-                r["id"],
-                limit=to_nanos(r["max_limit"]),
-                reset_duration=r["reset_duration"],
-                calendar_aligned=r["calendar_aligned"],
-                anchor=r["anchor"],
-                floor=r["usage_floor"],
-                usage=usage[r["id"]],
-                now=now,
-            )
-        )
-    return owned
-
-
-async def _rate_meters(
-    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> Owned:
-    halves = [
-        (r, kind, kind[:-1])
-        for r in rows
-        for kind in ("tokens", "requests")
-        if r[f"{kind[:-1]}_max_limit"] is not None
-    ]
-    since = [
-        _effective_start(
-            now,
-            r[f"{prefix}_anchor"],
-            r[f"{prefix}_usage_floor"],
-            r[f"{prefix}_reset_duration"],
-            False,
-        )
-        for r, _, prefix in halves
-    ]
-    usage: defaultdict[tuple[int, str], dict[datetime, int]] = defaultdict(dict)
-    for u in await conn.fetch(
-        _RATE_USAGE, [r["id"] for r, _, _ in halves], [k for _, k, _ in halves], since
-    ):
-        usage[u["rate_limit_id"], u["kind"]][u["period_start"]] = u["used"]
-    owned: Owned = defaultdict(list)
-    for r, kind, prefix in halves:
-        owned[r["owner_type"], r["owner_id"]].append(
-            restored_meter(
-                kind,
-                limit=r[f"{prefix}_max_limit"],
-                reset_duration=r[f"{prefix}_reset_duration"],
-                calendar_aligned=False,
-                anchor=r[f"{prefix}_anchor"],
-                floor=r[f"{prefix}_usage_floor"],
-                usage=usage[r["id"], kind],
-                now=now,
-            )
-        )
-    return owned
+        ledgers[owner] = restore(full, now=now)
+    return ledgers
 
 
 def _keys(
     rows: Sequence[asyncpg.Record],
     config_rows: Sequence[asyncpg.Record],
-    owned: _Owned,
+    ledger: Callable[[str, str], Ledger],
 ) -> list[VirtualKey]:
     configs: defaultdict[str, list[ProviderConfigState]] = defaultdict(list)
     for c in config_rows:
@@ -232,7 +174,7 @@ def _keys(
                 id=c["id"],
                 provider=c["provider"],
                 models=None if models is None or "*" in models else frozenset(models),
-                **owned.of("provider_config", c["id"]),
+                ledger=ledger("provider_config", c["id"]),
             )
         )
     return [
@@ -244,7 +186,7 @@ def _keys(
             team_id=r["team_id"],
             customer_id=r["customer_id"],
             providers=tuple(configs[r["id"]]) or None,
-            **owned.of("virtual_key", r["id"]),
+            ledger=ledger("virtual_key", r["id"]),
         )
         for r in rows
     ]

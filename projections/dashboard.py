@@ -17,7 +17,8 @@ from typing import Any
 import msgspec
 
 from projections import governance_reads, runner
-from service.domain.budgets import parse_duration, period_bounds
+from projections.governance_usage import Owner, all_owners, books_of
+from service.domain.ledger import meters, periods_of, reading, to_money, to_nanos
 from service.errors import NotFound
 from service.eventstore import Connection
 
@@ -28,20 +29,8 @@ Wire = dict[str, Any]
 # The SQL projector whose tables the snapshot reads (projections.runner).
 GOVERNANCE_PROJECTION = "governance"
 
-_BUDGET_ANCHORS = "SELECT id, anchor FROM governance_budgets"
-_RATE_LIMIT_ANCHORS = """
-SELECT owner_type, owner_id, token_anchor, token_reset_duration, request_anchor,
-    request_reset_duration
-FROM governance_rate_limits
-"""
-_BUDGET_EXISTS = "SELECT EXISTS (SELECT 1 FROM governance_budgets WHERE id = $1)"
-# The latest `limit` periods (all when NULL), oldest first.
-_PERIODS = """
-SELECT period_start, spend FROM (
-    SELECT period_start, spend FROM governance_budget_spend WHERE budget_id = $1
-    ORDER BY period_start DESC LIMIT $2
-) latest ORDER BY period_start
-"""
+_BUDGET_OWNER = "SELECT owner_type, owner_id FROM governance_budgets WHERE id = $1"
+_CELLS = "SELECT period_start, spend FROM governance_budget_spend WHERE budget_id = $1"
 
 
 async def snapshot(conn: Connection, now: datetime) -> Wire:
@@ -52,12 +41,8 @@ async def snapshot(conn: Connection, now: datetime) -> Wire:
         customers = _wire(await governance_reads.list_customers(conn, now))
         teams = _wire(await governance_reads.list_teams(conn, now))
         keys = _wire(await governance_reads.list_virtual_keys(conn, now))
-        anchors = {r["id"]: r["anchor"] for r in await conn.fetch(_BUDGET_ANCHORS)}
-        rate_anchors = {
-            (r["owner_type"], r["owner_id"]): dict(r)
-            for r in await conn.fetch(_RATE_LIMIT_ANCHORS)
-        }
-    dress(customers, teams, keys, anchors, rate_anchors, now)
+        ends, rate_ends = await _ends(conn, now)
+    dress(customers, teams, keys, ends, rate_ends, now)
     return {
         "position": checkpoint.position,
         "generated_at": now,
@@ -67,17 +52,49 @@ async def snapshot(conn: Connection, now: datetime) -> Wire:
     }
 
 
-async def periods(conn: Connection, budget_id: str, limit: int | None) -> list[Wire]:
-    """The budget's spend per period, oldest first: the latest `limit` (or all).
+async def _ends(
+    conn: Connection, now: datetime
+) -> tuple[dict[str, datetime], dict[tuple[str, str], dict[str, datetime | None]]]:
+    """When the period containing `now` ends, per budget and per rate-limit half
+    (the fold's `reading`; no cell is needed for it)."""
+    books = await books_of(conn, await all_owners(conn), now)
+    ends: dict[str, datetime] = {}
+    rate_ends: dict[tuple[str, str], dict[str, datetime | None]] = {}
+    for owner, book in books.items():
+        ledger = book.ledger
+        for meter in ledger.budgets:
+            ends[meter.id] = reading(ledger, meter, now).end
+        rate_ends[owner] = {
+            prefix: None if half is None else reading(ledger, half, now).end
+            for prefix, half in (("token", ledger.tokens), ("request", ledger.requests))
+        }
+    return ends, rate_ends
 
-    A period's start is the *effective* one of the read model: after an explicit reset
-    a period shows as two entries, before and from the reset.
+
+async def periods(conn: Connection, budget_id: str, limit: int | None) -> list[Wire]:
+    """The budget's spend per period of its current definition, oldest first: the
+    latest `limit` (or all); usage still pending counts in its own period.
+
+    After a reset inside a period, the period shows as two entries: before the reset
+    (under the period's start) and from it (`ledger.periods_of`).
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        if not await conn.fetchval(_BUDGET_EXISTS, budget_id):
+        row = await conn.fetchrow(_BUDGET_OWNER, budget_id)
+        if row is None:
             raise NotFound(f"budget {budget_id} does not exist")
-        rows = await conn.fetch(_PERIODS, budget_id, limit)
-    return [{"period_start": r["period_start"], "spend": r["spend"]} for r in rows]
+        owner = Owner(row["owner_type"], row["owner_id"])
+        book = (await books_of(conn, [owner]))[owner]
+        cells = await conn.fetch(_CELLS, budget_id)
+    ledger = book.ledger
+    [meter] = [m for m in meters(ledger) if m.id == budget_id]
+    for key, spend in cells:
+        meter.cells[key] = to_nanos(spend)
+    for at, amounts in (ledger.pending or {}).items():
+        if at >= meter.floor:  # filed under its own instant: periods_of groups it
+            meter.cells[at] = meter.cells.get(at, 0) + amounts[meter.part]
+    found = periods_of(meter)
+    latest = found if limit is None else found[max(0, len(found) - limit) :]
+    return [{"period_start": at, "spend": to_money(used)} for at, used in latest]
 
 
 def _wire(views: Sequence[msgspec.Struct]) -> list[Wire]:
@@ -93,19 +110,20 @@ def dress(
     customers: Sequence[Wire],
     teams: Sequence[Wire],
     keys: Sequence[Wire],
-    anchors: Mapping[str, datetime],
-    rate_anchors: Mapping[tuple[str, str], Mapping[str, Any]],
+    ends: Mapping[str, datetime],
+    rate_ends: Mapping[tuple[str, str], Mapping[str, datetime | None]],
     now: datetime,
 ) -> None:
-    """Add next resets and blocking limits to the wire dicts, in place."""
+    """Add next resets (`ends`: by budget id, `rate_ends`: by owner and half, as
+    of `now`) and blocking limits to the wire dicts, in place."""
     for owner_type, owner in _owners(customers, teams, keys):
         for budget in owner["budgets"]:
-            budget["next_reset"] = _budget_end(budget, anchors.get(budget["id"]), now)
+            budget["next_reset"] = ends.get(budget["id"])
         rate_limit = owner["rate_limit"]
         if rate_limit is not None:
-            anchor_row = rate_anchors.get((owner_type, owner["id"]))
+            halves = rate_ends.get((owner_type, owner["id"]), {})
             for prefix in ("token", "request"):
-                rate_limit[f"{prefix}_next_reset"] = _rate_end(anchor_row, prefix, now)
+                rate_limit[f"{prefix}_next_reset"] = halves.get(prefix)
     teams_by_id = {t["id"]: t for t in teams}
     customers_by_id = {c["id"]: c for c in customers}
     for key in keys:
@@ -120,32 +138,6 @@ def _owners(
     for key in keys:
         yield "virtual_key", key
         yield from (("provider_config", p) for p in key["provider_configs"])
-
-
-def _budget_end(
-    budget: Wire, anchor: datetime | None, now: datetime
-) -> datetime | None:
-    if anchor is None:
-        return None
-    return period_bounds(
-        now,
-        anchor=anchor,
-        duration=parse_duration(budget["reset_duration"]),
-        calendar_aligned=budget["calendar_aligned"],
-    )[1]
-
-
-def _rate_end(
-    row: Mapping[str, Any] | None, prefix: str, now: datetime
-) -> datetime | None:
-    if row is None or row[f"{prefix}_anchor"] is None:
-        return None
-    return period_bounds(
-        now,
-        anchor=row[f"{prefix}_anchor"],
-        duration=parse_duration(row[f"{prefix}_reset_duration"]),
-        calendar_aligned=False,
-    )[1]
 
 
 def _mark_blocked(

@@ -10,17 +10,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import assert_never
 
-import asyncpg
+from msgspec import UNSET, UnsetType
 
 from projections import governance_holds
 from projections.governance_usage import (
+    Book,
     Owner,
-    budgets_of,
+    books_of,
     charge,
-    forget_rate_usage,
-    move_spend,
-    periods,
-    rate_limits_of,
+    create_ledger,
+    save,
 )
 from service.domain.events import (
     Budget,
@@ -41,6 +40,13 @@ from service.domain.events import (
     VirtualKeyCreated,
     VirtualKeyDeleted,
     VirtualKeyUpdated,
+)
+from service.domain.ledger import (
+    Ledger,
+    define_budgets,
+    define_rate_limit,
+    open_ledger,
+    to_money,
 )
 from service.eventstore import Connection
 from service.records import RecordedEvent
@@ -80,45 +86,44 @@ async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
         case CustomerCreated():
             if await _wrote(conn, _INSERT_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at, new=True)
+                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
         case CustomerUpdated():
             if await _wrote(conn, _UPDATE_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at)
+                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
         case CustomerBudgetsReplaced():
             if await _wrote(conn, _TOUCH["customer"], e.customer_id, v, at):
                 owner = Owner("customer", e.customer_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at)
+                await _define(conn, owner, v, at, e.budgets)
         case CustomerDeleted():
             await conn.execute(_DELETE_CUSTOMER, e.customer_id, v)
         case TeamCreated():
             if await _wrote(conn, _INSERT_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at, new=True)
+                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
         case TeamUpdated():
             if await _wrote(conn, _UPDATE_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _set_rate_limit(conn, owner, e.rate_limit, v, at)
+                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
         case TeamBudgetsReplaced():
             if await _wrote(conn, _TOUCH["team"], e.team_id, v, at):
-                await _replace_budgets(conn, Owner("team", e.team_id), e.budgets, v, at)
+                await _define(conn, Owner("team", e.team_id), v, at, e.budgets)
         case TeamDeleted():
             await conn.execute(_DELETE_TEAM, e.team_id, v)
         case VirtualKeyCreated():
             if await _wrote(conn, _INSERT_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at, new=True)
+                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
                 await _set_key_settings(conn, owner, e, v, at, new=True)
         case VirtualKeyUpdated():
             if await _wrote(conn, _UPDATE_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
+                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
                 await _set_key_settings(conn, owner, e, v, at)
         case VirtualKeyBudgetsReplaced():
             if await _wrote(conn, _TOUCH["virtual_key"], e.virtual_key_id, v, at):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _replace_budgets(conn, owner, e.budgets, v, at)
+                await _define(conn, owner, v, at, e.budgets)
         case VirtualKeyDeleted():
             # Cascades to its budgets, rate limit, provider configs and theirs.
             await conn.execute(_DELETE_VIRTUAL_KEY, e.virtual_key_id, v)
@@ -169,9 +174,8 @@ async def _set_key_settings(
     *,
     new: bool = False,
 ) -> None:
-    """`new`: the key was inserted just now, so it has no rate limit or provider
-    configs yet (they reference it), and none need looking up or deleting."""
-    await _set_rate_limit(conn, owner, e.rate_limit, version, at, new=new)
+    """The key's provider configs; `new`: the key was inserted just now, so it has
+    none yet (they reference it), and none need deleting."""
     await _replace_provider_configs(
         conn, owner.id, e.provider_configs, version, at, new=new
     )
@@ -276,11 +280,42 @@ async def _replace_provider_configs(
             ordinal,
         )
         owner = Owner("provider_config", config.provider_config_id)
-        await _replace_budgets(conn, owner, config.budgets, version, at)
-        await _set_rate_limit(conn, owner, config.rate_limit, version, at)
+        await _define(conn, owner, version, at, config.budgets, config.rate_limit)
 
 
-# --- budgets -----------------------------------------------------------------------
+# --- budgets and rate limits: the owner's ledger ----------------------------------
+
+
+async def _define(
+    conn: Connection,
+    owner: Owner,
+    version: int,
+    at: datetime,
+    budgets: Sequence[Budget] | UnsetType = UNSET,
+    rate_limit: RateLimit | UnsetType | None = UNSET,
+    *,
+    new: bool = False,
+) -> None:
+    """Fold an event carrying the owner's whole budget set and/or rate limit into
+    its ledger (`service.domain.ledger`), and store what it yields: the definitions
+    with their anchors and floors, the clock, pending usage and what the clock's
+    move filed. `new`: the owner was inserted just now (it has nothing yet)."""
+    book = None if new else (await books_of(conn, [owner])).get(owner)
+    if book is None:  # a new owner (or a provider config new in this event)
+        await create_ledger(conn, owner, at)
+        book = Book(open_ledger(at, history=True), [], None)
+    ledger = book.ledger
+    rate_limit_id = book.rate_limit_id
+    if not isinstance(budgets, UnsetType):
+        define_budgets(ledger, budgets, at)
+        await _write_budgets(conn, owner, ledger, version, at, new=new)
+    if not isinstance(rate_limit, UnsetType):
+        define_rate_limit(ledger, rate_limit, at)
+        rate_limit_id = await _write_rate_limit(
+            conn, owner, ledger, rate_limit, version, at, book.rate_limit_id
+        )
+    await save(conn, {owner: book}, {owner: rate_limit_id})
+
 
 _DELETE_DROPPED_BUDGETS = """
 DELETE FROM governance_budgets
@@ -305,75 +340,34 @@ WHERE b.version < EXCLUDED.version
 """
 
 
-async def _replace_budgets(
+async def _write_budgets(
     conn: Connection,
     owner: Owner,
-    budgets: Sequence[Budget],
+    ledger: Ledger,
     version: int,
     at: datetime,
     *,
-    new: bool = False,
+    new: bool,
 ) -> None:
-    """The owner's budgets become exactly `budgets`, as the event lists them.
-
-    A new budget is anchored at `at` with its usage floor there; a kept one keeps its
-    anchor, and `reset_usage` moves its floor to `at`. Turning calendar_aligned off
-    keeps the current period's usage: it moves to the rolling period containing `at`.
-    `new`: the owner was inserted just now, so it has no budgets yet (they reference
-    it) and there is nothing to look up or delete.
-    """
-    current: dict[str, asyncpg.Record] = {}
+    """The owner's budget rows become the ledger's budgets, in its order."""
+    meters = ledger.budgets
     if not new:
-        current = {r["id"]: r for r in await budgets_of(conn, [owner])}
-        await conn.execute(
-            _DELETE_DROPPED_BUDGETS, *owner, [b.budget_id for b in budgets]
-        )
-    if not budgets:
+        await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
+    if not meters:
         return
-    anchors: list[datetime] = []
-    floors: list[datetime] = []
-    for budget in budgets:
-        old = current.get(budget.budget_id)
-        if old is None:
-            anchors.append(at)
-            floors.append(at)
-            continue
-        anchor = old["anchor"]
-        floor = at if budget.reset_usage else old["usage_floor"]
-        anchors.append(anchor)
-        floors.append(floor)
-        if old["calendar_aligned"] and not budget.calendar_aligned:
-            _, was = periods(
-                at,
-                anchor=anchor,
-                duration=old["reset_duration"],
-                calendar_aligned=True,
-                floor=floor,
-            )
-            _, now_at = periods(
-                at,
-                anchor=anchor,
-                duration=budget.reset_duration,
-                calendar_aligned=False,
-                floor=floor,
-            )
-            if was != now_at:
-                await move_spend(conn, budget.budget_id, was, now_at)
     await conn.execute(
         _UPSERT_BUDGETS,
         *owner.columns,
         version,
         at,
-        [b.budget_id for b in budgets],
-        [b.max_limit for b in budgets],
-        [b.reset_duration for b in budgets],
-        [b.calendar_aligned for b in budgets],
-        anchors,
-        floors,
+        [m.id for m in meters],
+        [to_money(m.limit) for m in meters],
+        [m.reset_duration for m in meters],
+        [m.calendar_aligned for m in meters],
+        [m.anchor for m in meters],
+        [m.floor for m in meters],
     )
 
-
-# --- rate limits -------------------------------------------------------------------
 
 _DELETE_RATE_LIMIT = (
     "DELETE FROM governance_rate_limits WHERE owner_type = $1 AND owner_id = $2"
@@ -383,7 +377,7 @@ INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
     provider_config_id, version, created_at, updated_at,
     token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
     request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
-VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $9, $10, $11, $12, $12)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
     updated_at = EXCLUDED.updated_at,
     token_max_limit = EXCLUDED.token_max_limit,
@@ -399,70 +393,28 @@ RETURNING id
 """
 
 
-async def _set_rate_limit(
+async def _write_rate_limit(
     conn: Connection,
     owner: Owner,
+    ledger: Ledger,
     rate_limit: RateLimit | None,
     version: int,
     at: datetime,
-    *,
-    new: bool = False,
-) -> None:
-    """Each limit keeps its anchor unless it is new or its reset duration changed.
-
-    `new`: the owner was inserted just now and has no rate limit yet.
-    """
+    current_id: int | None,
+) -> int | None:
+    """The owner's rate-limit row becomes the ledger's halves (none: no row); its
+    id, which keys the halves' cells."""
     if rate_limit is None:
-        if not new:
+        if current_id is not None:
             await conn.execute(_DELETE_RATE_LIMIT, *owner)
-        return
-    found = [] if new else await rate_limits_of(conn, [owner])
-    old = found[0] if found else None
-    anchors = {
-        kind: _rate_anchor(old, kind, limit, duration, at)
-        for kind, limit, duration in (
-            ("tokens", rate_limit.token_max_limit, rate_limit.token_reset_duration),
-            (
-                "requests",
-                rate_limit.request_max_limit,
-                rate_limit.request_reset_duration,
-            ),
-        )
-    }
-    rate_limit_id = await conn.fetchval(
-        _UPSERT_RATE_LIMIT,
-        *owner.columns,
-        version,
-        at,
-        rate_limit.token_max_limit,
-        rate_limit.token_reset_duration,
-        anchors["tokens"],
-        rate_limit.request_max_limit,
-        rate_limit.request_reset_duration,
-        anchors["requests"],
-    )
-    if old is not None and rate_limit_id is not None:
-        for kind, anchor in anchors.items():
-            if anchor != old[f"{kind[:-1]}_anchor"]:
-                await forget_rate_usage(conn, rate_limit_id, kind)
-
-
-def _rate_anchor(
-    old: asyncpg.Record | None,
-    kind: str,
-    limit: int | None,
-    duration: str | None,
-    at: datetime,
-) -> datetime | None:
-    """A kept limit with the same reset duration keeps its anchor; else it is `at`."""
-    if limit is None:
         return None
-    prefix = kind[:-1]
-    if (
-        old is not None
-        and old[f"{prefix}_max_limit"] is not None
-        and old[f"{prefix}_reset_duration"] == duration
-    ):
-        anchor: datetime = old[f"{prefix}_anchor"]
-        return anchor
-    return at
+    halves: list[object] = []
+    for half in (ledger.tokens, ledger.requests):
+        if half is None:
+            halves += [None, None, None, None]
+        else:
+            halves += [half.limit, half.reset_duration, half.anchor, half.floor]
+    found = await conn.fetchval(
+        _UPSERT_RATE_LIMIT, *owner.columns, version, at, *halves
+    )
+    return current_id if found is None else int(found)

@@ -2,9 +2,10 @@
 governance_* tables as their views (`projections.governance_views`), each budget and
 rate limit with the usage of the period that contains `now`.
 
-`last_reset` is the start of the period that contains `now` (DESIGN.md), also right
-after a reset; the usage shown is what is stored at that period's key
-(`projections.governance_usage`).
+Each owner's ledger is restored from the read model with the cells of the period
+that contains `now` (`projections.governance_usage`), and each limit shows its
+`reading` (`service.domain.ledger`): `current_usage` is its `used`, `last_reset`
+its `start`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,7 @@ from decimal import Decimal
 import asyncpg
 
 from projections import governance_holds
-from projections.governance_usage import (
-    RATE_KINDS,
-    Owner,
-    budget_period,
-    budgets_of,
-    rate_key,
-    rate_limits_of,
-    rate_usage_at,
-    spend_at,
-)
+from projections.governance_usage import Book, Owner, books_of, fill
 from projections.governance_views import (
     BudgetView,
     CustomerView,
@@ -35,6 +27,7 @@ from projections.governance_views import (
     TeamView,
     VirtualKeyView,
 )
+from service.domain.ledger import reading, to_money
 from service.errors import NotFound
 from service.eventstore import Connection
 
@@ -62,9 +55,7 @@ WHERE virtual_key_id = ANY($1::text[])
 ORDER BY virtual_key_id, ordinal
 """
 _BUDGETS = """
-SELECT b.id, owner_type, owner_id, b.max_limit, b.reset_duration, b.calendar_aligned,
-    b.anchor, b.usage_floor
-FROM governance_budgets b
+SELECT b.id, owner_type, owner_id FROM governance_budgets b
 WHERE ($1::text IS NULL OR owner_type = $1) AND ($2::text IS NULL OR owner_id = $2)
 ORDER BY b.created_at, owner_type, owner_id, b.ordinal
 """
@@ -121,17 +112,20 @@ async def list_budgets(
     owner_type: str | None = None,
     owner_id: str | None = None,
 ) -> list[BudgetView]:
-    return await _budgets(conn, await conn.fetch(_BUDGETS, owner_type, owner_id), now)
+    rows = await conn.fetch(_BUDGETS, owner_type, owner_id)
+    owners = sorted({Owner(r["owner_type"], r["owner_id"]) for r in rows})
+    budgets, _ = await owned_by(conn, owners, now)
+    by_id = {b.id: b for owned in budgets.values() for b in owned}
+    return [by_id[r["id"]] for r in rows]
 
 
 async def owned_by(
     conn: Connection, owners: Sequence[Owner], now: datetime
 ) -> tuple[defaultdict[Owner, list[BudgetView]], dict[Owner, RateLimitView]]:
     """The budgets and rate limits of `owners`, with their current usage."""
-    budgets: defaultdict[Owner, list[BudgetView]] = defaultdict(list)
-    for budget in await _budgets(conn, await budgets_of(conn, owners), now):
-        budgets[Owner(budget.owner_type, budget.owner_id)].append(budget)
-    return budgets, await _rate_limits(conn, await rate_limits_of(conn, owners), now)
+    books = await books_of(conn, owners, now)
+    await fill(conn, books, now)
+    return await _budgets(conn, books, now), await _rate_limits(conn, books, now)
 
 
 async def _customers(
@@ -212,56 +206,54 @@ async def _virtual_keys(
 
 
 async def _budgets(
-    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
-) -> list[BudgetView]:
-    periods = [budget_period(r, now) for r in rows]
-    keys = [(r["id"], key) for r, (_, key) in zip(rows, periods, strict=True)]
-    spend = await spend_at(conn, keys)
-    held = await governance_holds.held_by_budget(conn, [r["id"] for r in rows], now)
-    return [
-        BudgetView(
-            id=r["id"],
-            max_limit=r["max_limit"],
-            reset_duration=r["reset_duration"],
-            calendar_aligned=r["calendar_aligned"],
-            current_usage=spend.get(key, Decimal(0)),
-            last_reset=start,
-            owner_type=r["owner_type"],
-            owner_id=r["owner_id"],
-            held=held.get(r["id"], Decimal(0)),
-        )
-        for r, (start, _), key in zip(rows, periods, keys, strict=True)
-    ]
+    conn: Connection, books: dict[Owner, Book], now: datetime
+) -> defaultdict[Owner, list[BudgetView]]:
+    held = await governance_holds.held_by_budget(
+        conn, [r["id"] for book in books.values() for r in book.budgets], now
+    )
+    budgets: defaultdict[Owner, list[BudgetView]] = defaultdict(list)
+    for owner, book in books.items():
+        ledger = book.ledger
+        for r, meter in zip(book.budgets, ledger.budgets, strict=True):
+            used, start, _ = reading(ledger, meter, now)
+            budgets[owner].append(
+                BudgetView(
+                    id=r["id"],
+                    max_limit=r["max_limit"],
+                    reset_duration=r["reset_duration"],
+                    calendar_aligned=r["calendar_aligned"],
+                    current_usage=to_money(used),
+                    last_reset=start,
+                    owner_type=r["owner_type"],
+                    owner_id=r["owner_id"],
+                    held=held.get(r["id"], Decimal(0)),
+                )
+            )
+    return budgets
 
 
 async def _rate_limits(
-    conn: Connection, rows: Sequence[asyncpg.Record], now: datetime
+    conn: Connection, books: dict[Owner, Book], now: datetime
 ) -> dict[Owner, RateLimitView]:
-    slots: dict[tuple[int, str], tuple[int, str, datetime]] = {}
-    for r in rows:
-        for kind in RATE_KINDS:
-            key = rate_key(r, kind, now)
-            if key is not None:
-                slots[r["id"], kind] = (r["id"], kind, key)
-    used = await rate_usage_at(conn, slots.values())
+    rows = {o: b.rate_limit for o, b in books.items() if b.rate_limit is not None}
     held = await governance_holds.held_by_rate_owner(
-        conn, [r["owner_id"] for r in rows], now
+        conn, [r["owner_id"] for r in rows.values()], now
     )
-
-    def current(r: asyncpg.Record, kind: str) -> int:
-        slot = slots.get((r["id"], kind))
-        return 0 if slot is None else int(used.get(slot, 0))
-
-    return {
-        Owner(r["owner_type"], r["owner_id"]): RateLimitView(
+    views = {}
+    for owner, r in rows.items():
+        ledger = books[owner].ledger
+        tokens, requests = (
+            0 if half is None else reading(ledger, half, now).used
+            for half in (ledger.tokens, ledger.requests)
+        )
+        views[owner] = RateLimitView(
             token_max_limit=r["token_max_limit"],
             token_reset_duration=r["token_reset_duration"],
             request_max_limit=r["request_max_limit"],
             request_reset_duration=r["request_reset_duration"],
-            token_current_usage=current(r, "tokens"),
-            request_current_usage=current(r, "requests"),
+            token_current_usage=tokens,
+            request_current_usage=requests,
             token_held=held.get(r["owner_id"], (0, 0))[0],
             request_held=held.get(r["owner_id"], (0, 0))[1],
         )
-        for r in rows
-    }
+    return views

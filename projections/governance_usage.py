@@ -1,30 +1,41 @@
-"""Usage in the governance read model: the owners of budgets and rate limits, the
-period key their usage is stored at, and every statement on the usage tables
-(governance_budget_spend, governance_rate_limit_usage, governance_usage_streams).
+"""Usage in the governance read model: each owner's ledger (`service.domain.ledger`)
+as rows, and every statement on the usage tables (governance_ledgers,
+governance_pending_usage, governance_budget_spend, governance_rate_limit_usage,
+governance_usage_streams).
 
-Usage is stored per budget (and per rate-limit half) per *effective* period: the key
-is the later of the period's start and the usage floor, so an explicit reset opens a
-fresh row at the reset instant and the current usage shows 0 at once, while the
-spend before it stays on record.
+An owner's ledger is stored as its budgets' and rate limit's definitions (limit,
+reset_duration, calendar_aligned, anchor, usage floor, in governance_budgets and
+governance_rate_limits), its clock and pending usage, and its cells: spend and
+rate-limit usage keyed as the fold keys them. The fold alone decides what a key
+means; this module only loads a ledger without its cells, adds what a run filed, and
+fetches the cells a reading sums.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncpg
 
-from service.domain.budgets import (
-    Duration,
-    counts_toward,
-    parse_duration,
-    period_bounds,
-)
+from service.domain import ledger
 from service.domain.events import UsageRecorded
+from service.domain.ledger import (
+    BUDGET,
+    EARLIEST,
+    Ledger,
+    Pending,
+    StoredLedger,
+    StoredMeter,
+    meters,
+    period_keys,
+    restore,
+    stored,
+    take_cells,
+    to_money,
+    to_nanos,
+)
 from service.eventstore import Connection
 from service.records import RecordedEvent
 
@@ -42,49 +53,17 @@ class Owner(NamedTuple):
         return tuple(self.id if self.type == t else None for t in OWNER_TYPES)
 
 
-def periods(
-    at: datetime,
-    *,
-    anchor: datetime,
-    duration: str,
-    calendar_aligned: bool,
-    floor: datetime,
-) -> tuple[datetime, datetime]:
-    """The start of the period containing `at`, and the key its usage is stored at."""
-    start, _end = period_bounds(
-        at,
-        anchor=anchor,
-        duration=parse_duration(duration),
-        calendar_aligned=calendar_aligned,
-    )
-    return start, max(start, floor)
+class Book(NamedTuple):
+    """An owner's ledger and the rows it was restored from (`rate_limit_id` keys its
+    rate-limit cells; None while it has no rate limit)."""
 
+    ledger: Ledger
+    budgets: list[asyncpg.Record]
+    rate_limit: asyncpg.Record | None
 
-def budget_period(budget: asyncpg.Record, at: datetime) -> tuple[datetime, datetime]:
-    """`periods` of a governance_budgets row."""
-    return periods(
-        at,
-        anchor=budget["anchor"],
-        duration=budget["reset_duration"],
-        calendar_aligned=budget["calendar_aligned"],
-        floor=budget["usage_floor"],
-    )
-
-
-def rate_key(limit: asyncpg.Record, kind: str, at: datetime) -> datetime | None:
-    """The key a governance_rate_limits row's half stores usage at `at` under; None
-    when that half is not set. Rate-limit periods roll from their anchor."""
-    prefix = kind[:-1]
-    floor = limit[f"{prefix}_usage_floor"]
-    if floor is None:
-        return None
-    return periods(
-        at,
-        anchor=limit[f"{prefix}_anchor"],
-        duration=limit[f"{prefix}_reset_duration"],
-        calendar_aligned=False,
-        floor=floor,
-    )[1]
+    @property
+    def rate_limit_id(self) -> int | None:
+        return None if self.rate_limit is None else int(self.rate_limit["id"])
 
 
 # --- the limits of a set of owners -------------------------------------------------
@@ -105,6 +84,19 @@ FROM governance_rate_limits r
 JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
     USING (owner_type, owner_id)
 """
+_LEDGERS_OF = """
+SELECT owner_type, owner_id, clock FROM governance_ledgers
+JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
+    USING (owner_type, owner_id)
+"""
+_PENDING_OF = """
+SELECT owner_type, owner_id, occurred_at, cost, tokens, requests
+FROM governance_pending_usage
+JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
+    USING (owner_type, owner_id)
+ORDER BY occurred_at
+"""
+_ALL_LEDGERS = "SELECT owner_type, owner_id FROM governance_ledgers"
 
 
 async def budgets_of(conn: Connection, owners: Sequence[Owner]) -> list[asyncpg.Record]:
@@ -118,8 +110,206 @@ async def rate_limits_of(
     return await conn.fetch(_RATE_LIMITS_OF, *_columns(owners))
 
 
+async def all_owners(conn: Connection) -> list[Owner]:
+    """Every owner with a ledger."""
+    return [Owner(*r) for r in await conn.fetch(_ALL_LEDGERS)]
+
+
 def _columns(owners: Sequence[Owner]) -> tuple[list[str], list[str]]:
     return [o.type for o in owners], [o.id for o in owners]
+
+
+def stored_meters(
+    budgets: Iterable[asyncpg.Record], rate_limit: asyncpg.Record | None
+) -> list[StoredMeter]:
+    """An owner's meter definitions as its rows hold them (without cells)."""
+    found = [
+        StoredMeter(
+            kind=BUDGET,
+            id=b["id"],
+            limit=to_nanos(b["max_limit"]),
+            reset_duration=b["reset_duration"],
+            calendar_aligned=b["calendar_aligned"],
+            anchor=b["anchor"],
+            floor=b["usage_floor"],
+        )
+        for b in budgets
+    ]
+    if rate_limit is not None:
+        for kind in RATE_KINDS:
+            prefix = kind[:-1]
+            if rate_limit[f"{prefix}_max_limit"] is not None:
+                found.append(
+                    StoredMeter(
+                        kind=kind,
+                        id=kind,
+                        limit=rate_limit[f"{prefix}_max_limit"],
+                        reset_duration=rate_limit[f"{prefix}_reset_duration"],
+                        calendar_aligned=False,
+                        anchor=rate_limit[f"{prefix}_anchor"],
+                        floor=rate_limit[f"{prefix}_usage_floor"],
+                    )
+                )
+    return found
+
+
+async def stored_ledgers(
+    conn: Connection, owners: Sequence[Owner]
+) -> dict[Owner, tuple[StoredLedger, list[asyncpg.Record], asyncpg.Record | None]]:
+    """The ledgers of those `owners` that have one, as stored without cells, with
+    their budget rows (in order) and rate-limit row."""
+    owners = sorted(set(owners))
+    if not owners:
+        return {}
+    clocks = {
+        Owner(r["owner_type"], r["owner_id"]): r["clock"]
+        for r in await conn.fetch(_LEDGERS_OF, *_columns(owners))
+    }
+    budgets: dict[Owner, list[asyncpg.Record]] = {}
+    for row in await budgets_of(conn, owners):
+        budgets.setdefault(Owner(row["owner_type"], row["owner_id"]), []).append(row)
+    rates = {
+        Owner(r["owner_type"], r["owner_id"]): r
+        for r in await rate_limits_of(conn, owners)
+    }
+    pending: dict[Owner, list[Pending]] = {}
+    for row in await conn.fetch(_PENDING_OF, *_columns(owners)):
+        pending.setdefault(Owner(row["owner_type"], row["owner_id"]), []).append(
+            Pending(
+                row["occurred_at"],
+                to_nanos(row["cost"]),
+                row["tokens"],
+                row["requests"],
+            )
+        )
+    found = {}
+    for owner, clock in clocks.items():
+        rows, rate = budgets.get(owner, []), rates.get(owner)
+        state = StoredLedger(
+            clock=clock,
+            meters=tuple(stored_meters(rows, rate)),
+            pending=tuple(pending.get(owner, ())),
+        )
+        found[owner] = (state, rows, rate)
+    return found
+
+
+async def books_of(
+    conn: Connection, owners: Sequence[Owner], now: datetime = EARLIEST
+) -> dict[Owner, Book]:
+    """The ledgers of those `owners` that have one, restored without cells (with
+    history: nothing is trimmed), read at `now`."""
+    return {
+        owner: Book(restore(state, now=now, history=True), rows, rate)
+        for owner, (state, rows, rate) in (await stored_ledgers(conn, owners)).items()
+    }
+
+
+# --- writing a ledger --------------------------------------------------------------
+
+_CREATE_LEDGER = """
+INSERT INTO governance_ledgers (customer_id, team_id, virtual_key_id,
+    provider_config_id, clock)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (owner_type, owner_id) DO NOTHING
+"""
+_SET_CLOCKS = """
+UPDATE governance_ledgers l SET clock = u.clock
+FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(owner_type, owner_id, clock)
+WHERE l.owner_type = u.owner_type AND l.owner_id = u.owner_id
+"""
+_DROP_PENDING = """
+DELETE FROM governance_pending_usage p
+USING unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
+WHERE p.owner_type = o.owner_type AND p.owner_id = o.owner_id
+"""
+_ADD_PENDING = """
+INSERT INTO governance_pending_usage (owner_type, owner_id, occurred_at, cost, tokens,
+    requests)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[],
+    $5::bigint[], $6::bigint[])
+"""
+# Cells only ever grow: a run adds what it filed.
+_ADD_SPEND = """
+INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
+SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::numeric[])
+ON CONFLICT (budget_id, period_start) DO UPDATE SET spend = s.spend + EXCLUDED.spend
+"""
+_ADD_RATE_USAGE = """
+INSERT INTO governance_rate_limit_usage AS u (rate_limit_id, kind, period_start, used)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bigint[])
+ON CONFLICT (rate_limit_id, kind, period_start)
+DO UPDATE SET used = u.used + EXCLUDED.used
+"""
+
+
+async def create_ledger(conn: Connection, owner: Owner, clock: datetime) -> None:
+    await conn.execute(_CREATE_LEDGER, *owner.columns, clock)
+
+
+async def save(
+    conn: Connection,
+    books: Mapping[Owner, Book],
+    rate_limit_ids: Mapping[Owner, int | None] | None = None,
+) -> None:
+    """Write what folding changed: each ledger's clock and pending usage, and the
+    cells it filed (taken, so they are added once). `rate_limit_ids` overrides the
+    books' rate-limit ids (a definition event may have created or deleted one)."""
+    if not books:
+        return
+    owners = sorted(books)
+    ids = {o: books[o].rate_limit_id for o in owners}
+    ids.update(rate_limit_ids or {})
+    spend: dict[tuple[str, datetime], int] = {}
+    used: dict[tuple[int, str, datetime], int] = {}
+    pending: list[tuple[str, str, datetime, object, int, int]] = []
+    for owner in owners:
+        folded = books[owner].ledger
+        for kind, meter_id, key, amount in take_cells(folded):
+            if not amount:
+                continue
+            if kind == BUDGET:
+                spend[meter_id, key] = spend.get((meter_id, key), 0) + amount
+            elif (limit_id := ids[owner]) is not None:
+                slot = (limit_id, kind, key)
+                used[slot] = used.get(slot, 0) + amount
+        pending.extend(
+            (
+                owner.type,
+                owner.id,
+                p.occurred_at,
+                to_money(p.cost),
+                p.tokens,
+                p.requests,
+            )
+            for p in stored(folded).pending
+        )
+    await conn.execute(
+        _SET_CLOCKS,
+        [o.type for o in owners],
+        [o.id for o in owners],
+        [books[o].ledger.clock for o in owners],
+    )
+    await conn.execute(_DROP_PENDING, *_columns(owners))
+    if pending:
+        await conn.execute(_ADD_PENDING, *map(list, zip(*pending, strict=True)))
+    if spend:
+        keys = sorted(spend)
+        await conn.execute(
+            _ADD_SPEND,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [to_money(spend[k]) for k in keys],
+        )
+    if used:
+        slots = sorted(used)
+        await conn.execute(
+            _ADD_RATE_USAGE,
+            [s[0] for s in slots],
+            [s[1] for s in slots],
+            [s[2] for s in slots],
+            [used[s] for s in slots],
+        )
 
 
 # --- charging usage ----------------------------------------------------------------
@@ -128,28 +318,15 @@ _CHARGED_UP_TO = """
 SELECT stream_id, last_tx_id, last_position FROM governance_usage_streams
 WHERE stream_id = ANY($1::text[])
 """
-# Marks the streams charged up to (tx_id, position) and adds the spend and rate-limit
-# usage, in one statement (one round trip); each array lists distinct keys.
-_CHARGE = """
-WITH marked AS (
-    INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
-    SELECT * FROM unnest($1::text[], $2::xid8[], $3::bigint[])
-    ON CONFLICT (stream_id) DO UPDATE
-    SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
-), spent AS (
-    INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
-    SELECT * FROM unnest($4::text[], $5::timestamptz[], $6::numeric[])
-    ON CONFLICT (budget_id, period_start)
-    DO UPDATE SET spend = s.spend + EXCLUDED.spend
-)
-INSERT INTO governance_rate_limit_usage AS u (rate_limit_id, kind, period_start, used)
-SELECT * FROM unnest($7::bigint[], $8::text[], $9::timestamptz[], $10::bigint[])
-ON CONFLICT (rate_limit_id, kind, period_start)
-DO UPDATE SET used = u.used + EXCLUDED.used
+_MARK_CHARGED = """
+INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
+SELECT * FROM unnest($1::text[], $2::xid8[], $3::bigint[])
+ON CONFLICT (stream_id) DO UPDATE
+SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
 """
 
 
-def _chain(event: UsageRecorded) -> list[Owner]:
+def chain_of(event: UsageRecorded) -> list[Owner]:
     """The owners the event names: its key, provider config, team and customer."""
     owners = [Owner("virtual_key", event.virtual_key_id)]
     if event.provider_config_id is not None:
@@ -161,184 +338,17 @@ def _chain(event: UsageRecorded) -> list[Owner]:
     return owners
 
 
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
-_LATEST = datetime.max.replace(tzinfo=UTC)
-
-# A budget as charging needs it: (id, anchor, duration, calendar_aligned, floor).
-_BudgetTerms = tuple[str, datetime, Duration, bool, datetime]
-# A rate-limit half: (rate limit id, kind, anchor, duration, floor).
-_RateTerms = tuple[int, str, datetime, Duration, datetime]
-# Where a moment's usage of an owner goes: (budget id, key) and (id, kind, key).
-_Slots = tuple[tuple[tuple[str, datetime], ...], tuple[tuple[int, str, datetime], ...]]
-
-
-class _Sum:
-    """Usage folded for one owner's slots: totals, and whether any part was non-zero
-    (a zero amount writes no row, as if charged event by event)."""
-
-    __slots__ = ("cost", "costed", "requested", "requests", "tokened", "tokens")
-
-    def __init__(self) -> None:
-        self.cost = Decimal(0)
-        self.tokens = 0
-        self.requests = 0
-        self.costed = self.tokened = self.requested = False
-
-    def add(self, other: _Sum) -> None:
-        if other.costed:
-            self.cost += other.cost
-            self.costed = True
-        if other.tokened:
-            self.tokens += other.tokens
-            self.tokened = True
-        if other.requested:
-            self.requests += other.requests
-            self.requested = True
-
-
-class _Limits:
-    """One owner's budgets and rate-limit halves, and the usage of a batch folded per
-    slots (the keys usage at a moment is stored under).
-
-    It remembers the span of time around the last moment charged in which every
-    slot stays the same: consecutive usage nearly always falls in it, so the period
-    maths runs once per owner and period rather than once per event and budget.
-    """
-
-    __slots__ = ("budgets", "current", "hi", "lo", "rates", "sums")
-
-    def __init__(self, budgets: list[_BudgetTerms], rates: list[_RateTerms]) -> None:
-        self.budgets = budgets
-        self.rates = rates
-        self.sums: dict[_Slots, _Sum] = {}
-        self.lo = _LATEST  # an empty span: the first moment computes one
-        self.hi = _EARLIEST
-        self.current = _Sum()
-
-    def sum_at(self, at: datetime) -> _Sum:
-        """The running total that usage at `at` adds to."""
-        if self.lo <= at < self.hi:
-            return self.current
-        lo, hi = _EARLIEST, _LATEST
-        spend: list[tuple[str, datetime]] = []
-        for budget_id, anchor, duration, aligned, floor in self.budgets:
-            if not counts_toward(at, usage_floor=floor):
-                hi = min(hi, floor)
-                continue
-            start, end = period_bounds(
-                at, anchor=anchor, duration=duration, calendar_aligned=aligned
-            )
-            key = max(start, floor)
-            spend.append((budget_id, key))
-            lo, hi = max(lo, key), min(hi, end)
-        used: list[tuple[int, str, datetime]] = []
-        for limit_id, kind, anchor, duration, floor in self.rates:
-            if not counts_toward(at, usage_floor=floor):
-                hi = min(hi, floor)
-                continue
-            start, end = period_bounds(
-                at, anchor=anchor, duration=duration, calendar_aligned=False
-            )
-            key = max(start, floor)
-            used.append((limit_id, kind, key))
-            lo, hi = max(lo, key), min(hi, end)
-        slots = (tuple(spend), tuple(used))
-        total = self.sums.get(slots)
-        if total is None:
-            total = self.sums[slots] = _Sum()
-        self.lo, self.hi, self.current = lo, hi, total
-        return total
-
-
-class _Chain:
-    """The limits of the owners one chain names, and its usage folded per the
-    owners' running totals it adds to: per event one comparison while the moments
-    stay in the span where none of those totals changes."""
-
-    __slots__ = ("current", "hi", "lo", "owners", "sums")
-
-    def __init__(self, owners: list[_Limits]) -> None:
-        self.owners = owners
-        self.sums: dict[tuple[_Sum, ...], _Sum] = {}
-        self.lo = _LATEST
-        self.hi = _EARLIEST
-        self.current = _Sum()
-
-    def sum_at(self, at: datetime) -> _Sum:
-        if self.lo <= at < self.hi:
-            return self.current
-        lo, hi = _EARLIEST, _LATEST
-        targets: list[_Sum] = []
-        for owner in self.owners:
-            targets.append(owner.sum_at(at))
-            lo, hi = max(lo, owner.lo), min(hi, owner.hi)
-        key = tuple(targets)  # a _Sum hashes by identity
-        total = self.sums.get(key)
-        if total is None:
-            total = self.sums[key] = _Sum()
-        self.lo, self.hi, self.current = lo, hi, total
-        return total
-
-    def settle(self) -> None:
-        """Add what was folded here to the owners' totals."""
-        for targets, total in self.sums.items():
-            for target in targets:
-                target.add(total)
-
-
-async def _limits_of(conn: Connection, owners: Sequence[Owner]) -> dict[Owner, _Limits]:
-    """The budgets and rate limits of `owners` (two queries), by owner."""
-    durations: dict[str, Duration] = {}
-
-    def duration(text: str) -> Duration:
-        parsed = durations.get(text)
-        if parsed is None:
-            parsed = durations[text] = parse_duration(text)
-        return parsed
-
-    budgets: defaultdict[Owner, list[_BudgetTerms]] = defaultdict(list)
-    for row in await budgets_of(conn, owners):
-        budgets[Owner(row["owner_type"], row["owner_id"])].append(
-            (
-                row["id"],
-                row["anchor"],
-                duration(row["reset_duration"]),
-                row["calendar_aligned"],
-                row["usage_floor"],
-            )
-        )
-    rates: defaultdict[Owner, list[_RateTerms]] = defaultdict(list)
-    for row in await rate_limits_of(conn, owners):
-        for kind in RATE_KINDS:
-            prefix = kind[:-1]
-            floor = row[f"{prefix}_usage_floor"]
-            if floor is not None:  # the half is set
-                rates[Owner(row["owner_type"], row["owner_id"])].append(
-                    (
-                        row["id"],
-                        kind,
-                        row[f"{prefix}_anchor"],
-                        duration(row[f"{prefix}_reset_duration"]),
-                        floor,
-                    )
-                )
-    return {
-        owner: _Limits(budgets.get(owner, []), rates.get(owner, []))
-        for owner in budgets.keys() | rates.keys()
-    }
+def occurred_at(event: UsageRecorded) -> datetime:
+    """When the usage occurred, in UTC (a hand-made import may lack the zone)."""
+    at = event.occurred_at
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 async def charge(
     conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
 ) -> None:
-    """Add a run of usage to the budgets and rate limits of the owners it names.
-
-    Folded in memory per chain and period, then per (budget, period) and (rate
-    limit, kind, period), and written with one statement (with the usage streams'
-    guard).
-    """
-    # Reads first, then one write: the transaction takes its xid (and holds back
-    # every tailer's horizon, the cache's included) only for that last statement.
+    """Fold a run of usage into the ledgers of the owners it names (those that
+    exist), and write what it filed, with the usage streams' guard."""
     usage, last = await _not_yet_charged(conn, usage)
     if not usage:
         return
@@ -351,68 +361,31 @@ async def charge(
             event.customer_id,
         )
         if names not in chains:
-            chains[names] = _chain(event)
-    owners = sorted({owner for chain in chains.values() for owner in chain})
-    limits = await _limits_of(conn, owners)
-    # Each chain with the limits of its owners that have any.
-    charged = {
-        names: _Chain([limits[o] for o in chain if o in limits])
+            chains[names] = chain_of(event)
+    books = await books_of(conn, [o for chain in chains.values() for o in chain])
+    ledgers = {
+        names: [books[o].ledger for o in chain if o in books]
         for names, chain in chains.items()
     }
-    for _, event in usage:
-        at = event.occurred_at
-        if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
-            at = at.replace(tzinfo=UTC)
-        total = charged[
+    for record, event in usage:
+        at = occurred_at(event)
+        cost = to_nanos(event.cost)
+        tokens = event.input_tokens + event.output_tokens
+        recorded_at = record.recorded_at
+        for owned in ledgers[
             event.virtual_key_id,
             event.provider_config_id,
             event.team_id,
             event.customer_id,
-        ].sum_at(at)
-        if event.cost:
-            total.cost += event.cost
-            total.costed = True
-        tokens = event.input_tokens + event.output_tokens
-        if tokens:
-            total.tokens += tokens
-            total.tokened = True
-        if event.requests:
-            total.requests += event.requests
-            total.requested = True
-    for chain in charged.values():
-        chain.settle()
-    spend: defaultdict[tuple[str, datetime], Decimal] = defaultdict(Decimal)
-    used: defaultdict[tuple[int, str, datetime], int] = defaultdict(int)
-    for owner in limits.values():
-        for (budget_slots, rate_slots), total in owner.sums.items():
-            if total.costed:
-                for slot in budget_slots:
-                    spend[slot] += total.cost
-            for limit_id, kind, period in rate_slots:
-                if kind == "tokens" and total.tokened:
-                    used[limit_id, kind, period] += total.tokens
-                elif kind == "requests" and total.requested:
-                    used[limit_id, kind, period] += total.requests
-    keys = sorted(spend)
-    slots = sorted(used)
+        ]:
+            ledger.charge(owned, at, cost, tokens, event.requests, recorded_at)
     await conn.execute(
-        _CHARGE,
+        _MARK_CHARGED,
         list(last),
         [tx for tx, _ in last.values()],
         [position for _, position in last.values()],
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [spend[k] for k in keys],
-        [s[0] for s in slots],
-        [s[1] for s in slots],
-        [s[2] for s in slots],
-        [used[s] for s in slots],
     )
-
-
-def _columns_of(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows of equal length as one list per column (for unnest)."""
-    return [list(column) for column in zip(*rows, strict=True)]
+    await save(conn, books)
 
 
 async def _not_yet_charged(
@@ -437,35 +410,6 @@ async def _not_yet_charged(
     return fresh, dict(sorted(last.items()))
 
 
-# --- when a limit's shape changes --------------------------------------------------
-
-# Moves a period's spend to another key, adding to what is there.
-_MOVE_SPEND = """
-WITH moved AS (
-    DELETE FROM governance_budget_spend WHERE budget_id = $1 AND period_start = $2
-    RETURNING spend
-)
-INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
-SELECT $1, $3, spend FROM moved
-ON CONFLICT (budget_id, period_start) DO UPDATE SET spend = s.spend + EXCLUDED.spend
-"""
-_FORGET_RATE_USAGE = """
-DELETE FROM governance_rate_limit_usage WHERE rate_limit_id = $1 AND kind = $2
-"""
-
-
-async def move_spend(
-    conn: Connection, budget_id: str, key: datetime, to: datetime
-) -> None:
-    """The budget's spend stored at `key` is stored at `to` instead."""
-    await conn.execute(_MOVE_SPEND, budget_id, key, to)
-
-
-async def forget_rate_usage(conn: Connection, rate_limit_id: int, kind: str) -> None:
-    """A rate-limit half anchored anew starts from no usage."""
-    await conn.execute(_FORGET_RATE_USAGE, rate_limit_id, kind)
-
-
 # --- reading -----------------------------------------------------------------------
 
 _SPEND = """
@@ -481,25 +425,32 @@ JOIN unnest($1::bigint[], $2::text[], $3::timestamptz[])
 """
 
 
-async def spend_at(
-    conn: Connection, keys: Iterable[tuple[str, datetime]]
-) -> dict[tuple[str, datetime], Decimal]:
-    """The spend stored at each (budget id, period key); absent keys: none."""
-    return await _stored(conn, _SPEND, keys)
-
-
-async def rate_usage_at(
-    conn: Connection, slots: Iterable[tuple[int, str, datetime]]
-) -> dict[tuple[int, str, datetime], int]:
-    """The usage stored at each (rate limit id, kind, period key); absent: none."""
-    return await _stored(conn, _RATE_USAGE, slots)
-
-
-async def _stored(
-    conn: Connection, sql: str, keys: Iterable[tuple[Any, ...]]
-) -> dict[Any, Any]:
-    keys = list(keys)
-    if not keys:
-        return {}
-    rows = await conn.fetch(sql, *_columns_of(keys))
-    return {tuple(r)[:-1]: tuple(r)[-1] for r in rows}
+async def fill(conn: Connection, books: Mapping[Owner, Book], at: datetime) -> None:
+    """Add to each meter the stored cells a reading at `at` sums (`period_keys`)."""
+    spend_keys: list[tuple[str, datetime]] = []
+    rate_keys: list[tuple[int, str, datetime]] = []
+    for book in books.values():
+        for meter in meters(book.ledger):
+            keys = period_keys(meter, at)
+            if meter.kind == BUDGET:
+                spend_keys.extend((meter.id, key) for key in keys)
+            elif (limit_id := book.rate_limit_id) is not None:
+                rate_keys.extend((limit_id, meter.kind, key) for key in keys)
+    spend: dict[str, dict[datetime, int]] = {}
+    if spend_keys:
+        rows = await conn.fetch(_SPEND, *map(list, zip(*spend_keys, strict=True)))
+        for budget_id, key, amount in rows:
+            spend.setdefault(budget_id, {})[key] = to_nanos(amount)
+    used: dict[tuple[int, str], dict[datetime, int]] = {}
+    if rate_keys:
+        rows = await conn.fetch(_RATE_USAGE, *map(list, zip(*rate_keys, strict=True)))
+        for limit_id, kind, key, amount in rows:
+            used.setdefault((limit_id, kind), {})[key] = amount
+    for book in books.values():
+        for meter in meters(book.ledger):
+            if meter.kind == BUDGET:
+                found = spend.get(meter.id, {})
+            else:
+                found = used.get((book.rate_limit_id or 0, meter.kind), {})
+            for key, amount in found.items():
+                meter.cells[key] = meter.cells.get(key, 0) + amount

@@ -22,7 +22,6 @@ from projections.cache import (
     RateHalf,
 )
 from projections.governance_views import OwnerType
-from projections.meters import restored_meter
 from service.domain.budgets import parse_duration, period_bounds
 from service.domain.events import (
     AnyEvent,
@@ -41,6 +40,14 @@ from service.domain.events import (
     VirtualKeyCreated,
     VirtualKeyDeleted,
     VirtualKeyUpdated,
+)
+from service.domain.ledger import (
+    BUDGET,
+    Pending,
+    StoredLedger,
+    StoredMeter,
+    advance,
+    restore,
 )
 from service.domain.usage import UsageChain
 from service.records import Checkpoint, RecordedEvent
@@ -907,23 +914,34 @@ def test_redelivered_usage_is_charged_once() -> None:
 
 
 def test_a_restored_meter_takes_the_current_and_later_periods_only() -> None:
-    meter = restored_meter(
-        "b",
-        limit=10 * 10**9,
-        reset_duration="1h",
-        calendar_aligned=False,
-        anchor=T0,
-        floor=T0 + 90 * MINUTE,  # a reset inside the second hour
-        usage={
-            T0: 5,  # first hour: past
-            T0 + HOUR: 7,  # second hour, before the reset
-            T0 + 90 * MINUTE: 2,  # second hour, after the reset: current
-            T0 + 2 * HOUR: 3,  # third hour: ahead
-        },
+    ledger = restore(
+        StoredLedger(
+            clock=T0 + 100 * MINUTE,
+            meters=(
+                StoredMeter(
+                    kind=BUDGET,
+                    id="b",
+                    limit=10 * 10**9,
+                    reset_duration="1h",
+                    calendar_aligned=False,
+                    anchor=T0,
+                    floor=T0 + 90 * MINUTE,  # a reset inside the second hour
+                    cells=(
+                        (T0, 5),  # first hour: past
+                        (T0 + HOUR, 7),  # second hour, before the reset
+                        (T0 + 90 * MINUTE, 2),  # second hour, after the reset
+                    ),
+                ),
+            ),
+            pending=(Pending(T0 + 2 * HOUR, 3 * 10**9, 0, 0),),  # third hour: ahead
+        ),
         now=T0 + 100 * MINUTE,
     )
+    [meter] = ledger.budgets
     assert (meter.start, meter.end, meter.used) == (T0 + HOUR, T0 + 2 * HOUR, 2)
-    assert meter.ahead == {T0 + 2 * HOUR: 3}
+    assert meter.cells == {T0 + 90 * MINUTE: 2}
+    advance(ledger, T0 + 2 * HOUR)
+    assert (meter.start, meter.used) == (T0 + 2 * HOUR, 3 * 10**9)
 
 
 def test_a_cache_restored_from_owners_checks_like_one_built_from_events() -> None:

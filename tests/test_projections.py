@@ -77,6 +77,8 @@ async def snapshot(pool) -> dict[str, list[tuple[Any, ...]]]:
         "governance_rate_limits",
         "governance_rate_limit_usage",
         "governance_usage_streams",
+        "governance_ledgers",
+        "governance_pending_usage",
     )
     return {
         t: [tuple(r) for r in await pool.fetch(f"SELECT * FROM {t} ORDER BY 1, 2")]
@@ -462,6 +464,7 @@ async def test_usage_on_two_days_lands_in_two_spend_rows(pool, projector):
         usage_event(key_id, "1.25", T0 + HOUR),
         usage_event(key_id, "2.5", T0 + 25 * HOUR),
         usage_event(key_id, "0.000000001", T0 + 26 * HOUR),
+        at=T0 + 27 * HOUR,  # recorded after it occurred: filed, not pending
     )
     await projector.catch_up()
 
@@ -478,8 +481,9 @@ async def test_usage_on_two_days_lands_in_two_spend_rows(pool, projector):
 async def test_a_late_event_lands_in_its_own_past_period(pool, projector):
     daily = uid()
     key_id = await keyed_budget(pool, budget(daily, "100", "1d"))
-    await record_usage(pool, usage_event(key_id, "2", T0 + 25 * HOUR))
-    await record_usage(pool, usage_event(key_id, "1", T0 + 2 * HOUR))  # arrives late
+    now = T0 + 26 * HOUR
+    await record_usage(pool, usage_event(key_id, "2", T0 + 25 * HOUR), at=now)
+    await record_usage(pool, usage_event(key_id, "1", T0 + 2 * HOUR), at=now)  # late
     await projector.catch_up()
 
     assert await spend_rows(pool) == [
@@ -504,7 +508,7 @@ async def test_reset_usage_shows_zero_at_once_and_keeps_the_spend_before_it(
 ):
     monthly = uid()
     key_id = await keyed_budget(pool, budget(monthly, "100", "1M"))
-    await record_usage(pool, usage_event(key_id, "5", T0 + DAY))
+    await record_usage(pool, usage_event(key_id, "5", T0 + DAY), at=T0 + DAY)
     reset_at = T0 + 2 * DAY
     await append(
         pool,
@@ -522,6 +526,7 @@ async def test_reset_usage_shows_zero_at_once_and_keeps_the_spend_before_it(
         pool,
         usage_event(key_id, "1", T0 + 3 * DAY),
         usage_event(key_id, "7", reset_at - HOUR),  # late, from before the reset
+        at=T0 + 4 * DAY,
     )
     await projector.catch_up()
     assert await usage_of(pool, monthly, T0 + 4 * DAY) == (Decimal(1), T0)
@@ -727,6 +732,7 @@ async def test_reapplying_an_applied_batch_changes_nothing(pool, projector):
         usage_event(
             key_id, "2", at_seconds(2), customer_id=customer_id, input_tokens=4
         ),
+        at=at_seconds(3),
     )
     await projector.catch_up()
     before = await snapshot(pool)

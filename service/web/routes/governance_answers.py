@@ -3,38 +3,47 @@ virtual key as its stream has it after the command, each budget and rate limit w
 the current usage the read model has for it at that moment.
 
 The entity is rendered from the folded stream, not from the read model, which may not
-have applied the command yet. Usage lives only in the read model, so it is read with
-the read queries (`projections.governance_reads`) inside the command's transaction: a
-kept budget shows what the read model counts for it now, a budget created or reset by
-the command shows 0; a rate-limit half shows the read model's usage while it keeps
-its reset duration there, else (new, or its duration changed) 0.
+have applied the command yet. Usage is the one fold's (`service.domain.ledger`): in
+the command's transaction each owner's ledger is restored from the read model
+(`projections.governance_usage`), the stream's definition events the read model has
+not applied yet are folded into it at their recorded_at, and each budget and
+rate-limit half answers its `reading` at the moment of the command, as GET and the
+check will.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, NamedTuple, cast
 
 import msgspec
 
-from projections.governance_reads import owned_by
-from projections.governance_usage import Owner
+from projections.governance_usage import Book, Owner, books_of, fill
 from service.domain import customers, teams, virtual_keys
-from service.domain.budgets import parse_duration, period_start
 from service.domain.events import (
     AnyEvent,
     Budget,
     CustomerBudgetsReplaced,
     CustomerCreated,
+    CustomerUpdated,
     ProviderConfig,
     RateLimit,
     TeamBudgetsReplaced,
     TeamCreated,
+    TeamUpdated,
     VirtualKeyBudgetsReplaced,
     VirtualKeyCreated,
     VirtualKeyUpdated,
+)
+from service.domain.ledger import (
+    Ledger,
+    Meter,
+    define_budgets,
+    define_rate_limit,
+    open_ledger,
+    reading,
+    to_money,
 )
 from service.eventstore import Connection, Executed
 from service.web.answers import (
@@ -175,97 +184,125 @@ def _updated_at(step: Executed[Any]) -> datetime:
 
 
 class _View(NamedTuple):
-    """What rendering needs beside an entity's state."""
+    """Each owner's ledger after the command, and the moment it is read at."""
 
-    anchors: dict[str, datetime]  # budget id → recorded_at of the event creating it
-    floors: dict[str, datetime]  # budget id → its creation or its latest reset
-    usage: dict[str, Decimal]  # budget id → its current usage in the read model
-    rate_limits: dict[Owner, RateLimitView]  # the read model's, with current usage
+    ledgers: dict[Owner, Ledger]
     now: datetime
 
     def budgets(self, budgets: Sequence[Budget], owner: Owner) -> list[BudgetView]:
-        return [
-            BudgetView(
-                id=b.budget_id,
-                max_limit=b.max_limit,
-                reset_duration=b.reset_duration,
-                calendar_aligned=b.calendar_aligned,
-                current_usage=(
-                    Decimal(0)
-                    if self.floors.get(b.budget_id, self.now) >= self.now
-                    else self.usage.get(b.budget_id, Decimal(0))
-                ),
-                last_reset=period_start(
-                    self.now,
-                    anchor=self.anchors.get(b.budget_id, self.now),
-                    duration=parse_duration(b.reset_duration),
+        ledger = self.ledgers.get(owner)
+        meters = {} if ledger is None else {m.id: m for m in ledger.budgets}
+        views = []
+        for b in budgets:
+            used, start = self._read(ledger, meters.get(b.budget_id))
+            views.append(
+                BudgetView(
+                    id=b.budget_id,
+                    max_limit=b.max_limit,
+                    reset_duration=b.reset_duration,
                     calendar_aligned=b.calendar_aligned,
-                ),
-                owner_type=cast(OwnerType, owner.type),
-                owner_id=owner.id,
+                    current_usage=to_money(used),
+                    last_reset=start,
+                    owner_type=cast(OwnerType, owner.type),
+                    owner_id=owner.id,
+                )
             )
-            for b in budgets
-        ]
+        return views
 
     def rate_limit(
         self, rate_limit: RateLimit | None, owner: Owner
     ) -> RateLimitView | None:
-        """The limit as decided, with the read model's usage of each half while
-        that half keeps its reset duration there (else, new or reshaped, 0)."""
         if rate_limit is None:
             return None
-        stored = self.rate_limits.get(owner)
-        token_usage = request_usage = 0
-        if stored is not None:
-            if (
-                stored.token_max_limit is not None
-                and stored.token_reset_duration == rate_limit.token_reset_duration
-            ):
-                token_usage = stored.token_current_usage
-            if (
-                stored.request_max_limit is not None
-                and stored.request_reset_duration == rate_limit.request_reset_duration
-            ):
-                request_usage = stored.request_current_usage
+        ledger = self.ledgers.get(owner)
+        tokens = None if ledger is None else ledger.tokens
+        requests = None if ledger is None else ledger.requests
         return RateLimitView(
             token_max_limit=rate_limit.token_max_limit,
             token_reset_duration=rate_limit.token_reset_duration,
             request_max_limit=rate_limit.request_max_limit,
             request_reset_duration=rate_limit.request_reset_duration,
-            token_current_usage=token_usage,
-            request_current_usage=request_usage,
+            token_current_usage=self._read(ledger, tokens)[0],
+            request_current_usage=self._read(ledger, requests)[0],
         )
+
+    def _read(self, ledger: Ledger | None, meter: Meter | None) -> tuple[int, datetime]:
+        if ledger is None or meter is None:
+            return 0, self.now
+        used, start, _ = reading(ledger, meter, self.now)
+        return used, start
+
+
+_VERSION = {
+    "customer": "SELECT version FROM governance_customers WHERE id = $1",
+    "team": "SELECT version FROM governance_teams WHERE id = $1",
+    "virtual_key": "SELECT version FROM governance_virtual_keys WHERE id = $1",
+}
 
 
 async def _view(
     conn: Connection, step: Executed[Any], owners: Sequence[Owner], now: datetime
 ) -> _View:
-    anchors: dict[str, datetime] = {}
-    floors: dict[str, datetime] = {}
-    for event, recorded_at in step.timeline:
-        for budget in _budgets_in(event):
-            anchors.setdefault(budget.budget_id, recorded_at)
-            if budget.reset_usage or budget.budget_id not in floors:
-                floors[budget.budget_id] = recorded_at
-    budgets, rate_limits = await owned_by(conn, owners, now)
-    usage = {b.id: b.current_usage for owned in budgets.values() for b in owned}
-    return _View(anchors, floors, usage, rate_limits, now)
+    """The owners' ledgers (the stream's owner first, then its provider configs) as
+    the read model has them, with the stream's events it has not applied folded in,
+    and the cells a reading at `now` sums."""
+    stream_owner = owners[0]
+    applied = await conn.fetchval(_VERSION[stream_owner.type], stream_owner.id) or 0
+    books = await books_of(conn, owners, now)
+    ledgers = {owner: book.ledger for owner, book in books.items()}
+    for event, at in step.timeline[applied:]:
+        _define(ledgers, stream_owner, event, at)
+    kept = {
+        owner: books.get(owner) or Book(ledger, [], None)
+        for owner, ledger in ledgers.items()
+    }
+    # A ledger replaced here (a config dropped and added again) reads no stored cells.
+    fresh = {o: b for o, b in kept.items() if b.ledger is ledgers[o]}
+    await fill(conn, fresh, now)
+    return _View(ledgers, now)
 
 
-def _budgets_in(event: AnyEvent) -> Iterator[Budget]:
+def _define(
+    ledgers: dict[Owner, Ledger], owner: Owner, event: AnyEvent, at: datetime
+) -> None:
+    """Fold one event of the owner's stream into the ledgers, as the read model and
+    the cache do."""
     match event:
+        case CustomerCreated() | TeamCreated() | VirtualKeyCreated():
+            ledger = ledgers[owner] = open_ledger(at, history=True)
+            define_budgets(ledger, event.budgets, at)
+            define_rate_limit(ledger, event.rate_limit, at)
+            if isinstance(event, VirtualKeyCreated):
+                _define_configs(ledgers, event.provider_configs, at)
         case (
-            CustomerCreated()
-            | CustomerBudgetsReplaced()
-            | TeamCreated()
+            CustomerBudgetsReplaced()
             | TeamBudgetsReplaced()
             | VirtualKeyBudgetsReplaced()
         ):
-            yield from event.budgets
-        case VirtualKeyCreated():
-            yield from event.budgets
-            for config in event.provider_configs:
-                yield from config.budgets
-        case VirtualKeyUpdated():
-            for config in event.provider_configs:
-                yield from config.budgets
+            if owner in ledgers:
+                define_budgets(ledgers[owner], event.budgets, at)
+        case CustomerUpdated() | TeamUpdated() | VirtualKeyUpdated():
+            if owner in ledgers:
+                define_rate_limit(ledgers[owner], event.rate_limit, at)
+            if isinstance(event, VirtualKeyUpdated):
+                _define_configs(ledgers, event.provider_configs, at)
+        case _:
+            pass
+
+
+def _define_configs(
+    ledgers: dict[Owner, Ledger], configs: Sequence[ProviderConfig], at: datetime
+) -> None:
+    """The key's provider configs become `configs`: a new one opens a ledger, one
+    no longer listed is dropped."""
+    named = {Owner("provider_config", c.provider_config_id) for c in configs}
+    for owner in [o for o in ledgers if o.type == "provider_config"]:
+        if owner not in named:
+            del ledgers[owner]
+    for config in configs:
+        owner = Owner("provider_config", config.provider_config_id)
+        ledger = ledgers.get(owner)
+        if ledger is None:
+            ledger = ledgers[owner] = open_ledger(at, history=True)
+        define_budgets(ledger, config.budgets, at)
+        define_rate_limit(ledger, config.rate_limit, at)
