@@ -223,6 +223,9 @@ async def test_readyz_names_a_failing_projection_its_position_and_error(database
         raise RuntimeError("index row size exceeds btree version 4 maximum")
 
     async with serve(database) as api:
+        # The service's own projections first: /readyz says `catching_up` until they
+        # have applied the log, which would hide the degraded answer under test.
+        await api.caught_up(position)
         broken = Projector(pool, "broken", apply, persistent=False, max_backoff_s=0.05)
         api.app[readiness_key]["broken"] = broken
         task = asyncio.create_task(broken.run(Wake()))
