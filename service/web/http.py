@@ -4,17 +4,19 @@ auth, errors), body and header decoding, JSON answers."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import itertools
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
+from time import perf_counter
 from typing import Any, TypeVar
 
 import msgspec
 import structlog
 from aiohttp import web
+from structlog.contextvars import clear_contextvars
 
 from service.config import Settings
 from service.errors import (
@@ -160,7 +162,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     open mode, for any body not declared as JSON), a 413 once it passes `limit`
     bytes (chunked bodies too), a 408 when it does not arrive in time."""
     settings = request.app[settings_key]
-    content_type = request.content_type
+    content_type = request.headers.get("Content-Type")
+    if content_type != "application/json":  # else no parameters to parse away
+        content_type = request.content_type
     if content_type in FORM_TYPES or (
         settings.is_open and content_type not in JSON_TYPES and request.body_exists
     ):
@@ -168,11 +172,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             f"a body declared as {content_type} is not accepted: send"
             " Content-Type: application/json (application/x-ndjson for a batch)"
         )
-    if request.content_length is not None and request.content_length > limit:
+    declared = request.content_length
+    if declared is not None and declared > limit:
         raise _too_large(limit)
+    content = request.content
     try:
+        if content.is_eof():
+            # All of it has arrived (a small body comes with its head): one read
+            # takes what is buffered, and there is nothing to wait for, so no timer.
+            body = content.read_nowait()
+            if len(body) > limit:  # a body that was larger once decompressed
+                raise _too_large(limit)
+            return body
         async with asyncio.timeout(settings.body_timeout_s):
-            return await _read(request, limit)
+            return await _read(request, limit, declared)
     except TimeoutError:
         raise BodyTimeout(
             f"the request body did not arrive within {settings.body_timeout_s:g} s"
@@ -182,12 +195,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise Invalid(f"the request body cannot be read: {why}") from None
 
 
-async def _read(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and "Content-Encoding" not in (
-        request.headers
-    ):
-        # The common case, in one read: the length is declared and within the
-        # limit, and what arrives is what was declared.
+async def _read(request: web.Request, limit: int, declared: int | None) -> bytes:
+    if declared is not None and "Content-Encoding" not in request.headers:
+        # The length is declared and within the limit, and what arrives is what
+        # was declared: one read.
         return await request.read()
     chunks: list[bytes] = []
     size = 0
@@ -292,8 +303,9 @@ def _is_well_formed(value: str) -> bool:
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one middleware: binds the request id, checks the route's right, turns any
     error into its answer from STATUS, and writes one canonical log line."""
-    structlog.contextvars.clear_contextvars()
-    request_id = request.headers.get("X-Request-Id")
+    clear_contextvars()
+    headers = request.headers
+    request_id = headers.get("X-Request-Id")
     if request_id is not None and (
         len(request_id) > MAX_REQUEST_ID or not _is_well_formed(request_id)
     ):
@@ -305,15 +317,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     else:
         refusal = None
     request_id = request_id or _next_request_id()
-    structlog.contextvars.bind_contextvars(
-        request_id=request_id, method=request.method, path=request.path
-    )
-    started = time.perf_counter()
+    _bind_request(request_id, request.method, request.path)
+    app = request.app
+    route = request.match_info.route
+    started = perf_counter()
     try:
         if refusal is not None:
             raise refusal
-        _authorize(request)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        _authorize(request, app[settings_key], app[rights_key].get(route, Right.PUBLIC))
+        if headers.get("Upgrade", "").lower() == "websocket":
             _refuse_cross_site_upgrade(request)
         response = await handler(request)
     except web.HTTPException as exc:
@@ -327,8 +339,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     status = response.status
-    if status >= 400 or request.match_info.route not in request.app[quiet_key]:
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    if status >= 400 or route not in app[quiet_key]:
+        duration_ms = round((perf_counter() - started) * 1000, 3)
         code = response.get(ERROR_CODE)
         if code is None:
             log.info("request_finished", status=status, duration_ms=duration_ms)
@@ -337,6 +349,26 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 "request_finished", status=status, duration_ms=duration_ms, code=code
             )
     return response
+
+
+def _request_vars() -> tuple[contextvars.ContextVar[Any], ...]:
+    """structlog's context variables of request_id, method and path: binding is
+    setting them (one ContextVar per key), without bind_contextvars' per-call
+    lookups. Found by binding once in a context of their own, which is dropped."""
+    tokens = contextvars.Context().run(
+        structlog.contextvars.bind_contextvars, request_id=None, method=None, path=None
+    )
+    return tuple(token.var for token in tokens.values())
+
+
+_REQUEST_ID, _METHOD, _PATH = _request_vars()
+
+
+def _bind_request(request_id: str, method: str, path: str) -> None:
+    """bind_contextvars(request_id=…, method=…, path=…), at a third of the cost."""
+    _REQUEST_ID.set(request_id)
+    _METHOD.set(method)
+    _PATH.set(path)
 
 
 def _answer_error(exc: Exception) -> web.Response:
@@ -349,10 +381,7 @@ def _answer_error(exc: Exception) -> web.Response:
     return error_response(status, error.code, error.message)
 
 
-def _authorize(request: web.Request) -> None:
-    route = request.match_info.route
-    right = request.app[rights_key].get(route, Right.PUBLIC)
-    settings = request.app[settings_key]
+def _authorize(request: web.Request, settings: Settings, right: Right) -> None:
     if right is Right.PUBLIC or settings.is_open:
         return
     role = authenticate(settings, request.headers.get("Authorization"))

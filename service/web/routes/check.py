@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
-from projections.cache import CheckResult
+from projections.cache import CheckResult, GovernanceCache
 from service import eventstore, metrics
 from service.domain.bounds import Id
 from service.domain.commands import strict_decode
@@ -25,6 +25,7 @@ from service.errors import Forbidden, Invalid, InvalidPosition, NotFound
 from service.eventstore import encode_event
 from service.ingest import reach_head
 from service.web.answers import CheckAnswer, Released
+from service.web.encoded import check_body
 from service.web.http import (
     MAX_QUERY_INT,
     ROLE_RIGHTS,
@@ -43,6 +44,7 @@ from service.web.keys import (
     settings_key,
     writer_key,
 )
+from service.web.prepared import JsonAnswer
 
 T = TypeVar("T")
 
@@ -104,12 +106,14 @@ def _validate(body: CheckRequest) -> None:
         raise Invalid(f"estimated_cost must be a finite number ≥ 0, got {cost}")
     if body.min_position is not None and not 0 <= body.min_position <= MAX_QUERY_INT:
         raise InvalidPosition(f"min_position must be from 0 to {MAX_QUERY_INT}")
-    if body.reserve and body.estimated_cost is None:
+    if not body.reserve:
+        if body.ttl_s is not None:
+            raise Invalid("ttl_s goes with reserve: true")
+        if body.estimated_tokens:
+            raise Invalid("estimated_tokens goes with reserve: true")
+        return  # estimated_tokens is absent or 0: in range
+    if body.estimated_cost is None:
         raise Invalid("a reserving check needs estimated_cost (0 holds no money)")
-    if not body.reserve and body.ttl_s is not None:
-        raise Invalid("ttl_s goes with reserve: true")
-    if not body.reserve and body.estimated_tokens:
-        raise Invalid("estimated_tokens goes with reserve: true")
     if body.estimated_tokens is not None and not 0 <= body.estimated_tokens <= (
         MAX_TOKENS
     ):
@@ -123,9 +127,8 @@ _decode_check = msgspec.json.Decoder(
 )
 
 
-async def _body(request: web.Request) -> CheckRequest:
+def _decoded(raw: bytes) -> CheckRequest:
     """The body, strictly decoded (money exact), the key's id in lower case."""
-    raw = await read_body(request, request.app[settings_key].max_body_bytes)
     body = strict_decode(_decode_check, raw)
     key_id = body.virtual_key_id
     if key_id is not None:  # a hyphenated UUID: lower case is its stored spelling
@@ -133,49 +136,63 @@ async def _body(request: web.Request) -> CheckRequest:
     return body
 
 
-async def check(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _validate(body)
+async def check(request: web.Request) -> web.StreamResponse:
     app = request.app
+    settings = app[settings_key]
+    body = _decoded(await read_body(request, settings.max_body_bytes))
+    _validate(body)
+    projector = app[cache_projector_key]
     if body.min_position:
-        await app[cache_projector_key].wait_for(
-            body.min_position, app[settings_key].min_position_wait_s
-        )
+        await projector.wait_for(body.min_position, settings.min_position_wait_s)
     cache = app[cache_key]
-    secret = body.virtual_key
-    if (
-        cache.resolve_usage(
-            virtual_key_sha256=_sha256(secret),
-            virtual_key_id=body.virtual_key_id,
-            provider=None,
-        )
-        is None
-    ):
+    sha256 = _sha256(body.virtual_key)
+    if body.reserve:
+        if (
+            cache.resolve_usage(
+                virtual_key_sha256=sha256,
+                virtual_key_id=body.virtual_key_id,
+                provider=None,
+            )
+            is None
+        ):
+            await _reach_head(app)
+        return await _reserve(request, body, sha256)
+    started = time.perf_counter()
+    result = _decide(cache, body, sha256)
+    if result.reason == "unknown_virtual_key":
         # Unknown only once the cache has seen the log as it was when asked: a key
         # created a moment ago (through any replica) is then known; else a 503.
-        await reach_head(
-            app[pool_key],
-            app[cache_projector_key],
-            app[settings_key].min_position_wait_s,
-        )
-    if body.reserve:
-        return await _reserve(request, body)
-    started = time.perf_counter()
-    result = cache.check(
-        virtual_key_sha256=_sha256(secret),
+        await _reach_head(app)
+        started = time.perf_counter()
+        result = _decide(cache, body, sha256)
+    metrics.observe_check(time.perf_counter() - started, result.reason)
+    # The cache cannot read the log right now: the answer is as of `position`.
+    encoded = check_body(result, cache.position, projector.failing, answer)
+    return JsonAnswer(encoded)
+
+
+def _decide(
+    cache: GovernanceCache, body: CheckRequest, sha256: str | None
+) -> CheckResult:
+    return cache.check(
+        virtual_key_sha256=sha256,
         virtual_key_id=body.virtual_key_id,
         provider=body.provider,
         model=body.model,
         estimated_cost=body.estimated_cost,
         now=datetime.now(UTC),
     )
-    metrics.observe_check(time.perf_counter() - started, result.reason)
-    # The cache cannot read the log right now: the answer is as of `position`.
-    stale = app[cache_projector_key].failing
-    return json_response(answer(result, cache.position, stale))
 
 
-async def _reserve(request: web.Request, body: CheckRequest) -> web.Response:
+async def _reach_head(app: web.Application) -> None:
+    await reach_head(
+        app[pool_key], app[cache_projector_key], app[settings_key].min_position_wait_s
+    )
+
+
+async def _reserve(
+    request: web.Request, body: CheckRequest, sha256: str | None
+) -> web.Response:
     """A reserving check: decided and held in memory at once (so concurrent checks
     see the hold), then the hold's event is appended through the usage writer and
     answered after its commit; a failed append drops the hold and answers 503."""
@@ -187,8 +204,6 @@ async def _reserve(request: web.Request, body: CheckRequest) -> web.Response:
             raise Forbidden(f"the {role} role may not reserve: a reservation writes")
     cache = app[cache_key]
     now = datetime.now(UTC)
-    secret = body.virtual_key
-    sha256 = None if secret is None else hashlib.sha256(secret.encode()).hexdigest()
     idempotency_key = header(request, "Idempotency-Key")
     key = cache._key(sha256, body.virtual_key_id)
     reservation_id = (
