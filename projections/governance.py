@@ -8,20 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import assert_never
+from typing import Protocol, assert_never
 
 from msgspec import UNSET, UnsetType
 
 from projections import governance_holds
-from projections.governance_usage import (
-    Book,
-    Owner,
-    books_of,
-    charge,
-    create_ledger,
-    save,
-)
+from projections.governance_books import Books
+from projections.governance_usage import Delivery, Owner, create_ledger
 from service.domain.events import (
+    AnyEvent,
     Budget,
     CustomerBudgetsReplaced,
     CustomerCreated,
@@ -49,85 +44,137 @@ from service.domain.ledger import (
     to_money,
 )
 from service.eventstore import Connection
-from service.records import RecordedEvent
+
+
+class Projected(Delivery, Protocol):
+    """What the projection reads of a delivered event (a RecordedEvent, or an
+    `eventstore.Delivered` of a bulk read)."""
+
+    @property
+    def stream_version(self) -> int: ...
+    @property
+    def event(self) -> AnyEvent: ...
+
+
+# The live projector's ledgers (`govledger project`, or the serving process's).
+_BOOKS = Books()
 
 # --- apply -------------------------------------------------------------------------
 
 
-async def apply(conn: Connection, records: Sequence[RecordedEvent]) -> None:
+async def apply(
+    conn: Connection,
+    records: Sequence[Projected],
+    books: Books | None = None,
+    *,
+    flush: bool = True,
+) -> None:
     """Fold a batch into the tables; the caller owns the transaction.
 
     Runs of UsageRecorded are charged together; every other event is applied on its
     own, in log order, so usage is charged against the budgets as they stood.
+    Ledgers are kept in `books` between batches (by default the process's own);
+    without `flush` what usage moved stays there, unwritten, until a later
+    `books.flush` (a replay's bulk phase).
     """
-    usage: list[tuple[RecordedEvent, UsageRecorded]] = []
+    if books is None:
+        # Two applies at once in one process (tests): the second keeps nothing.
+        books = Books() if _BOOKS.busy else _BOOKS
+    books.busy = True
+    try:
+        await _apply(conn, records, books)
+        if flush:
+            await books.flush(conn)
+    except BaseException:
+        books.forget()
+        raise
+    finally:
+        books.busy = False
+
+
+async def _apply(conn: Connection, records: Sequence[Projected], books: Books) -> None:
+    usage: list[tuple[Projected, UsageRecorded]] = []
     for record in records:
-        if isinstance(record.event, UsageRecorded):
-            usage.append((record, record.event))
+        event = record.event
+        if isinstance(event, UsageRecorded):
+            usage.append((record, event))
             continue
         if usage:
-            await _charge(conn, usage)
+            await _charge(conn, books, usage)
             usage = []
-        await _apply_event(conn, record)
+        await _apply_event(conn, books, record)
     if usage:
-        await _charge(conn, usage)
+        await _charge(conn, books, usage)
 
 
 async def _charge(
-    conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
+    conn: Connection, books: Books, usage: Sequence[tuple[Projected, UsageRecorded]]
 ) -> None:
-    await charge(conn, usage)
+    await books.charge(conn, usage)
     await governance_holds.settle(conn, [event for _, event in usage])
 
 
-async def _apply_event(conn: Connection, record: RecordedEvent) -> None:
+async def _apply_event(conn: Connection, books: Books, record: Projected) -> None:
     e, v, at = record.event, record.stream_version, record.recorded_at
     match e:
         case CustomerCreated():
             if await _wrote(conn, _INSERT_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
+                await _define(
+                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
+                )
         case CustomerUpdated():
             if await _wrote(conn, _UPDATE_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
+                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
         case CustomerBudgetsReplaced():
             if await _wrote(conn, _TOUCH["customer"], e.customer_id, v, at):
                 owner = Owner("customer", e.customer_id)
-                await _define(conn, owner, v, at, e.budgets)
+                await _define(conn, books, owner, v, at, e.budgets)
         case CustomerDeleted():
+            # Its ledger goes with it (cascade): write what is open first.
+            await books.flush(conn)
             await conn.execute(_DELETE_CUSTOMER, e.customer_id, v)
+            books.drop(Owner("customer", e.customer_id))
         case TeamCreated():
             if await _wrote(conn, _INSERT_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
+                await _define(
+                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
+                )
         case TeamUpdated():
             if await _wrote(conn, _UPDATE_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
+                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
         case TeamBudgetsReplaced():
             if await _wrote(conn, _TOUCH["team"], e.team_id, v, at):
-                await _define(conn, Owner("team", e.team_id), v, at, e.budgets)
+                await _define(conn, books, Owner("team", e.team_id), v, at, e.budgets)
         case TeamDeleted():
+            await books.flush(conn)
             await conn.execute(_DELETE_TEAM, e.team_id, v)
+            books.drop(Owner("team", e.team_id))
         case VirtualKeyCreated():
             if await _wrote(conn, _INSERT_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(conn, owner, v, at, e.budgets, e.rate_limit, new=True)
-                await _set_key_settings(conn, owner, e, v, at, new=True)
+                await _define(
+                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
+                )
+                await _set_key_settings(conn, books, owner, e, v, at, new=True)
         case VirtualKeyUpdated():
             if await _wrote(conn, _UPDATE_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(conn, owner, v, at, rate_limit=e.rate_limit)
-                await _set_key_settings(conn, owner, e, v, at)
+                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
+                await _set_key_settings(conn, books, owner, e, v, at)
         case VirtualKeyBudgetsReplaced():
             if await _wrote(conn, _TOUCH["virtual_key"], e.virtual_key_id, v, at):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(conn, owner, v, at, e.budgets)
+                await _define(conn, books, owner, v, at, e.budgets)
         case VirtualKeyDeleted():
             # Cascades to its budgets, rate limit, provider configs and theirs.
+            await books.flush(conn)
             await conn.execute(_DELETE_VIRTUAL_KEY, e.virtual_key_id, v)
             await governance_holds.drop_key(conn, e.virtual_key_id)
+            books.drop(Owner("virtual_key", e.virtual_key_id))
         case ReservationHeld():
             await governance_holds.hold(conn, e, record.global_position)
         case ReservationReleased():
@@ -167,6 +214,7 @@ def _key_row(
 
 async def _set_key_settings(
     conn: Connection,
+    books: Books,
     owner: Owner,
     e: VirtualKeyCreated | VirtualKeyUpdated,
     version: int,
@@ -177,16 +225,21 @@ async def _set_key_settings(
     """The key's provider configs; `new`: the key was inserted just now, so it has
     none yet (they reference it), and none need deleting."""
     await _replace_provider_configs(
-        conn, owner.id, e.provider_configs, version, at, new=new
+        conn, books, owner.id, e.provider_configs, version, at, new=new
     )
 
 
 # $1 id, $2 stream version, $3 recorded_at, then the fields. A created row is inserted
 # once; an update applies only to an older row (the version guard).
+# A created owner's ledger row is inserted with it, its clock at $3.
 _INSERT_CUSTOMER = """
-INSERT INTO governance_customers (id, version, created_at, updated_at, name)
-VALUES ($1, $2, $3, $3, $4)
-ON CONFLICT (id) DO NOTHING
+WITH o AS (
+    INSERT INTO governance_customers (id, version, created_at, updated_at, name)
+    VALUES ($1, $2, $3, $3, $4)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
+INSERT INTO governance_ledgers (customer_id, clock) SELECT id, $3 FROM o
 """
 _UPDATE_CUSTOMER = """
 UPDATE governance_customers SET version = $2, updated_at = $3, name = $4
@@ -196,9 +249,14 @@ _DELETE_CUSTOMER = "DELETE FROM governance_customers WHERE id = $1 AND version <
 
 # A parent that does not exist (any more) is stored as NULL: dangling tolerated.
 _INSERT_TEAM = """
-INSERT INTO governance_teams (id, version, created_at, updated_at, name, customer_id)
-SELECT $1, $2, $3, $3, $4, (SELECT id FROM governance_customers WHERE id = $5)
-ON CONFLICT (id) DO NOTHING
+WITH o AS (
+    INSERT INTO governance_teams (id, version, created_at, updated_at, name,
+        customer_id)
+    SELECT $1, $2, $3, $3, $4, (SELECT id FROM governance_customers WHERE id = $5)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
+INSERT INTO governance_ledgers (team_id, clock) SELECT id, $3 FROM o
 """
 _UPDATE_TEAM = """
 UPDATE governance_teams SET version = $2, updated_at = $3, name = $4,
@@ -208,12 +266,16 @@ WHERE id = $1 AND version < $2
 _DELETE_TEAM = "DELETE FROM governance_teams WHERE id = $1 AND version < $2"
 
 _INSERT_VIRTUAL_KEY = """
-INSERT INTO governance_virtual_keys (id, version, created_at, updated_at, name,
-    value_sha256, value_hint, team_id, customer_id, is_active)
-SELECT $1, $2, $3, $3, $4, $5, $6,
-    (SELECT id FROM governance_teams WHERE id = $7),
-    (SELECT id FROM governance_customers WHERE id = $8), $9
-ON CONFLICT (id) DO NOTHING
+WITH o AS (
+    INSERT INTO governance_virtual_keys (id, version, created_at, updated_at, name,
+        value_sha256, value_hint, team_id, customer_id, is_active)
+    SELECT $1, $2, $3, $3, $4, $5, $6,
+        (SELECT id FROM governance_teams WHERE id = $7),
+        (SELECT id FROM governance_customers WHERE id = $8), $9
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
+INSERT INTO governance_ledgers (virtual_key_id, clock) SELECT id, $3 FROM o
 """
 _UPDATE_VIRTUAL_KEY = """
 UPDATE governance_virtual_keys SET version = $2, updated_at = $3, name = $4,
@@ -242,6 +304,7 @@ _TOUCH = {
 _DELETE_DROPPED_PROVIDER_CONFIGS = """
 DELETE FROM governance_provider_configs
 WHERE virtual_key_id = $1 AND id <> ALL($2::text[])
+RETURNING id
 """
 _UPSERT_PROVIDER_CONFIG = """
 INSERT INTO governance_provider_configs AS p (id, version, created_at, updated_at,
@@ -256,6 +319,7 @@ WHERE p.version < EXCLUDED.version
 
 async def _replace_provider_configs(
     conn: Connection,
+    books: Books,
     virtual_key_id: str,
     configs: Sequence[ProviderConfig],
     version: int,
@@ -266,7 +330,11 @@ async def _replace_provider_configs(
     """The key's provider configs become exactly `configs` (kept by their id)."""
     if not new:
         ids = [c.provider_config_id for c in configs]
-        await conn.execute(_DELETE_DROPPED_PROVIDER_CONFIGS, virtual_key_id, ids)
+        dropped = await conn.fetch(
+            _DELETE_DROPPED_PROVIDER_CONFIGS, virtual_key_id, ids
+        )
+        for row in dropped:  # their ledgers went with them (cascade)
+            books.drop(Owner("provider_config", row["id"]))
     for ordinal, config in enumerate(configs):
         models = None if config.allowed_models is None else list(config.allowed_models)
         await conn.execute(
@@ -280,7 +348,9 @@ async def _replace_provider_configs(
             ordinal,
         )
         owner = Owner("provider_config", config.provider_config_id)
-        await _define(conn, owner, version, at, config.budgets, config.rate_limit)
+        await _define(
+            conn, books, owner, version, at, config.budgets, config.rate_limit
+        )
 
 
 # --- budgets and rate limits: the owner's ledger ----------------------------------
@@ -288,6 +358,7 @@ async def _replace_provider_configs(
 
 async def _define(
     conn: Connection,
+    books: Books,
     owner: Owner,
     version: int,
     at: datetime,
@@ -297,24 +368,39 @@ async def _define(
     new: bool = False,
 ) -> None:
     """Fold an event carrying the owner's whole budget set and/or rate limit into
-    its ledger (`service.domain.ledger`), and store what it yields: the definitions
-    with their anchors and floors, the clock, pending usage and what the clock's
-    move filed. `new`: the owner was inserted just now (it has nothing yet)."""
-    book = None if new else (await books_of(conn, [owner])).get(owner)
-    if book is None:  # a new owner (or a provider config new in this event)
-        await create_ledger(conn, owner, at)
-        book = Book(open_ledger(at, history=True), [], None)
-    ledger = book.ledger
-    rate_limit_id = book.rate_limit_id
+    its ledger (`service.domain.ledger`), and store the definitions it yields with
+    their anchors and floors; the clock, pending usage and what the clock's move
+    filed are written with the batch (`Books.flush`). `new`: the owner and its
+    ledger row were inserted just now (it has nothing yet)."""
+    entry = None if new else (await books.take(conn, [owner])).get(owner)
+    if entry is None:  # a new owner (or a provider config new in this event)
+        if not new:
+            await create_ledger(conn, owner, at)
+        entry = books.open(owner, open_ledger(at, history=True))
+    ledger = entry.ledger
+    upsert: tuple[object, ...] = ()
     if not isinstance(budgets, UnsetType):
         define_budgets(ledger, budgets, at)
-        await _write_budgets(conn, owner, ledger, version, at, new=new)
+        meters = ledger.budgets
+        if not new:
+            await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
+        if meters:
+            upsert = _budget_rows(owner, ledger, version, at)
     if not isinstance(rate_limit, UnsetType):
         define_rate_limit(ledger, rate_limit, at)
-        rate_limit_id = await _write_rate_limit(
-            conn, owner, ledger, rate_limit, version, at, book.rate_limit_id
+        if upsert and rate_limit is not None:
+            # One round trip for both (a created key: the common case).
+            found = await conn.fetchval(
+                _UPSERT_BUDGETS_AND_RATE_LIMIT, *upsert, *_halves(ledger)
+            )
+            if found is not None:
+                entry.rate_limit_id = int(found)
+            return
+        entry.rate_limit_id = await _write_rate_limit(
+            conn, owner, ledger, rate_limit, version, at, entry.rate_limit_id
         )
-    await save(conn, {owner: book}, {owner: rate_limit_id})
+    if upsert:
+        await conn.execute(_UPSERT_BUDGETS, *upsert)
 
 
 _DELETE_DROPPED_BUDGETS = """
@@ -340,23 +426,12 @@ WHERE b.version < EXCLUDED.version
 """
 
 
-async def _write_budgets(
-    conn: Connection,
-    owner: Owner,
-    ledger: Ledger,
-    version: int,
-    at: datetime,
-    *,
-    new: bool,
-) -> None:
-    """The owner's budget rows become the ledger's budgets, in its order."""
+def _budget_rows(
+    owner: Owner, ledger: Ledger, version: int, at: datetime
+) -> tuple[object, ...]:
+    """The arguments of _UPSERT_BUDGETS: the ledger's budgets, in its order."""
     meters = ledger.budgets
-    if not new:
-        await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
-    if not meters:
-        return
-    await conn.execute(
-        _UPSERT_BUDGETS,
+    return (
         *owner.columns,
         version,
         at,
@@ -372,12 +447,14 @@ async def _write_budgets(
 _DELETE_RATE_LIMIT = (
     "DELETE FROM governance_rate_limits WHERE owner_type = $1 AND owner_id = $2"
 )
-_UPSERT_RATE_LIMIT = """
+# A rate limit's row: the columns, then (after its VALUES) the upsert.
+_INSERT_RATE_LIMIT = """
 INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
     provider_config_id, version, created_at, updated_at,
     token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
     request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
-VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+"""
+_RATE_LIMIT_CONFLICT = """
 ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
     updated_at = EXCLUDED.updated_at,
     token_max_limit = EXCLUDED.token_max_limit,
@@ -391,6 +468,11 @@ ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
 WHERE r.version < EXCLUDED.version
 RETURNING id
 """
+_UPSERT_RATE_LIMIT = (
+    _INSERT_RATE_LIMIT
+    + "VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    + _RATE_LIMIT_CONFLICT
+)
 
 
 async def _write_rate_limit(
@@ -408,13 +490,29 @@ async def _write_rate_limit(
         if current_id is not None:
             await conn.execute(_DELETE_RATE_LIMIT, *owner)
         return None
+    found = await conn.fetchval(
+        _UPSERT_RATE_LIMIT, *owner.columns, version, at, *_halves(ledger)
+    )
+    return current_id if found is None else int(found)
+
+
+def _halves(ledger: Ledger) -> list[object]:
+    """The rate limit's columns from `token_max_limit` on (None: a half not set)."""
     halves: list[object] = []
     for half in (ledger.tokens, ledger.requests):
         if half is None:
             halves += [None, None, None, None]
         else:
             halves += [half.limit, half.reset_duration, half.anchor, half.floor]
-    found = await conn.fetchval(
-        _UPSERT_RATE_LIMIT, *owner.columns, version, at, *halves
-    )
-    return current_id if found is None else int(found)
+    return halves
+
+
+# _UPSERT_BUDGETS ($1-$12), then _UPSERT_RATE_LIMIT with its halves at $13-$20.
+_UPSERT_BUDGETS_AND_RATE_LIMIT = (
+    "WITH budgets AS ("
+    + _UPSERT_BUDGETS
+    + ")"
+    + _INSERT_RATE_LIMIT
+    + "VALUES ($1, $2, $3, $4, $5, $6, $6, $13, $14, $15, $16, $17, $18, $19, $20)"
+    + _RATE_LIMIT_CONFLICT
+)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple
+from decimal import Decimal
+from typing import NamedTuple, Protocol
 
 import asyncpg
+import msgspec
 
 from service.domain import ledger
 from service.domain.events import UsageRecorded
@@ -32,12 +34,11 @@ from service.domain.ledger import (
     period_keys,
     restore,
     stored,
-    take_cells,
+    take_filed,
     to_money,
     to_nanos,
 )
 from service.eventstore import Connection
-from service.records import RecordedEvent
 
 OWNER_TYPES = ("customer", "team", "virtual_key", "provider_config")
 RATE_KINDS = ("tokens", "requests")  # a rate limit's halves; columns `token_…` etc.
@@ -64,6 +65,18 @@ class Book(NamedTuple):
     @property
     def rate_limit_id(self) -> int | None:
         return None if self.rate_limit is None else int(self.rate_limit["id"])
+
+
+class Entry(msgspec.Struct, gc=False):
+    """An owner's ledger as the projector keeps it between batches: `rate_limit_id`
+    keys its rate-limit cells (None: no rate limit); `pending_stored`: its stored
+    pending usage is not empty; `stamp`: the xmin of the governance_ledgers row
+    written with it (the row still has it while nobody else wrote the owner)."""
+
+    ledger: Ledger
+    rate_limit_id: int | None
+    pending_stored: bool
+    stamp: int = 0
 
 
 # --- the limits of a set of owners -------------------------------------------------
@@ -97,6 +110,11 @@ JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
 ORDER BY occurred_at
 """
 _ALL_LEDGERS = "SELECT owner_type, owner_id FROM governance_ledgers"
+_STAMPS_OF = """
+SELECT owner_type, owner_id, l.xmin::text::bigint AS stamp FROM governance_ledgers l
+JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
+    USING (owner_type, owner_id)
+"""
 
 
 async def budgets_of(conn: Connection, owners: Sequence[Owner]) -> list[asyncpg.Record]:
@@ -113,6 +131,13 @@ async def rate_limits_of(
 async def all_owners(conn: Connection) -> list[Owner]:
     """Every owner with a ledger."""
     return [Owner(*r) for r in await conn.fetch(_ALL_LEDGERS)]
+
+
+async def stamps_of(conn: Connection, owners: Sequence[Owner]) -> dict[Owner, int]:
+    """The xmin of the ledger row of each of `owners` that has one: it changes with
+    every write of the row, and goes back when a write rolls back."""
+    rows = await conn.fetch(_STAMPS_OF, *_columns(owners))
+    return {Owner(r["owner_type"], r["owner_id"]): r["stamp"] for r in rows}
 
 
 def _columns(owners: Sequence[Owner]) -> tuple[list[str], list[str]]:
@@ -205,6 +230,22 @@ async def books_of(
     }
 
 
+async def entries_of(
+    conn: Connection, owners: Sequence[Owner], stamps: Mapping[Owner, int]
+) -> dict[Owner, Entry]:
+    """`books_of` as the projector keeps them, stamped with `stamps`."""
+    return {
+        owner: Entry(
+            book.ledger,
+            book.rate_limit_id,
+            bool(book.ledger.pending),
+            stamps[owner],
+        )
+        for owner, book in (await books_of(conn, owners)).items()
+        if owner in stamps
+    }
+
+
 # --- writing a ledger --------------------------------------------------------------
 
 _CREATE_LEDGER = """
@@ -217,6 +258,7 @@ _SET_CLOCKS = """
 UPDATE governance_ledgers l SET clock = u.clock
 FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(owner_type, owner_id, clock)
 WHERE l.owner_type = u.owner_type AND l.owner_id = u.owner_id
+RETURNING l.owner_type, l.owner_id, l.xmin::text::bigint AS stamp
 """
 _DROP_PENDING = """
 DELETE FROM governance_pending_usage p
@@ -247,50 +289,58 @@ async def create_ledger(conn: Connection, owner: Owner, clock: datetime) -> None
     await conn.execute(_CREATE_LEDGER, *owner.columns, clock)
 
 
-async def save(
-    conn: Connection,
-    books: Mapping[Owner, Book],
-    rate_limit_ids: Mapping[Owner, int | None] | None = None,
-) -> None:
+async def write(conn: Connection, entries: Mapping[Owner, Entry]) -> None:
     """Write what folding changed: each ledger's clock and pending usage, and the
-    cells it filed (taken, so they are added once). `rate_limit_ids` overrides the
-    books' rate-limit ids (a definition event may have created or deleted one)."""
-    if not books:
+    cells it filed (taken, so they are added once); stamps each entry with its
+    row's new xmin. An owner whose ledger row is gone (deleted with the owner since
+    it was taken) has nothing written: its rows went with it."""
+    if not entries:
         return
-    owners = sorted(books)
-    ids = {o: books[o].rate_limit_id for o in owners}
-    ids.update(rate_limit_ids or {})
+    owners = sorted(entries)
+    rows = await conn.fetch(
+        _SET_CLOCKS,
+        [o.type for o in owners],
+        [o.id for o in owners],
+        [entries[o].ledger.clock for o in owners],
+    )
+    stamps = {Owner(r["owner_type"], r["owner_id"]): r["stamp"] for r in rows}
     spend: dict[tuple[str, datetime], int] = {}
     used: dict[tuple[int, str, datetime], int] = {}
     pending: list[tuple[str, str, datetime, object, int, int]] = []
+    dropped: list[Owner] = []
     for owner in owners:
-        folded = books[owner].ledger
-        for kind, meter_id, key, amount in take_cells(folded):
+        entry = entries[owner]
+        folded = entry.ledger
+        taken = take_filed(folded)
+        entry.stamp = stamps.get(owner, 0)
+        if not entry.stamp:
+            continue
+        limit_id = entry.rate_limit_id
+        for kind, meter_id, key, amount in taken:
             if not amount:
                 continue
             if kind == BUDGET:
                 spend[meter_id, key] = spend.get((meter_id, key), 0) + amount
-            elif (limit_id := ids[owner]) is not None:
+            elif limit_id is not None:
                 slot = (limit_id, kind, key)
                 used[slot] = used.get(slot, 0) + amount
-        pending.extend(
-            (
-                owner.type,
-                owner.id,
-                p.occurred_at,
-                to_money(p.cost),
-                p.tokens,
-                p.requests,
+        if entry.pending_stored:
+            dropped.append(owner)
+        if folded.pending:
+            pending.extend(
+                (
+                    owner.type,
+                    owner.id,
+                    p.occurred_at,
+                    to_money(p.cost),
+                    p.tokens,
+                    p.requests,
+                )
+                for p in stored(folded).pending
             )
-            for p in stored(folded).pending
-        )
-    await conn.execute(
-        _SET_CLOCKS,
-        [o.type for o in owners],
-        [o.id for o in owners],
-        [books[o].ledger.clock for o in owners],
-    )
-    await conn.execute(_DROP_PENDING, *_columns(owners))
+        entry.pending_stored = bool(folded.pending)
+    if dropped:
+        await conn.execute(_DROP_PENDING, *_columns(dropped))
     if pending:
         await conn.execute(_ADD_PENDING, *map(list, zip(*pending, strict=True)))
     if spend:
@@ -326,88 +376,116 @@ SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
 """
 
 
-def chain_of(event: UsageRecorded) -> list[Owner]:
-    """The owners the event names: its key, provider config, team and customer."""
-    owners = [Owner("virtual_key", event.virtual_key_id)]
-    if event.provider_config_id is not None:
-        owners.append(Owner("provider_config", event.provider_config_id))
-    if event.team_id is not None:
-        owners.append(Owner("team", event.team_id))
-    if event.customer_id is not None:
-        owners.append(Owner("customer", event.customer_id))
+# The names a usage record charges: key, provider config, team, customer.
+Names = tuple[str, str | None, str | None, str | None]
+# What it charges each of them: occurred_at (UTC), cost in nanos, tokens, requests,
+# recorded_at (the arguments of `ledger.charge`).
+Charge = tuple[datetime, int, int, int, datetime]
+_NOTHING = (0, 0)
+
+
+def chain_of(names: Names) -> list[Owner]:
+    """The owners a record names: its key, provider config, team and customer."""
+    key, provider_config, team, customer = names
+    owners = [Owner("virtual_key", key)]
+    if provider_config is not None:
+        owners.append(Owner("provider_config", provider_config))
+    if team is not None:
+        owners.append(Owner("team", team))
+    if customer is not None:
+        owners.append(Owner("customer", customer))
     return owners
 
 
-def occurred_at(event: UsageRecorded) -> datetime:
-    """When the usage occurred, in UTC (a hand-made import may lack the zone)."""
-    at = event.occurred_at
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+class Delivery(Protocol):
+    """What charging reads of a delivered usage record (a RecordedEvent, or an
+    `eventstore.Delivered` of a bulk read)."""
+
+    @property
+    def global_position(self) -> int: ...
+    @property
+    def tx_id(self) -> int: ...
+    @property
+    def stream_id(self) -> str: ...
+    @property
+    def recorded_at(self) -> datetime: ...
 
 
-async def charge(
-    conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
-) -> None:
-    """Fold a run of usage into the ledgers of the owners it names (those that
-    exist), and write what it filed, with the usage streams' guard."""
-    usage, last = await _not_yet_charged(conn, usage)
-    if not usage:
-        return
-    chains: dict[tuple[str | None, ...], list[Owner]] = {}
-    for _, event in usage:
+def fresh_charges(
+    usage: Iterable[tuple[Delivery, UsageRecorded]],
+    seen: Mapping[str, tuple[int, int]],
+    marks: dict[str, tuple[int, int]],
+) -> list[tuple[Names, Charge]]:
+    """What each record not charged before charges, by the names it charges. The
+    usage streams' guard: a record counts when its (tx_id, position) is past what
+    its stream was charged up to (`seen`); `marks` moves past it. Positions of one
+    stream arrive in (tx_id, position) order."""
+    found: list[tuple[Names, Charge]] = []
+    add = found.append
+    nanos: dict[Decimal, int] = {}
+    for record, event in usage:
+        stream, mark = record.stream_id, (record.tx_id, record.global_position)
+        if mark <= seen.get(stream, _NOTHING):
+            continue
+        marks[stream] = mark
+        at = event.occurred_at
+        if at.tzinfo is None:  # a hand-made import may lack the zone
+            at = at.replace(tzinfo=UTC)
+        cost = nanos.get(event.cost)
+        if cost is None:
+            cost = nanos[event.cost] = to_nanos(event.cost)
         names = (
             event.virtual_key_id,
             event.provider_config_id,
             event.team_id,
             event.customer_id,
         )
-        if names not in chains:
-            chains[names] = chain_of(event)
-    books = await books_of(conn, [o for chain in chains.values() for o in chain])
-    ledgers = {
-        names: [books[o].ledger for o in chain if o in books]
-        for names, chain in chains.items()
-    }
-    for record, event in usage:
-        at = occurred_at(event)
-        cost = to_nanos(event.cost)
         tokens = event.input_tokens + event.output_tokens
-        recorded_at = record.recorded_at
-        for owned in ledgers[
-            event.virtual_key_id,
-            event.provider_config_id,
-            event.team_id,
-            event.customer_id,
-        ]:
-            ledger.charge(owned, at, cost, tokens, event.requests, recorded_at)
+        add((names, (at, cost, tokens, event.requests, record.recorded_at)))
+    return found
+
+
+def fold(
+    charges: Sequence[tuple[Names, Charge]],
+    ledgers: Mapping[Names, Sequence[Ledger]],
+) -> None:
+    """Charge each record to the ledgers of the owners it names (`ledgers`: those
+    that exist), each ledger its records in order: the fold alone decides what
+    moves (`ledger.charge_all`)."""
+    runs: dict[int, tuple[Ledger, list[Charge]]] = {}
+    for owned in ledgers.values():
+        for folded in owned:
+            runs.setdefault(id(folded), (folded, []))
+    chains = {
+        names: [runs[id(folded)][1].append for folded in owned]
+        for names, owned in ledgers.items()
+    }
+    for names, charge in charges:
+        for add in chains[names]:
+            add(charge)
+    for folded, run in runs.values():
+        ledger.charge_all(folded, run)
+
+
+async def charged_up_to(
+    conn: Connection, streams: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """The (tx_id, position) each usage stream is charged up to (the version guard
+    of usage streams), for those charged before."""
+    return {
+        row["stream_id"]: (int(row["last_tx_id"]), row["last_position"])
+        for row in await conn.fetch(_CHARGED_UP_TO, list(streams))
+    }
+
+
+async def mark_charged(conn: Connection, marks: Mapping[str, tuple[int, int]]) -> None:
+    streams = sorted(marks)
     await conn.execute(
         _MARK_CHARGED,
-        list(last),
-        [tx for tx, _ in last.values()],
-        [position for _, position in last.values()],
+        streams,
+        [marks[s][0] for s in streams],
+        [marks[s][1] for s in streams],
     )
-    await save(conn, books)
-
-
-async def _not_yet_charged(
-    conn: Connection, usage: Sequence[tuple[RecordedEvent, UsageRecorded]]
-) -> tuple[list[tuple[RecordedEvent, UsageRecorded]], dict[str, tuple[int, int]]]:
-    """The usage not charged before (the version guard of usage streams), and the
-    (tx_id, position) each of its streams is charged up to with it. Positions of one
-    stream arrive in (tx_id, position) order."""
-    streams = sorted({record.stream_id for record, _ in usage})
-    seen = {
-        row["stream_id"]: (int(row["last_tx_id"]), row["last_position"])
-        for row in await conn.fetch(_CHARGED_UP_TO, streams)
-    }
-    fresh = [
-        (record, event)
-        for record, event in usage
-        if (record.tx_id, record.global_position) > seen.get(record.stream_id, (0, 0))
-    ]
-    last: dict[str, tuple[int, int]] = {}
-    for record, _ in fresh:
-        last[record.stream_id] = (record.tx_id, record.global_position)
-    return fresh, dict(sorted(last.items()))
 
 
 # --- reading -----------------------------------------------------------------------

@@ -94,7 +94,7 @@ def decode_event(type_: str, schema_version: int, data: bytes) -> AnyEvent:
     return msgspec.convert(current, EVENT_TYPES[name], strict=False)
 
 
-def _record(row: asyncpg.Record) -> RecordedEvent:
+def record_of(row: asyncpg.Record) -> RecordedEvent:
     event = decode_event(row["type"], row["schema_version"], row["data"])
     return RecordedEvent(
         global_position=row["global_position"],
@@ -257,7 +257,7 @@ async def read_stream(
         f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version",
         stream_id,
     )
-    events = [_record(r) for r in rows]
+    events = [record_of(r) for r in rows]
     return (events[-1].stream_version if events else 0), events
 
 
@@ -275,7 +275,7 @@ async def read_all(
 ) -> list[RecordedEvent]:
     """The next events after a checkpoint, only from finished transactions."""
     rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
-    return [_record(r) for r in rows]
+    return [record_of(r) for r in rows]
 
 
 async def read_batch(conn: Queryable, after: Checkpoint, limit: int = 500) -> Batch:
@@ -286,14 +286,14 @@ async def read_batch(conn: Queryable, after: Checkpoint, limit: int = 500) -> Ba
     refused: list[Refused] = []
     for row in rows:
         try:
-            records.append(_record(row))
+            records.append(record_of(row))
         except LegacyEventRefused as exc:
-            refused.append(_refused(row, exc))
+            refused.append(refused_of(row, exc))
     end = Checkpoint(rows[-1]["tx_id"], rows[-1]["global_position"]) if rows else after
     return Batch(records=records, refused=refused, end=end)
 
 
-def _refused(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
+def refused_of(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
     return Refused(
         global_position=row["global_position"],
         tx_id=row["tx_id"],
@@ -304,6 +304,61 @@ def _refused(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
         code=exc.code,
         message=exc.message,
     )
+
+
+class Delivered(msgspec.Struct, frozen=True, gc=False):
+    """An event as a projection reads it in bulk: its place in the log, its stream,
+    when it was recorded and the event; no event id, no metadata."""
+
+    global_position: int
+    tx_id: int
+    stream_id: str
+    stream_version: int
+    recorded_at: datetime
+    event: AnyEvent
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.tx_id, self.global_position)
+
+
+class DeliveredBatch(NamedTuple):
+    """`Batch` as `read_delivered` reads it."""
+
+    records: list[Delivered]
+    refused: list[Refused]
+    end: Checkpoint
+
+
+_READ_DELIVERED = """
+SELECT global_position, tx_id, stream_id, stream_version, recorded_at, type,
+    schema_version, data, event_id FROM events
+WHERE (tx_id, global_position) > ($1::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, global_position
+LIMIT $3
+"""
+
+
+async def read_delivered(
+    conn: Queryable, after: Checkpoint, limit: int = 500
+) -> DeliveredBatch:
+    """`read_batch` for bulk readers (replay): the same rows in the same order, the
+    same refused legacy events, each event decoded without its metadata."""
+    rows = await conn.fetch(_READ_DELIVERED, after.tx_id, after.position, limit)
+    records: list[Delivered] = []
+    refused: list[Refused] = []
+    add = records.append
+    for row in rows:
+        position, tx_id, stream_id, version, at, type_, schema, data, _ = row
+        try:
+            event = decode_event(type_, schema, data)
+        except LegacyEventRefused as exc:
+            refused.append(refused_of(row, exc))
+            continue
+        add(Delivered(position, tx_id, stream_id, version, at, event))
+    end = Checkpoint(rows[-1]["tx_id"], rows[-1]["global_position"]) if rows else after
+    return DeliveredBatch(records=records, refused=refused, end=end)
 
 
 async def read_all_rows(
@@ -332,7 +387,7 @@ async def read_page(
     page: list[Envelope] = []
     for row in rows:
         try:
-            page.append(envelope(_record(row)))
+            page.append(envelope(record_of(row)))
         except LegacyEventRefused:
             page.append(_stored_envelope(row))
     return page

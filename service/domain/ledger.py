@@ -335,6 +335,77 @@ def charge(
                 half.used += amount
 
 
+def charge_all(
+    ledger: Ledger, charges: Iterable[tuple[datetime, int, int, int, datetime]]
+) -> None:
+    """`charge` of each (occurred_at, cost, tokens, requests, recorded_at), in
+    order, with the same result. A record that only adds to the cells last filed
+    to (nothing pending falls due, no period ends, not held) is summed with the
+    records like it and added once: the bulk path of the read model."""
+    blo, bhi, tlo, thi, rlo, rhi = _window(ledger)
+    clock, due, wake = ledger.clock, ledger.due, ledger.wake
+    cost_sum = tokens_sum = requests_sum = 0
+    for occurred_at, cost, tokens, requests, recorded_at in charges:
+        after = recorded_at if recorded_at > clock else clock
+        if (
+            recorded_at <= due
+            and recorded_at < wake
+            and occurred_at < after
+            and (not cost or blo <= occurred_at < bhi)
+            and (not tokens or tlo <= occurred_at < thi)
+            and (not requests or rlo <= occurred_at < rhi)
+        ):
+            clock = after
+            cost_sum += cost
+            tokens_sum += tokens
+            requests_sum += requests
+            continue
+        _add(ledger, clock, cost_sum, tokens_sum, requests_sum)
+        cost_sum = tokens_sum = requests_sum = 0
+        charge(ledger, occurred_at, cost, tokens, requests, recorded_at)
+        blo, bhi, tlo, thi, rlo, rhi = _window(ledger)
+        clock, due, wake = ledger.clock, ledger.due, ledger.wake
+    _add(ledger, clock, cost_sum, tokens_sum, requests_sum)
+
+
+def _window(ledger: Ledger) -> tuple[datetime, ...]:
+    """Where usage lands in the cells last filed to: [lo, hi) of every budget, of
+    the token half, of the request half (a half that is not there: everywhere)."""
+    blo, bhi = EARLIEST, FOREVER
+    for meter in ledger.budgets:
+        blo, bhi = max(blo, meter.lo), min(bhi, meter.hi)
+    tokens, requests = ledger.tokens, ledger.requests
+    return (
+        blo,
+        bhi,
+        EARLIEST if tokens is None else tokens.lo,
+        FOREVER if tokens is None else tokens.hi,
+        EARLIEST if requests is None else requests.lo,
+        FOREVER if requests is None else requests.hi,
+    )
+
+
+def _add(
+    ledger: Ledger, clock: datetime, cost: int, tokens: int, requests: int
+) -> None:
+    """What records within `_window` charged: the clock moved to `clock` (nothing
+    fell due, no period ended) and amounts added to the cells last filed to."""
+    if clock > ledger.clock:
+        ledger.clock = clock
+    if clock > ledger.now:
+        ledger.now = clock
+    if cost:
+        for meter in ledger.budgets:
+            meter.cells[meter.key] += cost
+            if meter.live:
+                meter.used += cost
+    for half, amount in ((ledger.tokens, tokens), (ledger.requests, requests)):
+        if amount and half is not None:
+            half.cells[half.key] += amount
+            if half.live:
+                half.used += amount
+
+
 def advance(ledger: Ledger, now: datetime) -> None:
     """Roll every meter whose period ended by `now`: `used`, `start` and `end` are
     then the reading at `now` (or at a later instant already seen)."""
@@ -617,6 +688,23 @@ def restore(state: StoredLedger, *, now: datetime, history: bool = False) -> Led
     ledger.budgets = tuple(budgets)
     _rewake(ledger)
     return ledger
+
+
+def take_filed(ledger: Ledger) -> list[tuple[str, str, datetime, int]]:
+    """`take_cells`, but each meter goes on filing where it last filed (that cell
+    stays, at zero): what the read model's projector takes between batches of a
+    ledger it keeps, so the next batch need not find its cells again."""
+    taken = [
+        (meter.kind, meter.id, key, amount)
+        for meter in meters(ledger)
+        for key, amount in sorted(meter.cells.items())
+    ]
+    for meter in meters(ledger):
+        cells = meter.cells
+        cells.clear()
+        if meter.lo < meter.hi:
+            cells[meter.key] = 0
+    return taken
 
 
 def take_cells(ledger: Ledger) -> list[tuple[str, str, datetime, int]]:

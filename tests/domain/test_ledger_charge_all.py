@@ -1,0 +1,149 @@
+"""`ledger.charge_all` (the read model's bulk path) folds exactly as `ledger.charge`
+record by record: whatever the records, the ledger is the same afterwards."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.domain.events import Budget, RateLimit
+from service.domain.ledger import (
+    Ledger,
+    charge,
+    charge_all,
+    define_budgets,
+    define_rate_limit,
+    meters,
+    open_ledger,
+    restore,
+    stored,
+    take_cells,
+    take_filed,
+)
+
+SECOND = timedelta(seconds=1)
+START = datetime(2026, 3, 9, 22, 30, tzinfo=UTC)
+
+Charge = tuple[datetime, int, int, int, datetime]
+
+
+def _ledger(aligned: bool, rate_limit: bool, history: bool) -> Ledger:
+    ledger = open_ledger(START, history=history)
+    define_budgets(
+        ledger,
+        [
+            Budget(
+                budget_id="d",
+                max_limit=Decimal(10),
+                reset_duration="1d",
+                calendar_aligned=aligned,
+            ),
+            Budget(budget_id="h", max_limit=Decimal(5), reset_duration="3h"),
+        ],
+        START,
+    )
+    if rate_limit:
+        define_rate_limit(
+            ledger,
+            RateLimit(
+                token_max_limit=1000,
+                token_reset_duration="1h",
+                request_max_limit=100,
+                request_reset_duration="1m",
+            ),
+            START,
+        )
+    return ledger
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> tuple[bool, bool, bool, list[Charge]]:
+    """Records in arrival order: recorded_at mostly rising by small steps (now and
+    then going back), occurred_at before it, at it or ahead of it (held), spread
+    over period boundaries; amounts zero now and then."""
+    recorded_at = START
+    found: list[Charge] = []
+    for _ in range(draw(st.integers(0, 60))):
+        recorded_at += draw(st.integers(-30, 4_000)) * SECOND
+        occurred_at = recorded_at + draw(st.integers(-20_000, 300)) * SECOND
+        found.append(
+            (
+                occurred_at,
+                draw(st.sampled_from([0, 1, 10**6, 123_000_000])),
+                draw(st.sampled_from([0, 7, 120])),
+                draw(st.sampled_from([0, 1, 2])),
+                recorded_at,
+            )
+        )
+    return draw(st.booleans()), draw(st.booleans()), draw(st.booleans()), found
+
+
+def _view(ledger: Ledger) -> object:
+    return (
+        stored(ledger),
+        ledger.now,
+        [(m.used, m.start, m.end, m.lo, m.hi, m.key, m.live) for m in meters(ledger)],
+    )
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs())
+def test_charge_all_folds_as_charge_one_by_one(
+    case: tuple[bool, bool, bool, list[Charge]],
+) -> None:
+    aligned, rate_limit, history, run = case
+    one_by_one = _ledger(aligned, rate_limit, history)
+    together = _ledger(aligned, rate_limit, history)
+    for occurred_at, cost, tokens, requests, recorded_at in run:
+        charge(one_by_one, occurred_at, cost, tokens, requests, recorded_at)
+    charge_all(together, run)
+    assert _view(together) == _view(one_by_one)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs(), st.integers(0, 60))
+def test_charge_all_after_cells_were_taken_folds_as_charge(
+    case: tuple[bool, bool, bool, list[Charge]], split: int
+) -> None:
+    """The read model takes the cells between runs, and restores ledgers."""
+    aligned, rate_limit, _, run = case
+    one_by_one = _ledger(aligned, rate_limit, True)
+    together = _ledger(aligned, rate_limit, True)
+    first, second = run[:split], run[split:]
+    for occurred_at, cost, tokens, requests, recorded_at in first:
+        charge(one_by_one, occurred_at, cost, tokens, requests, recorded_at)
+    charge_all(together, first)
+    assert take_cells(together) == take_cells(one_by_one)
+    restored = restore(stored(one_by_one), now=one_by_one.now, history=True)
+    for occurred_at, cost, tokens, requests, recorded_at in second:
+        charge(restored, occurred_at, cost, tokens, requests, recorded_at)
+    charge_all(together, second)
+    assert stored(together) == stored(restored)
+
+
+def _nonzero(taken: list[tuple[str, str, datetime, int]]) -> list[object]:
+    return [cell for cell in taken if cell[3]]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs(), st.lists(st.integers(0, 60), max_size=4))
+def test_taking_what_was_filed_keeps_filing_as_taking_the_cells(
+    case: tuple[bool, bool, bool, list[Charge]], splits: list[int]
+) -> None:
+    """The projector takes a kept ledger's cells between batches with take_filed:
+    every batch then writes what take_cells would have taken."""
+    aligned, rate_limit, _, run = case
+    cells = _ledger(aligned, rate_limit, True)
+    filed = _ledger(aligned, rate_limit, True)
+    start = 0
+    for end in [*sorted(splits), len(run)]:
+        batch = run[start:end]
+        start = max(start, end)
+        charge_all(cells, batch)
+        charge_all(filed, batch)
+        assert _nonzero(take_filed(filed)) == _nonzero(take_cells(cells))
+        assert stored(filed).pending == stored(cells).pending
+        assert filed.clock == cells.clock

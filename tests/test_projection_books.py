@@ -1,0 +1,107 @@
+"""The governance projector keeps ledgers between batches (governance_books):
+whatever happened to the tables meanwhile (a rolled-back batch, a replay's swap,
+rows deleted), the next batch folds what the tables hold, not what memory held."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from projections import governance, replay
+from projections.runner import Projector
+from service.records import RecordedEvent
+from tests.builders import append, budget, key_created, uid, usage_event
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+SECOND = timedelta(seconds=1)
+
+
+async def spend_of(pool, budget_id: str) -> Decimal:
+    value = await pool.fetchval(
+        "SELECT coalesce(sum(spend), 0) FROM governance_budget_spend"
+        " WHERE budget_id = $1",
+        budget_id,
+    )
+    return Decimal(value)
+
+
+async def a_key(pool) -> tuple[str, str]:
+    key_id, budget_id = uid(), uid()
+    await append(
+        pool,
+        f"virtual_key-{key_id}",
+        key_created(key_id, budgets=(budget(budget_id, "100", "1d"),)),
+        at=T0,
+    )
+    return key_id, budget_id
+
+
+async def spend(pool, key_id: str, cost: str, seconds: int, *, ahead: int = -1) -> None:
+    """Usage recorded at T0 + `seconds` that occurred `ahead` seconds from then
+    (before it: filed at once; at or after it: pending until the clock passes)."""
+    at = T0 + seconds * SECOND
+    event = usage_event(key_id, cost, at + ahead * SECOND)
+    await append(pool, f"usage-{key_id}", event, at=at)
+
+
+async def test_a_batch_rolled_back_after_apply_is_folded_again_from_the_tables(pool):
+    """The batch's writes roll back with its transaction after apply returned (as
+    when the checkpoint moved under it): its ledger must not stay in memory, or
+    the retried batch would hold its pending usage twice."""
+    key_id, budget_id = await a_key(pool)
+    await spend(pool, key_id, "1", 1)
+    live = Projector(pool, "governance", governance.apply)
+    await live.catch_up()
+    assert await spend_of(pool, budget_id) == Decimal(1)
+
+    failures = [RuntimeError("checkpoint moved")]
+
+    async def rolled_back(conn, records: Sequence[RecordedEvent]) -> None:
+        await governance.apply(conn, records)
+        if failures:
+            raise failures.pop()
+
+    await spend(pool, key_id, "2", 2, ahead=100)
+    flaky = Projector(pool, "governance", rolled_back)
+    with pytest.raises(RuntimeError, match="checkpoint moved"):
+        await flaky.catch_up()
+    assert await pool.fetchval("SELECT count(*) FROM governance_pending_usage") == 0
+
+    await flaky.catch_up()
+    assert await pool.fetchval("SELECT sum(cost) FROM governance_pending_usage") == 2
+    await spend(pool, key_id, "4", 200, ahead=-198)
+    await live.catch_up()
+    assert await spend_of(pool, budget_id) == Decimal(7)
+    assert (await replay.rebuild(pool, verify=True)).differences == []
+
+
+async def test_a_replay_swapped_in_under_the_live_projector_is_read_again(pool):
+    key_id, budget_id = await a_key(pool)
+    await spend(pool, key_id, "1", 1)
+    live = Projector(pool, "governance", governance.apply)
+    await live.catch_up()
+
+    await replay.rebuild(pool)
+    await spend(pool, key_id, "2", 2)
+    await live.catch_up()
+
+    assert await spend_of(pool, budget_id) == Decimal(3)
+    assert (await replay.rebuild(pool, verify=True)).differences == []
+
+
+async def test_tables_emptied_under_the_live_projector_are_read_again(pool):
+    """Ledgers gone from the tables are not charged from memory."""
+    key_id, budget_id = await a_key(pool)
+    await spend(pool, key_id, "1", 1)
+    live = Projector(pool, "governance", governance.apply)
+    await live.catch_up()
+
+    await pool.execute("DELETE FROM governance_virtual_keys WHERE id = $1", key_id)
+    await spend(pool, key_id, "2", 2)
+    await live.catch_up()
+
+    assert await pool.fetchval("SELECT count(*) FROM governance_ledgers") == 0
+    assert await spend_of(pool, budget_id) == Decimal(0)
