@@ -3,7 +3,8 @@ the log, and `check()`, which decides "may this key spend more?" without any I/O
 
 Pure: no SQL, no clock (`now` is a parameter), no logging. The shell
 (`projections.cache_loader`) fills it from the read model and tails the log into
-`apply()`.
+it a batch at a time: usage through `fold_usage()` then `settle()`, which charges
+each owner's run of records at once, every other event through `apply()`.
 
 Hot state is kept small and few objects are read per check:
 - money is held as integer nanos (9 fractional digits, the precision of the service),
@@ -277,16 +278,18 @@ def _replace_rate_limit(
     _aggregate(owner)
 
 
-def _charge_owner(
-    owner: Owner,
-    occurred_at: datetime,
-    cost: int,
-    usage: UsageRecorded,
-    clock: datetime,
+# (occurred_at, cost in nanos, tokens, requests, recorded_at): ledger.charge_all's
+Charge = tuple[datetime, int, int, int, datetime]
+
+
+def _add(
+    run: dict[int, tuple[Owner, list[Charge]]], owner: Owner, charge: Charge
 ) -> None:
-    tokens = usage.input_tokens + usage.output_tokens
-    fold.charge(owner.ledger, occurred_at, cost, tokens, usage.requests, clock)
-    _aggregate(owner)
+    entry = run.get(id(owner))
+    if entry is None:
+        run[id(owner)] = (owner, [charge])
+    else:
+        entry[1].append(charge)
 
 
 def _provider_configs(
@@ -324,6 +327,24 @@ def _provider_configs(
 # --- the cache ---------------------------------------------------------------------
 
 
+class UsageCharge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A UsageRecorded as the cache's tail decodes its `data` (cache_loader): the
+    same fields and types, without building the event and its record."""
+
+    virtual_key_id: str
+    provider: str  # not folded; required, so a row decodes here exactly when it
+    model: str  # decodes as a UsageRecorded
+    cost: Decimal
+    input_tokens: int = 0
+    output_tokens: int = 0
+    requests: int = 1
+    occurred_at: datetime
+    provider_config_id: str | None = None
+    team_id: str | None = None
+    customer_id: str | None = None
+    reservation_id: str | None = None
+
+
 class GovernanceCache:
     """Every customer, team and key with their limits; `apply` folds one event in."""
 
@@ -338,6 +359,9 @@ class GovernanceCache:
         # event as one int: the tail delivers in that order, not by position.
         self.usage_seen: dict[str, int] = {}
         self.checkpoint = Checkpoint()
+        # Usage folded but not yet charged (see fold_usage): by owner (its id()),
+        # the owner and its charges in order.
+        self._run: dict[int, tuple[Owner, list[Charge]]] = {}
         # Keys cache their chain and its earliest period end. Any change to a team or
         # customer (membership, limits, deletion) bumps this, so each key resolves
         # its chain again at its next check; a key's own changes relink just it.
@@ -362,8 +386,14 @@ class GovernanceCache:
         """Fold one recorded event in; a redelivered event changes nothing."""
         event = record.event
         if isinstance(event, UsageRecorded):
-            self._apply_usage(record, event)
-        elif isinstance(event, ReservationHeld | ReservationReleased):
+            self.fold_usage(
+                event, record.tx_id, record.global_position, record.recorded_at
+            )
+            self.settle()
+            self.checkpoint = record.checkpoint
+            return
+        self.settle()  # usage folded before this event is charged before it
+        if isinstance(event, ReservationHeld | ReservationReleased):
             self._apply_reservation(record, event)
         elif isinstance(event, CustomerEvent):
             self._apply_customer(record, event)
@@ -515,36 +545,67 @@ class GovernanceCache:
         key.providers = _provider_configs(key.providers, event.provider_configs, at)
         _replace_rate_limit(key, event.rate_limit, at)
 
-    def _apply_usage(self, record: RecordedEvent, usage: UsageRecorded) -> None:
+    def fold_usage(
+        self,
+        usage: UsageRecorded | UsageCharge,
+        tx_id: int,
+        position: int,
+        recorded_at: datetime,
+    ) -> None:
+        """Fold in the usage event at (tx_id, position), recorded at `recorded_at`
+        (a redelivered one changes nothing). Its charges are made at the next
+        `settle()` (`apply` of an event of another kind settles first): the caller
+        settles before anything reads the cache."""
         key = self.keys.get(usage.virtual_key_id)
-        stream = usage.virtual_key_id if key is None else key.id
-        seen = (record.tx_id << 64) | record.global_position
-        if seen <= self.usage_seen.get(stream, -1):
+        stream = usage.virtual_key_id
+        seen = (tx_id << 64) | position
+        usage_seen = self.usage_seen
+        if seen <= usage_seen.get(stream, -1):
             return
-        self.usage_seen[stream] = seen
-        clock = record.recorded_at
+        usage_seen[stream] = seen
         at = usage.occurred_at
         if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
             at = at.replace(tzinfo=UTC)
-        cost = to_nanos(usage.cost)
+        charge = (
+            at,
+            to_nanos(usage.cost),
+            usage.input_tokens + usage.output_tokens,
+            usage.requests,
+            recorded_at,
+        )
+        run = self._run
         if key is not None:
-            _charge_owner(key, at, cost, usage, clock)
-            if usage.provider_config_id is not None and key.providers:
+            _add(run, key, charge)
+            config_id = usage.provider_config_id
+            if config_id is not None and key.providers:
                 for config in key.providers:
-                    if config.id == usage.provider_config_id:
-                        _charge_owner(config, at, cost, usage, clock)
+                    if config.id == config_id:
+                        _add(run, config, charge)
         if usage.team_id is not None:
             team = self.teams.get(usage.team_id)
             if team is not None:
-                _charge_owner(team, at, cost, usage, clock)
+                _add(run, team, charge)
         if usage.customer_id is not None:
             customer = self.customers.get(usage.customer_id)
             if customer is not None:
-                _charge_owner(customer, at, cost, usage, clock)
+                _add(run, customer, charge)
         if usage.reservation_id is not None:
             hold = self.holds.get(usage.reservation_id)
             if hold is not None and hold.virtual_key_id == usage.virtual_key_id:
                 self._drop(hold)
+
+    def settle(self) -> None:
+        """Charge the usage folded since the last settle, each owner's records in
+        order through `ledger.charge_all` (as one by one, with records that only
+        add to the cells last filed to summed), then refresh each owner's
+        aggregates once."""
+        run = self._run
+        if not run:
+            return
+        self._run = {}  # taken whole: a failure below never charges twice
+        for owner, charges in run.values():
+            fold.charge_all(owner.ledger, charges)
+            _aggregate(owner)
 
     def reserve(
         self,

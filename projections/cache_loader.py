@@ -22,10 +22,13 @@ from projections.cache import (
     GovernanceCache,
     ProviderConfigState,
     Team,
+    UsageCharge,
     VirtualKey,
 )
 from projections.governance_usage import Owner, all_owners, stored_ledgers
-from projections.runner import Apply
+from projections.runner import FoldRows
+from service import eventstore
+from service.domain.events import UsageRecorded
 from service.domain.ledger import (
     BUDGET,
     Ledger,
@@ -36,8 +39,9 @@ from service.domain.ledger import (
     restore,
     to_nanos,
 )
+from service.errors import LegacyEventRefused
 from service.eventstore import Connection
-from service.records import Checkpoint, RecordedEvent
+from service.records import Checkpoint, Refused
 
 log = structlog.get_logger()
 
@@ -195,9 +199,40 @@ def _keys(
 # --- the running cache -------------------------------------------------------------
 
 
-def applier(cache: GovernanceCache) -> Apply:
-    async def apply(_conn: Connection, records: Sequence[RecordedEvent]) -> None:
-        for record in records:
-            cache.apply(record)
+_USAGE = UsageRecorded.__struct_config__.tag
+_USAGE_VERSION = UsageRecorded.schema_version
+_decode_usage = msgspec.json.Decoder(UsageCharge).decode
 
-    return apply
+
+def applier(cache: GovernanceCache) -> FoldRows:
+    """The cache's tail: rows as read, usage decoded only into what it folds and
+    charged a run at a time (GovernanceCache.fold_usage), every other event
+    decoded and applied whole."""
+
+    def fold(rows: Sequence[asyncpg.Record]) -> list[Refused]:
+        refused: list[Refused] = []
+        checkpoint = None
+        try:
+            for row in rows:
+                if row["type"] == _USAGE and row["schema_version"] == _USAGE_VERSION:
+                    tx_id, position = row["tx_id"], row["global_position"]
+                    usage = _decode_usage(row["data"])
+                    cache.fold_usage(usage, tx_id, position, row["recorded_at"])
+                    checkpoint = (tx_id, position)
+                    continue
+                # Decoded (or refused) as eventstore.read_batch does, by its helpers.
+                try:
+                    record = eventstore.record_of(row)
+                except LegacyEventRefused as exc:
+                    refused.append(eventstore.refused_of(row, exc))
+                    continue
+                cache.apply(record)  # settles the usage folded before it first
+                checkpoint = None
+        finally:
+            # Also when a row fails: what was folded is charged, and marked seen.
+            cache.settle()
+            if checkpoint is not None:
+                cache.checkpoint = Checkpoint(*checkpoint)
+        return refused
+
+    return FoldRows(fold)
