@@ -71,8 +71,9 @@ async def apply(
 ) -> None:
     """Fold a batch into the tables; the caller owns the transaction.
 
-    Runs of UsageRecorded are charged together; every other event is applied on its
-    own, in log order, so usage is charged against the budgets as they stood.
+    Runs of UsageRecorded are charged together, runs of created owners of one type
+    are written together (`_create`); every other event is applied on its own, in
+    log order, so usage is charged against the budgets as they stood.
     Ledgers are kept in `books` between batches (by default the process's own);
     without `flush` what usage moved stays there, unwritten, until a later
     `books.flush` (a replay's bulk phase).
@@ -94,17 +95,37 @@ async def apply(
 
 async def _apply(conn: Connection, records: Sequence[Projected], books: Books) -> None:
     usage: list[tuple[Projected, UsageRecorded]] = []
+    created: list[Projected] = []  # a run of created owners of one type
+    named: set[tuple[str, str]] = set()  # the owners and budgets the run names
     for record in records:
         event = record.event
         if isinstance(event, UsageRecorded):
+            if created:
+                await _create(conn, books, created)
+                created, named = [], set()
             usage.append((record, event))
             continue
         if usage:
             await _charge(conn, books, usage)
             usage = []
+        if isinstance(event, _CREATED):
+            names = _names(event)
+            if created and (
+                type(event) is not type(created[0].event) or not named.isdisjoint(names)
+            ):
+                await _create(conn, books, created)
+                created, named = [], set()
+            created.append(record)
+            named.update(names)
+            continue
+        if created:
+            await _create(conn, books, created)
+            created, named = [], set()
         await _apply_event(conn, books, record)
     if usage:
         await _charge(conn, books, usage)
+    if created:
+        await _create(conn, books, created)
 
 
 async def _charge(
@@ -117,12 +138,8 @@ async def _charge(
 async def _apply_event(conn: Connection, books: Books, record: Projected) -> None:
     e, v, at = record.event, record.stream_version, record.recorded_at
     match e:
-        case CustomerCreated():
-            if await _wrote(conn, _INSERT_CUSTOMER, e.customer_id, v, at, e.name):
-                owner = Owner("customer", e.customer_id)
-                await _define(
-                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
-                )
+        case CustomerCreated() | TeamCreated() | VirtualKeyCreated():
+            await _create(conn, books, [record])
         case CustomerUpdated():
             if await _wrote(conn, _UPDATE_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
@@ -136,12 +153,6 @@ async def _apply_event(conn: Connection, books: Books, record: Projected) -> Non
             await books.flush(conn)
             await conn.execute(_DELETE_CUSTOMER, e.customer_id, v)
             books.drop(Owner("customer", e.customer_id))
-        case TeamCreated():
-            if await _wrote(conn, _INSERT_TEAM, *_team_row(e, v, at)):
-                owner = Owner("team", e.team_id)
-                await _define(
-                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
-                )
         case TeamUpdated():
             if await _wrote(conn, _UPDATE_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
@@ -153,13 +164,6 @@ async def _apply_event(conn: Connection, books: Books, record: Projected) -> Non
             await books.flush(conn)
             await conn.execute(_DELETE_TEAM, e.team_id, v)
             books.drop(Owner("team", e.team_id))
-        case VirtualKeyCreated():
-            if await _wrote(conn, _INSERT_VIRTUAL_KEY, *_key_row(e, v, at)):
-                owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(
-                    conn, books, owner, v, at, e.budgets, e.rate_limit, new=True
-                )
-                await _set_key_settings(conn, books, owner, e, v, at, new=True)
         case VirtualKeyUpdated():
             if await _wrote(conn, _UPDATE_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
@@ -229,35 +233,227 @@ async def _set_key_settings(
     )
 
 
-# $1 id, $2 stream version, $3 recorded_at, then the fields. A created row is inserted
-# once; an update applies only to an older row (the version guard).
-# A created owner's ledger row is inserted with it, its clock at $3.
-_INSERT_CUSTOMER = """
+# --- created owners ----------------------------------------------------------------
+
+_CREATED = (CustomerCreated, TeamCreated, VirtualKeyCreated)
+Created = CustomerCreated | TeamCreated | VirtualKeyCreated
+
+
+def _owner_of(e: Created) -> Owner:
+    match e:
+        case CustomerCreated():
+            return Owner("customer", e.customer_id)
+        case TeamCreated():
+            return Owner("team", e.team_id)
+        case VirtualKeyCreated():
+            return Owner("virtual_key", e.virtual_key_id)
+        case _:
+            assert_never(e)
+
+
+def _names(e: Created) -> list[tuple[str, str]]:
+    """The rows a created owner's statements name: it, and its budgets (a run of
+    creates writes each of them once: ON CONFLICT may not meet a row twice)."""
+    return [("owner", _owner_of(e).id), *(("budget", b.budget_id) for b in e.budgets)]
+
+
+async def _create(conn: Connection, books: Books, run: Sequence[Projected]) -> None:
+    """A run of created owners of one type, none (and none of their budgets) named
+    twice: each owner that is new is inserted with its ledger row (those already
+    there are left alone, as re-applied events), then the new owners' budgets and
+    rate limits in one statement, their ledgers folded as `_define` folds them.
+    Two statements for the run, whatever its length."""
+    rows = [_created_row(record) for record in run]
+    sql = _INSERT_CREATED[type(run[0].event)]
+    inserted = {r["id"] for r in await conn.fetch(sql, *_arrays(rows, 0))}
+    if not inserted:
+        return
+    new: list[tuple[Projected, Created, Owner, Ledger]] = []
+    budgets: list[tuple[object, ...]] = []
+    limits: list[tuple[object, ...]] = []
+    for record in run:
+        e = record.event
+        assert isinstance(e, _CREATED)
+        owner = _owner_of(e)
+        if owner.id not in inserted:
+            continue
+        v, at = record.stream_version, record.recorded_at
+        ledger = open_ledger(at, history=True)
+        define_budgets(ledger, e.budgets, at)
+        budgets += [
+            (
+                *owner.columns,
+                v,
+                at,
+                m.id,
+                to_money(m.limit),
+                m.reset_duration,
+                m.calendar_aligned,
+                m.anchor,
+                m.floor,
+                ordinal,
+            )
+            for ordinal, m in enumerate(ledger.budgets, 1)
+        ]
+        define_rate_limit(ledger, e.rate_limit, at)
+        if e.rate_limit is not None:
+            limits.append((*owner.columns, v, at, *_halves(ledger)))
+        new.append((record, e, owner, ledger))
+    found: dict[str, int] = {}
+    if budgets or limits:
+        written = await conn.fetch(
+            _INSERT_BUDGETS_AND_RATE_LIMITS,
+            *_arrays(budgets, 13),
+            *_arrays(limits, 14),
+        )
+        found = {r["owner_id"]: int(r["id"]) for r in written}
+    for record, e, owner, ledger in new:
+        entry = books.open(owner, ledger)
+        entry.rate_limit_id = found.get(owner.id)
+        if isinstance(e, VirtualKeyCreated) and e.provider_configs:
+            v, at = record.stream_version, record.recorded_at
+            await _set_key_settings(conn, books, owner, e, v, at, new=True)
+
+
+def _arrays(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows as the columns unnest takes (`width` empty ones for no rows)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _created_row(record: Projected) -> tuple[object, ...]:
+    """A created owner's row as its _INSERT_CREATED statement takes it."""
+    e, v, at = record.event, record.stream_version, record.recorded_at
+    match e:
+        case CustomerCreated():
+            return (e.customer_id, v, at, e.name)
+        case TeamCreated():
+            return _team_row(e, v, at)
+        case VirtualKeyCreated():
+            return _key_row(e, v, at)
+        case _:
+            raise AssertionError(f"not a created owner: {type(e).__name__}")
+
+
+# Arrays of the rows (id, stream version, recorded_at, then the fields): an owner is
+# inserted once, with its ledger row (its clock at its recorded_at); returns the ids
+# inserted. A parent that does not exist (any more) is stored as NULL: dangling
+# tolerated.
+_INSERT_CUSTOMERS = """
 WITH o AS (
     INSERT INTO governance_customers (id, version, created_at, updated_at, name)
-    VALUES ($1, $2, $3, $3, $4)
+    SELECT u.id, u.version, u.at, u.at, u.name
+    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[])
+        AS u(id, version, at, name)
     ON CONFLICT (id) DO NOTHING
-    RETURNING id
+    RETURNING id, created_at
+), l AS (
+    INSERT INTO governance_ledgers (customer_id, clock) SELECT id, created_at FROM o
 )
-INSERT INTO governance_ledgers (customer_id, clock) SELECT id, $3 FROM o
+SELECT id FROM o
 """
+_INSERT_TEAMS = """
+WITH o AS (
+    INSERT INTO governance_teams (id, version, created_at, updated_at, name,
+        customer_id)
+    SELECT u.id, u.version, u.at, u.at, u.name,
+        (SELECT c.id FROM governance_customers c WHERE c.id = u.customer_id)
+    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[])
+        AS u(id, version, at, name, customer_id)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at
+), l AS (
+    INSERT INTO governance_ledgers (team_id, clock) SELECT id, created_at FROM o
+)
+SELECT id FROM o
+"""
+_INSERT_VIRTUAL_KEYS = """
+WITH o AS (
+    INSERT INTO governance_virtual_keys (id, version, created_at, updated_at, name,
+        value_sha256, value_hint, team_id, customer_id, is_active)
+    SELECT u.id, u.version, u.at, u.at, u.name, u.value_sha256, u.value_hint,
+        (SELECT t.id FROM governance_teams t WHERE t.id = u.team_id),
+        (SELECT c.id FROM governance_customers c WHERE c.id = u.customer_id),
+        u.is_active
+    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+        $6::text[], $7::text[], $8::text[], $9::boolean[])
+        AS u(id, version, at, name, value_sha256, value_hint, team_id, customer_id,
+            is_active)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at
+), l AS (
+    INSERT INTO governance_ledgers (virtual_key_id, clock)
+    SELECT id, created_at FROM o
+)
+SELECT id FROM o
+"""
+# New owners' budgets (rows of _budget_rows) and rate limits (the owner's columns,
+# version, recorded_at, the halves): the upserts of _UPSERT_BUDGETS and
+# _UPSERT_RATE_LIMIT; returns each rate limit's owner_id and id.
+_INSERT_BUDGETS_AND_RATE_LIMITS = """
+WITH b AS (
+    INSERT INTO governance_budgets AS b (id, customer_id, team_id, virtual_key_id,
+        provider_config_id, version, created_at, updated_at, max_limit,
+        reset_duration, calendar_aligned, anchor, usage_floor, ordinal)
+    SELECT u.id, u.customer_id, u.team_id, u.virtual_key_id, u.provider_config_id,
+        u.version, u.at, u.at, u.max_limit, u.reset_duration, u.calendar_aligned,
+        u.anchor, u.usage_floor, u.ordinal
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+        $6::timestamptz[], $7::text[], $8::numeric[], $9::text[], $10::boolean[],
+        $11::timestamptz[], $12::timestamptz[], $13::integer[])
+        AS u(customer_id, team_id, virtual_key_id, provider_config_id, version, at,
+            id, max_limit, reset_duration, calendar_aligned, anchor, usage_floor,
+            ordinal)
+    ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
+        updated_at = EXCLUDED.updated_at, max_limit = EXCLUDED.max_limit,
+        reset_duration = EXCLUDED.reset_duration,
+        calendar_aligned = EXCLUDED.calendar_aligned, anchor = EXCLUDED.anchor,
+        usage_floor = EXCLUDED.usage_floor, ordinal = EXCLUDED.ordinal
+    WHERE b.version < EXCLUDED.version
+)
+INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
+    provider_config_id, version, created_at, updated_at,
+    token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
+    request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
+SELECT u.customer_id, u.team_id, u.virtual_key_id, u.provider_config_id, u.version,
+    u.at, u.at, u.token_max_limit, u.token_reset_duration, u.token_anchor,
+    u.token_usage_floor, u.request_max_limit, u.request_reset_duration,
+    u.request_anchor, u.request_usage_floor
+FROM unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::bigint[],
+    $19::timestamptz[], $20::bigint[], $21::text[], $22::timestamptz[],
+    $23::timestamptz[], $24::bigint[], $25::text[], $26::timestamptz[],
+    $27::timestamptz[])
+    AS u(customer_id, team_id, virtual_key_id, provider_config_id, version, at,
+        token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
+        request_max_limit, request_reset_duration, request_anchor,
+        request_usage_floor)
+ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
+    updated_at = EXCLUDED.updated_at,
+    token_max_limit = EXCLUDED.token_max_limit,
+    token_reset_duration = EXCLUDED.token_reset_duration,
+    token_anchor = EXCLUDED.token_anchor,
+    token_usage_floor = EXCLUDED.token_usage_floor,
+    request_max_limit = EXCLUDED.request_max_limit,
+    request_reset_duration = EXCLUDED.request_reset_duration,
+    request_anchor = EXCLUDED.request_anchor,
+    request_usage_floor = EXCLUDED.request_usage_floor
+WHERE r.version < EXCLUDED.version
+RETURNING r.owner_id, r.id
+"""
+_INSERT_CREATED: dict[type[AnyEvent], str] = {
+    CustomerCreated: _INSERT_CUSTOMERS,
+    TeamCreated: _INSERT_TEAMS,
+    VirtualKeyCreated: _INSERT_VIRTUAL_KEYS,
+}
 _UPDATE_CUSTOMER = """
 UPDATE governance_customers SET version = $2, updated_at = $3, name = $4
 WHERE id = $1 AND version < $2
 """
 _DELETE_CUSTOMER = "DELETE FROM governance_customers WHERE id = $1 AND version < $2"
 
-# A parent that does not exist (any more) is stored as NULL: dangling tolerated.
-_INSERT_TEAM = """
-WITH o AS (
-    INSERT INTO governance_teams (id, version, created_at, updated_at, name,
-        customer_id)
-    SELECT $1, $2, $3, $3, $4, (SELECT id FROM governance_customers WHERE id = $5)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-)
-INSERT INTO governance_ledgers (team_id, clock) SELECT id, $3 FROM o
-"""
+# $1 id, $2 stream version, $3 recorded_at, then the fields: an update applies only
+# to an older row (the version guard).
 _UPDATE_TEAM = """
 UPDATE governance_teams SET version = $2, updated_at = $3, name = $4,
     customer_id = (SELECT id FROM governance_customers WHERE id = $5)
@@ -265,18 +461,6 @@ WHERE id = $1 AND version < $2
 """
 _DELETE_TEAM = "DELETE FROM governance_teams WHERE id = $1 AND version < $2"
 
-_INSERT_VIRTUAL_KEY = """
-WITH o AS (
-    INSERT INTO governance_virtual_keys (id, version, created_at, updated_at, name,
-        value_sha256, value_hint, team_id, customer_id, is_active)
-    SELECT $1, $2, $3, $3, $4, $5, $6,
-        (SELECT id FROM governance_teams WHERE id = $7),
-        (SELECT id FROM governance_customers WHERE id = $8), $9
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-)
-INSERT INTO governance_ledgers (virtual_key_id, clock) SELECT id, $3 FROM o
-"""
 _UPDATE_VIRTUAL_KEY = """
 UPDATE governance_virtual_keys SET version = $2, updated_at = $3, name = $4,
     value_sha256 = $5, value_hint = $6,
@@ -364,26 +548,22 @@ async def _define(
     at: datetime,
     budgets: Sequence[Budget] | UnsetType = UNSET,
     rate_limit: RateLimit | UnsetType | None = UNSET,
-    *,
-    new: bool = False,
 ) -> None:
     """Fold an event carrying the owner's whole budget set and/or rate limit into
     its ledger (`service.domain.ledger`), and store the definitions it yields with
     their anchors and floors; the clock, pending usage and what the clock's move
-    filed are written with the batch (`Books.flush`). `new`: the owner and its
-    ledger row were inserted just now (it has nothing yet)."""
-    entry = None if new else (await books.take(conn, [owner])).get(owner)
-    if entry is None:  # a new owner (or a provider config new in this event)
-        if not new:
-            await create_ledger(conn, owner, at)
+    filed are written with the batch (`Books.flush`). A created owner's is
+    `_create`'s."""
+    entry = (await books.take(conn, [owner])).get(owner)
+    if entry is None:  # a provider config new in this event
+        await create_ledger(conn, owner, at)
         entry = books.open(owner, open_ledger(at, history=True))
     ledger = entry.ledger
     upsert: tuple[object, ...] = ()
     if not isinstance(budgets, UnsetType):
         define_budgets(ledger, budgets, at)
         meters = ledger.budgets
-        if not new:
-            await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
+        await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
         if meters:
             upsert = _budget_rows(owner, ledger, version, at)
     if not isinstance(rate_limit, UnsetType):

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from projections.governance_usage import (
     Delivery,
     Entry,
+    Names,
     Owner,
     chain_of,
     charged_up_to,
@@ -31,6 +32,9 @@ from service.domain.events import UsageRecorded
 from service.domain.ledger import Ledger
 from service.eventstore import Connection
 
+# At most this many sets of names keep their chains (memory bounded).
+_CHAINS_KEPT = 100_000
+
 
 class Books:
     """Ledgers by owner: `kept` (written, valid while their row's stamp is theirs)
@@ -41,6 +45,8 @@ class Books:
         self._open: dict[Owner, Entry] = {}
         # (tx_id, position) each usage stream is charged up to, not yet written.
         self._marks: dict[str, tuple[int, int]] = {}
+        # The owners each set of names charges (`chain_of`), kept across batches.
+        self._chains: dict[Names, list[Owner]] = {}
         self.busy = False
 
     async def take(
@@ -91,13 +97,21 @@ class Books:
         exist); the usage streams' guard passes over what was charged before.
         Positions of one stream arrive in (tx_id, position) order."""
         marks = self._marks
-        unknown = sorted({r.stream_id for r, _ in usage if r.stream_id not in marks})
+        unknown = sorted({r.stream_id for r, _ in usage}.difference(marks))
         seen = await charged_up_to(conn, unknown) if unknown else {}
         seen.update(marks)
         charges = fresh_charges(usage, seen, marks)
         if not charges:
             return
-        chains = {names: chain_of(names) for names in {names for names, _ in charges}}
+        known = self._chains
+        if len(known) > _CHAINS_KEPT:
+            known.clear()
+        chains: dict[Names, list[Owner]] = {}
+        for names in {names for names, _ in charges}:
+            chain = known.get(names)
+            if chain is None:
+                chain = known[names] = chain_of(names)
+            chains[names] = chain
         entries = await self.take(conn, [o for chain in chains.values() for o in chain])
         fold(
             charges,

@@ -105,3 +105,76 @@ async def test_tables_emptied_under_the_live_projector_are_read_again(pool):
 
     assert await pool.fetchval("SELECT count(*) FROM governance_ledgers") == 0
     assert await spend_of(pool, budget_id) == Decimal(0)
+
+
+async def test_runs_of_created_owners_write_what_one_event_at_a_time_writes(pool):
+    """A batch writes a run of created owners of one type in one statement (and
+    their budgets and rate limits in another): the tables hold what applying them
+    one event a batch holds. Teams name customers created before them in the
+    batch, keys name those teams; one key has provider configs; a key whose budget
+    id another key of the run also names starts a new run."""
+    from service.domain.events import (
+        CustomerCreated,
+        ProviderConfig,
+        RateLimit,
+        TeamCreated,
+    )
+
+    limit = RateLimit(token_max_limit=1000, token_reset_duration="1h")
+    customers = [uid() for _ in range(3)]
+    teams = [uid() for _ in range(4)]
+    keys = [uid() for _ in range(5)]
+    shared = uid()
+    for i, c in enumerate(customers):
+        budgets = (budget(uid(), "10", "1d"), budget(uid(), "50", "1M"))
+        event = CustomerCreated(
+            customer_id=c,
+            name=f"c{i}",
+            budgets=budgets,
+            rate_limit=limit if i else None,
+        )
+        await append(pool, f"customer-{c}", event, at=T0 + i * SECOND)
+    for i, t in enumerate(teams):
+        event = TeamCreated(
+            team_id=t,
+            name=f"t{i}",
+            customer_id=customers[i % 3] if i < 3 else uid(),  # the last: dangling
+            budgets=(budget(uid(), "5", "1d"),),
+        )
+        await append(pool, f"team-{t}", event, at=T0 + (10 + i) * SECOND)
+    for i, k in enumerate(keys):
+        configs = (
+            (
+                ProviderConfig(
+                    provider_config_id=uid(),
+                    provider="openai",
+                    budgets=(budget(uid(), "2", "1d"),),
+                    rate_limit=limit,
+                ),
+            )
+            if i == 1
+            else ()
+        )
+        event = key_created(
+            k,
+            team_id=teams[i % 4],
+            budgets=(budget(shared if i in (2, 3) else uid(), "3", "1d"),),
+            rate_limit=limit if i % 2 else None,
+            provider_configs=configs,
+        )
+        await append(pool, f"virtual_key-{k}", event, at=T0 + (20 + i) * SECOND)
+    for i, k in enumerate(keys):
+        await spend(pool, k, "1", 30 + i)
+
+    one_by_one = Projector(pool, "governance", governance.apply, batch_size=1)
+    await one_by_one.catch_up()
+    assert await pool.fetchval("SELECT count(*) FROM governance_ledgers") == 13
+    assert await pool.fetchval("SELECT count(*) FROM governance_rate_limits") == 5
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM governance_teams WHERE customer_id IS NOT NULL"
+        )
+        == 3
+    )
+    # The replay applies the whole log in one batch.
+    assert (await replay.rebuild(pool, verify=True)).differences == []
