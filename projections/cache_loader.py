@@ -203,6 +203,35 @@ _USAGE = UsageRecorded.__struct_config__.tag
 _USAGE_VERSION = UsageRecorded.schema_version
 _decode_usage = msgspec.json.Decoder(UsageCharge).decode
 
+# eventstore.read_all_rows for the cache's tail, with eventstore's gap-safe rule as
+# is (only rows of finished transactions, in (tx_id, position) order). `data` comes
+# as text (decoded in C: msgspec takes str as it takes bytes), and a current usage
+# row, which the fold decodes from `data` alone, comes without its event id and
+# metadata (NULL: no decoding at all).
+_TAIL = """
+SELECT global_position, tx_id, stream_id, stream_version, type, schema_version,
+       data::text AS data, recorded_at,
+       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE event_id END
+           AS event_id,
+       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE metadata END
+           AS metadata
+FROM events
+WHERE (tx_id, global_position) > ($1::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, global_position
+LIMIT $3
+"""
+
+
+async def read_tail(
+    conn: Connection, after: Checkpoint, limit: int
+) -> list[asyncpg.Record]:
+    """The next rows of the log after `after`, as the cache's fold reads them."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _TAIL, after.tx_id, after.position, limit, _USAGE, _USAGE_VERSION
+    )
+    return rows
+
 
 def applier(cache: GovernanceCache) -> FoldRows:
     """The cache's tail: rows as read, usage decoded only into what it folds and
@@ -235,4 +264,4 @@ def applier(cache: GovernanceCache) -> FoldRows:
                 cache.checkpoint = Checkpoint(*checkpoint)
         return refused
 
-    return FoldRows(fold)
+    return FoldRows(fold, read_tail)

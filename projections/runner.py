@@ -34,16 +34,27 @@ ROWS_BATCH_SIZE = 2000
 Apply = Callable[[Connection, Sequence[RecordedEvent]], Awaitable[None]]
 
 
+ReadRows = Callable[[Connection, Checkpoint, int], Awaitable[Sequence[asyncpg.Record]]]
+
+
 class FoldRows:
     """An in-memory projection's apply that takes the rows as read, undecoded: it
     decodes what it folds itself (the cache's usage: only its fields) and returns
     the rows it refused, as `eventstore.read_batch` refuses them. Synchronous: the
-    whole batch is folded before anything else runs on the loop."""
+    whole batch is folded before anything else runs on the loop.
+
+    `read` (default `eventstore.read_all_rows`) reads the next rows after a
+    checkpoint; one of its own must keep that reader's gap-safe rule exactly (only
+    rows of finished transactions, in (tx_id, position) order) and may leave out
+    the columns `fold` does not need."""
 
     def __init__(
-        self, fold: Callable[[Sequence[asyncpg.Record]], list[Refused]]
+        self,
+        fold: Callable[[Sequence[asyncpg.Record]], list[Refused]],
+        read: ReadRows = eventstore.read_all_rows,
     ) -> None:
         self.fold = fold
+        self.read = read
 
 
 # Two-int advisory lock key: (this table's oid, hashtext(projection name)), so it
@@ -405,7 +416,7 @@ class Projector:
             return await self._measure(conn, read, _last(batch.records))
 
     async def _step_rows(self, conn: Connection, apply: FoldRows, size: int) -> bool:
-        rows = await eventstore.read_all_rows(conn, self._checkpoint, size)
+        rows = await apply.read(conn, self._checkpoint, size)
         if not rows:
             return await self._measure(conn, 0, None)
         first, last = rows[0], rows[-1]

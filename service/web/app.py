@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -121,10 +122,23 @@ def keepalive_timeout(settings: Settings) -> float:
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, in place of asyncpg's round trip (advisory
+    unlock all, CLOSE ALL, UNLISTEN *, RESET ALL) on every release.
+
+    asyncpg still rolls back a transaction left open and drops listeners before
+    calling this. Nothing run on this pool leaves other session state: settings
+    are made with set_config(..., true) (transaction-local), advisory locks are
+    transaction locks (session locks are taken only by `replay`, `rewrite` and
+    `migrate`, on connections of their own), cursors live inside transactions and
+    LISTEN runs on the tail's own connection (projections.runner.Listener).
+    """
+
+
 def _pool(dsn: str, settings: Settings) -> Context:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await eventstore.create_pool(
-            dsn, min_size=2, max_size=settings.pool_size
+            dsn, min_size=2, max_size=settings.pool_size, reset=_keep_session
         )
         app[pool_key] = pool
         log.info("database_pool_opened", size=settings.pool_size)
