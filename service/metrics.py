@@ -7,6 +7,9 @@ processes behind SO_REUSEPORT each process reports its own figures.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +18,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # The classic text format every Prometheus scrapes; `*_created` series are noise here.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -49,13 +55,63 @@ _commit_seconds = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=registry,
 )
-_check_seconds = Histogram(
-    "check_seconds",
-    "Time to answer POST /api/governance/check, by reason.",
-    ["reason"],
-    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
-    registry=registry,
+
+
+class _CheckSeries:
+    """One reason's observations: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_CHECK_BOUNDS)
+        self.total = 0.0
+
+
+# The check's latency is kept as plain counts, published as a histogram when /metrics
+# is scraped: a prometheus_client Histogram costs more per check (its lock, a value
+# object per bucket, a linear search) than the rest of the check's bookkeeping.
+_CHECK_BOUNDS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.05,
+    float("inf"),
 )
+_CHECK_LE = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in _CHECK_BOUNDS
+)
+_check_series: dict[str, _CheckSeries] = {}
+
+
+class _CheckCollector(Collector):
+    """`check_seconds` as a labelled Histogram exposes it, sample for sample: each
+    reason's cumulative buckets (`le` before `reason`), then its count and sum."""
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(
+            "check_seconds",
+            "Time to answer POST /api/governance/check, by reason.",
+            "histogram",
+        )
+        for reason, series in list(_check_series.items()):
+            seen = 0
+            for le, count in zip(_CHECK_LE, series.counts, strict=True):
+                seen += count
+                metric.add_sample(
+                    "check_seconds_bucket", {"le": le, "reason": reason}, float(seen)
+                )
+            metric.add_sample("check_seconds_count", {"reason": reason}, float(seen))
+            metric.add_sample("check_seconds_sum", {"reason": reason}, series.total)
+        yield metric
+
+
+registry.register(_CheckCollector())
 _lag_events = Gauge(
     "projection_lag_events",
     "Events in the log that the projection has not applied yet.",
@@ -106,15 +162,13 @@ def observe_group(size: int, seconds: float) -> None:
     _commit_seconds.observe(seconds)
 
 
-_check_children: dict[str, Histogram] = {}
-
-
 def observe_check(seconds: float, reason: str) -> None:
-    # labels() costs more than the observation itself: keep one child per reason.
-    child = _check_children.get(reason)
-    if child is None:
-        child = _check_children[reason] = _check_seconds.labels(reason=reason)
-    child.observe(seconds)
+    series = _check_series.get(reason)
+    if series is None:
+        series = _check_series[reason] = _CheckSeries()
+    # The first bound ≥ seconds: Histogram.observe's `seconds <= bound`.
+    series.counts[bisect_left(_CHECK_BOUNDS, seconds)] += 1
+    series.total += seconds
 
 
 def set_projection_lag(projection: str, *, events: int, seconds: float) -> None:

@@ -8,7 +8,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, get_args
 
 import msgspec
 from aiohttp import web
@@ -16,7 +16,7 @@ from msgspec import UNSET, UnsetType
 
 from projections.cache import CheckResult, GovernanceCache
 from service import eventstore, metrics
-from service.domain.bounds import Id
+from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
 from service.domain.commands import strict_decode
 from service.domain.events import ReservationReleased
 from service.domain.numbers import Money, Whole, decode_hook, money_schema
@@ -126,10 +126,62 @@ _decode_check = msgspec.json.Decoder(
     CheckRequest, dec_hook=decode_hook, float_hook=Decimal
 )
 
+# The same bounds on a name but its pattern (no U+0000), which msgspec checks with a
+# Python regex call per field: `_decoded` checks it itself.
+_NamePatternUnchecked = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+# What `_decoded` assumes of the names: a change to Name must change it too.
+if get_args(Name) != (
+    str,
+    msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=NO_NUL_PATTERN),
+):
+    raise RuntimeError("Name changed: update _LenientCheckRequest and _decoded")
+
+
+class _LenientCheckRequest(CheckRequest, frozen=True, kw_only=True):
+    """A CheckRequest decoded without the names' pattern."""
+
+    provider: _NamePatternUnchecked | None = None
+    model: _NamePatternUnchecked | None = None
+
+
+# Decimal is immutable: the decoding of a money string is the same Decimal each time.
+_costs: dict[str, Decimal] = {}
+_MAX_COSTS = 1024
+
+
+def _check_hook(type_: type, value: object) -> object:
+    if type_ is Money and isinstance(value, str):
+        cost = _costs.get(value)
+        if cost is None:
+            cost = decode_hook(type_, value)  # type: ignore[assignment]
+            if len(_costs) >= _MAX_COSTS:
+                _costs.clear()
+            _costs[value] = cost  # type: ignore[assignment]
+        return cost
+    return decode_hook(type_, value)
+
+
+_decode_lenient = msgspec.json.Decoder(
+    _LenientCheckRequest, dec_hook=_check_hook, float_hook=Decimal
+)
+
 
 def _decoded(raw: bytes) -> CheckRequest:
-    """The body, strictly decoded (money exact), the key's id in lower case."""
-    body = strict_decode(_decode_check, raw)
+    """The body, strictly decoded (money exact), the key's id in lower case.
+
+    Decoded without the names' pattern first; a body that breaks it, or fails to
+    decode at all, is decoded again strictly, so its error is the strict decoding's."""
+    try:
+        body: CheckRequest = _decode_lenient.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        body = strict_decode(_decode_check, raw)
+    else:
+        provider = body.provider
+        model = body.model
+        if (provider is not None and "\x00" in provider) or (
+            model is not None and "\x00" in model
+        ):
+            body = strict_decode(_decode_check, raw)
     key_id = body.virtual_key_id
     if key_id is not None:  # a hyphenated UUID: lower case is its stored spelling
         body = msgspec.structs.replace(body, virtual_key_id=key_id.lower())
