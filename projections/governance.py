@@ -10,20 +10,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol, assert_never
 
-from msgspec import UNSET, UnsetType
-
 from projections import governance_holds
 from projections.governance_books import Books
-from projections.governance_usage import Delivery, Owner, create_ledger
+from projections.governance_limits import define, halves
+from projections.governance_usage import Delivery, Owner
 from service.domain.events import (
     AnyEvent,
-    Budget,
     CustomerBudgetsReplaced,
     CustomerCreated,
     CustomerDeleted,
     CustomerUpdated,
     ProviderConfig,
-    RateLimit,
     ReservationHeld,
     ReservationReleased,
     TeamBudgetsReplaced,
@@ -143,11 +140,11 @@ async def _apply_event(conn: Connection, books: Books, record: Projected) -> Non
         case CustomerUpdated():
             if await _wrote(conn, _UPDATE_CUSTOMER, e.customer_id, v, at, e.name):
                 owner = Owner("customer", e.customer_id)
-                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
+                await define(conn, books, owner, v, at, rate_limit=e.rate_limit)
         case CustomerBudgetsReplaced():
             if await _wrote(conn, _TOUCH["customer"], e.customer_id, v, at):
                 owner = Owner("customer", e.customer_id)
-                await _define(conn, books, owner, v, at, e.budgets)
+                await define(conn, books, owner, v, at, e.budgets)
         case CustomerDeleted():
             # Its ledger goes with it (cascade): write what is open first.
             await books.flush(conn)
@@ -156,10 +153,10 @@ async def _apply_event(conn: Connection, books: Books, record: Projected) -> Non
         case TeamUpdated():
             if await _wrote(conn, _UPDATE_TEAM, *_team_row(e, v, at)):
                 owner = Owner("team", e.team_id)
-                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
+                await define(conn, books, owner, v, at, rate_limit=e.rate_limit)
         case TeamBudgetsReplaced():
             if await _wrote(conn, _TOUCH["team"], e.team_id, v, at):
-                await _define(conn, books, Owner("team", e.team_id), v, at, e.budgets)
+                await define(conn, books, Owner("team", e.team_id), v, at, e.budgets)
         case TeamDeleted():
             await books.flush(conn)
             await conn.execute(_DELETE_TEAM, e.team_id, v)
@@ -167,12 +164,12 @@ async def _apply_event(conn: Connection, books: Books, record: Projected) -> Non
         case VirtualKeyUpdated():
             if await _wrote(conn, _UPDATE_VIRTUAL_KEY, *_key_row(e, v, at)):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(conn, books, owner, v, at, rate_limit=e.rate_limit)
+                await define(conn, books, owner, v, at, rate_limit=e.rate_limit)
                 await _set_key_settings(conn, books, owner, e, v, at)
         case VirtualKeyBudgetsReplaced():
             if await _wrote(conn, _TOUCH["virtual_key"], e.virtual_key_id, v, at):
                 owner = Owner("virtual_key", e.virtual_key_id)
-                await _define(conn, books, owner, v, at, e.budgets)
+                await define(conn, books, owner, v, at, e.budgets)
         case VirtualKeyDeleted():
             # Cascades to its budgets, rate limit, provider configs and theirs.
             await books.flush(conn)
@@ -297,7 +294,7 @@ async def _create(conn: Connection, books: Books, run: Sequence[Projected]) -> N
         ]
         define_rate_limit(ledger, e.rate_limit, at)
         if e.rate_limit is not None:
-            limits.append((*owner.columns, v, at, *_halves(ledger)))
+            limits.append((*owner.columns, v, at, *halves(ledger)))
         new.append((record, e, owner, ledger))
     found: dict[str, int] = {}
     if budgets or limits:
@@ -388,9 +385,9 @@ WITH o AS (
 )
 SELECT id FROM o
 """
-# New owners' budgets (rows of _budget_rows) and rate limits (the owner's columns,
-# version, recorded_at, the halves): the upserts of _UPSERT_BUDGETS and
-# _UPSERT_RATE_LIMIT; returns each rate limit's owner_id and id.
+# New owners' budgets (rows as governance_limits writes them) and rate limits (the
+# owner's columns, version, recorded_at, the halves): the upserts of
+# governance_limits; returns each rate limit's owner_id and id.
 _INSERT_BUDGETS_AND_RATE_LIMITS = """
 WITH b AS (
     INSERT INTO governance_budgets AS b (id, customer_id, team_id, virtual_key_id,
@@ -532,167 +529,4 @@ async def _replace_provider_configs(
             ordinal,
         )
         owner = Owner("provider_config", config.provider_config_id)
-        await _define(
-            conn, books, owner, version, at, config.budgets, config.rate_limit
-        )
-
-
-# --- budgets and rate limits: the owner's ledger ----------------------------------
-
-
-async def _define(
-    conn: Connection,
-    books: Books,
-    owner: Owner,
-    version: int,
-    at: datetime,
-    budgets: Sequence[Budget] | UnsetType = UNSET,
-    rate_limit: RateLimit | UnsetType | None = UNSET,
-) -> None:
-    """Fold an event carrying the owner's whole budget set and/or rate limit into
-    its ledger (`service.domain.ledger`), and store the definitions it yields with
-    their anchors and floors; the clock, pending usage and what the clock's move
-    filed are written with the batch (`Books.flush`). A created owner's is
-    `_create`'s."""
-    entry = (await books.take(conn, [owner])).get(owner)
-    if entry is None:  # a provider config new in this event
-        await create_ledger(conn, owner, at)
-        entry = books.open(owner, open_ledger(at, history=True))
-    ledger = entry.ledger
-    upsert: tuple[object, ...] = ()
-    if not isinstance(budgets, UnsetType):
-        define_budgets(ledger, budgets, at)
-        meters = ledger.budgets
-        await conn.execute(_DELETE_DROPPED_BUDGETS, *owner, [m.id for m in meters])
-        if meters:
-            upsert = _budget_rows(owner, ledger, version, at)
-    if not isinstance(rate_limit, UnsetType):
-        define_rate_limit(ledger, rate_limit, at)
-        if upsert and rate_limit is not None:
-            # One round trip for both (a created key: the common case).
-            found = await conn.fetchval(
-                _UPSERT_BUDGETS_AND_RATE_LIMIT, *upsert, *_halves(ledger)
-            )
-            if found is not None:
-                entry.rate_limit_id = int(found)
-            return
-        entry.rate_limit_id = await _write_rate_limit(
-            conn, owner, ledger, rate_limit, version, at, entry.rate_limit_id
-        )
-    if upsert:
-        await conn.execute(_UPSERT_BUDGETS, *upsert)
-
-
-_DELETE_DROPPED_BUDGETS = """
-DELETE FROM governance_budgets
-WHERE owner_type = $1 AND owner_id = $2 AND id <> ALL($3::text[])
-"""
-_UPSERT_BUDGETS = """
-INSERT INTO governance_budgets AS b (id, customer_id, team_id, virtual_key_id,
-    provider_config_id, version, created_at, updated_at, max_limit, reset_duration,
-    calendar_aligned, anchor, usage_floor, ordinal)
-SELECT u.id, $1, $2, $3, $4, $5, $6, $6, u.max_limit, u.reset_duration,
-    u.calendar_aligned, u.anchor, u.usage_floor, u.ordinal
-FROM unnest($7::text[], $8::numeric[], $9::text[], $10::boolean[],
-            $11::timestamptz[], $12::timestamptz[])
-     WITH ORDINALITY AS u(id, max_limit, reset_duration, calendar_aligned, anchor,
-                          usage_floor, ordinal)
-ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at, max_limit = EXCLUDED.max_limit,
-    reset_duration = EXCLUDED.reset_duration,
-    calendar_aligned = EXCLUDED.calendar_aligned, anchor = EXCLUDED.anchor,
-    usage_floor = EXCLUDED.usage_floor, ordinal = EXCLUDED.ordinal
-WHERE b.version < EXCLUDED.version
-"""
-
-
-def _budget_rows(
-    owner: Owner, ledger: Ledger, version: int, at: datetime
-) -> tuple[object, ...]:
-    """The arguments of _UPSERT_BUDGETS: the ledger's budgets, in its order."""
-    meters = ledger.budgets
-    return (
-        *owner.columns,
-        version,
-        at,
-        [m.id for m in meters],
-        [to_money(m.limit) for m in meters],
-        [m.reset_duration for m in meters],
-        [m.calendar_aligned for m in meters],
-        [m.anchor for m in meters],
-        [m.floor for m in meters],
-    )
-
-
-_DELETE_RATE_LIMIT = (
-    "DELETE FROM governance_rate_limits WHERE owner_type = $1 AND owner_id = $2"
-)
-# A rate limit's row: the columns, then (after its VALUES) the upsert.
-_INSERT_RATE_LIMIT = """
-INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
-    provider_config_id, version, created_at, updated_at,
-    token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
-    request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
-"""
-_RATE_LIMIT_CONFLICT = """
-ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at,
-    token_max_limit = EXCLUDED.token_max_limit,
-    token_reset_duration = EXCLUDED.token_reset_duration,
-    token_anchor = EXCLUDED.token_anchor,
-    token_usage_floor = EXCLUDED.token_usage_floor,
-    request_max_limit = EXCLUDED.request_max_limit,
-    request_reset_duration = EXCLUDED.request_reset_duration,
-    request_anchor = EXCLUDED.request_anchor,
-    request_usage_floor = EXCLUDED.request_usage_floor
-WHERE r.version < EXCLUDED.version
-RETURNING id
-"""
-_UPSERT_RATE_LIMIT = (
-    _INSERT_RATE_LIMIT
-    + "VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    + _RATE_LIMIT_CONFLICT
-)
-
-
-async def _write_rate_limit(
-    conn: Connection,
-    owner: Owner,
-    ledger: Ledger,
-    rate_limit: RateLimit | None,
-    version: int,
-    at: datetime,
-    current_id: int | None,
-) -> int | None:
-    """The owner's rate-limit row becomes the ledger's halves (none: no row); its
-    id, which keys the halves' cells."""
-    if rate_limit is None:
-        if current_id is not None:
-            await conn.execute(_DELETE_RATE_LIMIT, *owner)
-        return None
-    found = await conn.fetchval(
-        _UPSERT_RATE_LIMIT, *owner.columns, version, at, *_halves(ledger)
-    )
-    return current_id if found is None else int(found)
-
-
-def _halves(ledger: Ledger) -> list[object]:
-    """The rate limit's columns from `token_max_limit` on (None: a half not set)."""
-    halves: list[object] = []
-    for half in (ledger.tokens, ledger.requests):
-        if half is None:
-            halves += [None, None, None, None]
-        else:
-            halves += [half.limit, half.reset_duration, half.anchor, half.floor]
-    return halves
-
-
-# _UPSERT_BUDGETS ($1-$12), then _UPSERT_RATE_LIMIT with its halves at $13-$20.
-_UPSERT_BUDGETS_AND_RATE_LIMIT = (
-    "WITH budgets AS ("
-    + _UPSERT_BUDGETS
-    + ")"
-    + _INSERT_RATE_LIMIT
-    + "VALUES ($1, $2, $3, $4, $5, $6, $6, $13, $14, $15, $16, $17, $18, $19, $20)"
-    + _RATE_LIMIT_CONFLICT
-)
+        await define(conn, books, owner, version, at, config.budgets, config.rate_limit)
