@@ -251,29 +251,35 @@ def _months_after(anchor: datetime, months: int) -> datetime:
     )
 
 
-_DAY = timedelta(days=1)
-_WEEK = timedelta(weeks=1)
 _DAYS_BACK_TO_MONDAY = tuple(timedelta(days=n) for n in range(7))
 
 
 def _calendar_bounds(at: datetime, unit: str) -> tuple[datetime, datetime]:
     if unit == "d":
-        start = datetime(at.year, at.month, at.day, 0, 0, 0, 0, UTC)
-        return start, start + _DAY
+        return _days(at.year, at.month, at.day, 1)
     if unit == "w":
-        start = datetime(at.year, at.month, at.day, 0, 0, 0, 0, UTC)
-        start -= _DAYS_BACK_TO_MONDAY[at.weekday()]
-        return start, start + _WEEK
+        monday = at.date() - _DAYS_BACK_TO_MONDAY[at.weekday()]
+        return _days(monday.year, monday.month, monday.day, 7)
     if unit == "M":
         first = at.month
     elif unit == "Q":
         first = at.month - (at.month - 1) % 3
     else:
         first = 1
-    return (
-        _first_of_month(at.year, first, 0),
-        _first_of_month(at.year, first, _MONTHS_PER_UNIT[unit]),
-    )
+    return _months(at.year, first, _MONTHS_PER_UNIT[unit])
+
+
+# Calendar periods are shared by every meter in them: one pair of objects per period
+# (an enforcement cache holds millions of meters), and a lookup instead of building.
+@lru_cache(maxsize=1024)
+def _days(year: int, month: int, day: int, days: int) -> tuple[datetime, datetime]:
+    start = datetime(year, month, day, 0, 0, 0, 0, UTC)
+    return start, start + timedelta(days=days)
+
+
+@lru_cache(maxsize=1024)
+def _months(year: int, month: int, months: int) -> tuple[datetime, datetime]:
+    return _first_of_month(year, month, 0), _first_of_month(year, month, months)
 
 
 def _first_of_month(year: int, month: int, later: int) -> datetime:

@@ -55,6 +55,7 @@ with `history=True`, folds a run and writes `take_cells` as increments.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -200,7 +201,7 @@ def define_budgets(
             meter = _new_meter(BUDGET, budget.budget_id, limit, budget.reset_duration)
             change = Transition.NEW
         elif meter.reset_duration != budget.reset_duration:
-            meter.limit, meter.reset_duration = limit, budget.reset_duration
+            meter.limit, meter.reset_duration = limit, sys.intern(budget.reset_duration)
             change = Transition.RESHAPED
         else:
             meter.limit = limit
@@ -273,7 +274,7 @@ def _define_half(
         meter = _new_meter(kind, kind, limit, reset_duration)
         changes[kind] = Transition.NEW
     else:
-        meter.limit, meter.reset_duration = limit, reset_duration
+        meter.limit, meter.reset_duration = limit, sys.intern(reset_duration)
         changes[kind] = Transition.RESHAPED
     meter.duration, meter.anchor = parse_duration(reset_duration), at
     meter.floor = ledger.clock  # the reset instant: `at`, or the clock if later
@@ -290,7 +291,8 @@ def _new_meter(kind: str, meter_id: str, limit: int, reset_duration: str) -> Met
         cells={},
         kind=kind,
         part=_PARTS[kind],
-        reset_duration=reset_duration,
+        # One string per spelling, not one per meter decoded (the cache holds millions).
+        reset_duration=sys.intern(reset_duration),
         duration=Duration(1, "d"),
         calendar_aligned=False,
         aligned=False,
