@@ -13,6 +13,7 @@ forgets everything.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 from projections.governance_usage import (
     Delivery,
@@ -34,6 +35,9 @@ from service.eventstore import Connection
 
 # At most this many sets of names keep their chains (memory bounded).
 _CHAINS_KEPT = 100_000
+# At most this many ledgers are kept between batches (1-2 KB each), the least
+# recently written forgotten first: a forgotten one is read again when next needed.
+LEDGERS_KEPT = 200_000
 
 
 class Books:
@@ -129,9 +133,17 @@ class Books:
         if self._open:
             opened, self._open = self._open, {}
             await write(conn, opened)
+            kept = self._kept
             for owner, entry in opened.items():
                 if entry.stamp:
-                    self._kept[owner] = entry
+                    kept[owner] = entry  # `take` popped it: now the most recent
+            for owner in list(islice(kept, max(0, len(kept) - LEDGERS_KEPT))):
+                del kept[owner]
+
+    @property
+    def kept(self) -> int:
+        """How many ledgers are kept between batches."""
+        return len(self._kept)
 
     def forget(self) -> None:
         """After a failure: the tables may not hold what memory does."""

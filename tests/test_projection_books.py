@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from projections import governance, replay
+from projections import governance, governance_books, replay
 from projections.runner import Projector
 from service.records import RecordedEvent
 from tests.builders import append, budget, key_created, uid, usage_event
@@ -178,3 +178,30 @@ async def test_runs_of_created_owners_write_what_one_event_at_a_time_writes(pool
     )
     # The replay applies the whole log in one batch.
     assert (await replay.rebuild(pool, verify=True)).differences == []
+
+
+async def test_ledgers_kept_are_bounded_and_a_forgotten_one_is_read_again(
+    pool, monkeypatch
+):
+    """Past LEDGERS_KEPT the least recently written ledgers are forgotten; usage
+    for a forgotten owner folds into what the tables hold, exactly once."""
+    monkeypatch.setattr(governance_books, "LEDGERS_KEPT", 2)
+    books = governance_books.Books()
+
+    async def apply(conn, records: Sequence[RecordedEvent]) -> None:
+        await governance.apply(conn, records, books)
+
+    keys = [await a_key(pool) for _ in range(4)]
+    live = Projector(pool, "governance", apply)
+    for n, (key_id, _) in enumerate(keys):
+        await spend(pool, key_id, "1", n + 1)
+        await live.catch_up()
+        assert books.kept <= 2
+    for n, (key_id, _) in enumerate(keys):  # the first two were forgotten
+        await spend(pool, key_id, "2", n + 10)
+        await live.catch_up()
+
+    assert books.kept == 2
+    assert [await spend_of(pool, budget_id) for _, budget_id in keys] == [
+        Decimal(3)
+    ] * 4
