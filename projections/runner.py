@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -59,9 +60,16 @@ class FoldRows:
 
 # Two-int advisory lock key: (this table's oid, hashtext(projection name)), so it
 # cannot collide with the locks of other code in the same database.
+#
+# A batch commits asynchronously (`synchronous_commit` off for its transaction
+# only): it holds nothing but what the log already holds durably, and its tables
+# and checkpoint commit or vanish together, so a crash of PostgreSQL can only take
+# the last batches back, to be applied again. Its commit then waits for no WAL
+# flush, which at full ingest queues behind every acknowledging writer's.
 _TRY_LOCK = (
     "SELECT pg_try_advisory_xact_lock("
     "'projection_checkpoints'::regclass::oid::int, hashtext($1))"
+    " AND set_config('synchronous_commit', 'off', true) = 'off'"
 )
 _CHECKPOINT = """
 SELECT last_tx_id, last_position, updated_at FROM projection_checkpoints
@@ -72,13 +80,32 @@ INSERT INTO projection_checkpoints (projection) VALUES ($1)
 ON CONFLICT (projection) DO NOTHING
 """
 # Compare-and-set: a batch whose checkpoint moved under it (a stale owner) rolls back.
+# The move is announced inside the batch's transaction, so the notification is
+# delivered at its commit, never before; it carries the new checkpoint
+# (`announcement`), so a follower need not read the row to learn it.
 _MOVE_CHECKPOINT = """
-UPDATE projection_checkpoints
-SET last_tx_id = $2, last_position = $3, updated_at = now()
-WHERE projection = $1 AND last_tx_id = $4 AND last_position = $5
+WITH moved AS (
+    UPDATE projection_checkpoints
+    SET last_tx_id = $2, last_position = $3, updated_at = now()
+    WHERE projection = $1 AND last_tx_id = $4 AND last_position = $5
+    RETURNING projection
+)
+SELECT pg_notify($6, $7) FROM moved
 """
-# Sent inside the batch's transaction: delivered at its commit, never before.
-_ANNOUNCE = "SELECT pg_notify($1, $2)"
+
+
+def announcement(name: str, checkpoint: Checkpoint) -> str:
+    """The payload of a moved checkpoint: `name tx_id position`."""
+    return f"{name} {checkpoint.tx_id} {checkpoint.position}"
+
+
+def announced(payload: str) -> tuple[str, Checkpoint] | None:
+    """The projection and checkpoint an announcement names (None: not one, as sent
+    by an older version, which named the projection alone)."""
+    parts = payload.split(" ")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], Checkpoint(int(parts[1]), int(parts[2]))
 
 
 class LostCheckpoint(Exception):
@@ -113,11 +140,15 @@ async def _wait(event: asyncio.Event, at_most_s: float) -> bool:
 
 class Wake:
     """A broadcast wake-up: each notify reaches every waiter, none clears it for
-    the others (a waiter passes the generation it saw before it last read)."""
+    the others (a waiter passes the generation it saw before it last read).
+
+    `checkpoints`: the last checkpoint announced for each projection, kept by the
+    listener that wakes followers of moved checkpoints."""
 
     def __init__(self) -> None:
         self.generation = 0
         self._event = asyncio.Event()
+        self.checkpoints: dict[str, Checkpoint] = {}
 
     def notify(self) -> None:
         self.generation += 1
@@ -217,6 +248,11 @@ class Projector:
         # Lag as of the last step: events behind the log head, and seconds.
         self.lag_events = 0
         self.lag_seconds = 0.0
+        # A follower: the checkpoints announced (`Wake.checkpoints` of the wake it
+        # runs on, set by `run`), the last one taken, and when it last read the row.
+        self.announced: Mapping[str, Checkpoint] = {}
+        self._heard_last: Checkpoint | None = None
+        self._followed_at = -math.inf
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -240,6 +276,7 @@ class Projector:
         disagreeing with the others for good.
         """
         delay = 0.0
+        self.announced = wake.checkpoints
         while True:
             seen = wake.generation
             try:
@@ -376,17 +413,18 @@ class Projector:
                         await self._apply(conn, records)
                         self._applying = None
                     new = batch.end
-                    status = await conn.execute(
+                    moved = await conn.fetch(
                         _MOVE_CHECKPOINT,
                         self.name,
                         new.tx_id,
                         new.position,
                         current.tx_id,
                         current.position,
+                        CHECKPOINT_CHANNEL,
+                        announcement(self.name, new),
                     )
-                    if status != "UPDATE 1":
+                    if not moved:
                         raise LostCheckpoint(f"{self.name} moved during a batch")
-                    await conn.execute(_ANNOUNCE, CHECKPOINT_CHANNEL, self.name)
             # Committed: only now is the batch visible, so only now may waiters go.
             self._advance(batch.end)
             return await self._measure(
@@ -394,6 +432,16 @@ class Projector:
             )
 
     async def _step_following(self) -> bool:
+        # A new announcement is the newest commit's checkpoint: taken without a
+        # read, but the row (and the lag gauges) is read at least every poll.
+        heard = self.announced.get(self.name)
+        now = asyncio.get_running_loop().time()
+        if heard is not None and heard != self._heard_last:
+            self._heard_last = heard
+            if now < self._followed_at + self._poll_interval_s:
+                self._advance(heard)
+                return False
+        self._followed_at = now
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(_CHECKPOINT, self.name)
             if row is not None:
@@ -563,8 +611,12 @@ class Listener:
         self._wake.notify()
 
     def _checkpoint_moved(
-        self, _conn: object, _pid: int, _channel: str, _payload: object
+        self, _conn: object, _pid: int, _channel: str, payload: object
     ) -> None:
+        heard = announced(payload) if isinstance(payload, str) else None
+        if heard is not None:
+            name, checkpoint = heard
+            self._moved.checkpoints[name] = checkpoint
         self._moved.notify()
 
 

@@ -772,6 +772,34 @@ async def test_a_failed_batch_commits_neither_rows_nor_checkpoint(pool):
     assert projector.checkpoint == await load_checkpoint(pool, "governance")
 
 
+async def test_a_batch_commits_without_waiting_for_its_wal_flush(pool, database):
+    """A batch holds only what the durable log holds, so it commits asynchronously
+    (for its own transaction: the connection's setting is back after it)."""
+    durable = await eventstore.create_pool(
+        database, min_size=1, max_size=1, server_settings={"synchronous_commit": "on"}
+    )
+    settings: list[str] = []
+
+    async def apply(conn, records: Sequence[RecordedEvent]) -> None:
+        settings.append(await conn.fetchval("SHOW synchronous_commit"))
+        await governance.apply(conn, records)
+
+    try:
+        customer_id = uid()
+        await append(
+            pool,
+            f"customer-{customer_id}",
+            CustomerCreated(customer_id=customer_id, name="a"),
+            at=T0,
+        )
+        await Projector(durable, "governance", apply).catch_up()
+        assert settings == ["off"]
+        assert await durable.fetchval("SHOW synchronous_commit") == "on"
+        assert await pool.fetchval("SELECT count(*) FROM governance_customers") == 1
+    finally:
+        await durable.close()
+
+
 async def test_a_running_projector_logs_a_failed_batch_and_retries_it(pool, database):
     failures = [RuntimeError("boom")]
     batches: list[list[int]] = []

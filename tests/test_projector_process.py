@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,8 +21,15 @@ import aiohttp
 import pytest
 
 from projections import governance
-from projections.runner import Projector, Tail
+from projections.runner import (
+    CHECKPOINT_CHANNEL,
+    Projector,
+    Tail,
+    announced,
+    announcement,
+)
 from service.domain.events import CustomerCreated
+from service.records import Checkpoint
 from tests.builders import append, uid
 from tests.served import (
     START_TIMEOUT_S,
@@ -256,6 +263,67 @@ async def test_a_follower_learns_of_a_moved_checkpoint_at_once_and_never_applies
         await tail.stop()
     with pytest.raises(ValueError, match="only a persistent projection"):
         Projector(pool, "cache", governance.apply, persistent=False, follow_only=True)
+
+
+async def test_a_follower_takes_the_announced_checkpoint_and_reads_the_row_otherwise(
+    pool, database
+):
+    """The applying projector's notification carries its new checkpoint, which a
+    follower takes without reading the row; a notification without one (as an
+    older version sends) makes it read the row."""
+    applying = Projector(pool, "governance", governance.apply)
+    follower = Projector(
+        pool, "governance", governance.apply, follow_only=True, poll_interval_s=3600
+    )
+    tail = Tail(database)  # its listener only: this test steps the follower
+    follower.announced = tail.moved.checkpoints
+
+    async def notified(notify: Awaitable[object]) -> None:
+        seen = tail.moved.generation
+        await notify
+        await tail.moved.wait(seen, 10)
+        assert tail.moved.generation > seen
+        assert await follower.step() is False
+
+    try:
+        await asyncio.wait_for(tail.listener.listening.wait(), 10)
+        assert await follower.step() is False  # the row, read at its first step
+        customer_id = uid()
+        await append(
+            pool,
+            f"customer-{customer_id}",
+            CustomerCreated(customer_id=customer_id, name="a"),
+        )
+        await notified(applying.step())
+        assert tail.moved.checkpoints == {"governance": applying.checkpoint}
+        assert follower.checkpoint == applying.checkpoint
+
+        # Taken as announced: the row is not read for it.
+        told = Checkpoint(applying.checkpoint.tx_id + 7, applying.checkpoint.position)
+        await notified(
+            pool.execute(
+                "SELECT pg_notify($1, $2)",
+                CHECKPOINT_CHANNEL,
+                announcement("governance", told),
+            )
+        )
+        assert follower.checkpoint == told
+
+        # A bare name: the row is read, and says where the projection is.
+        await notified(
+            pool.execute("SELECT pg_notify($1, 'governance')", CHECKPOINT_CHANNEL)
+        )
+        assert follower.checkpoint == applying.checkpoint
+    finally:
+        await tail.stop()
+
+
+def test_an_announcement_names_a_projection_and_its_checkpoint():
+    told = announcement("governance", Checkpoint(812, 9_000_001))
+    assert told == "governance 812 9000001"
+    assert announced(told) == ("governance", Checkpoint(812, 9_000_001))
+    for payload in ("governance", "governance 812", "governance x 1", "a 1 2 3", ""):
+        assert announced(payload) is None
 
 
 def test_a_placement_other_than_inline_child_or_external_refuses_to_start():

@@ -168,11 +168,15 @@ async def drive(
     rate: float,
     seconds: float,
     per_body: int,
+    warmup_s: float = 1.0,
 ) -> LagResult:
     """Send a body every `per_body / rate` s (open loop); after every n-th ack, probe
-    the cache (check) and the read model (GET budgets) with that ack's position."""
+    the cache (check) and the read model (GET budgets) with that ack's position.
+    The first `warmup_s` is not probed (the client opens its connections, the
+    service's pools and caches fill), as the baseline's first tenth is not."""
     interval = per_body / rate
-    count = max(1, int(seconds / interval))
+    warmup = int(warmup_s / interval)
+    count = warmup + max(1, int(seconds / interval))
     probe_every = max(1, round(1 / (interval * PROBES_PER_SECOND)))
     body_list = bodies(keys, count, per_body)
     cache_ms: list[float] = []
@@ -231,7 +235,7 @@ async def drive(
                     return
             summary = msgspec.json.decode(answer)
             counts["records"] += int(summary["accepted"])
-            if i % probe_every == 0:
+            if i >= warmup and i % probe_every == 0:
                 key = keys[(i * per_body) % len(keys)]
                 position = int(summary["position"])
                 await asyncio.gather(
