@@ -125,7 +125,13 @@ async def owned_by(
     """The budgets and rate limits of `owners`, with their current usage."""
     books = await books_of(conn, owners, now)
     await fill(conn, books, now)
-    return await _budgets(conn, books, now), await _rate_limits(conn, books, now)
+    held = await governance_holds.held(
+        conn,
+        [r["id"] for book in books.values() for r in book.budgets],
+        [r["owner_id"] for b in books.values() if (r := b.rate_limit) is not None],
+        now,
+    )
+    return _budgets(books, held, now), _rate_limits(books, held, now)
 
 
 async def _customers(
@@ -205,12 +211,9 @@ async def _virtual_keys(
     ]
 
 
-async def _budgets(
-    conn: Connection, books: dict[Owner, Book], now: datetime
+def _budgets(
+    books: dict[Owner, Book], held: governance_holds.Held, now: datetime
 ) -> defaultdict[Owner, list[BudgetView]]:
-    held = await governance_holds.held_by_budget(
-        conn, [r["id"] for book in books.values() for r in book.budgets], now
-    )
     budgets: defaultdict[Owner, list[BudgetView]] = defaultdict(list)
     for owner, book in books.items():
         ledger = book.ledger
@@ -226,19 +229,16 @@ async def _budgets(
                     last_reset=start,
                     owner_type=r["owner_type"],
                     owner_id=r["owner_id"],
-                    held=held.get(r["id"], Decimal(0)),
+                    held=held.budgets.get(r["id"], Decimal(0)),
                 )
             )
     return budgets
 
 
-async def _rate_limits(
-    conn: Connection, books: dict[Owner, Book], now: datetime
+def _rate_limits(
+    books: dict[Owner, Book], held: governance_holds.Held, now: datetime
 ) -> dict[Owner, RateLimitView]:
     rows = {o: b.rate_limit for o, b in books.items() if b.rate_limit is not None}
-    held = await governance_holds.held_by_rate_owner(
-        conn, [r["owner_id"] for r in rows.values()], now
-    )
     views = {}
     for owner, r in rows.items():
         ledger = books[owner].ledger
@@ -253,7 +253,7 @@ async def _rate_limits(
             request_reset_duration=r["request_reset_duration"],
             token_current_usage=tokens,
             request_current_usage=requests,
-            token_held=held.get(r["owner_id"], (0, 0))[0],
-            request_held=held.get(r["owner_id"], (0, 0))[1],
+            token_held=held.rate_owners.get(r["owner_id"], (0, 0))[0],
+            request_held=held.rate_owners.get(r["owner_id"], (0, 0))[1],
         )
     return views

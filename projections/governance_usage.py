@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-import asyncpg
 import msgspec
 
 from service.domain import ledger
@@ -54,13 +53,17 @@ class Owner(NamedTuple):
         return tuple(self.id if self.type == t else None for t in OWNER_TYPES)
 
 
+# A stored budget or rate limit: its columns by name.
+Row = Mapping[str, Any]
+
+
 class Book(NamedTuple):
     """An owner's ledger and the rows it was restored from (`rate_limit_id` keys its
     rate-limit cells; None while it has no rate limit)."""
 
     ledger: Ledger
-    budgets: list[asyncpg.Record]
-    rate_limit: asyncpg.Record | None
+    budgets: list[Row]
+    rate_limit: Row | None
 
     @property
     def rate_limit_id(self) -> int | None:
@@ -81,33 +84,58 @@ class Entry(msgspec.Struct, gc=False):
 
 # --- the limits of a set of owners -------------------------------------------------
 
-_BUDGETS_OF = """
-SELECT b.id, owner_type, owner_id, b.max_limit, b.reset_duration, b.calendar_aligned,
-    b.anchor, b.usage_floor
-FROM governance_budgets b
-JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
-    USING (owner_type, owner_id)
-ORDER BY b.ordinal
-"""
-_RATE_LIMITS_OF = """
-SELECT r.id, owner_type, owner_id, r.token_max_limit, r.token_reset_duration,
-    r.token_anchor, r.token_usage_floor, r.request_max_limit,
-    r.request_reset_duration, r.request_anchor, r.request_usage_floor
-FROM governance_rate_limits r
-JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
-    USING (owner_type, owner_id)
-"""
-_LEDGERS_OF = """
-SELECT owner_type, owner_id, clock FROM governance_ledgers
-JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
-    USING (owner_type, owner_id)
-"""
-_PENDING_OF = """
-SELECT owner_type, owner_id, occurred_at, cost, tokens, requests
-FROM governance_pending_usage
-JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
-    USING (owner_type, owner_id)
-ORDER BY occurred_at
+# An owner's stored ledger in one row: its clock, its budgets in order, its rate
+# limit and its pending usage (one round trip for any number of owners: a read of
+# the read model pays per round trip on a busy serving process).
+_BUDGET_FIELDS = (
+    "id",
+    "owner_type",
+    "owner_id",
+    "max_limit",
+    "reset_duration",
+    "calendar_aligned",
+    "anchor",
+    "usage_floor",
+)
+_RATE_LIMIT_FIELDS = (
+    "id",
+    "owner_type",
+    "owner_id",
+    "token_max_limit",
+    "token_reset_duration",
+    "token_anchor",
+    "token_usage_floor",
+    "request_max_limit",
+    "request_reset_duration",
+    "request_anchor",
+    "request_usage_floor",
+)
+_STORED_LEDGERS = f"""
+WITH o AS (
+    SELECT DISTINCT owner_type, owner_id
+    FROM unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
+), b AS (
+    SELECT owner_type, owner_id,
+        array_agg(ROW({", ".join(f"b.{f}" for f in _BUDGET_FIELDS)}) ORDER BY b.ordinal)
+            AS budgets
+    FROM governance_budgets b JOIN o USING (owner_type, owner_id)
+    GROUP BY owner_type, owner_id
+), r AS (
+    SELECT owner_type, owner_id,
+        ROW({", ".join(f"r.{f}" for f in _RATE_LIMIT_FIELDS)}) AS rate_limit
+    FROM governance_rate_limits r JOIN o USING (owner_type, owner_id)
+), p AS (
+    SELECT owner_type, owner_id,
+        array_agg(ROW(p.occurred_at, p.cost, p.tokens, p.requests)
+            ORDER BY p.occurred_at) AS pending
+    FROM governance_pending_usage p JOIN o USING (owner_type, owner_id)
+    GROUP BY owner_type, owner_id
+)
+SELECT owner_type, owner_id, l.clock, b.budgets, r.rate_limit, p.pending
+FROM governance_ledgers l JOIN o USING (owner_type, owner_id)
+LEFT JOIN b USING (owner_type, owner_id)
+LEFT JOIN r USING (owner_type, owner_id)
+LEFT JOIN p USING (owner_type, owner_id)
 """
 _ALL_LEDGERS = "SELECT owner_type, owner_id FROM governance_ledgers"
 _STAMPS_OF = """
@@ -115,17 +143,6 @@ SELECT owner_type, owner_id, l.xmin::text::bigint AS stamp FROM governance_ledge
 JOIN unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
     USING (owner_type, owner_id)
 """
-
-
-async def budgets_of(conn: Connection, owners: Sequence[Owner]) -> list[asyncpg.Record]:
-    """The budgets of `owners`, each owner's in its listed order."""
-    return await conn.fetch(_BUDGETS_OF, *_columns(owners))
-
-
-async def rate_limits_of(
-    conn: Connection, owners: Sequence[Owner]
-) -> list[asyncpg.Record]:
-    return await conn.fetch(_RATE_LIMITS_OF, *_columns(owners))
 
 
 async def all_owners(conn: Connection) -> list[Owner]:
@@ -144,9 +161,7 @@ def _columns(owners: Sequence[Owner]) -> tuple[list[str], list[str]]:
     return [o.type for o in owners], [o.id for o in owners]
 
 
-def stored_meters(
-    budgets: Iterable[asyncpg.Record], rate_limit: asyncpg.Record | None
-) -> list[StoredMeter]:
+def stored_meters(budgets: Iterable[Row], rate_limit: Row | None) -> list[StoredMeter]:
     """An owner's meter definitions as its rows hold them (without cells)."""
     found = [
         StoredMeter(
@@ -180,42 +195,29 @@ def stored_meters(
 
 async def stored_ledgers(
     conn: Connection, owners: Sequence[Owner]
-) -> dict[Owner, tuple[StoredLedger, list[asyncpg.Record], asyncpg.Record | None]]:
+) -> dict[Owner, tuple[StoredLedger, list[Row], Row | None]]:
     """The ledgers of those `owners` that have one, as stored without cells, with
     their budget rows (in order) and rate-limit row."""
-    owners = sorted(set(owners))
     if not owners:
         return {}
-    clocks = {
-        Owner(r["owner_type"], r["owner_id"]): r["clock"]
-        for r in await conn.fetch(_LEDGERS_OF, *_columns(owners))
-    }
-    budgets: dict[Owner, list[asyncpg.Record]] = {}
-    for row in await budgets_of(conn, owners):
-        budgets.setdefault(Owner(row["owner_type"], row["owner_id"]), []).append(row)
-    rates = {
-        Owner(r["owner_type"], r["owner_id"]): r
-        for r in await rate_limits_of(conn, owners)
-    }
-    pending: dict[Owner, list[Pending]] = {}
-    for row in await conn.fetch(_PENDING_OF, *_columns(owners)):
-        pending.setdefault(Owner(row["owner_type"], row["owner_id"]), []).append(
-            Pending(
-                row["occurred_at"],
-                to_nanos(row["cost"]),
-                row["tokens"],
-                row["requests"],
-            )
+    found: dict[Owner, tuple[StoredLedger, list[Row], Row | None]] = {}
+    for r in await conn.fetch(_STORED_LEDGERS, *_columns(owners)):
+        budgets: list[Row] = [
+            dict(zip(_BUDGET_FIELDS, b, strict=True)) for b in r["budgets"] or ()
+        ]
+        rate = r["rate_limit"]
+        rate_limit: Row | None = (
+            None if rate is None else dict(zip(_RATE_LIMIT_FIELDS, rate, strict=True))
         )
-    found = {}
-    for owner, clock in clocks.items():
-        rows, rate = budgets.get(owner, []), rates.get(owner)
         state = StoredLedger(
-            clock=clock,
-            meters=tuple(stored_meters(rows, rate)),
-            pending=tuple(pending.get(owner, ())),
+            clock=r["clock"],
+            meters=tuple(stored_meters(budgets, rate_limit)),
+            pending=tuple(
+                Pending(at, to_nanos(cost), tokens, requests)
+                for at, cost, tokens, requests in r["pending"] or ()
+            ),
         )
-        found[owner] = (state, rows, rate)
+        found[Owner(r["owner_type"], r["owner_id"])] = (state, budgets, rate_limit)
     return found
 
 
@@ -490,16 +492,22 @@ async def mark_charged(conn: Connection, marks: Mapping[str, tuple[int, int]]) -
 
 # --- reading -----------------------------------------------------------------------
 
-_SPEND = """
-SELECT s.budget_id, s.period_start, s.spend FROM governance_budget_spend s
-JOIN unnest($1::text[], $2::timestamptz[]) AS k(budget_id, period_start)
-    USING (budget_id, period_start)
-"""
-_RATE_USAGE = """
-SELECT u.rate_limit_id, u.kind, u.period_start, u.used
-FROM governance_rate_limit_usage u
-JOIN unnest($1::bigint[], $2::text[], $3::timestamptz[])
-    AS k(rate_limit_id, kind, period_start) USING (rate_limit_id, kind, period_start)
+# The cells a reading sums, budgets' and rate limits', in one round trip.
+_CELLS = """
+SELECT
+    ARRAY(
+        SELECT ROW(s.budget_id, s.period_start, s.spend)
+        FROM governance_budget_spend s
+        JOIN unnest($1::text[], $2::timestamptz[]) AS k(budget_id, period_start)
+            USING (budget_id, period_start)
+    ) AS spend,
+    ARRAY(
+        SELECT ROW(u.rate_limit_id, u.kind, u.period_start, u.used)
+        FROM governance_rate_limit_usage u
+        JOIN unnest($3::bigint[], $4::text[], $5::timestamptz[])
+            AS k(rate_limit_id, kind, period_start)
+            USING (rate_limit_id, kind, period_start)
+    ) AS used
 """
 
 
@@ -514,16 +522,23 @@ async def fill(conn: Connection, books: Mapping[Owner, Book], at: datetime) -> N
                 spend_keys.extend((meter.id, key) for key in keys)
             elif (limit_id := book.rate_limit_id) is not None:
                 rate_keys.extend((limit_id, meter.kind, key) for key in keys)
+    if not spend_keys and not rate_keys:
+        return
+    row = await conn.fetchrow(
+        _CELLS,
+        [k[0] for k in spend_keys],
+        [k[1] for k in spend_keys],
+        [k[0] for k in rate_keys],
+        [k[1] for k in rate_keys],
+        [k[2] for k in rate_keys],
+    )
+    assert row is not None
     spend: dict[str, dict[datetime, int]] = {}
-    if spend_keys:
-        rows = await conn.fetch(_SPEND, *map(list, zip(*spend_keys, strict=True)))
-        for budget_id, key, amount in rows:
-            spend.setdefault(budget_id, {})[key] = to_nanos(amount)
+    for budget_id, key, amount in row["spend"]:
+        spend.setdefault(budget_id, {})[key] = to_nanos(amount)
     used: dict[tuple[int, str], dict[datetime, int]] = {}
-    if rate_keys:
-        rows = await conn.fetch(_RATE_USAGE, *map(list, zip(*rate_keys, strict=True)))
-        for limit_id, kind, key, amount in rows:
-            used.setdefault((limit_id, kind), {})[key] = amount
+    for limit_id, kind, key, amount in row["used"]:
+        used.setdefault((limit_id, kind), {})[key] = amount
     for book in books.values():
         for meter in meters(book.ledger):
             if meter.kind == BUDGET:
