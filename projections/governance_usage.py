@@ -86,7 +86,8 @@ class Entry(msgspec.Struct, gc=False):
 
 # An owner's stored ledger in one row: its clock, its budgets in order, its rate
 # limit and its pending usage (one round trip for any number of owners: a read of
-# the read model pays per round trip on a busy serving process).
+# the read model pays per round trip on a busy serving process). The rows come as
+# tuples, named here in the order _STORED_LEDGERS lists their columns.
 _BUDGET_FIELDS = (
     "id",
     "owner_type",
@@ -110,19 +111,25 @@ _RATE_LIMIT_FIELDS = (
     "request_anchor",
     "request_usage_floor",
 )
-_STORED_LEDGERS = f"""
+_STORED_LEDGERS = """
 WITH o AS (
     SELECT DISTINCT owner_type, owner_id
     FROM unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
 ), b AS (
     SELECT owner_type, owner_id,
-        array_agg(ROW({", ".join(f"b.{f}" for f in _BUDGET_FIELDS)}) ORDER BY b.ordinal)
-            AS budgets
+        array_agg(
+            ROW(b.id, b.owner_type, b.owner_id, b.max_limit, b.reset_duration,
+                b.calendar_aligned, b.anchor, b.usage_floor)
+            ORDER BY b.ordinal
+        ) AS budgets
     FROM governance_budgets b JOIN o USING (owner_type, owner_id)
     GROUP BY owner_type, owner_id
 ), r AS (
     SELECT owner_type, owner_id,
-        ROW({", ".join(f"r.{f}" for f in _RATE_LIMIT_FIELDS)}) AS rate_limit
+        ROW(r.id, r.owner_type, r.owner_id, r.token_max_limit, r.token_reset_duration,
+            r.token_anchor, r.token_usage_floor, r.request_max_limit,
+            r.request_reset_duration, r.request_anchor, r.request_usage_floor)
+            AS rate_limit
     FROM governance_rate_limits r JOIN o USING (owner_type, owner_id)
 ), p AS (
     SELECT owner_type, owner_id,
