@@ -181,10 +181,14 @@ async def test_runs_of_created_owners_write_what_one_event_at_a_time_writes(pool
 
 
 async def test_ledgers_kept_are_bounded_and_a_forgotten_one_is_read_again(
-    pool, monkeypatch
+    copy_pool, monkeypatch
 ):
     """Past LEDGERS_KEPT the least recently written ledgers are forgotten; usage
-    for a forgotten owner folds into what the tables hold, exactly once."""
+    for a forgotten owner folds into what the tables hold, exactly once.
+
+    On a database of its own: a projector of another test's process, stopping,
+    must not apply a batch of this one (this test counts what its books took)."""
+    pool = copy_pool
     monkeypatch.setattr(governance_books, "LEDGERS_KEPT", 2)
     books = governance_books.Books()
 
