@@ -25,7 +25,6 @@ from projections.governance_usage import (
     entries_of,
     fold,
     fresh_charges,
-    mark_charged,
     stamps_of,
     write,
 )
@@ -127,12 +126,10 @@ class Books:
 
     async def flush(self, conn: Connection) -> None:
         """Write what the open ledgers and the usage streams' guard moved."""
-        if self._marks:
-            await mark_charged(conn, self._marks)
-            self._marks = {}
-        if self._open:
+        if self._marks or self._open:
             opened, self._open = self._open, {}
-            await write(conn, opened)
+            marks, self._marks = self._marks, {}
+            await write(conn, opened, marks)
             kept = self._kept
             for owner, entry in opened.items():
                 if entry.stamp:
