@@ -50,6 +50,18 @@ async def record_usage(pool, *events: UsageRecorded, at: datetime = T0) -> int:
     return position
 
 
+async def a_customer(pool, name: str = "a") -> tuple[str, int]:
+    """A customer created at T0: its id and the event's position."""
+    customer_id = uid()
+    position = await append(
+        pool,
+        f"customer-{customer_id}",
+        CustomerCreated(customer_id=customer_id, name=name),
+        at=T0,
+    )
+    return customer_id, position
+
+
 async def spend_rows(pool) -> list[tuple[str, datetime, Decimal]]:
     rows = await pool.fetch(
         "SELECT budget_id, period_start, spend FROM governance_budget_spend"
@@ -754,13 +766,7 @@ async def test_a_failed_batch_commits_neither_rows_nor_checkpoint(pool):
             raise failures.pop()
 
     projector = Projector(pool, "governance", flaky)
-    customer_id = uid()
-    await append(
-        pool,
-        f"customer-{customer_id}",
-        CustomerCreated(customer_id=customer_id, name="a"),
-        at=T0,
-    )
+    await a_customer(pool)
 
     with pytest.raises(RuntimeError, match="boom"):
         await projector.catch_up()
@@ -785,13 +791,7 @@ async def test_a_batch_commits_without_waiting_for_its_wal_flush(pool, database)
         await governance.apply(conn, records)
 
     try:
-        customer_id = uid()
-        await append(
-            pool,
-            f"customer-{customer_id}",
-            CustomerCreated(customer_id=customer_id, name="a"),
-            at=T0,
-        )
+        await a_customer(pool)
         await Projector(durable, "governance", apply).catch_up()
         assert settings == ["off"]
         assert await durable.fetchval("SHOW synchronous_commit") == "on"
@@ -810,13 +810,7 @@ async def test_a_running_projector_logs_a_failed_batch_and_retries_it(pool, data
         if failures:
             raise failures.pop()
 
-    customer_id = uid()
-    position = await append(
-        pool,
-        f"customer-{customer_id}",
-        CustomerCreated(customer_id=customer_id, name="a"),
-        at=T0,
-    )
+    _, position = await a_customer(pool)
     projector = Projector(pool, "governance", flaky)
     tail = Tail(database)
     with capture_logs() as logs:
@@ -946,13 +940,7 @@ async def test_projection_catches_up_after_the_listen_connection_is_killed(
         killed = tail.listener.pid
         assert await pool.fetchval("SELECT pg_terminate_backend($1)", killed)
 
-        customer_id = uid()
-        position = await append(
-            pool,
-            f"customer-{customer_id}",
-            CustomerCreated(customer_id=customer_id, name="after the kill"),
-            at=T0,
-        )
+        customer_id, position = await a_customer(pool, "after the kill")
         await projector.wait_for(position, timeout=10)
         await asyncio.wait_for(tail.listener.listening.wait(), 10)
     finally:
@@ -984,13 +972,7 @@ async def test_wait_for_returns_once_the_position_is_applied(pool, database):
     tail = Tail(database)
     tail.start(projector)
     try:
-        customer_id = uid()
-        position = await append(
-            pool,
-            f"customer-{customer_id}",
-            CustomerCreated(customer_id=customer_id, name="a"),
-            at=T0,
-        )
+        _, position = await a_customer(pool)
         await projector.wait_for(position, timeout=10)
         assert await pool.fetchval("SELECT count(*) FROM governance_customers") == 1
         assert projector.ready
