@@ -25,6 +25,7 @@ from projections.governance_usage import (
     entries_of,
     fold,
     fresh_charges,
+    mark_charged,
     stamps_of,
     write,
 )
@@ -126,10 +127,12 @@ class Books:
 
     async def flush(self, conn: Connection) -> None:
         """Write what the open ledgers and the usage streams' guard moved."""
-        if self._marks or self._open:
+        if self._marks:
+            await mark_charged(conn, self._marks)
+            self._marks = {}
+        if self._open:
             opened, self._open = self._open, {}
-            marks, self._marks = self._marks, {}
-            await write(conn, opened, marks)
+            await write(conn, opened)
             kept = self._kept
             for owner, entry in opened.items():
                 if entry.stamp:
