@@ -98,12 +98,10 @@ async def _freeze_heap(app: web.Application) -> None:
 
 def cmd_project(args: argparse.Namespace) -> int:
     from service.domain.upcast import validate_chains
-    from service.migrate import migrate
 
     validate_chains()
     settings = Settings.from_env()
     dsn = database_url(settings)
-    asyncio.run(migrate(dsn))
     asyncio.run(_project(dsn, settings, with_parent=args.with_parent))
     return 0
 
@@ -113,7 +111,6 @@ async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
     parent, until the parent's pipe on stdin closes)."""
     from projections import governance
     from projections.runner import Projector, Tail
-    from service import eventstore
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -128,7 +125,9 @@ async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
                 stop.set()
 
         loop.add_reader(sys.stdin.fileno(), parent_pipe_readable)
-    pool = await eventstore.create_pool(dsn, min_size=1, max_size=2)
+    pool = await _connected(dsn, stop)
+    if pool is None:
+        return
     projector = Projector(
         pool, "governance", governance.apply, poll_interval_s=settings.poll_interval_s
     )
@@ -146,6 +145,30 @@ async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
         projection=projector.name,
         position=projector.checkpoint.position,
     )
+
+
+async def _connected(dsn: str, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """Migrate and open the projector's pool, waiting (retried at most every second)
+    while the database cannot be reached: a projector started during an outage
+    must be ready the moment it ends, not in its supervisor's back-off. None once
+    `stop` is set first."""
+    from service import eventstore
+    from service.migrate import migrate
+
+    delay = 0.0
+    while not stop.is_set():
+        try:
+            await migrate(dsn)
+            return await eventstore.create_pool(dsn, min_size=1, max_size=2)
+        except eventstore.UNREACHABLE as exc:
+            delay = min(max(delay * 2, 0.1), 1.0)
+            log.warning(
+                "projector_waiting_for_database", error=repr(exc), retry_in_s=delay
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+    return None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

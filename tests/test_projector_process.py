@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from projections import governance
 from projections.runner import (
@@ -316,6 +317,33 @@ async def test_a_follower_takes_the_announced_checkpoint_and_reads_the_row_other
         assert follower.checkpoint == applying.checkpoint
     finally:
         await tail.stop()
+
+
+async def test_a_projector_started_while_the_database_is_down_waits_for_it(database):
+    """`govledger project` started during an outage (its supervisor restarts it
+    then) waits for the database instead of exiting into the supervisor's back-off;
+    it gives up only when told to stop."""
+    from service.cli import _connected
+
+    stop = asyncio.Event()
+    unreachable = "postgresql://postgres@/govledger?host=/nonexistent-govledger-dir"
+    with capture_logs() as logs:
+        waiting = asyncio.create_task(_connected(unreachable, stop))
+        deadline = time.monotonic() + 10
+        while not any(e["event"] == "projector_waiting_for_database" for e in logs):
+            assert not waiting.done(), "it gave up while the database was down"
+            assert time.monotonic() < deadline, "no word of waiting"
+            await asyncio.sleep(0.01)  # polls a log list, not a projection
+        stop.set()
+        assert await asyncio.wait_for(waiting, 10) is None
+
+    pool = await _connected(database, asyncio.Event())
+    try:
+        assert pool is not None
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        if pool is not None:
+            await pool.close()
 
 
 def test_an_announcement_names_a_projection_and_its_checkpoint():
