@@ -12,7 +12,14 @@ from typing import Protocol, assert_never
 
 from projections import governance_holds
 from projections.governance_books import Books
-from projections.governance_limits import define, halves
+from projections.governance_limits import (
+    BUDGET_CONFLICT,
+    INSERT_BUDGETS,
+    INSERT_RATE_LIMIT,
+    RATE_LIMIT_CONFLICT,
+    define,
+    halves,
+)
 from projections.governance_usage import Delivery, Owner
 from service.domain.events import (
     AnyEvent,
@@ -388,11 +395,7 @@ SELECT id FROM o
 # New owners' budgets (rows as governance_limits writes them) and rate limits (the
 # owner's columns, version, recorded_at, the halves): the upserts of
 # governance_limits; returns each rate limit's owner_id and id.
-_INSERT_BUDGETS_AND_RATE_LIMITS = """
-WITH b AS (
-    INSERT INTO governance_budgets AS b (id, customer_id, team_id, virtual_key_id,
-        provider_config_id, version, created_at, updated_at, max_limit,
-        reset_duration, calendar_aligned, anchor, usage_floor, ordinal)
+_NEW_BUDGETS = """
     SELECT u.id, u.customer_id, u.team_id, u.virtual_key_id, u.provider_config_id,
         u.version, u.at, u.at, u.max_limit, u.reset_duration, u.calendar_aligned,
         u.anchor, u.usage_floor, u.ordinal
@@ -402,17 +405,8 @@ WITH b AS (
         AS u(customer_id, team_id, virtual_key_id, provider_config_id, version, at,
             id, max_limit, reset_duration, calendar_aligned, anchor, usage_floor,
             ordinal)
-    ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
-        updated_at = EXCLUDED.updated_at, max_limit = EXCLUDED.max_limit,
-        reset_duration = EXCLUDED.reset_duration,
-        calendar_aligned = EXCLUDED.calendar_aligned, anchor = EXCLUDED.anchor,
-        usage_floor = EXCLUDED.usage_floor, ordinal = EXCLUDED.ordinal
-    WHERE b.version < EXCLUDED.version
-)
-INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
-    provider_config_id, version, created_at, updated_at,
-    token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
-    request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
+"""
+_NEW_RATE_LIMITS = """
 SELECT u.customer_id, u.team_id, u.virtual_key_id, u.provider_config_id, u.version,
     u.at, u.at, u.token_max_limit, u.token_reset_duration, u.token_anchor,
     u.token_usage_floor, u.request_max_limit, u.request_reset_duration,
@@ -425,19 +419,18 @@ FROM unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::bigint[],
         token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
         request_max_limit, request_reset_duration, request_anchor,
         request_usage_floor)
-ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at,
-    token_max_limit = EXCLUDED.token_max_limit,
-    token_reset_duration = EXCLUDED.token_reset_duration,
-    token_anchor = EXCLUDED.token_anchor,
-    token_usage_floor = EXCLUDED.token_usage_floor,
-    request_max_limit = EXCLUDED.request_max_limit,
-    request_reset_duration = EXCLUDED.request_reset_duration,
-    request_anchor = EXCLUDED.request_anchor,
-    request_usage_floor = EXCLUDED.request_usage_floor
-WHERE r.version < EXCLUDED.version
-RETURNING r.owner_id, r.id
 """
+_INSERT_BUDGETS_AND_RATE_LIMITS = (
+    "WITH b AS ("
+    + INSERT_BUDGETS
+    + _NEW_BUDGETS
+    + BUDGET_CONFLICT
+    + ")"
+    + INSERT_RATE_LIMIT
+    + _NEW_RATE_LIMITS
+    + RATE_LIMIT_CONFLICT
+    + "RETURNING r.owner_id, r.id"
+)
 _INSERT_CREATED: dict[type[AnyEvent], str] = {
     CustomerCreated: _INSERT_CUSTOMERS,
     TeamCreated: _INSERT_TEAMS,

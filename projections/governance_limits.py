@@ -71,16 +71,14 @@ _DELETE_DROPPED_BUDGETS = """
 DELETE FROM governance_budgets
 WHERE owner_type = $1 AND owner_id = $2 AND id <> ALL($3::text[])
 """
-_UPSERT_BUDGETS = """
+# A budget's rows: the columns, then (after their SELECT) the upsert. Shared with
+# governance.py's grouped insert of new owners.
+INSERT_BUDGETS = """
 INSERT INTO governance_budgets AS b (id, customer_id, team_id, virtual_key_id,
     provider_config_id, version, created_at, updated_at, max_limit, reset_duration,
     calendar_aligned, anchor, usage_floor, ordinal)
-SELECT u.id, $1, $2, $3, $4, $5, $6, $6, u.max_limit, u.reset_duration,
-    u.calendar_aligned, u.anchor, u.usage_floor, u.ordinal
-FROM unnest($7::text[], $8::numeric[], $9::text[], $10::boolean[],
-            $11::timestamptz[], $12::timestamptz[])
-     WITH ORDINALITY AS u(id, max_limit, reset_duration, calendar_aligned, anchor,
-                          usage_floor, ordinal)
+"""
+BUDGET_CONFLICT = """
 ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
     updated_at = EXCLUDED.updated_at, max_limit = EXCLUDED.max_limit,
     reset_duration = EXCLUDED.reset_duration,
@@ -88,6 +86,15 @@ ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
     usage_floor = EXCLUDED.usage_floor, ordinal = EXCLUDED.ordinal
 WHERE b.version < EXCLUDED.version
 """
+_OWNER_BUDGETS = """
+SELECT u.id, $1, $2, $3, $4, $5, $6, $6, u.max_limit, u.reset_duration,
+    u.calendar_aligned, u.anchor, u.usage_floor, u.ordinal
+FROM unnest($7::text[], $8::numeric[], $9::text[], $10::boolean[],
+            $11::timestamptz[], $12::timestamptz[])
+     WITH ORDINALITY AS u(id, max_limit, reset_duration, calendar_aligned, anchor,
+                          usage_floor, ordinal)
+"""
+_UPSERT_BUDGETS = INSERT_BUDGETS + _OWNER_BUDGETS + BUDGET_CONFLICT
 
 
 def _budget_rows(
@@ -111,14 +118,15 @@ def _budget_rows(
 _DELETE_RATE_LIMIT = (
     "DELETE FROM governance_rate_limits WHERE owner_type = $1 AND owner_id = $2"
 )
-# A rate limit's row: the columns, then (after its VALUES) the upsert.
-_INSERT_RATE_LIMIT = """
+# A rate limit's row: the columns, then (after its VALUES or SELECT) the upsert,
+# then what it returns. Shared with governance.py's grouped insert of new owners.
+INSERT_RATE_LIMIT = """
 INSERT INTO governance_rate_limits AS r (customer_id, team_id, virtual_key_id,
     provider_config_id, version, created_at, updated_at,
     token_max_limit, token_reset_duration, token_anchor, token_usage_floor,
     request_max_limit, request_reset_duration, request_anchor, request_usage_floor)
 """
-_RATE_LIMIT_CONFLICT = """
+RATE_LIMIT_CONFLICT = """
 ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
     updated_at = EXCLUDED.updated_at,
     token_max_limit = EXCLUDED.token_max_limit,
@@ -130,12 +138,12 @@ ON CONFLICT (owner_type, owner_id) DO UPDATE SET version = EXCLUDED.version,
     request_anchor = EXCLUDED.request_anchor,
     request_usage_floor = EXCLUDED.request_usage_floor
 WHERE r.version < EXCLUDED.version
-RETURNING id
 """
 _UPSERT_RATE_LIMIT = (
-    _INSERT_RATE_LIMIT
+    INSERT_RATE_LIMIT
     + "VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    + _RATE_LIMIT_CONFLICT
+    + RATE_LIMIT_CONFLICT
+    + "RETURNING id"
 )
 
 
@@ -176,7 +184,8 @@ _UPSERT_BUDGETS_AND_RATE_LIMIT = (
     "WITH budgets AS ("
     + _UPSERT_BUDGETS
     + ")"
-    + _INSERT_RATE_LIMIT
+    + INSERT_RATE_LIMIT
     + "VALUES ($1, $2, $3, $4, $5, $6, $6, $13, $14, $15, $16, $17, $18, $19, $20)"
-    + _RATE_LIMIT_CONFLICT
+    + RATE_LIMIT_CONFLICT
+    + "RETURNING id"
 )
