@@ -155,12 +155,17 @@ async def _connected(dsn: str, stop: asyncio.Event) -> asyncpg.Pool | None:
     from service import eventstore
     from service.migrate import migrate
 
+    # Out of reach, or gone while migrating (the outage began mid-start).
+    unreachable: tuple[type[Exception], ...] = (
+        *eventstore.UNREACHABLE,
+        asyncpg.ConnectionDoesNotExistError,
+    )
     delay = 0.0
     while not stop.is_set():
         try:
             await migrate(dsn)
             return await eventstore.create_pool(dsn, min_size=1, max_size=2)
-        except eventstore.UNREACHABLE as exc:
+        except unreachable as exc:
             delay = min(max(delay * 2, 0.1), 1.0)
             log.warning(
                 "projector_waiting_for_database", error=repr(exc), retry_in_s=delay
