@@ -48,13 +48,22 @@ from service.domain.events import (
     TeamCreated,
     TeamEvent,
     TeamUpdated,
+    UsageCharge,
     UsageRecorded,
     VirtualKeyBudgetsReplaced,
     VirtualKeyCreated,
     VirtualKeyEvent,
     VirtualKeyUpdated,
 )
-from service.domain.ledger import TOKENS, Ledger, Meter, open_ledger, to_money, to_nanos
+from service.domain.ledger import (
+    TOKENS,
+    Charge,
+    Ledger,
+    Meter,
+    open_ledger,
+    to_money,
+    to_nanos,
+)
 from service.domain.usage import UsageChain
 from service.records import Checkpoint, RecordedEvent
 
@@ -279,7 +288,6 @@ def _replace_rate_limit(
 
 
 # (occurred_at, cost in nanos, tokens, requests, recorded_at): ledger.charge_all's
-Charge = tuple[datetime, int, int, int, datetime]
 
 
 def _add(
@@ -325,24 +333,6 @@ def _provider_configs(
 
 
 # --- the cache ---------------------------------------------------------------------
-
-
-class UsageCharge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """A UsageRecorded as the cache's tail decodes its `data` (cache_loader): the
-    same fields and types, without building the event and its record."""
-
-    virtual_key_id: str
-    provider: str  # not folded; required, so a row decodes here exactly when it
-    model: str  # decodes as a UsageRecorded
-    cost: Decimal
-    input_tokens: int = 0
-    output_tokens: int = 0
-    requests: int = 1
-    occurred_at: datetime
-    provider_config_id: str | None = None
-    team_id: str | None = None
-    customer_id: str | None = None
-    reservation_id: str | None = None
 
 
 class GovernanceCache:
@@ -563,16 +553,7 @@ class GovernanceCache:
         if seen <= usage_seen.get(stream, -1):
             return
         usage_seen[stream] = seen
-        at = usage.occurred_at
-        if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
-            at = at.replace(tzinfo=UTC)
-        charge = (
-            at,
-            to_nanos(usage.cost),
-            usage.input_tokens + usage.output_tokens,
-            usage.requests,
-            recorded_at,
-        )
+        charge = fold.charge_of(usage, recorded_at)
         run = self._run
         if key is not None:
             _add(run, key, charge)

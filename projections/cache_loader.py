@@ -22,13 +22,11 @@ from projections.cache import (
     GovernanceCache,
     ProviderConfigState,
     Team,
-    UsageCharge,
     VirtualKey,
 )
 from projections.governance_usage import Owner, all_owners, stored_ledgers
 from projections.runner import FoldRows
 from service import eventstore
-from service.domain.events import UsageRecorded
 from service.domain.ledger import (
     BUDGET,
     Ledger,
@@ -40,7 +38,7 @@ from service.domain.ledger import (
     to_nanos,
 )
 from service.errors import LegacyEventRefused
-from service.eventstore import Connection
+from service.eventstore import USAGE, USAGE_VERSION, Connection, decode_usage
 from service.records import Checkpoint, Refused
 
 log = structlog.get_logger()
@@ -199,40 +197,6 @@ def _keys(
 # --- the running cache -------------------------------------------------------------
 
 
-_USAGE = UsageRecorded.__struct_config__.tag
-_USAGE_VERSION = UsageRecorded.schema_version
-_decode_usage = msgspec.json.Decoder(UsageCharge).decode
-
-# eventstore.read_all_rows for the cache's tail, with eventstore's gap-safe rule as
-# is (only rows of finished transactions, in (tx_id, position) order). `data` comes
-# as text (decoded in C: msgspec takes str as it takes bytes), and a current usage
-# row, which the fold decodes from `data` alone, comes without its event id and
-# metadata (NULL: no decoding at all).
-_TAIL = """
-SELECT global_position, tx_id, stream_id, stream_version, type, schema_version,
-       data::text AS data, recorded_at,
-       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE event_id END
-           AS event_id,
-       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE metadata END
-           AS metadata
-FROM events
-WHERE (tx_id, global_position) > ($1::xid8, $2::bigint)
-  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY tx_id, global_position
-LIMIT $3
-"""
-
-
-async def read_tail(
-    conn: Connection, after: Checkpoint, limit: int
-) -> list[asyncpg.Record]:
-    """The next rows of the log after `after`, as the cache's fold reads them."""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        _TAIL, after.tx_id, after.position, limit, _USAGE, _USAGE_VERSION
-    )
-    return rows
-
-
 def applier(cache: GovernanceCache) -> FoldRows:
     """The cache's tail: rows as read, usage decoded only into what it folds and
     charged a run at a time (GovernanceCache.fold_usage), every other event
@@ -243,9 +207,9 @@ def applier(cache: GovernanceCache) -> FoldRows:
         checkpoint = None
         try:
             for row in rows:
-                if row["type"] == _USAGE and row["schema_version"] == _USAGE_VERSION:
+                if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION:
                     tx_id, position = row["tx_id"], row["global_position"]
-                    usage = _decode_usage(row["data"])
+                    usage = decode_usage(row["data"])
                     cache.fold_usage(usage, tx_id, position, row["recorded_at"])
                     checkpoint = (tx_id, position)
                     continue
@@ -264,4 +228,4 @@ def applier(cache: GovernanceCache) -> FoldRows:
                 cache.checkpoint = Checkpoint(*checkpoint)
         return refused
 
-    return FoldRows(fold, read_tail)
+    return FoldRows(fold, eventstore.read_rows)

@@ -6,9 +6,12 @@ usage are charged by `projections.governance_usage`. The GET side is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Protocol, assert_never
+from typing import assert_never
+
+import asyncpg
 
 from projections import governance_holds
 from projections.governance_books import Books
@@ -20,7 +23,9 @@ from projections.governance_limits import (
     define,
     halves,
 )
-from projections.governance_usage import Delivery, Owner
+from projections.governance_usage import Owner
+from projections.runner import ApplyRows
+from service import eventstore
 from service.domain.events import (
     AnyEvent,
     CustomerBudgetsReplaced,
@@ -47,18 +52,9 @@ from service.domain.ledger import (
     open_ledger,
     to_money,
 )
-from service.eventstore import Connection
-
-
-class Projected(Delivery, Protocol):
-    """What the projection reads of a delivered event (a RecordedEvent, or an
-    `eventstore.Delivered` of a bulk read)."""
-
-    @property
-    def stream_version(self) -> int: ...
-    @property
-    def event(self) -> AnyEvent: ...
-
+from service.errors import LegacyEventRefused
+from service.eventstore import USAGE, USAGE_VERSION, Connection, decode_usage
+from service.records import RecordedEvent, Refused
 
 # The live projector's ledgers (`govledger project`, or the serving process's).
 _BOOKS = Books()
@@ -68,7 +64,7 @@ _BOOKS = Books()
 
 async def apply(
     conn: Connection,
-    records: Sequence[Projected],
+    records: Sequence[RecordedEvent],
     books: Books | None = None,
     *,
     flush: bool = True,
@@ -82,14 +78,88 @@ async def apply(
     without `flush` what usage moved stays there, unwritten, until a later
     `books.flush` (a replay's bulk phase).
     """
+    async with _batch(conn, books, flush) as batch:
+        await batch.books.expect(
+            conn, [r.stream_id for r in records if isinstance(r.event, UsageRecorded)]
+        )
+        add = batch.books.add
+        for record in records:
+            event = record.event
+            if isinstance(event, UsageRecorded):
+                add(
+                    record.stream_id,
+                    record.tx_id,
+                    record.global_position,
+                    event,
+                    record.recorded_at,
+                )
+            else:
+                await batch.event(record)
+
+
+async def apply_rows(
+    conn: Connection,
+    rows: Sequence[asyncpg.Record],
+    books: Books | None = None,
+    *,
+    flush: bool = True,
+) -> list[Refused]:
+    """`apply` of rows as `eventstore.read_rows` reads them: a usage row is decoded
+    only into what it charges, in the same pass, every other row into its record.
+    Returns the rows refused (legacy events with no current form), passed over as
+    every reader passes over them."""
+    refused: list[Refused] = []
+    async with _batch(conn, books, flush) as batch:
+        await batch.books.expect(
+            conn,
+            [
+                row["stream_id"]
+                for row in rows
+                if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION
+            ],
+        )
+        add = batch.books.add
+        for row in rows:
+            if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION:
+                add(
+                    row["stream_id"],
+                    row["tx_id"],
+                    row["global_position"],
+                    decode_usage(row["data"]),
+                    row["recorded_at"],
+                )
+                continue
+            try:
+                record = eventstore.record_of(row)
+            except LegacyEventRefused as exc:
+                refused.append(eventstore.refused_of(row, exc))
+                continue
+            await batch.event(record)
+    return refused
+
+
+# The live projector's apply (`govledger project`, or the serving process's).
+APPLIER = ApplyRows(apply_rows)
+
+
+@contextlib.asynccontextmanager
+async def _batch(
+    conn: Connection, books: Books | None, flush: bool
+) -> AsyncIterator[_Batch]:
+    """A batch on `books` (by default the process's own): what it leaves open is
+    charged and written at its end (without `flush`, left in the books); a failure
+    forgets everything the books hold."""
     if books is None:
         # Two applies at once in one process (tests): the second keeps nothing.
         books = Books() if _BOOKS.busy else _BOOKS
     books.busy = True
     try:
-        await _apply(conn, records, books)
+        batch = _Batch(conn, books)
+        yield batch
+        await batch.close()
         if flush:
             await books.flush(conn)
+            books.end_batch()
     except BaseException:
         books.forget()
         raise
@@ -97,49 +167,49 @@ async def apply(
         books.busy = False
 
 
-async def _apply(conn: Connection, records: Sequence[Projected], books: Books) -> None:
-    usage: list[tuple[Projected, UsageRecorded]] = []
-    created: list[Projected] = []  # a run of created owners of one type
-    named: set[tuple[str, str]] = set()  # the owners and budgets the run names
-    for record in records:
+class _Batch:
+    """The events of a batch in log order, usage added to the books as it comes:
+    a run of created owners of one type is written when the run ends, the usage
+    added since the last other event is charged before that event applies."""
+
+    def __init__(self, conn: Connection, books: Books) -> None:
+        self.conn = conn
+        self.books = books
+        self._created: list[RecordedEvent] = []  # a run of created owners of one type
+        self._named: set[tuple[str, str]] = set()  # the owners and budgets it names
+
+    async def event(self, record: RecordedEvent) -> None:
+        """Apply an event that is not usage, after the usage added before it."""
+        if self.books.adding:
+            await self.close()
         event = record.event
-        if isinstance(event, UsageRecorded):
-            if created:
-                await _create(conn, books, created)
-                created, named = [], set()
-            usage.append((record, event))
-            continue
-        if usage:
-            await _charge(conn, books, usage)
-            usage = []
         if isinstance(event, _CREATED):
             names = _names(event)
+            created = self._created
             if created and (
-                type(event) is not type(created[0].event) or not named.isdisjoint(names)
+                type(event) is not type(created[0].event)
+                or not self._named.isdisjoint(names)
             ):
-                await _create(conn, books, created)
-                created, named = [], set()
-            created.append(record)
-            named.update(names)
-            continue
-        if created:
-            await _create(conn, books, created)
-            created, named = [], set()
-        await _apply_event(conn, books, record)
-    if usage:
-        await _charge(conn, books, usage)
-    if created:
-        await _create(conn, books, created)
+                await self._write_created()
+            self._created.append(record)
+            self._named.update(names)
+            return
+        await self._write_created()
+        await _apply_event(self.conn, self.books, record)
+
+    async def close(self) -> None:
+        """Write the run of created owners, then charge the usage added after it."""
+        await self._write_created()
+        holding = await self.books.charge(self.conn)
+        await governance_holds.settle(self.conn, holding)
+
+    async def _write_created(self) -> None:
+        if self._created:
+            await _create(self.conn, self.books, self._created)
+            self._created, self._named = [], set()
 
 
-async def _charge(
-    conn: Connection, books: Books, usage: Sequence[tuple[Projected, UsageRecorded]]
-) -> None:
-    await books.charge(conn, usage)
-    await governance_holds.settle(conn, [event for _, event in usage])
-
-
-async def _apply_event(conn: Connection, books: Books, record: Projected) -> None:
+async def _apply_event(conn: Connection, books: Books, record: RecordedEvent) -> None:
     e, v, at = record.event, record.stream_version, record.recorded_at
     match e:
         case CustomerCreated() | TeamCreated() | VirtualKeyCreated():
@@ -261,7 +331,7 @@ def _names(e: Created) -> list[tuple[str, str]]:
     return [("owner", _owner_of(e).id), *(("budget", b.budget_id) for b in e.budgets)]
 
 
-async def _create(conn: Connection, books: Books, run: Sequence[Projected]) -> None:
+async def _create(conn: Connection, books: Books, run: Sequence[RecordedEvent]) -> None:
     """A run of created owners of one type, none (and none of their budgets) named
     twice: each owner that is new is inserted with its ledger row (those already
     there are left alone, as re-applied events), then the new owners' budgets and
@@ -272,7 +342,7 @@ async def _create(conn: Connection, books: Books, run: Sequence[Projected]) -> N
     inserted = {r["id"] for r in await conn.fetch(sql, *_arrays(rows, 0))}
     if not inserted:
         return
-    new: list[tuple[Projected, Created, Owner, Ledger]] = []
+    new: list[tuple[RecordedEvent, Created, Owner, Ledger]] = []
     budgets: list[tuple[object, ...]] = []
     limits: list[tuple[object, ...]] = []
     for record in run:
@@ -326,7 +396,7 @@ def _arrays(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def _created_row(record: Projected) -> tuple[object, ...]:
+def _created_row(record: RecordedEvent) -> tuple[object, ...]:
     """A created owner's row as its _INSERT_CREATED statement takes it."""
     e, v, at = record.event, record.stream_version, record.recorded_at
     match e:

@@ -5,18 +5,23 @@ governance_ledgers row is the version this projector last wrote: the row's xmin
 (`stamp`) changes with every write of the row, by anyone, and goes back when a write
 rolls back, so a replay's swap, another replica's batches, a rolled-back batch or a
 truncated table all show as a stamp that differs, and the ledger is loaded again. A
-batch reads first (which owners have a ledger, which usage is new), folds in memory
-(`service.domain.ledger` decides everything) and writes at `flush`; any failure
-forgets everything.
+batch reads first (which owners have a ledger, what its usage streams were charged up
+to), folds in memory (`service.domain.ledger` decides everything) and writes at
+`flush`; any failure forgets everything.
+
+Usage comes one record at a time (`add`: the streams' guard, and what it charges),
+in log order, and is charged a run at a time (`charge`: the ledgers of the owners
+the run names taken at once, then each ledger's records folded in order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from datetime import datetime
 from itertools import islice
 
 from projections.governance_usage import (
-    Delivery,
+    Charged,
     Entry,
     Names,
     Owner,
@@ -24,13 +29,11 @@ from projections.governance_usage import (
     charged_up_to,
     entries_of,
     fold,
-    fresh_charges,
     mark_charged,
     stamps_of,
     write,
 )
-from service.domain.events import UsageRecorded
-from service.domain.ledger import Ledger
+from service.domain.ledger import Charge, Ledger, charge_of
 from service.eventstore import Connection
 
 # At most this many sets of names keep their chains (memory bounded).
@@ -38,6 +41,7 @@ _CHAINS_KEPT = 100_000
 # At most this many ledgers are kept between batches (1-2 KB each), the least
 # recently written forgotten first: a forgotten one is read again when next needed.
 LEDGERS_KEPT = 200_000
+_NOTHING = (0, 0)
 
 
 class Books:
@@ -47,8 +51,14 @@ class Books:
     def __init__(self) -> None:
         self._kept: dict[Owner, Entry] = {}
         self._open: dict[Owner, Entry] = {}
-        # (tx_id, position) each usage stream is charged up to, not yet written.
+        # (tx_id, position) each usage stream is charged up to: as stored (read by
+        # `expect`), or as moved by `add`; `_marks` what moved, not yet written.
+        self._seen: dict[str, tuple[int, int]] = {}
         self._marks: dict[str, tuple[int, int]] = {}
+        # What `add` found to charge, not yet charged; the records among it that
+        # name a hold.
+        self._run: list[tuple[Names, Charge]] = []
+        self._holding: list[Charged] = []
         # The owners each set of names charges (`chain_of`), kept across batches.
         self._chains: dict[Names, list[Owner]] = {}
         self.busy = False
@@ -94,19 +104,52 @@ class Books:
         self._kept.pop(owner, None)
         self._open.pop(owner, None)
 
-    async def charge(
-        self, conn: Connection, usage: Sequence[tuple[Delivery, UsageRecorded]]
+    async def expect(self, conn: Connection, streams: Iterable[str]) -> None:
+        """Read what these usage streams were charged up to, before `add` meets
+        their records (those this batch has read or moved already are known)."""
+        seen = self._seen
+        unknown = sorted(set(streams).difference(seen))
+        if unknown:
+            seen.update(await charged_up_to(conn, unknown))
+
+    def add(
+        self,
+        stream: str,
+        tx_id: int,
+        position: int,
+        usage: Charged,
+        recorded_at: datetime,
     ) -> None:
-        """Fold a run of usage into the ledgers of the owners it names (those that
-        exist); the usage streams' guard passes over what was charged before.
-        Positions of one stream arrive in (tx_id, position) order."""
-        marks = self._marks
-        unknown = sorted({r.stream_id for r, _ in usage}.difference(marks))
-        seen = await charged_up_to(conn, unknown) if unknown else {}
-        seen.update(marks)
-        charges = fresh_charges(usage, seen, marks)
-        if not charges:
+        """A usage record delivered at (tx_id, position) of its stream (`expect`ed),
+        to be charged at the next `charge`; the usage streams' guard passes over it
+        if its stream was charged up to it or past it. Records of one stream come
+        in (tx_id, position) order."""
+        mark = (tx_id, position)
+        if mark <= self._seen.get(stream, _NOTHING):
             return
+        self._seen[stream] = self._marks[stream] = mark
+        names = (
+            usage.virtual_key_id,
+            usage.provider_config_id,
+            usage.team_id,
+            usage.customer_id,
+        )
+        self._run.append((names, charge_of(usage, recorded_at)))
+        if usage.reservation_id is not None:
+            self._holding.append(usage)
+
+    @property
+    def adding(self) -> bool:
+        """Whether records were added since the last `charge`."""
+        return bool(self._run)
+
+    async def charge(self, conn: Connection) -> list[Charged]:
+        """Fold the records added since the last `charge` into the ledgers of the
+        owners they name (those that exist); returns those that name a hold."""
+        charges, self._run = self._run, []
+        holding, self._holding = self._holding, []
+        if not charges:
+            return holding
         known = self._chains
         if len(known) > _CHAINS_KEPT:
             known.clear()
@@ -124,6 +167,7 @@ class Books:
                 for names, chain in chains.items()
             },
         )
+        return holding
 
     async def flush(self, conn: Connection) -> None:
         """Write what the open ledgers and the usage streams' guard moved."""
@@ -145,8 +189,16 @@ class Books:
         """How many ledgers are kept between batches."""
         return len(self._kept)
 
+    def end_batch(self) -> None:
+        """After a batch is written: what the usage streams were charged up to is
+        read again by the next (a replay or a reset may have changed it)."""
+        self._seen.clear()
+
     def forget(self) -> None:
         """After a failure: the tables may not hold what memory does."""
         self._kept.clear()
         self._open.clear()
+        self._seen.clear()
         self._marks.clear()
+        self._run.clear()
+        self._holding.clear()

@@ -10,7 +10,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 
-from service.domain.events import ReservationHeld, UsageRecorded
+from projections.governance_usage import Charged
+from service.domain.events import ReservationHeld
 from service.eventstore import Connection, Queryable
 
 _INSERT = """
@@ -74,7 +75,7 @@ async def release(conn: Connection, reservation_id: str, virtual_key_id: str) ->
     await conn.execute(_RELEASE, reservation_id, virtual_key_id)
 
 
-async def settle(conn: Connection, usage: Sequence[UsageRecorded]) -> None:
+async def settle(conn: Connection, usage: Sequence[Charged]) -> None:
     """Drop the holds these records name (a hold of another key is not theirs)."""
     named = [u for u in usage if u.reservation_id is not None]
     if named:

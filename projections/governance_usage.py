@@ -14,17 +14,16 @@ fetches the cells a reading sums.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
 from service.domain import ledger
-from service.domain.events import UsageRecorded
 from service.domain.ledger import (
     BUDGET,
     EARLIEST,
+    Charge,
     Ledger,
     Pending,
     StoredLedger,
@@ -387,10 +386,6 @@ SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
 
 # The names a usage record charges: key, provider config, team, customer.
 Names = tuple[str, str | None, str | None, str | None]
-# What it charges each of them: occurred_at (UTC), cost in nanos, tokens, requests,
-# recorded_at (the arguments of `ledger.charge`).
-Charge = tuple[datetime, int, int, int, datetime]
-_NOTHING = (0, 0)
 
 
 def chain_of(names: Names) -> list[Owner]:
@@ -406,52 +401,20 @@ def chain_of(names: Names) -> list[Owner]:
     return owners
 
 
-class Delivery(Protocol):
-    """What charging reads of a delivered usage record (a RecordedEvent, or an
-    `eventstore.Delivered` of a bulk read)."""
+class Charged(ledger.Usage, Protocol):
+    """What the usage streams' guard and the chain read of a usage record (a
+    UsageRecorded, or the UsageCharge a bulk read decodes)."""
 
     @property
-    def global_position(self) -> int: ...
+    def virtual_key_id(self) -> str: ...
     @property
-    def tx_id(self) -> int: ...
+    def provider_config_id(self) -> str | None: ...
     @property
-    def stream_id(self) -> str: ...
+    def team_id(self) -> str | None: ...
     @property
-    def recorded_at(self) -> datetime: ...
-
-
-def fresh_charges(
-    usage: Iterable[tuple[Delivery, UsageRecorded]],
-    seen: Mapping[str, tuple[int, int]],
-    marks: dict[str, tuple[int, int]],
-) -> list[tuple[Names, Charge]]:
-    """What each record not charged before charges, by the names it charges. The
-    usage streams' guard: a record counts when its (tx_id, position) is past what
-    its stream was charged up to (`seen`); `marks` moves past it. Positions of one
-    stream arrive in (tx_id, position) order."""
-    found: list[tuple[Names, Charge]] = []
-    add = found.append
-    nanos: dict[Decimal, int] = {}
-    for record, event in usage:
-        stream, mark = record.stream_id, (record.tx_id, record.global_position)
-        if mark <= seen.get(stream, _NOTHING):
-            continue
-        marks[stream] = mark
-        at = event.occurred_at
-        if at.tzinfo is None:  # a hand-made import may lack the zone
-            at = at.replace(tzinfo=UTC)
-        cost = nanos.get(event.cost)
-        if cost is None:
-            cost = nanos[event.cost] = to_nanos(event.cost)
-        names = (
-            event.virtual_key_id,
-            event.provider_config_id,
-            event.team_id,
-            event.customer_id,
-        )
-        tokens = event.input_tokens + event.output_tokens
-        add((names, (at, cost, tokens, event.requests, record.recorded_at)))
-    return found
+    def customer_id(self) -> str | None: ...
+    @property
+    def reservation_id(self) -> str | None: ...
 
 
 def fold(

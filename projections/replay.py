@@ -35,8 +35,8 @@ from projections.shadow import (
 )
 from service import eventstore
 from service.domain import usage
-from service.eventstore import Connection, Delivered
-from service.records import Checkpoint
+from service.eventstore import Connection, place_of
+from service.records import Checkpoint, Refused
 
 # Events a bulk-phase transaction applies. What usage moves stays in the books (in
 # memory) across batches and is written every BULK_FLUSH events or so: usage of one
@@ -50,17 +50,18 @@ ProgressFn = Callable[[int, int], None]
 
 
 class BulkApply(Protocol):
-    """A projection's apply as replay runs it: its ledgers kept in `books` across
-    batches, written only with `flush` (or by `books.flush`)."""
+    """A projection's apply as replay runs it: rows as `eventstore.read_rows` reads
+    them, its ledgers kept in `books` across batches, written only with `flush` (or
+    by `books.flush`); returns the rows it refused."""
 
     async def __call__(
         self,
         conn: Connection,
-        records: Sequence[Delivered],
+        rows: Sequence[asyncpg.Record],
         books: Books | None = None,
         *,
         flush: bool = True,
-    ) -> None: ...
+    ) -> list[Refused]: ...
 
 
 class Projection(msgspec.Struct, frozen=True):
@@ -72,7 +73,7 @@ class Projection(msgspec.Struct, frozen=True):
 
 
 PROJECTIONS = {
-    "governance": Projection("governance", "governance_", governance.apply),
+    "governance": Projection("governance", "governance_", governance.apply_rows),
 }
 
 
@@ -416,24 +417,20 @@ async def _apply_batch(
     Without `flush` what usage moved stays in `books`."""
     await use(conn, schema)
     await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
-    batch = await eventstore.read_delivered(conn, after, batch_size)
-    page = batch.records
-    if page and _after(page[-1].checkpoint, target):
-        page = [r for r in page if not _after(r.checkpoint, target)]
-    # Refused legacy events are passed over here as by the live projectors.
-    read = [r.checkpoint for r in page[-1:]] + [
-        r.checkpoint for r in batch.refused if not _after(r.checkpoint, target)
-    ]
-    if not read:
+    rows = await eventstore.read_rows(conn, after, batch_size)
+    full = len(rows) == batch_size
+    if rows and _after(place_of(rows[-1]), target):
+        # In (tx_id, position) order: those up to the target lead.
+        rows = [r for r in rows if not _after(place_of(r), target)]
+        full = False
+    if not rows:
         return 0, after, False
-    reached = max(read, key=lambda c: (c.tx_id, c.position))
-    chosen: Sequence[Delivered] = page
+    reached = place_of(rows[-1])
     if until is not None:
-        chosen = [r for r in page if r.recorded_at <= until]
-    if chosen:
-        await spec.apply(conn, chosen, books, flush=flush)
-    rows = len(batch.records) + len(batch.refused)
-    return len(chosen), reached, rows == batch_size and reached == batch.end
+        rows = [r for r in rows if r["recorded_at"] <= until]
+    # Refused legacy events are passed over here as by the live projectors.
+    refused = await spec.apply(conn, rows, books, flush=flush) if rows else []
+    return len(rows) - len(refused), reached, full
 
 
 def _after(a: Checkpoint, b: Checkpoint) -> bool:

@@ -58,6 +58,23 @@ class FoldRows:
         self.read = read
 
 
+class ApplyRows:
+    """A SQL projection's apply that takes the rows as read (`read`, default
+    `eventstore.read_rows`), decodes what it applies itself, and returns the rows
+    it refused, as `eventstore.read_batch` refuses them. It runs in the batch's
+    transaction, as `Apply` does."""
+
+    def __init__(
+        self,
+        apply: Callable[
+            [Connection, Sequence[asyncpg.Record]], Awaitable[list[Refused]]
+        ],
+        read: ReadRows = eventstore.read_rows,
+    ) -> None:
+        self.apply = apply
+        self.read = read
+
+
 # Two-int advisory lock key: (this table's oid, hashtext(projection name)), so it
 # cannot collide with the locks of other code in the same database.
 #
@@ -204,7 +221,7 @@ class Projector:
         self,
         pool: asyncpg.Pool,
         name: str,
-        apply: Apply | FoldRows,
+        apply: Apply | FoldRows | ApplyRows,
         *,
         persistent: bool = True,
         follow_only: bool = False,
@@ -217,6 +234,8 @@ class Projector:
             raise ValueError("only a persistent projection can be followed")
         if persistent and isinstance(apply, FoldRows):
             raise ValueError("a persistent projection applies decoded events")
+        if not persistent and isinstance(apply, ApplyRows):
+            raise ValueError("an in-memory projection folds rows (FoldRows)")
         self.name = name
         self.persistent = persistent
         self.follow_only = follow_only
@@ -391,7 +410,7 @@ class Projector:
             return await self._step_in_memory(size)
 
     async def _step_persistent(self, size: int) -> bool:
-        records: list[RecordedEvent] = []
+        apply = self._apply
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 if not await conn.fetchval(_TRY_LOCK, self.name):
@@ -403,33 +422,58 @@ class Projector:
                 if row is None:
                     await conn.execute(_CREATE_CHECKPOINT, self.name)
                 current = Checkpoint() if row is None else _checkpoint(row)
-                batch = await eventstore.read_batch(conn, current, size)
-                records = batch.records
-                self._pass_over(batch.refused)
-                if batch.end != current:
-                    if records:
-                        assert not isinstance(self._apply, FoldRows)
-                        self._applying = _Batch.of(records)
-                        await self._apply(conn, records)
-                        self._applying = None
-                    new = batch.end
+                if isinstance(apply, ApplyRows):
+                    read, end, last = await self._apply_rows(conn, apply, current, size)
+                else:
+                    read, end, last = await self._apply_records(conn, current, size)
+                if end != current:
                     moved = await conn.fetch(
                         _MOVE_CHECKPOINT,
                         self.name,
-                        new.tx_id,
-                        new.position,
+                        end.tx_id,
+                        end.position,
                         current.tx_id,
                         current.position,
                         CHECKPOINT_CHANNEL,
-                        announcement(self.name, new),
+                        announcement(self.name, end),
                     )
                     if not moved:
                         raise LostCheckpoint(f"{self.name} moved during a batch")
             # Committed: only now is the batch visible, so only now may waiters go.
-            self._advance(batch.end)
-            return await self._measure(
-                conn, len(records) + len(batch.refused), _last(records)
-            )
+            self._advance(end)
+            return await self._measure(conn, read, last)
+
+    async def _apply_records(
+        self, conn: Connection, current: Checkpoint, size: int
+    ) -> tuple[int, Checkpoint, tuple[int, datetime] | None]:
+        """Read and apply a batch of decoded events after `current`; returns (rows
+        read, where the batch ends, the position and recorded_at of its last
+        applied event)."""
+        apply = self._apply
+        assert not isinstance(apply, FoldRows | ApplyRows)
+        batch = await eventstore.read_batch(conn, current, size)
+        records = batch.records
+        self._pass_over(batch.refused)
+        if records:
+            self._applying = _Batch.of(records)
+            await apply(conn, records)
+            self._applying = None
+        return len(records) + len(batch.refused), batch.end, _last(records)
+
+    async def _apply_rows(
+        self, conn: Connection, apply: ApplyRows, current: Checkpoint, size: int
+    ) -> tuple[int, Checkpoint, tuple[int, datetime] | None]:
+        """`_apply_records` of a projection that applies rows as read."""
+        rows = await apply.read(conn, current, size)
+        if not rows:
+            return 0, current, None
+        last = rows[-1]
+        end = eventstore.place_of(last)
+        self._applying = _Batch(rows[0]["global_position"], end, len(rows))
+        refused = await apply.apply(conn, rows)
+        self._applying = None
+        self._pass_over(refused)
+        return len(rows), end, (last["global_position"], last["recorded_at"])
 
     async def _step_following(self) -> bool:
         # A new announcement is the newest commit's checkpoint: taken without a
@@ -453,15 +497,9 @@ class Projector:
         async with self._pool.acquire() as conn:
             if isinstance(apply, FoldRows):
                 return await self._step_rows(conn, apply, size)
-            batch = await eventstore.read_batch(conn, self._checkpoint, size)
-            self._pass_over(batch.refused)
-            if batch.records:
-                self._applying = _Batch.of(batch.records)
-                await apply(conn, batch.records)
-                self._applying = None
-            self._advance(batch.end)
-            read = len(batch.records) + len(batch.refused)
-            return await self._measure(conn, read, _last(batch.records))
+            read, end, last = await self._apply_records(conn, self._checkpoint, size)
+            self._advance(end)
+            return await self._measure(conn, read, last)
 
     async def _step_rows(self, conn: Connection, apply: FoldRows, size: int) -> bool:
         rows = await apply.read(conn, self._checkpoint, size)

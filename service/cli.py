@@ -129,7 +129,7 @@ async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
     if pool is None:
         return
     projector = Projector(
-        pool, "governance", governance.apply, poll_interval_s=settings.poll_interval_s
+        pool, "governance", governance.APPLIER, poll_interval_s=settings.poll_interval_s
     )
     tail = Tail(dsn)
     tail.start(projector)

@@ -19,7 +19,13 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from service.domain import upcast
-from service.domain.events import EVENT_TYPES, AnyEvent, type_name
+from service.domain.events import (
+    EVENT_TYPES,
+    AnyEvent,
+    UsageCharge,
+    UsageRecorded,
+    type_name,
+)
 from service.errors import IdempotencyConflict, LegacyEventRefused, VersionConflict
 from service.records import (
     Appended,
@@ -306,59 +312,43 @@ def refused_of(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
     )
 
 
-class Delivered(msgspec.Struct, frozen=True, gc=False):
-    """An event as a projection reads it in bulk: its place in the log, its stream,
-    when it was recorded and the event; no event id, no metadata."""
-
-    global_position: int
-    tx_id: int
-    stream_id: str
-    stream_version: int
-    recorded_at: datetime
-    event: AnyEvent
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.tx_id, self.global_position)
-
-
-class DeliveredBatch(NamedTuple):
-    """`Batch` as `read_delivered` reads it."""
-
-    records: list[Delivered]
-    refused: list[Refused]
-    end: Checkpoint
-
-
-_READ_DELIVERED = """
-SELECT global_position, tx_id, stream_id, stream_version, recorded_at, type,
-    schema_version, data, event_id FROM events
+# The next rows of the log as the folds read them in bulk (the cache's tail, the read
+# model's replay), with `_READ_ALL`'s gap-safe rule as is (only rows of finished
+# transactions, in (tx_id, position) order). `data` comes as text (decoded in C:
+# msgspec takes str as it takes bytes), and a current usage row, which a fold
+# decodes from `data` alone (`decode_usage`), comes without its event id and
+# metadata (NULL: no decoding at all). Any other row is whole for `record_of`.
+_READ_ROWS = """
+SELECT global_position, tx_id, stream_id, stream_version, type, schema_version,
+       data::text AS data, recorded_at,
+       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE event_id END
+           AS event_id,
+       CASE WHEN type = $4 AND schema_version = $5 THEN NULL ELSE metadata END
+           AS metadata
+FROM events
 WHERE (tx_id, global_position) > ($1::xid8, $2::bigint)
   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY tx_id, global_position
 LIMIT $3
 """
+USAGE = UsageRecorded.__struct_config__.tag
+USAGE_VERSION = UsageRecorded.schema_version
+decode_usage = msgspec.json.Decoder(UsageCharge).decode
 
 
-async def read_delivered(
-    conn: Queryable, after: Checkpoint, limit: int = 500
-) -> DeliveredBatch:
-    """`read_batch` for bulk readers (replay): the same rows in the same order, the
-    same refused legacy events, each event decoded without its metadata."""
-    rows = await conn.fetch(_READ_DELIVERED, after.tx_id, after.position, limit)
-    records: list[Delivered] = []
-    refused: list[Refused] = []
-    add = records.append
-    for row in rows:
-        position, tx_id, stream_id, version, at, type_, schema, data, _ = row
-        try:
-            event = decode_event(type_, schema, data)
-        except LegacyEventRefused as exc:
-            refused.append(refused_of(row, exc))
-            continue
-        add(Delivered(position, tx_id, stream_id, version, at, event))
-    end = Checkpoint(rows[-1]["tx_id"], rows[-1]["global_position"]) if rows else after
-    return DeliveredBatch(records=records, refused=refused, end=end)
+async def read_rows(
+    conn: Queryable, after: Checkpoint, limit: int
+) -> list[asyncpg.Record]:
+    """The next rows after `after`, as bulk folds read them (`_READ_ROWS`)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _READ_ROWS, after.tx_id, after.position, limit, USAGE, USAGE_VERSION
+    )
+    return rows
+
+
+def place_of(row: asyncpg.Record) -> Checkpoint:
+    """Where a row read from the log sits."""
+    return Checkpoint(row["tx_id"], row["global_position"])
 
 
 async def read_all_rows(

@@ -178,7 +178,7 @@ class World:
         self.pool = pool
         self.now = T0
         self.defined = T0
-        self.projector = Projector(pool, "governance", governance.apply)
+        self.projector = Projector(pool, "governance", governance.APPLIER)
         self.cache = GovernanceCache()
         self.checkpoint = Checkpoint()
         self.key_rate: RateLimit | None = None

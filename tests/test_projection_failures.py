@@ -23,7 +23,7 @@ from tests.api import serve
 
 @pytest.fixture
 def projector(pool) -> Projector:
-    return Projector(pool, "governance", governance.apply)
+    return Projector(pool, "governance", governance.APPLIER)
 
 
 T1 = "00000000-0000-4000-8000-0000000000a1"

@@ -25,6 +25,7 @@ from service.domain.events import (
     CustomerUpdated,
     ProviderConfig,
     RateLimit,
+    ReservationHeld,
     TeamCreated,
     TeamDeleted,
     TeamUpdated,
@@ -100,7 +101,7 @@ async def snapshot(pool) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest.fixture
 def projector(pool) -> Projector:
-    return Projector(pool, "governance", governance.apply)
+    return Projector(pool, "governance", governance.APPLIER)
 
 
 # --- entities ----------------------------------------------------------------------
@@ -714,7 +715,8 @@ def at_seconds(seconds: int) -> datetime:
 # --- exactly once ------------------------------------------------------------------
 
 
-async def test_reapplying_an_applied_batch_changes_nothing(pool, projector):
+@pytest.mark.parametrize("as_rows", [False, True], ids=["records", "rows"])
+async def test_reapplying_an_applied_batch_changes_nothing(pool, projector, as_rows):
     customer_id, key_id = uid(), uid()
     await append(
         pool,
@@ -749,12 +751,97 @@ async def test_reapplying_an_applied_batch_changes_nothing(pool, projector):
     await projector.catch_up()
     before = await snapshot(pool)
 
-    records = await eventstore.read_all(pool, Checkpoint())
     async with pool.acquire() as conn, conn.transaction():
-        await governance.apply(conn, records)
+        if as_rows:
+            rows = await eventstore.read_rows(conn, Checkpoint(), 100)
+            assert await governance.apply_rows(conn, rows) == []
+        else:
+            await governance.apply(conn, await eventstore.read_all(conn, Checkpoint()))
 
     assert await snapshot(pool) == before
     assert before["governance_budget_spend"][0][2] == Decimal(3)
+
+
+async def test_records_and_rows_as_read_project_the_same_tables(pool):
+    """`governance.apply` takes decoded records (tests, tools); the live projector
+    and replay apply rows as read, usage decoded only into what it charges. One
+    log, in batches that split its runs, gives the same tables either way."""
+    customer_id, key_id, other_id, on_customer = uid(), uid(), uid(), uid()
+    await append(
+        pool,
+        f"customer-{customer_id}",
+        CustomerCreated(
+            customer_id=customer_id,
+            name="a",
+            budgets=(budget(on_customer, "100", "1d"),),
+        ),
+        at=T0,
+    )
+    limit = RateLimit(token_max_limit=50, token_reset_duration="1h")
+    await append(
+        pool,
+        f"virtual_key-{key_id}",
+        key_created(key_id, customer_id=customer_id, rate_limit=limit),
+        at=T0,
+    )
+    chain = {"customer_id": customer_id, "input_tokens": 3}
+    await record_usage(
+        pool,
+        usage_event(key_id, "1", at_seconds(1), **chain),
+        usage_event(key_id, "2", at_seconds(2), **chain),
+        at=at_seconds(2),
+    )
+    await append(
+        pool,
+        f"customer-{customer_id}",
+        CustomerBudgetsReplaced(
+            customer_id=customer_id, budgets=(budget(on_customer, "50", "1d"),)
+        ),
+        at=at_seconds(3),
+    )
+    await append(
+        pool,
+        f"virtual_key-{other_id}",
+        key_created(other_id, customer_id=customer_id),
+        at=at_seconds(3),
+    )
+    reservation = uid()
+    await append(
+        pool,
+        f"usage-{key_id}",
+        ReservationHeld(
+            reservation_id=reservation,
+            virtual_key_id=key_id,
+            customer_id=customer_id,
+            budget_ids=(on_customer,),
+            amount=Decimal(5),
+            expires_at=T0 + HOUR,
+        ),
+        at=at_seconds(4),
+    )
+    await record_usage(
+        pool,
+        usage_event(key_id, "4", at_seconds(4), reservation_id=reservation, **chain),
+        usage_event(other_id, "8", at_seconds(5), **chain),
+        at=at_seconds(5),
+    )
+    await append(
+        pool, f"virtual_key-{other_id}", VirtualKeyDeleted(virtual_key_id=other_id)
+    )
+    await record_usage(pool, usage_event(key_id, "16", at_seconds(6), **chain))
+
+    await Projector(pool, "governance", governance.apply, batch_size=3).catch_up()
+    by_records = await snapshot(pool)
+    held = await pool.fetchval("SELECT count(*) FROM governance_holds")
+    tables = ", ".join(by_records)
+    await pool.execute(f"TRUNCATE {tables}, governance_holds RESTART IDENTITY CASCADE")
+    await pool.execute("DELETE FROM projection_checkpoints")
+    await Projector(pool, "governance", governance.APPLIER, batch_size=3).catch_up()
+
+    assert await snapshot(pool) == by_records
+    assert held == 0  # the usage naming it settled it
+    assert await pool.fetchval("SELECT count(*) FROM governance_holds") == 0
+    assert await usage_of(pool, on_customer, T0 + HOUR) == (Decimal(31), T0)
 
 
 async def test_a_failed_batch_commits_neither_rows_nor_checkpoint(pool):

@@ -60,7 +60,7 @@ async def drop_replay_schemas(pool) -> AsyncIterator[None]:
 
 @pytest.fixture
 def projector(pool) -> Projector:
-    return Projector(pool, "governance", governance.apply)
+    return Projector(pool, "governance", governance.APPLIER)
 
 
 class History:

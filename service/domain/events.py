@@ -169,6 +169,24 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     reservation_id: str | None = None
 
 
+class UsageCharge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A UsageRecorded as the folds decode a stored one in bulk: the same fields and
+    types, a plain struct (no tag, not tracked by the garbage collector)."""
+
+    virtual_key_id: str
+    provider: str  # not folded; required, so a row decodes here exactly when it
+    model: str  # decodes as a UsageRecorded
+    cost: Decimal
+    input_tokens: int = 0
+    output_tokens: int = 0
+    requests: int = 1
+    occurred_at: datetime
+    provider_config_id: str | None = None
+    team_id: str | None = None
+    customer_id: str | None = None
+    reservation_id: str | None = None
+
+
 class ReservationHeld(Event, frozen=True, kw_only=True):
     """An estimate held on the budgets and rate limits of a key's chain until the
     first of: a usage record naming it, a release, `expires_at` (in the key's usage

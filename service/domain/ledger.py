@@ -60,7 +60,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -303,6 +303,40 @@ def _new_meter(kind: str, meter_id: str, limit: int, reset_duration: str) -> Met
 
 # --- usage -------------------------------------------------------------------------
 
+# What one usage record charges each owner it names: occurred_at (UTC), cost in
+# nanos, tokens, requests, recorded_at (the arguments of `charge`).
+Charge = tuple[datetime, int, int, int, datetime]
+
+
+class Usage(Protocol):
+    """What the fold reads of a usage record (a UsageRecorded, or the UsageCharge
+    a bulk read decodes)."""
+
+    @property
+    def cost(self) -> Decimal: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+
+
+def charge_of(usage: Usage, recorded_at: datetime) -> Charge:
+    """What a usage record recorded at `recorded_at` charges each owner it names."""
+    at = usage.occurred_at
+    if at.tzinfo is None:  # a hand-made import; API.md's timestamps are UTC
+        at = at.replace(tzinfo=UTC)
+    return (
+        at,
+        to_nanos(usage.cost),
+        usage.input_tokens + usage.output_tokens,
+        usage.requests,
+        recorded_at,
+    )
+
 
 def charge(
     ledger: Ledger,
@@ -337,9 +371,7 @@ def charge(
                 half.used += amount
 
 
-def charge_all(
-    ledger: Ledger, charges: Iterable[tuple[datetime, int, int, int, datetime]]
-) -> None:
+def charge_all(ledger: Ledger, charges: Iterable[Charge]) -> None:
     """`charge` of each (occurred_at, cost, tokens, requests, recorded_at), in
     order, with the same result. A record that only adds to the cells last filed
     to (nothing pending falls due, no period ends, not held) is summed with the

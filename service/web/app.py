@@ -159,7 +159,7 @@ def _projectors(dsn: str, settings: Settings) -> Context:
         projector = Projector(
             app[pool_key],
             "governance",
-            governance.apply,
+            governance.APPLIER,
             follow_only=settings.projector != "inline",
             poll_interval_s=settings.poll_interval_s,
         )
