@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,19 +26,52 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 60,
+    *,
+    port: int | None = None,
+) -> None:
+    """Until `url` answers 200 and, given a `port`, `proc` itself listens on it (with
+    SO_REUSEPORT another process on the port may be the one that answered)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and (port is None or _listens(proc.pid, port)):
                     return
         except OSError:
             pass
         time.sleep(0.1)  # start-up poll of a child process, bounded by the deadline
     raise RuntimeError(f"{url} did not become ready in {timeout} s")
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (Linux: the
+    sockets of /proc/net/tcp* in state LISTEN, among the process's descriptors)."""
+    sockets: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{inode}]")
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in sockets:
+                return True
+    return False
 
 
 @contextlib.contextmanager
@@ -69,7 +103,11 @@ def govledger(
     ]
     try:
         for proc in procs:
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+            _wait_ready(
+                f"http://127.0.0.1:{port}/readyz",
+                proc,
+                port=port if processes > 1 else None,
+            )
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(procs)
