@@ -37,8 +37,7 @@ from service.domain.ledger import (
     restore,
     to_nanos,
 )
-from service.errors import LegacyEventRefused
-from service.eventstore import USAGE, USAGE_VERSION, Connection, decode_usage
+from service.eventstore import Connection
 from service.records import Checkpoint, Refused
 
 log = structlog.get_logger()
@@ -207,19 +206,17 @@ def applier(cache: GovernanceCache) -> FoldRows:
         checkpoint = None
         try:
             for row in rows:
-                if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION:
+                usage = eventstore.usage_of(row)
+                if usage is not None:
                     tx_id, position = row["tx_id"], row["global_position"]
-                    usage = decode_usage(row["data"])
                     cache.fold_usage(usage, tx_id, position, row["recorded_at"])
                     checkpoint = (tx_id, position)
                     continue
-                # Decoded (or refused) as eventstore.read_batch does, by its helpers.
-                try:
-                    record = eventstore.record_of(row)
-                except LegacyEventRefused as exc:
-                    refused.append(eventstore.refused_of(row, exc))
+                read = eventstore.record_or_refused(row)
+                if isinstance(read, Refused):
+                    refused.append(read)
                     continue
-                cache.apply(record)  # settles the usage folded before it first
+                cache.apply(read)  # settles the usage folded before it first
                 checkpoint = None
         finally:
             # Also when a row fails: what was folded is charged, and marked seen.

@@ -52,8 +52,7 @@ from service.domain.ledger import (
     open_ledger,
     to_money,
 )
-from service.errors import LegacyEventRefused
-from service.eventstore import USAGE, USAGE_VERSION, Connection, decode_usage
+from service.eventstore import Connection
 from service.records import RecordedEvent, Refused
 
 # The live projector's ledgers (`govledger project`, or the serving process's).
@@ -111,30 +110,25 @@ async def apply_rows(
     refused: list[Refused] = []
     async with _batch(conn, books, flush) as batch:
         await batch.books.expect(
-            conn,
-            [
-                row["stream_id"]
-                for row in rows
-                if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION
-            ],
+            conn, [row["stream_id"] for row in rows if eventstore.is_usage(row)]
         )
         add = batch.books.add
         for row in rows:
-            if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION:
+            usage = eventstore.usage_of(row)
+            if usage is not None:
                 add(
                     row["stream_id"],
                     row["tx_id"],
                     row["global_position"],
-                    decode_usage(row["data"]),
+                    usage,
                     row["recorded_at"],
                 )
                 continue
-            try:
-                record = eventstore.record_of(row)
-            except LegacyEventRefused as exc:
-                refused.append(eventstore.refused_of(row, exc))
-                continue
-            await batch.event(record)
+            read = eventstore.record_or_refused(row)
+            if isinstance(read, Refused):
+                refused.append(read)
+            else:
+                await batch.event(read)
     return refused
 
 

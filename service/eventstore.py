@@ -291,12 +291,22 @@ async def read_batch(conn: Queryable, after: Checkpoint, limit: int = 500) -> Ba
     records: list[RecordedEvent] = []
     refused: list[Refused] = []
     for row in rows:
-        try:
-            records.append(record_of(row))
-        except LegacyEventRefused as exc:
-            refused.append(refused_of(row, exc))
+        read = record_or_refused(row)
+        if isinstance(read, Refused):
+            refused.append(read)
+        else:
+            records.append(read)
     end = Checkpoint(rows[-1]["tx_id"], rows[-1]["global_position"]) if rows else after
     return Batch(records=records, refused=refused, end=end)
+
+
+def record_or_refused(row: asyncpg.Record) -> RecordedEvent | Refused:
+    """A row's record, or its refusal when it is a legacy event with no current
+    form (upcast refuses it): readers pass over a refused row, never fail on it."""
+    try:
+        return record_of(row)
+    except LegacyEventRefused as exc:
+        return refused_of(row, exc)
 
 
 def refused_of(row: asyncpg.Record, exc: LegacyEventRefused) -> Refused:
@@ -344,6 +354,18 @@ async def read_rows(
         _READ_ROWS, after.tx_id, after.position, limit, USAGE, USAGE_VERSION
     )
     return rows
+
+
+def usage_of(row: asyncpg.Record) -> UsageCharge | None:
+    """A `read_rows` row's usage, decoded only into what it charges; None for any
+    other row (whole for `record_or_refused`)."""
+    return decode_usage(row["data"]) if is_usage(row) else None
+
+
+def is_usage(row: asyncpg.Record) -> bool:
+    """Whether a `read_rows` row is a current usage record (read without its event
+    id and metadata)."""
+    return bool(row["type"] == USAGE and row["schema_version"] == USAGE_VERSION)
 
 
 def place_of(row: asyncpg.Record) -> Checkpoint:
