@@ -1,14 +1,13 @@
 """The read model's holds (reservations): written from ReservationHeld, dropped by a
 settling usage record, a release or the key's deletion; read as `held` beside each
-budget's and rate limit's usage. Expiry is computed when read: a hold counts while
-its `expires_at` is after the moment read at."""
+budget's and rate limit's usage (`projections.governance_readings`). Expiry is
+computed when read: a hold counts while its `expires_at` is after the moment read
+at."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
-from typing import NamedTuple
 
 from projections.governance_usage import Charged
 from service.domain.events import ReservationHeld
@@ -30,23 +29,6 @@ USING unnest($1::text[], $2::text[]) AS s (reservation_id, virtual_key_id)
 WHERE h.reservation_id = s.reservation_id AND h.virtual_key_id = s.virtual_key_id
 """
 _DROP_KEY = "DELETE FROM governance_holds WHERE virtual_key_id = $1"
-# What open holds keep of each budget, and of each rate-limit owner (tokens and
-# requests), in one round trip.
-_HELD = """
-SELECT
-    ARRAY(
-        SELECT ROW(b.budget_id, sum(h.amount))
-        FROM governance_holds h, unnest(h.budget_ids) AS b (budget_id)
-        WHERE b.budget_id = ANY($1::text[]) AND h.expires_at > $3
-        GROUP BY b.budget_id
-    ) AS budgets,
-    ARRAY(
-        SELECT ROW(o.owner_id, sum(h.tokens), count(*))
-        FROM governance_holds h, unnest(h.rate_owner_ids) AS o (owner_id)
-        WHERE o.owner_id = ANY($2::text[]) AND h.expires_at > $3
-        GROUP BY o.owner_id
-    ) AS rate_owners
-"""
 _OPEN = """
 SELECT reservation_id, virtual_key_id, provider_config_id, team_id, customer_id,
     budget_ids, rate_owner_ids, amount, tokens, expires_at
@@ -88,33 +70,6 @@ async def settle(conn: Connection, usage: Sequence[Charged]) -> None:
 
 async def drop_key(conn: Connection, virtual_key_id: str) -> None:
     await conn.execute(_DROP_KEY, virtual_key_id)
-
-
-class Held(NamedTuple):
-    """What open holds keep: by budget id, and by rate-limit owner id (tokens,
-    requests)."""
-
-    budgets: dict[str, Decimal]
-    rate_owners: dict[str, tuple[int, int]]
-
-
-async def held(
-    conn: Queryable,
-    budget_ids: Sequence[str],
-    rate_owner_ids: Sequence[str],
-    now: datetime,
-) -> Held:
-    if not budget_ids and not rate_owner_ids:
-        return Held({}, {})
-    row = await conn.fetchrow(_HELD, list(budget_ids), list(rate_owner_ids), now)
-    assert row is not None
-    return Held(
-        {budget_id: amount for budget_id, amount in row["budgets"]},
-        {
-            owner_id: (int(tokens), int(requests))
-            for owner_id, tokens, requests in row["rate_owners"]
-        },
-    )
 
 
 async def open_holds(conn: Queryable, now: datetime) -> list[ReservationHeld]:

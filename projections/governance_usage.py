@@ -7,8 +7,8 @@ An owner's ledger is stored as its budgets' and rate limit's definitions (limit,
 reset_duration, calendar_aligned, anchor, usage floor, in governance_budgets and
 governance_rate_limits), its clock and pending usage, and its cells: spend and
 rate-limit usage keyed as the fold keys them. The fold alone decides what a key
-means; this module only loads a ledger without its cells, adds what a run filed, and
-fetches the cells a reading sums.
+means; this module only loads a ledger without its cells and adds what a run filed
+(a reading's cells: `projections.governance_readings`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from service.domain.ledger import (
     Pending,
     StoredLedger,
     StoredMeter,
-    meters,
-    period_keys,
     restore,
     stored,
     take_filed,
@@ -96,6 +94,7 @@ _BUDGET_FIELDS = (
     "calendar_aligned",
     "anchor",
     "usage_floor",
+    "created_at",
 )
 _RATE_LIMIT_FIELDS = (
     "id",
@@ -118,7 +117,7 @@ WITH o AS (
     SELECT owner_type, owner_id,
         array_agg(
             ROW(b.id, b.owner_type, b.owner_id, b.max_limit, b.reset_duration,
-                b.calendar_aligned, b.anchor, b.usage_floor)
+                b.calendar_aligned, b.anchor, b.usage_floor, b.created_at)
             ORDER BY b.ordinal
         ) AS budgets
     FROM governance_budgets b JOIN o USING (owner_type, owner_id)
@@ -458,62 +457,3 @@ async def mark_charged(conn: Connection, marks: Mapping[str, tuple[int, int]]) -
         [marks[s][0] for s in streams],
         [marks[s][1] for s in streams],
     )
-
-
-# --- reading -----------------------------------------------------------------------
-
-# The cells a reading sums, budgets' and rate limits', in one round trip.
-_CELLS = """
-SELECT
-    ARRAY(
-        SELECT ROW(s.budget_id, s.period_start, s.spend)
-        FROM governance_budget_spend s
-        JOIN unnest($1::text[], $2::timestamptz[]) AS k(budget_id, period_start)
-            USING (budget_id, period_start)
-    ) AS spend,
-    ARRAY(
-        SELECT ROW(u.rate_limit_id, u.kind, u.period_start, u.used)
-        FROM governance_rate_limit_usage u
-        JOIN unnest($3::bigint[], $4::text[], $5::timestamptz[])
-            AS k(rate_limit_id, kind, period_start)
-            USING (rate_limit_id, kind, period_start)
-    ) AS used
-"""
-
-
-async def fill(conn: Connection, books: Mapping[Owner, Book], at: datetime) -> None:
-    """Add to each meter the stored cells a reading at `at` sums (`period_keys`)."""
-    spend_keys: list[tuple[str, datetime]] = []
-    rate_keys: list[tuple[int, str, datetime]] = []
-    for book in books.values():
-        for meter in meters(book.ledger):
-            keys = period_keys(meter, at)
-            if meter.kind == BUDGET:
-                spend_keys.extend((meter.id, key) for key in keys)
-            elif (limit_id := book.rate_limit_id) is not None:
-                rate_keys.extend((limit_id, meter.kind, key) for key in keys)
-    if not spend_keys and not rate_keys:
-        return
-    row = await conn.fetchrow(
-        _CELLS,
-        [k[0] for k in spend_keys],
-        [k[1] for k in spend_keys],
-        [k[0] for k in rate_keys],
-        [k[1] for k in rate_keys],
-        [k[2] for k in rate_keys],
-    )
-    assert row is not None
-    spend: dict[str, dict[datetime, int]] = {}
-    for budget_id, key, amount in row["spend"]:
-        spend.setdefault(budget_id, {})[key] = to_nanos(amount)
-    used: dict[tuple[int, str], dict[datetime, int]] = {}
-    for limit_id, kind, key, amount in row["used"]:
-        used.setdefault((limit_id, kind), {})[key] = amount
-    for book in books.values():
-        for meter in meters(book.ledger):
-            if meter.kind == BUDGET:
-                found = spend.get(meter.id, {})
-            else:
-                found = used.get((book.rate_limit_id or 0, meter.kind), {})
-            for key, amount in found.items():
-                meter.cells[key] = meter.cells.get(key, 0) + amount

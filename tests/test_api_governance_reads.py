@@ -25,6 +25,7 @@ from service.domain.events import (
     CustomerCreated,
     ProviderConfig,
     RateLimit,
+    TeamBudgetsReplaced,
     TeamCreated,
     UsageRecorded,
     VirtualKeyCreated,
@@ -293,6 +294,55 @@ async def test_budgets_endpoint_filters_by_owner_type_and_owner_id(client):
     assert await budget_ids(f"?owner_type=team&owner_id={team_b}") == {on_b}
     assert await budget_ids(f"?owner_id={key_id}") == {on_key}
     assert await budget_ids("?owner_type=provider_config") == set()
+
+
+async def test_one_owners_budgets_come_in_the_order_of_the_whole_list(client):
+    # Ordered by creation, then by the owner's order: a budget kept through a
+    # replacement keeps its creation time, so it comes before one added later even
+    # where the owner now lists it second. One owner's list is read without the
+    # whole list's query, and must keep its order.
+    team_id, kept, dropped, added, also_added = uid(), uid(), uid(), uid(), uid()
+
+    def budget(budget_id: str, duration: str) -> Budget:
+        return Budget(
+            budget_id=budget_id, max_limit=Decimal(5), reset_duration=duration
+        )
+
+    await append(
+        client,
+        f"team-{team_id}",
+        TeamCreated(
+            team_id=team_id,
+            name="a",
+            budgets=(budget(dropped, "1d"), budget(kept, "1M")),
+        ),
+    )
+    replaced = TeamBudgetsReplaced(
+        team_id=team_id,
+        budgets=(budget(added, "1h"), budget(kept, "1M"), budget(also_added, "1w")),
+    )
+    await eventstore.append(
+        client.app[pool_key],
+        f"team-{team_id}",
+        None,
+        [NewEvent(event=replaced)],
+        recorded_at=AT + timedelta(seconds=1),
+    )
+    await applied(client)
+
+    async def budget_ids(query: str) -> list[str]:
+        status, body = await get(client, f"{API}/budgets{query}")
+        assert status == 200
+        return [b["id"] for b in body["budgets"]]
+
+    assert await budget_ids("") == [kept, added, also_added]
+    assert await budget_ids(f"?owner_type=team&owner_id={team_id}") == [
+        kept,
+        added,
+        also_added,
+    ]
+    assert await budget_ids(f"?owner_type=customer&owner_id={team_id}") == []
+    assert await budget_ids(f"?owner_type=team&owner_id={uid()}") == []
 
 
 @pytest.mark.parametrize("kind", ["customers", "teams", "virtual-keys"])

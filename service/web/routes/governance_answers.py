@@ -19,7 +19,8 @@ from typing import Any, NamedTuple, cast
 
 import msgspec
 
-from projections.governance_usage import Book, Owner, books_of, fill
+from projections.governance_readings import read_at
+from projections.governance_usage import Book, Owner, books_of
 from service.domain import customers, teams, virtual_keys
 from service.domain.events import (
     AnyEvent,
@@ -258,7 +259,7 @@ async def _view(
     }
     # A ledger replaced here (a config dropped and added again) reads no stored cells.
     fresh = {o: b for o, b in kept.items() if b.ledger is ledgers[o]}
-    await fill(conn, fresh, now)
+    await read_at(conn, fresh, now)
     return _View(ledgers, now)
 
 
