@@ -9,6 +9,7 @@ delivered late, never skipped.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import reduce
@@ -380,11 +381,43 @@ async def read_all_rows(
     return await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
 
 
+# A page reads below the snapshot xmin (a later commit never fills a gap before a
+# page's end), so a transaction open since before the newest commit (a projector's
+# batch, a slower append) hides events already acknowledged. A page first waits, at
+# most SETTLE_WAIT_S, until every event committed before it was asked for reads
+# below the horizon: what was acknowledged is listed.
+SETTLE_WAIT_S = 1.0
+_NEWEST = "SELECT max(tx_id), pg_snapshot_xmin(pg_current_snapshot()) FROM events"
+_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
+
+
+async def settle(conn: Queryable, at_most_s: float) -> bool:
+    """Wait until every event committed before the call reads below the gap-safe
+    horizon (True), or until `at_most_s` passed (False: an older transaction is
+    still open)."""
+    row = await conn.fetchrow(_NEWEST)
+    assert row is not None
+    newest, horizon = row
+    if newest is None or newest < horizon:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + at_most_s
+    pause = 0.001
+    while (remaining := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.02)
+        if newest < await conn.fetchval(_HORIZON):
+            return True
+    return False
+
+
 async def read_page(
     conn: Queryable, *, after: int, limit: int, stream_id: str | None = None
 ) -> list[Envelope]:
     """Events by position for inspection (GET /api/events): committed ones only,
-    upcast on read; a legacy event with no current form as it is stored."""
+    upcast on read, every event committed before the call among them (`settle`); a
+    legacy event with no current form as it is stored."""
+    await settle(conn, SETTLE_WAIT_S)
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM events
