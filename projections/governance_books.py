@@ -29,7 +29,6 @@ from projections.governance_usage import (
     charged_up_to,
     entries_of,
     fold,
-    mark_charged,
     stamps_of,
     write,
 )
@@ -171,12 +170,10 @@ class Books:
 
     async def flush(self, conn: Connection) -> None:
         """Write what the open ledgers and the usage streams' guard moved."""
-        if self._marks:
-            await mark_charged(conn, self._marks)
-            self._marks = {}
-        if self._open:
+        if self._marks or self._open:
             opened, self._open = self._open, {}
-            await write(conn, opened)
+            marks, self._marks = self._marks, {}
+            await write(conn, opened, marks)
             kept = self._kept
             for owner, entry in opened.items():
                 if entry.stamp:

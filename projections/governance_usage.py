@@ -278,17 +278,26 @@ INSERT INTO governance_pending_usage (owner_type, owner_id, occurred_at, cost, t
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[],
     $5::bigint[], $6::bigint[])
 """
-# Cells only ever grow: a run adds what it filed.
-_ADD_SPEND = """
-INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
-SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::numeric[])
-ON CONFLICT (budget_id, period_start) DO UPDATE SET spend = s.spend + EXCLUDED.spend
-"""
-_ADD_RATE_USAGE = """
-INSERT INTO governance_rate_limit_usage AS u (rate_limit_id, kind, period_start, used)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bigint[])
-ON CONFLICT (rate_limit_id, kind, period_start)
-DO UPDATE SET used = u.used + EXCLUDED.used
+# Cells only ever grow: a run adds what it filed; and the usage streams' guard
+# moves. One statement (each part runs once, to completion, whether or not the
+# others have rows): a batch's round trips are most of its time, and its
+# transaction holds every gap-safe reader's horizon back while it writes.
+_ADD_CELLS_AND_MARK = """
+WITH spend AS (
+    INSERT INTO governance_budget_spend AS s (budget_id, period_start, spend)
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::numeric[])
+    ON CONFLICT (budget_id, period_start) DO UPDATE SET spend = s.spend + EXCLUDED.spend
+), used AS (
+    INSERT INTO governance_rate_limit_usage AS u (rate_limit_id, kind, period_start,
+        used)
+    SELECT * FROM unnest($4::bigint[], $5::text[], $6::timestamptz[], $7::bigint[])
+    ON CONFLICT (rate_limit_id, kind, period_start)
+    DO UPDATE SET used = u.used + EXCLUDED.used
+)
+INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
+SELECT * FROM unnest($8::text[], $9::xid8[], $10::bigint[])
+ON CONFLICT (stream_id) DO UPDATE
+SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
 """
 
 
@@ -296,21 +305,26 @@ async def create_ledger(conn: Connection, owner: Owner, clock: datetime) -> None
     await conn.execute(_CREATE_LEDGER, *owner.columns, clock)
 
 
-async def write(conn: Connection, entries: Mapping[Owner, Entry]) -> None:
-    """Write what folding changed: each ledger's clock and pending usage, and the
-    cells it filed (taken, so they are added once); stamps each entry with its
-    row's new xmin. An owner whose ledger row is gone (deleted with the owner since
-    it was taken) has nothing written: its rows went with it."""
-    if not entries:
-        return
+async def write(
+    conn: Connection,
+    entries: Mapping[Owner, Entry],
+    marks: Mapping[str, tuple[int, int]],
+) -> None:
+    """Write what folding changed: each ledger's clock and pending usage, the cells
+    it filed (taken, so they are added once), and the (tx_id, position) each usage
+    stream is now charged up to (`marks`); stamps each entry with its row's new
+    xmin. An owner whose ledger row is gone (deleted with the owner since it was
+    taken) has nothing written: its rows went with it."""
     owners = sorted(entries)
-    rows = await conn.fetch(
-        _SET_CLOCKS,
-        [o.type for o in owners],
-        [o.id for o in owners],
-        [entries[o].ledger.clock for o in owners],
-    )
-    stamps = {Owner(r["owner_type"], r["owner_id"]): r["stamp"] for r in rows}
+    stamps: dict[Owner, int] = {}
+    if owners:
+        rows = await conn.fetch(
+            _SET_CLOCKS,
+            [o.type for o in owners],
+            [o.id for o in owners],
+            [entries[o].ledger.clock for o in owners],
+        )
+        stamps = {Owner(r["owner_type"], r["owner_id"]): r["stamp"] for r in rows}
     spend: dict[tuple[str, datetime], int] = {}
     used: dict[tuple[int, str, datetime], int] = {}
     pending: list[tuple[str, str, datetime, object, int, int]] = []
@@ -350,22 +364,20 @@ async def write(conn: Connection, entries: Mapping[Owner, Entry]) -> None:
         await conn.execute(_DROP_PENDING, *_columns(dropped))
     if pending:
         await conn.execute(_ADD_PENDING, *map(list, zip(*pending, strict=True)))
-    if spend:
-        keys = sorted(spend)
+    if spend or used or marks:
+        keys, slots, streams = sorted(spend), sorted(used), sorted(marks)
         await conn.execute(
-            _ADD_SPEND,
+            _ADD_CELLS_AND_MARK,
             [k[0] for k in keys],
             [k[1] for k in keys],
             [to_money(spend[k]) for k in keys],
-        )
-    if used:
-        slots = sorted(used)
-        await conn.execute(
-            _ADD_RATE_USAGE,
             [s[0] for s in slots],
             [s[1] for s in slots],
             [s[2] for s in slots],
             [used[s] for s in slots],
+            streams,
+            [marks[s][0] for s in streams],
+            [marks[s][1] for s in streams],
         )
 
 
@@ -374,12 +386,6 @@ async def write(conn: Connection, entries: Mapping[Owner, Entry]) -> None:
 _CHARGED_UP_TO = """
 SELECT stream_id, last_tx_id, last_position FROM governance_usage_streams
 WHERE stream_id = ANY($1::text[])
-"""
-_MARK_CHARGED = """
-INSERT INTO governance_usage_streams AS g (stream_id, last_tx_id, last_position)
-SELECT * FROM unnest($1::text[], $2::xid8[], $3::bigint[])
-ON CONFLICT (stream_id) DO UPDATE
-SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position
 """
 
 
@@ -447,13 +453,3 @@ async def charged_up_to(
         row["stream_id"]: (int(row["last_tx_id"]), row["last_position"])
         for row in await conn.fetch(_CHARGED_UP_TO, list(streams))
     }
-
-
-async def mark_charged(conn: Connection, marks: Mapping[str, tuple[int, int]]) -> None:
-    streams = sorted(marks)
-    await conn.execute(
-        _MARK_CHARGED,
-        streams,
-        [marks[s][0] for s in streams],
-        [marks[s][1] for s in streams],
-    )
