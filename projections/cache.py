@@ -18,7 +18,9 @@ Hot state is kept small and few objects are read per check:
   config, team, customer) and the chain's earliest end, so a check reads two fields
   per owner and looks at single meters only to name the one that blocks.
 Entries are `gc=False` Structs, so a full GC pass does not walk the million objects
-of a large cache; the one cycle (a key's chain holds the key) is cut on unlink.
+of a large cache; the one cycle (a key's chain holds the key) is cut on unlink. The
+entries, the answers and what one owner or chain decides are in
+`projections.cache_entries`; this module keeps the entries by id and folds into them.
 """
 
 from __future__ import annotations
@@ -26,22 +28,43 @@ from __future__ import annotations
 import heapq
 import sys
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import ClassVar, Literal, TypeGuard, TypeVar
+from typing import TypeGuard, TypeVar
 
-import msgspec
-
-from projections.governance_views import OwnerType
+from projections.cache_entries import (
+    ALLOWED,
+    KEY_INACTIVE,
+    MODEL_NOT_ALLOWED,
+    PROVIDER_NOT_ALLOWED,
+    UNKNOWN_KEY,
+    UNLIMITED,
+    CheckResult,
+    Customer,
+    Hold,
+    Holder,
+    Owner,
+    Team,
+    VirtualKey,
+    advance_chain,
+    aggregate,
+    allowed_answer,
+    budget_exceeded,
+    chain_ids,
+    config_for,
+    halves,
+    provider_configs,
+    rate_limited,
+    replace_budgets,
+    replace_rate_limit,
+    unlink,
+)
 from service.domain import ledger as fold
 from service.domain.events import (
-    Budget,
     CustomerBudgetsReplaced,
     CustomerCreated,
     CustomerEvent,
     CustomerUpdated,
-    ProviderConfig,
-    RateLimit,
     ReservationHeld,
     ReservationReleased,
     TeamBudgetsReplaced,
@@ -56,236 +79,13 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.domain.ledger import (
-    TOKENS,
     Charge,
-    Ledger,
-    Meter,
     open_ledger,
     to_money,
     to_nanos,
 )
 from service.domain.usage import UsageChain
 from service.records import Checkpoint, RecordedEvent
-
-# Headroom of an owner without budgets (or rate limits): larger than any limit.
-UNLIMITED = 1 << 127
-FOREVER = datetime.max.replace(tzinfo=UTC)
-_HUGE = Decimal(10) ** 19
-
-
-# --- state -------------------------------------------------------------------------
-
-
-CheckReason = Literal[
-    "ok",
-    "unknown_virtual_key",
-    "key_inactive",
-    "provider_not_allowed",
-    "model_not_allowed",
-    "rate_limited",
-    "budget_exceeded",
-]
-CheckStatus = Literal[200, 401, 402, 403, 429]
-RateHalf = Literal["tokens", "requests"]
-
-
-class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The decision of a check, as API.md words it (the route answers it with the
-    cache's position: `service.web.answers.CheckAnswer`).
-
-    A blocked answer names the budget or rate limit that blocks; for a rate limit
-    `budget_id` is absent and `rate_limit` says which half ("tokens" or "requests"),
-    with `current_usage` and `max_limit` in tokens or requests.
-    """
-
-    allowed: bool
-    reason: CheckReason
-    http_status: CheckStatus
-    budget_id: str | None = None
-    owner_type: OwnerType | None = None
-    owner_id: str | None = None
-    current_usage: Decimal | None = None
-    max_limit: Decimal | None = None
-    remaining: Decimal | None = None
-    rate_limit: RateHalf | None = None
-
-
-ALLOWED = CheckResult(allowed=True, reason="ok", http_status=200)
-UNKNOWN_KEY = CheckResult(allowed=False, reason="unknown_virtual_key", http_status=401)
-KEY_INACTIVE = CheckResult(allowed=False, reason="key_inactive", http_status=403)
-PROVIDER_NOT_ALLOWED = CheckResult(
-    allowed=False, reason="provider_not_allowed", http_status=403
-)
-MODEL_NOT_ALLOWED = CheckResult(
-    allowed=False, reason="model_not_allowed", http_status=403
-)
-
-
-class Owner(msgspec.Struct, gc=False, kw_only=True):
-    """Anything that owns budgets and a rate limit, with its cached aggregates
-    (the fields a check reads come first: they share the first cache lines)."""
-
-    owner_type: ClassVar[OwnerType]
-    left: int = UNLIMITED  # smallest max_limit - used over the budgets, in nanos
-    rate_blocked: bool = False  # a rate meter has used >= limit
-    # The allowed answer naming `left` as remaining and that amount as a Decimal,
-    # made when a check first needs them.
-    allowed: CheckResult | None = None
-    left_money: Decimal = Decimal(0)
-    next_end: datetime = FOREVER  # earliest end of a current period
-    id: str
-    version: int = 0
-    ledger: Ledger  # its budgets and rate-limit halves, folded
-    # Open holds (reservations) on this owner: nanos by budget id, and the tokens
-    # and requests held against its rate limit.
-    held: dict[str, int] | None = None
-    held_tokens: int = 0
-    held_requests: int = 0
-
-
-_O = TypeVar("_O", bound=Owner)
-
-
-class Hold(msgspec.Struct, gc=False, kw_only=True):
-    """An open reservation: what it holds on which owners, until `expires_at`."""
-
-    reservation_id: str
-    virtual_key_id: str
-    budgets: list[tuple[Owner, str]]  # (owner, budget id) it holds `amount` on
-    rate_owners: list[Owner]  # owners whose rate limit it holds tokens + 1 on
-    amount: int
-    tokens: int
-    expires_at: datetime
-
-
-class Customer(Owner, gc=False, kw_only=True):
-    owner_type: ClassVar[OwnerType] = "customer"
-
-
-class Team(Owner, gc=False, kw_only=True):
-    owner_type: ClassVar[OwnerType] = "team"
-    customer_id: str | None = None
-
-
-class ProviderConfigState(Owner, gc=False, kw_only=True):
-    """A key's provider config; it holds the chain checks of that provider walk."""
-
-    owner_type: ClassVar[OwnerType] = "provider_config"
-    models: frozenset[str] | None = None  # None: every model
-    chain: tuple[Owner, ...] = ()  # key, this config, team, customer (those that exist)
-    chain_end: datetime = FOREVER  # the earliest next_end in `chain`
-    charged: UsageChain | None = None  # `chain` as ingest names it, made on demand
-    provider: str
-
-
-class VirtualKey(Owner, gc=False, kw_only=True):
-    """A key; it holds the chain of checks without a provider config."""
-
-    owner_type: ClassVar[OwnerType] = "virtual_key"
-    # None: any provider. A tuple, scanned: a key has few configs, and the scan
-    # reads the configs (needed anyway) instead of a dict's table besides.
-    providers: tuple[ProviderConfigState, ...] | None = None
-    is_active: bool = True
-    linked: int = -1  # the cache generation `chain` (and its configs') resolved in
-    chain: tuple[Owner, ...] = ()  # key, team, customer (those that exist)
-    chain_end: datetime = FOREVER  # the earliest next_end in `chain`
-    charged: UsageChain | None = None  # `chain` as ingest names it, made on demand
-    value_sha256: str
-    team_id: str | None = None
-    customer_id: str | None = None
-
-
-Holder = VirtualKey | ProviderConfigState
-
-
-# --- owners ------------------------------------------------------------------------
-
-
-def _aggregate(owner: Owner) -> None:
-    left = UNLIMITED
-    next_end = FOREVER
-    held = owner.held
-    ledger = owner.ledger
-    for meter in ledger.budgets:
-        headroom = meter.limit - meter.used
-        if held:
-            headroom -= held.get(meter.id, 0)
-        if headroom < left:
-            left = headroom
-        if meter.end < next_end:
-            next_end = meter.end
-    rate_blocked = False
-    for meter in _halves(ledger):
-        if meter.used + _rate_held(owner, meter) >= meter.limit:
-            rate_blocked = True
-        if meter.end < next_end:
-            next_end = meter.end
-    owner.left, owner.rate_blocked, owner.next_end = left, rate_blocked, next_end
-    owner.allowed = None
-
-
-def _halves(ledger: Ledger) -> tuple[Meter, ...]:
-    """The rate limit's halves that are set: tokens first, then requests."""
-    tokens, requests = ledger.tokens, ledger.requests
-    if tokens is None:
-        return () if requests is None else (requests,)
-    return (tokens,) if requests is None else (tokens, requests)
-
-
-def _rate_held(owner: Owner, meter: Meter) -> int:
-    return owner.held_tokens if meter.kind == TOKENS else owner.held_requests
-
-
-def _budget_held(owner: Owner, meter: Meter) -> int:
-    return owner.held.get(meter.id, 0) if owner.held else 0
-
-
-def _allowed(owner: Owner) -> CheckResult:
-    """The allowed answer whose `remaining` is this owner's headroom."""
-    money = owner.left_money = to_money(owner.left)
-    answer = owner.allowed = CheckResult(
-        allowed=True, reason="ok", http_status=200, remaining=money
-    )
-    return answer
-
-
-def _advance(owner: Owner, now: datetime) -> None:
-    """Roll every meter whose period ended by `now`, then refresh the aggregates."""
-    fold.advance(owner.ledger, now)
-    _aggregate(owner)
-
-
-def _advance_chain(holder: Holder, now: datetime) -> None:
-    """Roll what ended by `now` in the holder's chain; note the chain's next end."""
-    chain_end = FOREVER
-    for owner in holder.chain:
-        if now >= owner.next_end:
-            _advance(owner, now)
-        if owner.next_end < chain_end:
-            chain_end = owner.next_end
-    holder.chain_end = chain_end
-
-
-def _unlink(key: VirtualKey) -> None:
-    """Drop the key's chains: they hold the key and its configs themselves, a cycle
-    the GC would never see (the entries are gc=False); the next check relinks."""
-    key.chain = ()
-    for config in key.providers or ():
-        config.chain = ()
-    key.linked = -1
-
-
-def _replace_budgets(owner: Owner, budgets: tuple[Budget, ...], at: datetime) -> None:
-    fold.define_budgets(owner.ledger, budgets, at)
-    _aggregate(owner)
-
-
-def _replace_rate_limit(
-    owner: Owner, rate_limit: RateLimit | None, at: datetime
-) -> None:
-    fold.define_rate_limit(owner.ledger, rate_limit, at)
-    _aggregate(owner)
-
 
 # (occurred_at, cost in nanos, tokens, requests, recorded_at): ledger.charge_all's
 
@@ -300,36 +100,7 @@ def _add(
         entry[1].append(charge)
 
 
-def _provider_configs(
-    current: tuple[ProviderConfigState, ...] | None,
-    configs: tuple[ProviderConfig, ...],
-    at: datetime,
-) -> tuple[ProviderConfigState, ...] | None:
-    """A key's provider configs after an event carrying the whole set (by id).
-
-    Provider and model names are interned: every key shares one string per name,
-    which stays in the CPU cache when a check compares it.
-    """
-    by_id = {pc.id: pc for pc in current} if current else {}
-    result = []
-    for config in configs:
-        provider = sys.intern(config.provider)
-        models = config.allowed_models
-        state = by_id.get(config.provider_config_id)
-        if state is None:
-            state = ProviderConfigState(
-                id=config.provider_config_id, provider=provider, ledger=open_ledger(at)
-            )
-        state.provider = provider
-        state.models = (
-            None
-            if models is None or "*" in models
-            else frozenset(sys.intern(model) for model in models)
-        )
-        fold.define_budgets(state.ledger, config.budgets, at)
-        _replace_rate_limit(state, config.rate_limit, at)
-        result.append(state)
-    return tuple(result) or None
+_O = TypeVar("_O", bound=Owner)
 
 
 # --- the cache ---------------------------------------------------------------------
@@ -400,15 +171,15 @@ class GovernanceCache:
             if self._is_new(customer, record):
                 customer = Customer(id=event.customer_id, ledger=open_ledger(at))
                 self._created(self.customers, customer, record)
-                _replace_budgets(customer, event.budgets, at)
-                _replace_rate_limit(customer, event.rate_limit, at)
+                replace_budgets(customer, event.budgets, at)
+                replace_rate_limit(customer, event.rate_limit, at)
             return
         if not self._is_next(customer, record):
             return
         if isinstance(event, CustomerUpdated):
-            _replace_rate_limit(customer, event.rate_limit, at)
+            replace_rate_limit(customer, event.rate_limit, at)
         elif isinstance(event, CustomerBudgetsReplaced):
-            _replace_budgets(customer, event.budgets, at)
+            replace_budgets(customer, event.budgets, at)
         else:
             del self.customers[customer.id]
             self.deleted.add(record.stream_id)
@@ -425,16 +196,16 @@ class GovernanceCache:
                     ledger=open_ledger(at),
                 )
                 self._created(self.teams, team, record)
-                _replace_budgets(team, event.budgets, at)
-                _replace_rate_limit(team, event.rate_limit, at)
+                replace_budgets(team, event.budgets, at)
+                replace_rate_limit(team, event.rate_limit, at)
             return
         if not self._is_next(team, record):
             return
         if isinstance(event, TeamUpdated):
             team.customer_id = event.customer_id
-            _replace_rate_limit(team, event.rate_limit, at)
+            replace_rate_limit(team, event.rate_limit, at)
         elif isinstance(event, TeamBudgetsReplaced):
-            _replace_budgets(team, event.budgets, at)
+            replace_budgets(team, event.budgets, at)
         else:
             del self.teams[team.id]
             self.deleted.add(record.stream_id)
@@ -451,26 +222,26 @@ class GovernanceCache:
                     is_active=event.is_active,
                     team_id=event.team_id,
                     customer_id=event.customer_id,
-                    providers=_provider_configs(None, event.provider_configs, at),
+                    providers=provider_configs(None, event.provider_configs, at),
                     ledger=open_ledger(at),
                 )
                 self._created(self.keys, key, record)
                 self.keys_by_sha256[key.value_sha256] = key
-                _replace_budgets(key, event.budgets, at)
-                _replace_rate_limit(key, event.rate_limit, at)
+                replace_budgets(key, event.budgets, at)
+                replace_rate_limit(key, event.rate_limit, at)
         elif not self._is_next(key, record):
             return
         elif isinstance(event, VirtualKeyUpdated):
             self._update_key(key, event, at)
         elif isinstance(event, VirtualKeyBudgetsReplaced):
-            _replace_budgets(key, event.budgets, at)
-            _unlink(key)
+            replace_budgets(key, event.budgets, at)
+            unlink(key)
         else:
             del self.keys[key.id]
             if self.keys_by_sha256.get(key.value_sha256) is key:
                 del self.keys_by_sha256[key.value_sha256]
             self.deleted.add(record.stream_id)
-            _unlink(key)
+            unlink(key)
             for hold in [h for h in self.holds.values() if h.virtual_key_id == key.id]:
                 self._drop(hold)
 
@@ -485,18 +256,18 @@ class GovernanceCache:
         """Take owners rebuilt from the read model (ledgers from
         `service.domain.ledger.restore`), as of `checkpoint`."""
         for customer in customers:
-            _aggregate(customer)
+            aggregate(customer)
             self.customers[customer.id] = customer
         for team in teams:
-            _aggregate(team)
+            aggregate(team)
             self.teams[team.id] = team
         for key in keys:
-            _aggregate(key)
+            aggregate(key)
             for config in key.providers or ():
                 config.provider = sys.intern(config.provider)
                 if config.models is not None:
                     config.models = frozenset(sys.intern(m) for m in config.models)
-                _aggregate(config)
+                aggregate(config)
             self.keys[key.id] = key
             self.keys_by_sha256[key.value_sha256] = key
         self.generation += 1
@@ -531,9 +302,9 @@ class GovernanceCache:
         key.is_active = event.is_active
         key.team_id = event.team_id
         key.customer_id = event.customer_id
-        _unlink(key)
-        key.providers = _provider_configs(key.providers, event.provider_configs, at)
-        _replace_rate_limit(key, event.rate_limit, at)
+        unlink(key)
+        key.providers = provider_configs(key.providers, event.provider_configs, at)
+        replace_rate_limit(key, event.rate_limit, at)
 
     def fold_usage(
         self,
@@ -586,7 +357,7 @@ class GovernanceCache:
         self._run = {}  # taken whole: a failure below never charges twice
         for owner, charges in run.values():
             fold.charge_all(owner.ledger, charges)
-            _aggregate(owner)
+            aggregate(owner)
 
     def reserve(
         self,
@@ -665,7 +436,7 @@ class GovernanceCache:
             owner.held_tokens += hold.tokens
             owner.held_requests += 1
         for owner in owners:
-            _aggregate(owner)
+            aggregate(owner)
         self.holds[hold.reservation_id] = hold
         heapq.heappush(self._expiring, (hold.expires_at, hold.reservation_id))
         return hold
@@ -695,7 +466,7 @@ class GovernanceCache:
             owner.held_requests -= 1
             touched[id(owner)] = owner
         for owner in touched.values():
-            _aggregate(owner)
+            aggregate(owner)
 
     def expire(self, now: datetime) -> None:
         """Drop every hold whose `expires_at` is not after `now`."""
@@ -759,10 +530,10 @@ class GovernanceCache:
             self._link(key)
         holder: Holder = key
         if key.providers is not None and provider is not None:
-            holder = _config(key.providers, provider) or key
+            holder = config_for(key.providers, provider) or key
         charged = holder.charged
         if charged is None:
-            charged = holder.charged = _charged(holder.chain)
+            charged = holder.charged = chain_ids(holder.chain)
         return charged
 
     def check(
@@ -809,7 +580,7 @@ class GovernanceCache:
         # A period ends in the chain: roll it. Ends only move later, except when
         # limits change, and that relinks (see `generation`).
         if now >= holder.chain_end:
-            _advance_chain(holder, now)
+            advance_chain(holder, now)
         chain = holder.chain
         # One pass: every rate limit in the chain comes before any budget, and an
         # owner is over budget exactly when the chain's smallest headroom is.
@@ -817,7 +588,7 @@ class GovernanceCache:
         least: Owner | None = None
         for owner in chain:
             if owner.rate_blocked:
-                return _rate_limited(owner)
+                return rate_limited(owner)
             left = owner.left
             if left < remaining:
                 remaining = left
@@ -825,12 +596,12 @@ class GovernanceCache:
         if least is None:
             return ALLOWED
         if remaining <= 0:
-            return _budget_exceeded(chain, estimated_cost)
+            return budget_exceeded(chain, estimated_cost)
         answer = least.allowed
         if answer is None:
-            answer = _allowed(least)
+            answer = allowed_answer(least)
         if estimated_cost is not None and estimated_cost > least.left_money:
-            return _budget_exceeded(chain, estimated_cost)
+            return budget_exceeded(chain, estimated_cost)
         return answer
 
 
@@ -864,9 +635,9 @@ def _reserve(
     assert key is not None  # the check found it
     holder: Holder = key
     if key.providers is not None:
-        holder = _config(key.providers, provider or "") or key
+        holder = config_for(key.providers, provider or "") or key
     chain = holder.chain
-    ids = _charged(chain)
+    ids = chain_ids(chain)
     event = ReservationHeld(
         reservation_id=reservation_id,
         virtual_key_id=ids.virtual_key_id,
@@ -874,7 +645,7 @@ def _reserve(
         team_id=ids.team_id,
         customer_id=ids.customer_id,
         budget_ids=tuple(m.id for owner in chain for m in owner.ledger.budgets),
-        rate_owner_ids=tuple(owner.id for owner in chain if _halves(owner.ledger)),
+        rate_owner_ids=tuple(owner.id for owner in chain if halves(owner.ledger)),
         amount=estimated_cost,
         tokens=estimated_tokens,
         expires_at=expires_at,
@@ -886,64 +657,4 @@ def _reserve(
     return (
         CheckResult(allowed=True, reason="ok", http_status=200, remaining=remaining),
         event,
-    )
-
-
-def _charged(chain: tuple[Owner, ...]) -> UsageChain:
-    ids = {type(owner): owner.id for owner in chain}
-    return UsageChain(
-        virtual_key_id=ids[VirtualKey],
-        provider_config_id=ids.get(ProviderConfigState),
-        team_id=ids.get(Team),
-        customer_id=ids.get(Customer),
-    )
-
-
-def _config(
-    providers: tuple[ProviderConfigState, ...], provider: str
-) -> ProviderConfigState | None:
-    for config in providers:
-        if config.provider == provider:
-            return config
-    return None
-
-
-def _rate_limited(owner: Owner) -> CheckResult:
-    meter = next(
-        m for m in _halves(owner.ledger) if m.used + _rate_held(owner, m) >= m.limit
-    )
-    return CheckResult(
-        allowed=False,
-        reason="rate_limited",
-        http_status=429,
-        owner_type=owner.owner_type,
-        owner_id=owner.id,
-        current_usage=Decimal(meter.used),
-        max_limit=Decimal(meter.limit),
-        rate_limit="tokens" if meter.kind == TOKENS else "requests",
-    )
-
-
-def _budget_exceeded(
-    chain: tuple[Owner, ...], estimated_cost: Decimal | None
-) -> CheckResult:
-    """The answer naming the first budget in chain order that blocks."""
-    # Above every limit (< 10^18) the exact size of an estimate no longer matters.
-    estimate = 0 if estimated_cost is None else to_nanos(min(estimated_cost, _HUGE))
-    owner, meter = next(
-        (owner, meter)
-        for owner in chain
-        for meter in owner.ledger.budgets
-        if (held := meter.used + _budget_held(owner, meter)) >= meter.limit
-        or estimate > meter.limit - held
-    )
-    return CheckResult(
-        allowed=False,
-        reason="budget_exceeded",
-        http_status=402,
-        budget_id=meter.id,
-        owner_type=owner.owner_type,
-        owner_id=owner.id,
-        current_usage=to_money(meter.used),
-        max_limit=to_money(meter.limit),
     )

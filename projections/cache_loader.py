@@ -17,13 +17,8 @@ import msgspec
 import structlog
 
 from projections import governance_holds, runner
-from projections.cache import (
-    Customer,
-    GovernanceCache,
-    ProviderConfigState,
-    Team,
-    VirtualKey,
-)
+from projections.cache import GovernanceCache
+from projections.cache_entries import Customer, ProviderConfigState, Team, VirtualKey
 from projections.governance_usage import Owner, all_owners, stored_ledgers
 from projections.runner import FoldRows
 from service import eventstore

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from projections import cache_loader
-from projections.cache import CheckResult, GovernanceCache
+from projections.cache import GovernanceCache
+from projections.cache_entries import CheckResult
 from service import eventstore
 from service.config import Settings
 from service.records import Checkpoint

@@ -11,14 +11,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections.cache import (
+from projections.cache import GovernanceCache
+from projections.cache_entries import (
     ALLOWED,
     KEY_INACTIVE,
     MODEL_NOT_ALLOWED,
     PROVIDER_NOT_ALLOWED,
     UNKNOWN_KEY,
     CheckResult,
-    GovernanceCache,
     RateHalf,
 )
 from projections.governance_views import OwnerType

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections import cache_loader
-from projections.cache import GovernanceCache, Owner
+from projections.cache import GovernanceCache
+from projections.cache_entries import Owner
 from service import eventstore
 from service.domain.events import (
     CustomerBudgetsReplaced,

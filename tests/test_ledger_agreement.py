@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections import cache_loader, governance, governance_reads, replay
-from projections.cache import GovernanceCache, Owner
+from projections.cache import GovernanceCache
+from projections.cache_entries import Owner
 from projections.runner import Projector
 from service import eventstore
 from service.config import Settings

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from projections.cache import CheckReason, CheckStatus, RateHalf
+from projections.cache_entries import CheckReason, CheckStatus, RateHalf
 from projections.governance_views import (
     BudgetView,
     CustomerView,
@@ -127,8 +127,8 @@ class BudgetList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # --- enforcement, usage, the log, operations and errors -----------------------------
-# The check's decision is the cache's own `projections.cache.CheckResult`; the route
-# maps it onto `CheckAnswer` with the cache's position.
+# The check's decision is the cache's own `projections.cache_entries.CheckResult`;
+# the route maps it onto `CheckAnswer` with the cache's position.
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from projections.cache import CheckResult
+from projections.cache_entries import CheckResult
 from service.web.answers import CheckAnswer
 
 # The cache hands out few decision objects: one allowed answer per owner, kept while

@@ -24,7 +24,8 @@ from hashlib import sha256
 
 import msgspec
 
-from projections.cache import CheckResult, GovernanceCache
+from projections.cache import GovernanceCache
+from projections.cache_entries import CheckResult
 from service.domain.events import (
     AnyEvent,
     Budget,

@@ -14,7 +14,8 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
-from projections.cache import CheckResult, GovernanceCache
+from projections.cache import GovernanceCache
+from projections.cache_entries import CheckResult
 from service import eventstore, metrics
 from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
 from service.domain.commands import strict_decode
