@@ -428,19 +428,37 @@ def fold(
 ) -> None:
     """Charge each record to the ledgers of the owners it names (`ledgers`: those
     that exist), each ledger its records in order: the fold alone decides what
-    moves (`ledger.charge_all`)."""
-    runs: dict[int, tuple[Ledger, list[Charge]]] = {}
-    for owned in ledgers.values():
+    moves. The records of each set of names are summed once (`ledger.run_of`) and
+    each ledger takes its sums at once when none of its records needs a decision
+    (`ledger.charge_runs`); a ledger that does folds its records in log order
+    (`ledger.charge_all`)."""
+    groups: dict[Names, list[Charge]] = {names: [] for names in ledgers}
+    for names, charge in charges:
+        groups[names].append(charge)
+    runs = {names: ledger.run_of(group) for names, group in groups.items()}
+    named: dict[int, tuple[Ledger, list[Names]]] = {}
+    for names, owned in ledgers.items():
         for folded in owned:
-            runs.setdefault(id(folded), (folded, []))
+            named.setdefault(id(folded), (folded, []))[1].append(names)
+    ordered: dict[int, tuple[Ledger, list[Charge]]] = {}
+    for folded, names_of in named.values():
+        if ledger.charge_runs(folded, [runs[names] for names in names_of]):
+            continue
+        if len(names_of) == 1:  # its records are one set's, in log order
+            ledger.charge_all(folded, groups[names_of[0]])
+        else:
+            ordered[id(folded)] = (folded, [])
+    if not ordered:
+        return
     chains = {
-        names: [runs[id(folded)][1].append for folded in owned]
+        names: adds
         for names, owned in ledgers.items()
+        if (adds := [ordered[id(f)][1].append for f in owned if id(f) in ordered])
     }
     for names, charge in charges:
-        for add in chains[names]:
+        for add in chains.get(names, ()):
             add(charge)
-    for folded, run in runs.values():
+    for folded, run in ordered.values():
         ledger.charge_all(folded, run)
 
 

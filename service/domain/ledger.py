@@ -402,6 +402,71 @@ def charge_all(ledger: Ledger, charges: Iterable[Charge]) -> None:
     _add(ledger, clock, cost_sum, tokens_sum, requests_sum)
 
 
+class Run(NamedTuple):
+    """Usage records charged together (their `Charge`s in order) and what decides
+    whether `charge_runs` may add them at once."""
+
+    charges: list[Charge]
+    cost: int
+    tokens: int
+    requests: int
+    earliest: datetime  # the earliest occurred_at
+    latest: datetime  # the latest occurred_at
+    recorded: datetime  # the latest recorded_at
+    ahead: datetime | None  # the latest occurred_at not before its own recorded_at
+
+
+def run_of(charges: list[Charge]) -> Run:
+    """The records `charges` (in order) as one `Run`."""
+    cost = tokens = requests = 0
+    earliest, latest, recorded = FOREVER, EARLIEST, EARLIEST
+    ahead: datetime | None = None
+    for occurred_at, c, t, r, recorded_at in charges:
+        cost += c
+        tokens += t
+        requests += r
+        if occurred_at < earliest:
+            earliest = occurred_at
+        if occurred_at > latest:
+            latest = occurred_at
+        if recorded_at > recorded:
+            recorded = recorded_at
+        if occurred_at >= recorded_at and (ahead is None or occurred_at > ahead):
+            ahead = occurred_at
+    return Run(charges, cost, tokens, requests, earliest, latest, recorded, ahead)
+
+
+def charge_runs(ledger: Ledger, runs: Iterable[Run]) -> bool:
+    """Add runs of records (of one owner, their order among each other unknown) at
+    once when every record of each is one `charge_all` adds without a decision:
+    it lands in the cells last filed to, before the clock, and nothing falls due.
+    Those sum alike in any order, so the ledger is then as `charge_all` of the
+    records in log order leaves it. False, with nothing changed, when one may not
+    (the caller then folds the records in log order)."""
+    blo, bhi, tlo, thi, rlo, rhi = _window(ledger)
+    clock, due, wake = ledger.clock, ledger.due, ledger.wake
+    runs = list(runs)
+    for run in runs:
+        if not (
+            run.recorded <= due
+            and run.recorded < wake
+            and (run.ahead is None or run.ahead < clock)
+            and blo <= run.earliest
+            and run.latest < bhi
+            and tlo <= run.earliest
+            and run.latest < thi
+            and rlo <= run.earliest
+            and run.latest < rhi
+        ):
+            return False
+    for run in runs:
+        if run.charges:
+            after = run.recorded if run.recorded > clock else clock
+            _add(ledger, after, run.cost, run.tokens, run.requests)
+            clock = ledger.clock
+    return True
+
+
 def _window(ledger: Ledger) -> tuple[datetime, ...]:
     """Where usage lands in the cells last filed to: [lo, hi) of every budget, of
     the token half, of the request half (a half that is not there: everywhere)."""

@@ -1,5 +1,6 @@
-"""`ledger.charge_all` (the read model's bulk path) folds exactly as `ledger.charge`
-record by record: whatever the records, the ledger is the same afterwards."""
+"""`ledger.charge_all` and `ledger.charge_runs` (the read model's bulk paths) fold
+exactly as `ledger.charge` record by record: whatever the records, the ledger is the
+same afterwards."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from projections.governance_usage import fold
 from service.domain.events import Budget, RateLimit
 from service.domain.ledger import (
     Ledger,
     charge,
     charge_all,
+    charge_runs,
     define_budgets,
     define_rate_limit,
     meters,
     open_ledger,
     restore,
+    run_of,
     stored,
     take_cells,
     take_filed,
@@ -147,3 +151,83 @@ def test_taking_what_was_filed_keeps_filing_as_taking_the_cells(
         assert _nonzero(take_filed(filed)) == _nonzero(take_cells(cells))
         assert stored(filed).pending == stored(cells).pending
         assert filed.clock == cells.clock
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.booleans(),
+    st.booleans(),
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, 900),
+            st.integers(-4_000, 100),
+            st.sampled_from([0, 1, 10**6]),
+            st.sampled_from([0, 7]),
+        ),
+        max_size=60,
+    ),
+    st.lists(st.integers(0, 60), max_size=4),
+)
+def test_the_read_models_fold_of_shared_owners_folds_as_charge_one_by_one(
+    aligned: bool,
+    rate_limit: bool,
+    records: list[tuple[int, int, int, int, int]],
+    splits: list[int],
+) -> None:
+    """Keys a, b under team t under customer c (and key d alone): the records of
+    each key charge its chain, in batches; each ledger ends as `charge` of its
+    records in log order, whether it took them summed per key (`charge_runs`) or
+    folded them."""
+    chains = {
+        ("a", None, "t", "c"): ["a", "t", "c"],
+        ("b", None, "t", "c"): ["b", "t", "c"],
+        ("b", "p", "t", "c"): ["b", "p", "t", "c"],
+        ("d", None, None, None): ["d"],
+    }
+    names = list(chains)
+    owners = {o for chain in chains.values() for o in chain}
+    folded = {o: _ledger(aligned, rate_limit, True) for o in owners}
+    one_by_one = {o: _ledger(aligned, rate_limit, True) for o in owners}
+    for ledger in [*folded.values(), *one_by_one.values()]:  # a cell filed to
+        charge(ledger, START, 1, 1, 1, START + SECOND)
+    charges = []
+    recorded_at = START
+    for which, step, ahead, cost, tokens in records:
+        recorded_at += step * SECOND
+        record = (recorded_at + ahead * SECOND, cost, tokens, 1, recorded_at)
+        charges.append((names[which], record))
+        for owner in chains[names[which]]:
+            charge(one_by_one[owner], *record)
+
+    ledgers = {n: [folded[o] for o in chain] for n, chain in chains.items()}
+    start = 0
+    for end in [*sorted(splits), len(charges)]:
+        fold(charges[start:end], ledgers)
+        start = max(start, end)
+
+    assert {o: _view(f) for o, f in folded.items()} == {
+        o: _view(f) for o, f in one_by_one.items()
+    }
+
+
+def test_runs_within_the_cells_last_filed_to_are_added_at_once() -> None:
+    ledger = _ledger(False, True, True)
+    charge(ledger, START + 5 * SECOND, 1, 1, 1, START + 6 * SECOND)  # files a cell
+    at = START + 10 * SECOND
+    inside = run_of([(at, 10**6, 7, 1, at + SECOND), (at, 2, 0, 1, at + 2 * SECOND)])
+    assert charge_runs(ledger, [inside, inside]) is True
+    assert [m.used for m in meters(ledger)] == [2_000_005, 2_000_005, 15, 5]
+    assert ledger.clock == at + 2 * SECOND
+
+
+def test_a_run_past_a_period_end_is_refused_and_changes_nothing() -> None:
+    ledger = _ledger(False, True, True)
+    charge(ledger, START + 5 * SECOND, 1, 1, 1, START + 6 * SECOND)
+    at = START + 10 * SECOND
+    inside = run_of([(at, 10**6, 7, 1, at + SECOND)])
+    hours_later = at + 7_200 * SECOND
+    past = run_of([(hours_later, 5, 0, 1, hours_later + SECOND)])
+    before = _view(ledger)
+    assert charge_runs(ledger, [inside, past]) is False
+    assert _view(ledger) == before
