@@ -104,17 +104,23 @@ async def apply_rows(
     flush: bool = True,
 ) -> list[Refused]:
     """`apply` of rows as `eventstore.read_rows` reads them: a usage row is decoded
-    only into what it charges, in the same pass, every other row into its record.
+    only into what it charges (first, all at once), every other row into its record
+    in its turn.
     Returns the rows refused (legacy events with no current form), passed over as
     every reader passes over them."""
     refused: list[Refused] = []
+    usages = [eventstore.usage_of(row) for row in rows]
     async with _batch(conn, books, flush) as batch:
         await batch.books.expect(
-            conn, [row["stream_id"] for row in rows if eventstore.is_usage(row)]
+            conn,
+            [
+                row["stream_id"]
+                for row, u in zip(rows, usages, strict=True)
+                if u is not None
+            ],
         )
         add = batch.books.add
-        for row in rows:
-            usage = eventstore.usage_of(row)
+        for row, usage in zip(rows, usages, strict=True):
             if usage is not None:
                 add(
                     row["stream_id"],

@@ -358,15 +358,12 @@ async def read_rows(
 
 
 def usage_of(row: asyncpg.Record) -> UsageCharge | None:
-    """A `read_rows` row's usage, decoded only into what it charges; None for any
-    other row (whole for `record_or_refused`)."""
-    return decode_usage(row["data"]) if is_usage(row) else None
-
-
-def is_usage(row: asyncpg.Record) -> bool:
-    """Whether a `read_rows` row is a current usage record (read without its event
-    id and metadata)."""
-    return bool(row["type"] == USAGE and row["schema_version"] == USAGE_VERSION)
+    """A `read_rows` row's usage (a current usage record, read without its event id
+    and metadata), decoded only into what it charges; None for any other row (whole
+    for `record_or_refused`)."""
+    if row["type"] == USAGE and row["schema_version"] == USAGE_VERSION:
+        return decode_usage(row["data"])
+    return None
 
 
 def place_of(row: asyncpg.Record) -> Checkpoint:

@@ -308,6 +308,89 @@ async def test_rebuild_is_safe_while_events_arrive_and_the_projector_runs(
     assert (await replay.rebuild(pool, verify=True)).differences == []
 
 
+async def test_the_bulk_phase_reads_ahead_on_a_spare_connection_else_on_its_own(
+    pool, projector, database, monkeypatch
+):
+    history = History(pool)
+    await history.first_part()
+    await history.second_part()
+    await projector.catch_up()
+    live = await live_snapshot(pool)
+    read_rows = eventstore.read_rows
+    readers: list[int] = []
+
+    async def spy(conn, after, limit):
+        readers.append(conn.get_server_pid())
+        return await read_rows(conn, after, limit)
+
+    monkeypatch.setattr(eventstore, "read_rows", spy)
+    ahead = await replay.rebuild(pool, batch_size=3)
+    read_ahead, readers[:] = list(readers), []
+    alone_pool = await eventstore.create_pool(database, min_size=1, max_size=1)
+    try:
+        alone = await replay.rebuild(alone_pool, batch_size=3)
+    finally:
+        await alone_pool.close()
+
+    # 10 events in pages of 3: four pages in the bulk phase, then the swap's
+    # catch-up reads on the replay's own connection (and finds nothing).
+    assert len(read_ahead) == 5
+    assert len(set(read_ahead[:4])) == 1
+    assert read_ahead[4] != read_ahead[0]
+    assert len(readers) == 5
+    assert len(set(readers)) == 1
+    assert (ahead.events, alone.events) == (10, 10)
+    assert ahead.checkpoint == alone.checkpoint == await eventstore.head(pool)
+    assert await live_snapshot(pool) == live
+
+
+async def test_a_failed_batch_cancels_the_page_read_ahead_and_frees_both_connections(
+    pool, projector, monkeypatch
+):
+    history = History(pool)
+    await history.first_part()
+    await history.second_part()
+    await projector.catch_up()
+    live = await live_snapshot(pool)
+    spec = replay.PROJECTIONS["governance"]
+    batches: list[int] = []
+
+    async def failing(conn, rows, books=None, *, flush=True):
+        batches.append(len(rows))
+        if len(batches) == 2:
+            raise RuntimeError("boom")
+        return await spec.apply(conn, rows, books, flush=flush)
+
+    read_rows = eventstore.read_rows
+    reads: list[str] = []
+
+    async def slow_third(conn, after, limit):
+        reads.append("read")
+        if len(reads) == 3:  # read ahead while the second batch applies
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                reads[-1] = "cancelled"
+                raise
+        return await read_rows(conn, after, limit)
+
+    monkeypatch.setattr(eventstore, "read_rows", slow_third)
+    monkeypatch.setitem(
+        replay.PROJECTIONS,
+        "governance",
+        replay.Projection(spec.name, spec.prefix, failing),
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        await replay.rebuild(pool, batch_size=3)
+    monkeypatch.undo()
+
+    assert batches == [3, 3]
+    assert reads == ["read", "read", "cancelled"]
+    assert pool.get_idle_size() == pool.get_size()
+    assert await live_snapshot(pool) == live
+    assert (await replay.rebuild(pool, verify=True)).differences == []
+
+
 async def test_replay_at_a_position_equals_the_state_captured_live_there(
     pool, projector
 ):
