@@ -44,8 +44,6 @@ from service.records import Checkpoint, Refused
 # the flush bounds the memory the unwritten cells take.
 BULK_BATCH = 25_000
 BULK_FLUSH = 250_000
-# How long the bulk phase waits for a second connection to read ahead on.
-SPARE_WAIT_S = 1.0
 
 # (events applied so far, last position read)
 ProgressFn = Callable[[int, int], None]
@@ -145,11 +143,7 @@ async def rebuild(
     `verify`, compare it with the live tables at the live checkpoint and drop it."""
     spec = projection(name)
     shadow = f"replay_{spec.name}"
-    async with (
-        pool.acquire() as conn,
-        _replay_lock(conn, spec),
-        _spare(pool) as reader,
-    ):
+    async with pool.acquire() as conn, _replay_lock(conn, spec):
         tables = await _copy_tables(conn, spec, shadow)
         try:
             # Verify compares at the live checkpoint, so never read past it.
@@ -160,15 +154,7 @@ async def rebuild(
 
             books = Books()
             events, reached = await _bulk(
-                conn,
-                reader,
-                spec,
-                shadow,
-                books,
-                Checkpoint(),
-                bound,
-                batch_size,
-                on_progress,
+                conn, spec, shadow, books, Checkpoint(), bound, batch_size, on_progress
             )
             for attempt in range(10):
                 try:
@@ -297,7 +283,7 @@ async def build_at(
         else at.astimezone(UTC).strftime("%Y%m%dt%H%M%S%fz")
     )
     schema = f"audit_{spec.name}_{suffix}"
-    async with pool.acquire() as conn, _spare(pool) as reader:
+    async with pool.acquire() as conn:
         if isinstance(at, int):
             last = await eventstore.last_at_or_before(conn, at)
             if last is None:
@@ -314,7 +300,6 @@ async def build_at(
         try:
             events, reached = await _bulk(
                 conn,
-                reader,
                 spec,
                 schema,
                 Books(),
@@ -364,7 +349,6 @@ async def read_state(conn: Connection, schema: str, now: datetime) -> dict[str, 
 
 async def _bulk(
     conn: Connection,
-    reader: Connection | None,
     spec: Projection,
     schema: str,
     books: Books,
@@ -377,67 +361,24 @@ async def _bulk(
     """Apply batches until `bound()` is reached, each in its own short transaction
     (a long one would hold back vacuum and the tailing readers' horizon), what
     usage moved written every BULK_FLUSH events and at the end; returns (events
-    applied, checkpoint reached).
-
-    With a `reader` (a second connection) the next page is read there while this
-    one is applied: a page is a snapshot of its own, nothing ties it to the write
-    transaction, and PostgreSQL finds and sends it while this process folds."""
+    applied, checkpoint reached)."""
     events, reached = 0, start
     unwritten = 0
-
-    def read_ahead(after: Checkpoint) -> asyncio.Future[list[asyncpg.Record]] | None:
-        if reader is None:
-            return None
-        return asyncio.ensure_future(eventstore.read_rows(reader, after, batch_size))
-
-    ahead = read_ahead(start)
-    try:
-        while True:
-            target = await bound()
-            rows = await ahead if ahead else None  # None: read on `conn`
-            ahead = None
-            if (
-                rows is not None
-                and len(rows) == batch_size
-                and not _after(place_of(rows[-1]), target)
-            ):
-                ahead = read_ahead(place_of(rows[-1]))
-            async with conn.transaction():
-                more, reached, full = await _apply_batch(
-                    conn, spec, schema, books, reached, target, batch_size, until, rows
-                )
-                unwritten += more
-                if not full or unwritten >= BULK_FLUSH:
-                    await books.flush(conn)
-                    unwritten = 0
-            events += more
-            if on_progress:
-                on_progress(events, reached.position)
-            if not full:
-                return events, reached
-    finally:
-        if ahead is not None:  # a page no one will apply (a failure, or the end)
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead
-
-
-@contextlib.asynccontextmanager
-async def _spare(pool: asyncpg.Pool) -> AsyncIterator[Connection | None]:
-    """A second connection of the pool to read ahead on, None when the pool has
-    none to spare (the bulk phase then reads on its own connection)."""
-    if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
-        yield None
-        return
-    try:
-        reader = await pool.acquire(timeout=SPARE_WAIT_S)
-    except TimeoutError:
-        yield None
-        return
-    try:
-        yield reader
-    finally:
-        await pool.release(reader)
+    while True:
+        target = await bound()
+        async with conn.transaction():
+            more, reached, full = await _apply_batch(
+                conn, spec, schema, books, reached, target, batch_size, until
+            )
+            unwritten += more
+            if not full or unwritten >= BULK_FLUSH:
+                await books.flush(conn)
+                unwritten = 0
+        events += more
+        if on_progress:
+            on_progress(events, reached.position)
+        if not full:
+            return events, reached
 
 
 async def _apply_range(
@@ -469,17 +410,14 @@ async def _apply_batch(
     target: Checkpoint,
     batch_size: int,
     until: datetime | None,
-    rows: Sequence[asyncpg.Record] | None = None,
     *,
     flush: bool = False,
 ) -> tuple[int, Checkpoint, bool]:
-    """One read (unless the page after `after` is given as `rows`) and apply;
-    returns (events applied, checkpoint, whether to go on). Without `flush` what
-    usage moved stays in `books`."""
+    """One read and apply; returns (events applied, checkpoint, whether to go on).
+    Without `flush` what usage moved stays in `books`."""
     await use(conn, schema)
     await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
-    if rows is None:
-        rows = await eventstore.read_rows(conn, after, batch_size)
+    rows = await eventstore.read_rows(conn, after, batch_size)
     full = len(rows) == batch_size
     if rows and _after(place_of(rows[-1]), target):
         # In (tx_id, position) order: those up to the target lead.
