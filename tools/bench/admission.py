@@ -184,11 +184,12 @@ async def burst(
         *(send(i, p, s) for i, (p, s) in enumerate(_interleaved(groups)))
     )
     admitted = [0] * len(groups)
-    top = created
+    positions = [created]
     for process, answer in answers:
         if answer["allowed"]:
             admitted[process] += 1
-            top = max(top, int(answer["position"]))
+            positions.append(int(answer["position"]))
+    top = max(positions)
     refused_after = []
     if reserve:
         for group in groups:
@@ -203,7 +204,7 @@ async def burst(
                 },
             )
             refused_after.append(not after["allowed"])
-        await _held_as_admitted(sessions[0], url, key_id, top, sum(admitted))
+        await _held_as_admitted(sessions[0], url, key_id, positions, sum(admitted))
     return Burst(
         reserve=reserve,
         gap_ms=gap_ms,
@@ -215,14 +216,18 @@ async def burst(
 
 
 async def _held_as_admitted(
-    session: Session, url: str, key_id: str, position: int, admitted: int
+    session: Session, url: str, key_id: str, positions: Sequence[int], admitted: int
 ) -> None:
-    """The log holds every admitted hold: the read model's `held` is admitted e."""
-    found = await call_json(
-        session,
-        "GET",
-        f"{url}/api/governance/virtual-keys/{key_id}?min_position={position}",
-    )
+    """The log holds every admitted hold: the read model's `held` is admitted e.
+    Positions are not in commit order (the highest may commit before a lower one),
+    so the read waits for every admitted hold's position in turn, the last read
+    answering after all of them were applied."""
+    for position in sorted(positions):
+        found = await call_json(
+            session,
+            "GET",
+            f"{url}/api/governance/virtual-keys/{key_id}?min_position={position}",
+        )
     [budget] = found["virtual_key"]["budgets"]
     if Decimal(budget["held"]) != ESTIMATE * admitted:
         raise RuntimeError(f"{admitted} holds admitted, {budget['held']} held")
