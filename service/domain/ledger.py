@@ -460,10 +460,8 @@ def charge_runs(ledger: Ledger, runs: Iterable[Run]) -> bool:
         ):
             return False
     for run in runs:
-        if run.charges:
-            after = run.recorded if run.recorded > clock else clock
-            _add(ledger, after, run.cost, run.tokens, run.requests)
-            clock = ledger.clock
+        if run.charges:  # the clock moves to the latest recorded_at, as there
+            _add(ledger, run.recorded, run.cost, run.tokens, run.requests)
     return True
 
 
