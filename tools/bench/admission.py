@@ -189,20 +189,21 @@ async def burst(
         if answer["allowed"]:
             admitted[process] += 1
             positions.append(int(answer["position"]))
-    top = max(positions)
     refused_after = []
     if reserve:
         for group in groups:
-            after = await call_json(
-                group[0],
-                "POST",
-                check,
-                {
-                    "virtual_key_id": key_id,
-                    "estimated_cost": str(ESTIMATE),
-                    "min_position": top,
-                },
-            )
+            # Positions are not in commit order: wait for every admitted one.
+            for position in sorted(positions):
+                after = await call_json(
+                    group[0],
+                    "POST",
+                    check,
+                    {
+                        "virtual_key_id": key_id,
+                        "estimated_cost": str(ESTIMATE),
+                        "min_position": position,
+                    },
+                )
             refused_after.append(not after["allowed"])
         await _held_as_admitted(sessions[0], url, key_id, positions, sum(admitted))
     return Burst(
