@@ -96,7 +96,9 @@ async def raw_copy(
 
 
 def batch_bodies(keys: Sequence[str], records: int, per_body: int = 500) -> list[bytes]:
-    """NDJSON bodies of unique records over the given key secrets."""
+    """NDJSON bodies of records over the given key secrets, each with a new event id:
+    build them anew for every measurement (records sent before are duplicates,
+    which the service answers from memory)."""
     encode = msgspec.json.encode
     bodies = []
     for start in range(0, records, per_body):
@@ -118,6 +120,18 @@ def batch_bodies(keys: Sequence[str], records: int, per_body: int = 500) -> list
     return bodies
 
 
+class _Accepted(msgspec.Struct):
+    accepted: int
+
+
+_decode_accepted = msgspec.json.Decoder(_Accepted).decode
+
+
+def accepted(answer: bytes) -> int:
+    """The records a POST /api/usage/batch answer says were stored as new."""
+    return _decode_accepted(answer).accepted
+
+
 async def through_batch(
     url: str,
     bodies: Sequence[bytes],
@@ -133,6 +147,7 @@ async def through_batch(
         seconds=seconds,
         units_per_body=[per_body] * len(bodies),
         content_type="application/x-ndjson",
+        units_of=accepted,
     )
 
 

@@ -132,6 +132,7 @@ async def ceiling(
         seconds=seconds,
         units_per_body=[per_body] * len(body_list),
         content_type="application/x-ndjson",
+        units_of=ingest_bench.accepted,
     )
     started = time.perf_counter()
     await caught_up(dsn, url)

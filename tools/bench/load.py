@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import msgspec
@@ -38,11 +38,14 @@ async def post_loop(
     units_per_body: Sequence[int] | int = 1,
     content_type: str = "application/json",
     warmup_s: float = 0.5,
+    units_of: Callable[[bytes], int] | None = None,
 ) -> LoadResult:
     """POST bodies round-robin from `connections` keep-alive connections for `seconds`.
 
     Each body is sent at most once when `units_per_body` is a sequence (ingest: every
     record is unique), so the caller must supply enough bodies for the duration.
+    With `units_of`, a request counts the units its answer reports (ingest: the
+    records stored as new, so a duplicate, answered from memory, never counts).
     """
     per_body = (
         [units_per_body] * len(bodies)
@@ -71,13 +74,15 @@ async def post_loop(
                 body = bodies[i % len(bodies)]
                 started = time.perf_counter()
                 async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
+                    answer = await resp.read()
                     ok = resp.status < 300
                 if not measuring:
                     continue
                 latencies.append((time.perf_counter() - started) * 1000)
                 counters["requests"] += 1
-                if ok:
+                if ok and units_of is not None:
+                    counters["units"] += units_of(answer)
+                elif ok:
                     counters["units"] += per_body[i % len(bodies)]
                 else:
                     counters["errors"] += 1

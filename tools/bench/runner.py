@@ -103,10 +103,11 @@ async def scenario_ingest(dsn: str, args: argparse.Namespace) -> list[Row]:
         )
         with servers.govledger(dsn, processes=processes) as url:
             keys = await create_keys(url, 100)
-            bodies = ingest_bench.batch_bodies(
-                keys, int(args.seconds * 250_000) + 50_000
-            )
             for _ in range(args.reps):
+                # New records every time: those of an earlier pair are duplicates.
+                bodies = ingest_bench.batch_bodies(
+                    keys, int(args.seconds * 250_000) + 50_000
+                )
                 await ingest_bench.reset_tables(conn)
                 base = await ingest_bench.raw_copy(dsn, raw, connections=processes)
                 await ingest_bench.reset_tables(conn)
