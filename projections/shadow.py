@@ -64,6 +64,12 @@ WHERE n.nspname = 'public' AND t.relname = ANY($1::text[])
   AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
 ORDER BY t.relname
 """
+# Storage parameters set on a live table (fillfactor: see migration 0009).
+_OPTIONS = """
+SELECT c.relname, c.reloptions FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relname = ANY($1::text[]) AND c.reloptions IS NOT NULL
+"""
 _REFERENCED_FROM_OUTSIDE = """
 SELECT c.conname FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid JOIN pg_class r ON r.oid = c.confrelid
@@ -91,6 +97,9 @@ async def copy_tables(conn: Connection, prefix: str, schema: str) -> list[str]:
             raise ShadowError(f"other tables reference the projection's: {names}")
         constraints = await conn.fetch(_CONSTRAINTS, tables)
         indexes = await conn.fetch(_INDEXES, tables)
+        options = {
+            r["relname"]: r["reloptions"] for r in await conn.fetch(_OPTIONS, tables)
+        }
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.execute(f"CREATE SCHEMA {schema}")
         await use(conn, schema)
@@ -98,7 +107,7 @@ async def copy_tables(conn: Connection, prefix: str, schema: str) -> list[str]:
             await conn.execute(
                 f"CREATE TABLE {schema}.{_ident(table)} (LIKE public.{_ident(table)}"
                 " INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY"
-                " INCLUDING STORAGE)"
+                f" INCLUDING STORAGE){_with(options.get(table))}"
             )
         for c in constraints:
             await conn.execute(
@@ -109,6 +118,19 @@ async def copy_tables(conn: Connection, prefix: str, schema: str) -> list[str]:
             definition = _retarget_index(i["definition"], i["relname"], schema)
             await conn.execute(definition)
     return tables
+
+
+def _with(options: list[str] | None) -> str:
+    """A table's storage parameters (`reloptions`, each `name=value`) as the WITH
+    clause of a copy; none: nothing. LIKE copies none of them."""
+    if not options:
+        return ""
+    pairs = (option.split("=", 1) for option in options)
+    quoted = (
+        ".".join(_ident(part) for part in name.split(".")) + " = " + _literal(value)
+        for name, value in pairs
+    )
+    return " WITH (" + ", ".join(quoted) + ")"
 
 
 def _retarget_index(definition: str, table: str, schema: str) -> str:

@@ -283,6 +283,43 @@ async def test_rebuild_swaps_in_a_replay_that_repairs_the_read_model(pool, proje
     assert schemas == 0
 
 
+_HOT_TABLES = (
+    "governance_budget_spend",
+    "governance_ledgers",
+    "governance_rate_limit_usage",
+    "governance_usage_streams",
+)
+
+
+async def _options(pool) -> dict[str, list[str] | None]:
+    rows = await pool.fetch(
+        "SELECT relname, reloptions FROM pg_class"
+        " WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1::text[])",
+        list(_HOT_TABLES),
+    )
+    return {r["relname"]: r["reloptions"] for r in rows}
+
+
+async def test_rebuild_swaps_in_tables_with_the_live_tables_storage_parameters(
+    pool, projector
+):
+    history = History(pool)
+    await history.first_part()
+    await projector.catch_up()
+    assert await _options(pool) == {t: ["fillfactor=50"] for t in _HOT_TABLES}
+    await pool.execute("ALTER TABLE governance_ledgers SET (fillfactor = 70)")
+    try:
+        report = await replay.rebuild(pool)
+
+        assert report.swapped is True
+        assert await _options(pool) == {
+            **{t: ["fillfactor=50"] for t in _HOT_TABLES},
+            "governance_ledgers": ["fillfactor=70"],
+        }
+    finally:  # the database outlives the test
+        await pool.execute("ALTER TABLE governance_ledgers SET (fillfactor = 50)")
+
+
 async def test_rebuild_is_safe_while_events_arrive_and_the_projector_runs(
     pool, projector
 ):

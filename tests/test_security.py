@@ -321,6 +321,11 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("projections/shadow.py", "side[one]"): "a SELECT built as above",
     ("projections/shadow.py", "side[other]"): "a SELECT built as above",
     ("projections/shadow.py", "c['definition']"): "pg_get_constraintdef output",
+    ("projections/shadow.py", "_with(options.get(table))"): "a WITH clause as below",
+    (
+        "projections/shadow.py",
+        "', '.join(quoted)",
+    ): "reloptions through _ident/_literal",
 }
 
 
