@@ -15,7 +15,14 @@ from structlog.testing import capture_logs
 
 from projections import governance, governance_reads
 from projections.governance_views import BudgetView, CustomerView, RateLimitView
-from projections.runner import Listener, Projector, Tail, Wake, load_checkpoint
+from projections.runner import (
+    ROWS_BATCH_SIZE,
+    Listener,
+    Projector,
+    Tail,
+    Wake,
+    load_checkpoint,
+)
 from service import eventstore
 from service.domain.events import (
     Budget,
@@ -1083,3 +1090,23 @@ async def test_ready_only_once_the_head_seen_at_start_is_applied(pool, projector
     await projector.catch_up()
 
     assert projector.ready
+
+
+async def test_the_read_models_projector_takes_rows_batch_size_events_a_batch(pool):
+    # Each batch writes every ledger, cell and stream guard it touched once: at full
+    # ingest rate larger batches are fewer writes of the same rows.
+    key_id = uid()
+    created = await append(pool, f"virtual_key-{key_id}", key_created(key_id))
+    last = await append(
+        pool,
+        f"usage-{key_id}",
+        *(usage_event(key_id, "1", T0) for _ in range(ROWS_BATCH_SIZE + 10)),
+        at=T0,
+    )
+    projector = Projector(pool, "governance", governance.APPLIER)
+
+    assert await projector.step() is True  # full: more is waiting
+    first = await load_checkpoint(pool, "governance")
+    assert await projector.step() is False
+    assert first.position == created + ROWS_BATCH_SIZE - 1  # the first 2,000
+    assert (await load_checkpoint(pool, "governance")).position == last
