@@ -329,8 +329,11 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
     raw = ingest_bench.raw_rows(args.raw_rows)
     template = ingest_bench.raw_rows(keep_pace_bench.PER_BODY)
     notes: list[str] = []
+    # What serve and its projector child log (warnings, errors), kept for after.
+    serve_log = Path(args.output).with_name("keep-pace-serve.log")
+    serve_log.unlink(missing_ok=True)
     try:
-        with servers.govledger(dsn) as url:
+        with servers.govledger(dsn, log=serve_log) as url:
             keys = await servers.create_keys(url, 100)
             for _ in range(args.reps):
                 await ingest_bench.reset_tables(conn)
@@ -367,7 +370,8 @@ async def scenario_keep_pace(dsn: str, args: argparse.Namespace) -> list[Row]:
         await conn.close()
     cache_row.note = model_row.note = ingest_row.note = (
         f"{args.connections} connections, {keep_pace_bench.PER_BODY} records a body,"
-        f" GOVLEDGER_PROJECTOR={placement}; " + "; ".join(notes)
+        f" GOVLEDGER_PROJECTOR={placement}, serve's log in {serve_log}; "
+        + "; ".join(notes)
     )
     return [cache_row, model_row, ingest_row]
 

@@ -76,9 +76,10 @@ def _listens(pid: int, port: int) -> bool:
 
 @contextlib.contextmanager
 def govledger(
-    dsn: str, *, processes: int = 1, port: int | None = None
+    dsn: str, *, processes: int = 1, port: int | None = None, log: Path | None = None
 ) -> Iterator[str]:
-    """`processes` serve processes on one port (SO_REUSEPORT); yields the base URL."""
+    """`processes` serve processes on one port (SO_REUSEPORT); yields the base URL.
+    With `log`, what they print (the projector child's too) is appended to it."""
     port = port or free_port()
     env = {
         **os.environ,
@@ -92,12 +93,17 @@ def govledger(
         "GOVLEDGER_READER_TOKENS",
     ):
         env.pop(name, None)
+    output = contextlib.ExitStack()
+    sink: Any = subprocess.DEVNULL
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sink = output.enter_context(log.open("ab"))
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--reuse-port"],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
         )
         for _ in range(processes)
     ]
@@ -111,6 +117,7 @@ def govledger(
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(procs)
+        output.close()
 
 
 @contextlib.contextmanager
