@@ -260,13 +260,15 @@ class Projector:
         # A failure that is not the database being out of reach: the event at
         # `failure.position` could not be applied (reported, retried, never skipped).
         self.failure: Failure | None = None
-        # The batch being applied, and while a failed batch is narrowed down to
-        # its failing event, the end of that batch.
+        # The batch being applied; while a failed batch is narrowed down to its
+        # failing event, the end of that batch and the size of the batches that
+        # retry it (halved at each failure, down to one event).
         self._applying: _Batch | None = None
+        self._narrow_until: Checkpoint | None = None
+        self._narrow_size = 0
         # Legacy events passed over (the last few, for /readyz).
         self.refused: list[Refused] = []
         self._refused_up_to = 0
-        self._narrow_until: Checkpoint | None = None
         # Lag as of the last step: events behind the log head, and seconds.
         self.lag_events = 0
         self.lag_seconds = 0.0
@@ -292,7 +294,9 @@ class Projector:
 
         An unreachable database is logged as such and retried at least every
         second. Any other failure is first narrowed down to one event (the failed
-        batch is retried one event at a time), then reported once (a log line,
+        batch is retried in halves, then halves of the half that fails, so a
+        batch of n events costs about 2·log2(n) retries, not n, and a failure
+        that does not recur costs one), then reported once (a log line,
         `failure` for /readyz, a gauge for /metrics) and retried with back-off:
         never skipped, since an event skipped by one projection would leave it
         disagreeing with the others for good.
@@ -304,8 +308,7 @@ class Projector:
             try:
                 if self._start_head is None:
                     self._start_head = await eventstore.head(self._pool)
-                narrow = self._narrow_until is not None or self.failure is not None
-                more = await self.step(narrow=narrow)
+                more = await self.step(self._step_size())
             except Exception as exc:
                 self.failing = True
                 applying, self._applying = self._applying, None
@@ -318,8 +321,16 @@ class Projector:
                         retry_in_s=delay,
                     )
                 elif applying is not None and applying.size > 1:
-                    # Find the event: retry this batch one event at a time, now.
-                    self._narrow_until = applying.last
+                    # Find the event: retry this batch in halves, now.
+                    self._narrow(applying)
+                    log.warning(
+                        "projection_batch_failed",
+                        projection=self.name,
+                        first=applying.first,
+                        size=applying.size,
+                        retry_size=self._narrow_size,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
                     continue
                 else:
                     delay = min(max(delay * 2, 0.1), self._max_backoff_s)
@@ -401,10 +412,28 @@ class Projector:
                 remaining = min(remaining, self._poll_interval_s)
             await _wait(advanced, remaining)
 
-    async def step(self, *, narrow: bool = False) -> bool:
-        """Apply at most one batch (of one event with `narrow`, to find the one that
-        fails); True when it was full (more may be waiting)."""
-        size = 1 if narrow else self._batch_size
+    def _narrow(self, failed: _Batch) -> None:
+        """Retry the events of `failed` (and of the batch it narrows, if any) in
+        batches of half its size."""
+        until = self._narrow_until
+        if until is None or not _reached(until, failed.last):
+            self._narrow_until = failed.last
+        self._narrow_size = max(1, failed.size // 2)
+
+    def _step_size(self) -> int:
+        """One event while a failure is reported, the narrowed size while a failed
+        batch is retried, else the whole batch size."""
+        if self.failure is not None:
+            return 1
+        if self._narrow_until is not None:
+            return self._narrow_size
+        return self._batch_size
+
+    async def step(self, size: int | None = None) -> bool:
+        """Apply at most one batch of `size` events (default: the batch size);
+        True when it was full (more may be waiting)."""
+        if size is None:
+            size = self._batch_size
         async with self._step_lock:
             if self.follow_only:
                 return await self._step_following()

@@ -95,6 +95,52 @@ async def test_a_failing_event_is_narrowed_down_reported_once_and_never_skipped(
     )
 
 
+async def test_a_failed_batch_is_retried_in_halves_not_one_event_at_a_time(
+    pool,
+) -> None:
+    # At full ingest a batch holds thousands of events: retrying one at a time
+    # would leave the projection that many round trips behind.
+    positions = await append_teams(pool, 64)
+    poisoned = positions[40]
+    sizes: list[int] = []
+
+    async def apply(_conn, records: Sequence[RecordedEvent]) -> None:
+        sizes.append(len(records))
+        if any(r.global_position == poisoned for r in records):
+            raise ValueError("cannot apply this one")
+
+    projector = Projector(
+        pool, "halving_test", apply, persistent=False, batch_size=64, max_backoff_s=1
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(projector.run(Wake()))
+        try:
+            await until(lambda: projector.failure is not None, "the failure")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # 64 fails; 0-31 pass; 32-63, 32-47 fail; 32-39 pass; 40-47, 40-43, 40-41, 40 fail.
+    assert sizes[:9] == [64, 32, 32, 16, 8, 8, 4, 2, 1]
+    assert projector.failure == Failure(
+        "halving_test", poisoned, "ValueError: cannot apply this one"
+    )
+    assert projector.checkpoint.position == positions[39]
+    narrowed = [
+        (e["first"], e["size"], e["retry_size"])
+        for e in logs
+        if e["event"] == "projection_batch_failed"
+    ]
+    assert narrowed == [
+        (positions[0], 64, 32),
+        (positions[32], 32, 16),
+        (positions[32], 16, 8),
+        (positions[40], 8, 4),
+        (positions[40], 4, 2),
+        (positions[40], 2, 1),
+    ]
+
+
 async def test_a_failure_that_clears_lets_the_projection_go_on(pool) -> None:
     positions = await append_teams(pool, 3)
     attempts = {"left": 3}
@@ -122,6 +168,7 @@ async def test_a_failure_that_clears_lets_the_projection_go_on(pool) -> None:
     assert applied == positions
     assert projector.failure is None
     assert [e["event"] for e in logs if e["event"].startswith("projection_")] == [
+        "projection_batch_failed",  # the three together; then alone:
         "projection_failed",
         "projection_recovered",
     ]
