@@ -323,6 +323,7 @@ class Projector:
                 elif applying is not None and applying.size > 1:
                     # Find the event: retry this batch in halves, now.
                     self._narrow(applying)
+                    metrics.count_failed_batch(self.name)
                     log.warning(
                         "projection_batch_failed",
                         projection=self.name,

@@ -146,6 +146,19 @@ def count_refused_event(projection: str) -> None:
     _refused_events.labels(projection=projection).inc()
 
 
+_failed_batches = Counter(
+    "projection_failed_batches",
+    "Batches the projection failed to apply and retried in halves to find the event"
+    " that fails; growth with no failing position means failures that did not recur.",
+    ["projection"],
+    registry=registry,
+)
+
+
+def count_failed_batch(projection: str) -> None:
+    _failed_batches.labels(projection=projection).inc()
+
+
 def count_records(*, accepted: int = 0, duplicates: int = 0, rejected: int = 0) -> None:
     if accepted:
         _accepted.inc(accepted)

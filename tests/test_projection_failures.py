@@ -139,6 +139,10 @@ async def test_a_failed_batch_is_retried_in_halves_not_one_event_at_a_time(
         (positions[40], 4, 2),
         (positions[40], 2, 1),
     ]
+    assert (
+        'projection_failed_batches_total{projection="halving_test"} 6.0'
+        in metrics.render().decode()
+    )
 
 
 async def test_a_failure_that_clears_lets_the_projection_go_on(pool) -> None:
