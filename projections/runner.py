@@ -181,6 +181,11 @@ class Wake:
         await _wait(self._event, at_most_s)
 
 
+def _error_text(exc: Exception) -> str:
+    """How a failure to apply is said: in the log, /readyz and `Failure`."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Failure(NamedTuple):
     """What stops a projection: the first event it could not apply, and why."""
 
@@ -330,7 +335,7 @@ class Projector:
                         first=applying.first,
                         size=applying.size,
                         retry_size=self._narrow_size,
-                        error=f"{type(exc).__name__}: {exc}",
+                        error=_error_text(exc),
                     )
                     continue
                 else:
@@ -347,6 +352,9 @@ class Projector:
                 )
                 self.failure = None
                 metrics.set_projection_failure(self.name, None)
+                # The event that failed is applied: the rest go in whole batches
+                # again (a next failure is narrowed down afresh).
+                self._narrow_until = None
             if self._narrow_until is not None and _reached(
                 self._checkpoint, self._narrow_until
             ):
@@ -358,7 +366,7 @@ class Projector:
 
     def _report_failure(self, position: int, exc: Exception, retry_in_s: float) -> None:
         """One log line per distinct (position, error), not one per retry."""
-        failure = Failure(self.name, position, f"{type(exc).__name__}: {exc}")
+        failure = Failure(self.name, position, _error_text(exc))
         if failure == self.failure:
             return
         self.failure = failure

@@ -54,6 +54,16 @@ async def until(condition, what: str) -> None:
             await asyncio.sleep(0.01)
 
 
+async def run_until(projector: Projector, condition, what: str) -> None:
+    """Run the projector until `condition` holds (`until`), then stop it."""
+    task = asyncio.create_task(projector.run(Wake()))
+    try:
+        await until(condition, what)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_failing_event_is_narrowed_down_reported_once_and_never_skipped(
     pool,
 ) -> None:
@@ -72,13 +82,8 @@ async def test_a_failing_event_is_narrowed_down_reported_once_and_never_skipped(
         pool, "failing_test", apply, persistent=False, max_backoff_s=0.05
     )
     with capture_logs() as logs:
-        task = asyncio.create_task(projector.run(Wake()))
-        try:
-            # The batch, then the event alone, then retries of it: reported once.
-            await until(lambda: attempts[0] >= 5, "several retries")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        # The batch, then the event alone, then retries of it: reported once.
+        await run_until(projector, lambda: attempts[0] >= 5, "several retries")
 
     assert projector.failure == Failure(
         "failing_test", poisoned, "ValueError: cannot apply this one"
@@ -113,12 +118,7 @@ async def test_a_failed_batch_is_retried_in_halves_not_one_event_at_a_time(
         pool, "halving_test", apply, persistent=False, batch_size=64, max_backoff_s=1
     )
     with capture_logs() as logs:
-        task = asyncio.create_task(projector.run(Wake()))
-        try:
-            await until(lambda: projector.failure is not None, "the failure")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await run_until(projector, lambda: projector.failure is not None, "the failure")
 
     # 64 fails; 0-31 pass; 32-63, 32-47 fail; 32-39 pass; 40-47, 40-43, 40-41, 40 fail.
     assert sizes[:9] == [64, 32, 32, 16, 8, 8, 4, 2, 1]
@@ -145,6 +145,37 @@ async def test_a_failed_batch_is_retried_in_halves_not_one_event_at_a_time(
     )
 
 
+async def test_after_a_narrowed_failure_clears_the_rest_go_in_whole_batches(
+    pool,
+) -> None:
+    positions = await append_teams(pool, 64)
+    sizes: list[int] = []
+    failures_left = [8]
+
+    async def apply(_conn, records: Sequence[RecordedEvent]) -> None:
+        sizes.append(len(records))
+        if failures_left[0] and records[0].global_position == positions[0]:
+            failures_left[0] -= 1
+            raise ValueError("not yet")
+
+    projector = Projector(
+        pool,
+        "clearing_test",
+        apply,
+        persistent=False,
+        batch_size=64,
+        max_backoff_s=0.02,
+    )
+    await run_until(
+        projector, lambda: projector.checkpoint.position == positions[-1], "the head"
+    )
+
+    # Halved down to the first event, which fails twice more alone, then passes;
+    # the 63 after it go in one batch, not one at a time.
+    assert sizes == [64, 32, 16, 8, 4, 2, 1, 1, 1, 63]
+    assert projector.failure is None
+
+
 async def test_a_failure_that_clears_lets_the_projection_go_on(pool) -> None:
     positions = await append_teams(pool, 3)
     attempts = {"left": 3}
@@ -160,14 +191,11 @@ async def test_a_failure_that_clears_lets_the_projection_go_on(pool) -> None:
         pool, "flaky_test", apply, persistent=False, max_backoff_s=0.02
     )
     with capture_logs() as logs:
-        task = asyncio.create_task(projector.run(Wake()))
-        try:
-            await until(
-                lambda: projector.checkpoint.position == positions[-1], "the head"
-            )
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await run_until(
+            projector,
+            lambda: projector.checkpoint.position == positions[-1],
+            "the head",
+        )
 
     assert applied == positions
     assert projector.failure is None
