@@ -54,7 +54,6 @@ with `history=True`, folds a run and writes `take_cells` as increments.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -81,11 +80,14 @@ FOREVER = datetime.max.replace(tzinfo=UTC)
 _PARTS = {BUDGET: 0, TOKENS: 1, REQUESTS: 2}  # index into a pending (cost, tokens, …)
 
 
+# A coefficient of 1: an amount times it keeps the amount's digits, so the product
+# is exact within the context's 28 (a cost has at most 21, a limit at most 27).
+_GIGA = Decimal("1E9")
+
+
 def to_nanos(amount: Decimal) -> int:
     """Money as whole nanos; a finer amount (never accepted) rounds up."""
-    scaled = amount.scaleb(9)
-    whole = int(scaled)
-    return whole if whole == scaled else math.ceil(scaled)
+    return (amount * _GIGA).__ceil__()
 
 
 def to_money(nanos: int) -> Decimal:

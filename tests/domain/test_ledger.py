@@ -121,6 +121,13 @@ def test_money_is_exact_nanos_both_ways() -> None:
     assert to_nanos(Decimal("0.000000001")) == 1
     assert to_nanos(Decimal("12.5")) == 12_500_000_000
     assert to_nanos(Decimal("0.0000000001")) == 1  # finer than a nano rounds up
+    assert to_nanos(Decimal("1E-10")) == 1
+    assert to_nanos(Decimal("0.00")) == 0
+    assert to_nanos(Decimal("3")) == 3_000_000_000
+    # The largest limit a budget takes (below 10^18, nine decimals): every digit kept.
+    largest = Decimal("999999999999999999.999999999")
+    assert to_nanos(largest) == 999_999_999_999_999_999_999_999_999
+    assert to_money(to_nanos(largest)) == largest
     assert to_money(12_500_000_000) == Decimal("12.5")
     assert str(to_money(12_000_000_000)) == "12"
     assert to_money(1) == Decimal("1E-9")
