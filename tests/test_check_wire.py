@@ -1,7 +1,7 @@
 """The check's answer on the wire: written whole in one message
 (`service.web.prepared.JsonAnswer`), it must keep HTTP's rules as aiohttp's own
 responses do: keep-alive by version and `Connection`, pipelined requests answered in
-order, and the headers the middleware sets."""
+order, and the headers the edge's guard sets."""
 
 from __future__ import annotations
 

@@ -122,6 +122,72 @@ async def test_an_overlong_x_request_id_is_a_400(server) -> None:
     assert status == 400
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code", "message", "allow"),
+    [
+        ("GET", "/no/such/endpoint", 404, "not_found", "no such endpoint", None),
+        (
+            "POST",
+            "/api/governance/teams/x/y",
+            404,
+            "not_found",
+            "no such endpoint",
+            None,
+        ),
+        (
+            "POST",
+            "/",
+            405,
+            "method_not_allowed",
+            "this endpoint does not accept that method",
+            "GET",
+        ),
+        (
+            "DELETE",
+            "/api/governance/check",
+            405,
+            "method_not_allowed",
+            "this endpoint does not accept that method",
+            "POST",
+        ),
+        (
+            "DELETE",
+            "/api/governance/teams",
+            405,
+            "method_not_allowed",
+            "this endpoint does not accept that method",
+            "GET,POST",
+        ),
+    ],
+)
+async def test_what_no_route_takes_is_answered_by_the_edge(
+    server, method, path, status, code, message, allow
+) -> None:
+    async with TestClient(server) as client:
+        with capture_logs() as logs:
+            response = await client.request(
+                method,
+                path,
+                headers={"Authorization": "Bearer adm-secret", "X-Request-Id": "r1"},
+            )
+            body = await response.json()
+    finished = [e for e in logs if e["event"] == "request_finished"]
+    assert (response.status, body) == (
+        status,
+        {"error": {"code": code, "message": message}},
+    )
+    assert response.headers["X-Request-Id"] == "r1"
+    allowed = response.headers.get("Allow")
+    assert (None if allowed is None else ",".join(sorted(allowed.split(",")))) == allow
+    assert [(e["status"], e["code"]) for e in finished] == [(status, code)]
+
+
+def test_the_app_runs_no_aiohttp_middleware(database) -> None:
+    # Every route is wrapped by `http.guarded` instead: any aiohttp middleware makes
+    # aiohttp build a chain and add its own on every request (the check's cost).
+    assert list(create_app(Settings(**TOKENS), database).middlewares) == []
+
+
 async def test_a_4xx_log_line_carries_the_error_code(server) -> None:
     async with TestClient(server) as client:
         with capture_logs() as logs:

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from service import log as logging_setup
 from service.config import Settings
 from service.web.app import create_app
+from service.web.http import Right, guarded
 from service.web.keys import settings_key
 from tests.served import CHECK, KEYS, Fleet, call
 
@@ -93,7 +94,10 @@ async def client(
         reader_tokens=frozenset({TOKENS["reader"]}),
     )
     app = create_app(settings, dsn)
-    app.router.add_post("/test/fail", fail)
+    # Behind the guard every route of the service stands behind.
+    app.router.add_post(
+        "/test/fail", guarded(fail, Right.PUBLIC, settings, quiet=False)
+    )
     async with TestClient(TestServer(app)) as client:
         yield client
 

@@ -1,6 +1,6 @@
-"""The composition root: create_app(settings) wires the routes, the middlewares and
-every long-lived object (pool, tail and projectors, cache, usage writer) with its
-lifetime, as aiohttp cleanup contexts in start-up order."""
+"""The composition root: create_app(settings) wires the routes, each behind the
+guard, and every long-lived object (pool, tail and projectors, cache, usage writer)
+with its lifetime, as aiohttp cleanup contexts in start-up order."""
 
 from __future__ import annotations
 
@@ -18,13 +18,12 @@ from service import eventstore
 from service.config import Settings
 from service.ingest import Writer
 from service.supervisor import Supervised
-from service.web.http import MIDDLEWARES, Handler, Right
+from service.web.http import CATCH_ALL, Handler, Right, guarded, unmatched
 from service.web.keys import (
     cache_key,
     cache_projector_key,
     governance_projector_key,
     pool_key,
-    quiet_key,
     readiness_key,
     resolver_key,
     rights_key,
@@ -72,22 +71,23 @@ QUIET_PATHS: frozenset[str] = frozenset(
 
 def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=MIDDLEWARES,
         # The largest body any route takes; each route applies its own smaller limit.
         client_max_size=settings.max_batch_body_bytes,
     )
     app[settings_key] = settings
     app[readiness_key] = {}
     rights: dict[web.AbstractRoute, Right] = {}
-    quiet: set[web.AbstractRoute] = set()
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:
-            route = app.router.add_route(method, path, handler)
+            quiet = path in QUIET_PATHS
+            route = app.router.add_route(
+                method, path, guarded(handler, right, settings, quiet=quiet)
+            )
             rights[route] = right
-            if path in QUIET_PATHS:
-                quiet.add(route)
+    app.router.add_route(
+        "*", CATCH_ALL, guarded(unmatched, Right.PUBLIC, settings, quiet=False)
+    )
     app[rights_key] = rights
-    app[quiet_key] = quiet
     # Open dashboard streams end at shutdown instead of holding it up.
     app.on_shutdown.append(dashboard.close_streams)
     database_url = dsn or settings.database_url

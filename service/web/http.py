@@ -1,5 +1,5 @@
-"""The HTTP edge: the one error → status table, the one middleware (request log,
-auth, errors), body and header decoding, JSON answers."""
+"""The HTTP edge: the one error → status table, the one guard around every route
+(request log, auth, errors), body and header decoding, JSON answers."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.eventstore import UNREACHABLE
 from service.web.answers import Error, ErrorDetail
-from service.web.keys import quiet_key, rights_key, settings_key
+from service.web.keys import settings_key
 
 log = structlog.get_logger()
 
@@ -296,59 +296,88 @@ def _is_well_formed(value: str) -> bool:
     return value.isprintable()
 
 
-# --- the middleware ----------------------------------------------------------------
+# --- the guard ---------------------------------------------------------------------
+#
+# Every route's handler is wrapped once, where the route is added, instead of in an
+# aiohttp middleware: an application with any middleware makes aiohttp build the
+# chain (a cached lookup keyed by the handler and the app) and add one of its own on
+# every request, which cost more than a check itself.
 
 
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one middleware: binds the request id, checks the route's right, turns any
-    error into its answer from STATUS, and writes one canonical log line."""
-    clear_contextvars()
-    headers = request.headers
-    request_id = headers.get("X-Request-Id")
-    if request_id is not None and (
-        len(request_id) > MAX_REQUEST_ID or not _is_well_formed(request_id)
-    ):
-        request_id = None
-        refusal: ServiceError | None = Invalid(
-            f"the X-Request-Id header must be printable UTF-8 text of at most"
-            f" {MAX_REQUEST_ID} characters"
-        )
-    else:
-        refusal = None
-    request_id = request_id or _next_request_id()
-    _bind_request(request_id, request.method, request.path)
-    app = request.app
-    route = request.match_info.route
-    started = perf_counter()
-    try:
-        if refusal is not None:
-            raise refusal
-        _authorize(request, app[settings_key], app[rights_key].get(route, Right.PUBLIC))
-        if headers.get("Upgrade", "").lower() == "websocket":
-            _refuse_cross_site_upgrade(request)
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = _answer_error(exc)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-    except Exception as exc:
-        response = _answer_error(exc)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
-    status = response.status
-    if status >= 400 or route not in app[quiet_key]:
-        duration_ms = round((perf_counter() - started) * 1000, 3)
-        code = response.get(ERROR_CODE)
-        if code is None:
-            log.info("request_finished", status=status, duration_ms=duration_ms)
-        else:
-            log.info(
-                "request_finished", status=status, duration_ms=duration_ms, code=code
+def guarded(
+    handler: Handler, right: Right, settings: Settings, *, quiet: bool
+) -> Handler:
+    """`handler` behind the edge: binds the request id, checks `right`, turns any
+    error into its answer from STATUS, and writes one canonical log line (for a
+    `quiet` route only when it fails)."""
+
+    async def guard(request: web.Request) -> web.StreamResponse:
+        clear_contextvars()
+        headers = request.headers
+        request_id = headers.get("X-Request-Id")
+        if request_id is not None and (
+            len(request_id) > MAX_REQUEST_ID or not _is_well_formed(request_id)
+        ):
+            request_id = None
+            refusal: ServiceError | None = Invalid(
+                f"the X-Request-Id header must be printable UTF-8 text of at most"
+                f" {MAX_REQUEST_ID} characters"
             )
-    return response
+        else:
+            refusal = None
+        request_id = request_id or _next_request_id()
+        _bind_request(request_id, request.method, request.path)
+        started = perf_counter()
+        try:
+            if refusal is not None:
+                raise refusal
+            _authorize(request, settings, right)
+            if headers.get("Upgrade", "").lower() == "websocket":
+                _refuse_cross_site_upgrade(request, settings)
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _answer_error(exc)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+        except Exception as exc:
+            response = _answer_error(exc)
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        status = response.status
+        if status >= 400 or not quiet:
+            duration_ms = round((perf_counter() - started) * 1000, 3)
+            code = response.get(ERROR_CODE)
+            if code is None:
+                log.info("request_finished", status=status, duration_ms=duration_ms)
+            else:
+                log.info(
+                    "request_finished",
+                    status=status,
+                    duration_ms=duration_ms,
+                    code=code,
+                )
+        return response
+
+    return guard
+
+
+# Added after every route: what no route matches (a 404, or a 405 naming the methods
+# the path takes, as aiohttp's router would answer).
+CATCH_ALL = "/{unmatched:.*}"
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _request_vars() -> tuple[contextvars.ContextVar[Any], ...]:
@@ -389,11 +418,10 @@ def _authorize(request: web.Request, settings: Settings, right: Right) -> None:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
 
 
-def _refuse_cross_site_upgrade(request: web.Request) -> None:
+def _refuse_cross_site_upgrade(request: web.Request, settings: Settings) -> None:
     """In open mode any page the user visits could open a WebSocket to a loopback
     service (browsers send no preflight for upgrades, but always send Origin):
     only the service's own origin and GOVLEDGER_ALLOWED_ORIGINS may."""
-    settings = request.app[settings_key]
     origin = request.headers.get("Origin")
     if not settings.is_open or origin is None:
         return
@@ -437,6 +465,3 @@ MAX_REQUEST_ID = 200
 
 def _next_request_id() -> str:
     return f"{_REQUEST_PREFIX}{next(_request_numbers):012x}"
-
-
-MIDDLEWARES = (middleware,)

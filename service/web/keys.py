@@ -32,6 +32,5 @@ cache_projector_key = web.AppKey("cache_projector", Projector)
 # Usage ingest: the process's group-commit writer, and what tells it a key's owners.
 writer_key = web.AppKey("usage_writer", Writer)
 resolver_key = web.AppKey("usage_key_resolver", KeyResolver)
-# The right each route needs, and the hot routes whose successes are not logged.
+# The right each route needs.
 rights_key: web.AppKey[dict[web.AbstractRoute, Right]] = web.AppKey("route_rights")
-quiet_key = web.AppKey("quiet_routes", set[web.AbstractRoute])
