@@ -7,14 +7,19 @@ the acked position; the service holds each until its projection has applied that
 position, so the time from the ack to each answer is the lag as a client sees it. A
 third probe, a check without `min_position`, gives the round trip of a request to the
 loaded service that waits for nothing: the part of the lag that is not projection.
+The probing client sends only the probing bodies; the rest of the load comes from a
+process of its own, so that the client's own event loop does not delay the probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -171,24 +176,87 @@ async def drive(
     per_body: int,
     warmup_s: float = 1.0,
 ) -> LagResult:
-    """Send a body every `per_body / rate` s (open loop); after every n-th ack, probe
-    the cache (check) and the read model (GET budgets) with that ack's position.
-    Probes of the first `warmup_s` are not counted (the client opens its
-    connections, the service's pool connections prepare the reads' statements),
-    as the baseline's first tenth is not."""
-    interval = per_body / rate
-    warmup = int(warmup_s / interval)
-    count = warmup + max(1, int(seconds / interval))
-    probe_every = max(1, round(1 / (interval * PROBES_PER_SECOND)))
-    body_list = bodies(keys, count, per_body)
-    cache_ms: list[float] = []
-    model_ms: list[float] = []
-    floor_ms: list[float] = []
-    counts = {"records": 0, "errors": 0, "lagging": 0, "late": 0}
-    headers = {"Content-Type": "application/x-ndjson"}
-    connector = aiohttp.TCPConnector(limit=256)
+    """`rate` records/s in bodies of `per_body` (open loop) for `seconds`: the probing
+    bodies, PROBES_PER_SECOND of them, from this process, the rest from a process of
+    its own (`_load`), so that generating the load never holds up a probe on this
+    event loop. After each probing body's ack, the cache (check) and the read model
+    (GET budgets) are probed with that ack's position, and a check that waits for
+    nothing beside them. Probes of the first `warmup_s` are not counted (the client
+    opens its connections, the service's pool connections prepare the reads'
+    statements), as the baseline's first tenth is not."""
+    probe_interval = 1 / PROBES_PER_SECOND
+    load_rate = max(0.0, rate - PROBES_PER_SECOND * per_body)
+    secrets = [k.secret for k in keys]
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    load = multiprocessing.get_context("spawn").Process(
+        target=_load,
+        args=(url, secrets, load_rate, warmup_s + seconds, per_body, theirs),
+        daemon=True,
+    )
+    load.start()
+    try:
+        if not await asyncio.to_thread(ours.poll, 60) or ours.recv() != "ready":
+            raise RuntimeError("the load process did not start")
+        started = time.perf_counter() + 0.1
+        ours.send(started)
+        probed = await _probe(
+            url,
+            keys,
+            started=started,
+            interval=probe_interval,
+            count=int((warmup_s + seconds) / probe_interval),
+            warmup=int(warmup_s / probe_interval),
+            per_body=per_body,
+        )
+        if not await asyncio.to_thread(ours.poll, 60 + seconds):
+            raise RuntimeError("the load process did not report")
+        loaded: dict[str, int] = ours.recv()
+    finally:
+        load.join(timeout=10)
+        if load.is_alive():
+            load.kill()
+    elapsed = time.perf_counter() - started
+    return LagResult(
+        cache_ms=probed.cache_ms,
+        model_ms=probed.model_ms,
+        floor_ms=probed.floor_ms,
+        records_per_second=(loaded["records"] + probed.records) / elapsed,
+        target_per_second=rate,
+        errors=loaded["errors"] + probed.errors,
+        lagging=probed.lagging,
+        late=loaded["late"] + probed.late,
+    )
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+
+class _Probed(msgspec.Struct, kw_only=True):
+    cache_ms: list[float]
+    model_ms: list[float]
+    floor_ms: list[float]
+    records: int = 0
+    errors: int = 0
+    lagging: int = 0
+    late: int = 0
+
+
+async def _probe(
+    url: str,
+    keys: Sequence[Key],
+    *,
+    started: float,
+    interval: float,
+    count: int,
+    warmup: int,
+    per_body: int,
+) -> _Probed:
+    """Send a body every `interval` s from `started`; after each ack, the probes."""
+    body_list = bodies(keys, count, per_body)
+    probed = _Probed(cache_ms=[], model_ms=[], floor_ms=[])
+    counts = {"errors": 0, "lagging": 0}
+    headers = {"Content-Type": "application/x-ndjson"}
+
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64)
+    ) as session:
 
         async def probe_check(
             key: Key, position: int | None, acked: float, spans: list[float] | None
@@ -240,35 +308,89 @@ async def drive(
                     counts["errors"] += 1
                     return
             summary = msgspec.json.decode(answer)
-            counts["records"] += int(summary["accepted"])
-            if i % probe_every == 0:
-                key = keys[(i * per_body) % len(keys)]
-                position = int(summary["position"])
-                counted = i >= warmup
-                await asyncio.gather(
-                    probe_check(key, position, acked, cache_ms if counted else None),
-                    probe_read(key, position, acked, model_ms if counted else None),
-                    probe_check(key, None, acked, floor_ms if counted else None),
-                )
+            probed.records += int(summary["accepted"])
+            key = keys[(i * per_body) % len(keys)]
+            position = int(summary["position"])
+            counted = i >= warmup
+            await asyncio.gather(
+                probe_check(key, position, acked, probed.cache_ms if counted else None),
+                probe_read(key, position, acked, probed.model_ms if counted else None),
+                probe_check(key, None, acked, probed.floor_ms if counted else None),
+            )
 
-        tasks: list[asyncio.Task[None]] = []
-        started = time.perf_counter()
-        for i in range(count):
-            delay = started + i * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # pacing of an open-loop load
-            elif delay < -interval:
-                counts["late"] += 1
-            tasks.append(asyncio.create_task(send(i)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return LagResult(
-        cache_ms=cache_ms,
-        model_ms=model_ms,
-        floor_ms=floor_ms,
-        records_per_second=counts["records"] / elapsed,
-        target_per_second=rate,
-        errors=counts["errors"],
-        lagging=counts["lagging"],
-        late=counts["late"],
-    )
+        probed.late = await _paced(
+            send, started=started, interval=interval, count=count
+        )
+    probed.errors, probed.lagging = counts["errors"], counts["lagging"]
+    return probed
+
+
+async def _paced(
+    send: Callable[[int], Coroutine[Any, Any, None]],
+    *,
+    started: float,
+    interval: float,
+    count: int,
+) -> int:
+    """`send(i)` at `started + i * interval` (open loop), all awaited; returns how
+    many sends the pacing could not make on time (the service fell behind)."""
+    late = 0
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(count):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing of an open-loop load
+        elif delay < -interval:
+            late += 1
+        tasks.append(asyncio.create_task(send(i)))
+    await asyncio.gather(*tasks)
+    return late
+
+
+def _load(
+    url: str,
+    secrets: list[str],
+    rate: float,
+    seconds: float,
+    per_body: int,
+    pipe: Connection,
+) -> None:
+    """The load process: `rate` records/s in bodies of `per_body` for `seconds`,
+    from the perf_counter instant the pipe sends (CLOCK_MONOTONIC, shared by every
+    process), then {records, errors, late} back."""
+    pipe.send(asyncio.run(_load_loop(url, secrets, rate, seconds, per_body, pipe)))
+
+
+async def _load_loop(
+    url: str,
+    secrets: list[str],
+    rate: float,
+    seconds: float,
+    per_body: int,
+    pipe: Connection,
+) -> dict[str, int]:
+    counts = {"records": 0, "errors": 0, "late": 0}
+    count = int(seconds * rate / per_body) if rate > 0 else 0
+    body_list = ingest_bench.batch_bodies(secrets, count * per_body, per_body)
+    headers = {"Content-Type": "application/x-ndjson"}
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256)
+    ) as session:
+
+        async def send(i: int) -> None:
+            async with session.post(
+                f"{url}/api/usage/batch", data=body_list[i], headers=headers
+            ) as resp:
+                answer = await resp.read()
+            if resp.status != 200:
+                counts["errors"] += 1
+                return
+            counts["records"] += int(msgspec.json.decode(answer)["accepted"])
+
+        pipe.send("ready")
+        started: float = await asyncio.to_thread(pipe.recv)
+        if count:
+            counts["late"] = await _paced(
+                send, started=started, interval=per_body / rate, count=count
+            )
+    return counts
