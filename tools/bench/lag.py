@@ -190,7 +190,7 @@ async def drive(
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
     load = multiprocessing.get_context("spawn").Process(
         target=_load,
-        args=(url, secrets, load_rate, warmup_s + seconds, per_body, theirs),
+        args=(_Load(url, secrets, load_rate, warmup_s + seconds, per_body), theirs),
         daemon=True,
     )
     load.start()
@@ -347,31 +347,28 @@ async def _paced(
     return late
 
 
-def _load(
-    url: str,
-    secrets: list[str],
-    rate: float,
-    seconds: float,
-    per_body: int,
-    pipe: Connection,
-) -> None:
-    """The load process: `rate` records/s in bodies of `per_body` for `seconds`,
-    from the perf_counter instant the pipe sends (CLOCK_MONOTONIC, shared by every
-    process), then {records, errors, late} back."""
-    pipe.send(asyncio.run(_load_loop(url, secrets, rate, seconds, per_body, pipe)))
+class _Load(msgspec.Struct, frozen=True):
+    """What the load process sends: `rate` records/s in bodies of `per_body`, over
+    these key secrets, for `seconds`."""
+
+    url: str
+    secrets: list[str]
+    rate: float
+    seconds: float
+    per_body: int
 
 
-async def _load_loop(
-    url: str,
-    secrets: list[str],
-    rate: float,
-    seconds: float,
-    per_body: int,
-    pipe: Connection,
-) -> dict[str, int]:
+def _load(load: _Load, pipe: Connection) -> None:
+    """The load process: `load`, from the perf_counter instant the pipe sends
+    (CLOCK_MONOTONIC, shared by every process), then {records, errors, late} back."""
+    pipe.send(asyncio.run(_load_loop(load, pipe)))
+
+
+async def _load_loop(load: _Load, pipe: Connection) -> dict[str, int]:
+    url, rate, per_body = load.url, load.rate, load.per_body
     counts = {"records": 0, "errors": 0, "late": 0}
-    count = int(seconds * rate / per_body) if rate > 0 else 0
-    body_list = ingest_bench.batch_bodies(secrets, count * per_body, per_body)
+    count = int(load.seconds * rate / per_body) if rate > 0 else 0
+    body_list = ingest_bench.batch_bodies(load.secrets, count * per_body, per_body)
     headers = {"Content-Type": "application/x-ndjson"}
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256)
