@@ -177,15 +177,17 @@ async def drive(
     warmup_s: float = 1.0,
 ) -> LagResult:
     """`rate` records/s in bodies of `per_body` (open loop) for `seconds`: the probing
-    bodies, PROBES_PER_SECOND of them, from this process, the rest from a process of
-    its own (`_load`), so that generating the load never holds up a probe on this
-    event loop. After each probing body's ack, the cache (check) and the read model
-    (GET budgets) are probed with that ack's position, and a check that waits for
-    nothing beside them. Probes of the first `warmup_s` are not counted (the client
-    opens its connections, the service's pool connections prepare the reads'
-    statements), as the baseline's first tenth is not."""
-    probe_interval = 1 / PROBES_PER_SECOND
-    load_rate = max(0.0, rate - PROBES_PER_SECOND * per_body)
+    bodies, PROBES_PER_SECOND of them (or all, at a lower rate), from this process,
+    the rest from a process of its own (`_load`), so that generating the load never
+    holds up a probe on this event loop. After each probing body's ack, the cache
+    (check) and the read model (GET budgets) are probed with that ack's position,
+    and a check that waits for nothing beside them. Probes of the first `warmup_s`
+    are not counted (the client opens its connections, the service's pool
+    connections prepare the reads' statements), as the baseline's first tenth is
+    not."""
+    # Below PROBES_PER_SECOND bodies a second, every body probes, at `rate`.
+    probe_interval = max(1 / PROBES_PER_SECOND, per_body / rate)
+    load_rate = max(0.0, rate - per_body / probe_interval)
     secrets = [k.secret for k in keys]
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
     load = multiprocessing.get_context("spawn").Process(
