@@ -381,10 +381,14 @@ class Projector:
         )
 
     async def catch_up(self) -> None:
-        """Apply until the log head seen now is reached (by this or another replica).
+        """Apply until every event committed before the call is applied (by this or
+        another replica): the log head, once those events read below the gap-safe
+        horizon (`eventstore.settle`; a transaction open since before the newest
+        commit hides them from the head until it ends).
 
         Errors propagate: a caller that wants retries runs `run`.
         """
+        await eventstore.settle(self._pool, eventstore.SETTLE_WAIT_S)
         target = await eventstore.head(self._pool)
         if self._start_head is None:
             self._start_head = target

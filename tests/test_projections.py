@@ -162,6 +162,39 @@ async def test_customer_created_reads_back_with_its_budgets_and_rate_limit(
     )
 
 
+async def test_catch_up_applies_what_was_committed_behind_an_older_open_transaction(
+    pool, projector
+):
+    # A transaction that took its id before the append, and is still open, hides the
+    # appended event from the gap-safe head; catch_up waits for it to end.
+    customer_id = uid()
+    async with pool.acquire() as older:
+        holding = older.transaction()
+        await holding.start()
+        await older.fetchval("SELECT pg_current_xact_id()")
+        await append(
+            pool,
+            f"customer-{customer_id}",
+            CustomerCreated(customer_id=customer_id, name="acme"),
+            at=T0,
+        )
+
+        async def end_in_a_moment() -> None:
+            await asyncio.sleep(0.1)  # how long the older transaction holds on
+            await holding.rollback()
+
+        ending = asyncio.create_task(end_in_a_moment())
+        await projector.catch_up()
+        await ending
+
+    assert (
+        await pool.fetchval(
+            "SELECT name FROM governance_customers WHERE id = $1", customer_id
+        )
+        == "acme"
+    )
+
+
 async def test_customer_update_and_budget_replacement_reconcile_and_bump_version(
     pool, projector
 ):
