@@ -290,6 +290,8 @@ async def build_at(
                 raise ReplayError(f"the log has no event at or before position {at}")
             target, as_of = last
         else:
+            # Every event committed by now, also one an older open transaction hides.
+            await eventstore.settle(conn, eventstore.SETTLE_WAIT_S)
             target, as_of = await eventstore.head(conn), at
         tables = await _copy_tables(conn, spec, schema)
         until = at if isinstance(at, datetime) else None

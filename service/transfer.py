@@ -52,9 +52,11 @@ async def export(
     page_size: int = 5000,
     on_progress: ProgressFn | None = None,
 ) -> int:
-    """Write every event up to the current head to `out`; returns how many."""
+    """Write every event committed before the call to `out` (up to the head, once
+    they read below the gap-safe horizon: `eventstore.settle`); returns how many."""
     written = 0
     async with pool.acquire() as conn:
+        await eventstore.settle(conn, eventstore.SETTLE_WAIT_S)
         target = await eventstore.head(conn)
         after = Checkpoint()
         while _before(after, target):

@@ -1,14 +1,17 @@
 """Shared builders of the tests: ids, budgets and events as the domain writes them,
-`append` (events into the log at a chosen time), and `governance` (a small chain of
-owners in the log, folded into an enforcement cache)."""
+`append` (events into the log at a chosen time), `governance` (a small chain of
+owners in the log, folded into an enforcement cache) and `behind_an_older_transaction`
+(a commit the gap-safe head does not show yet)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -24,6 +27,8 @@ from service.domain.events import (
     VirtualKeyCreated,
 )
 from service.records import Checkpoint, NewEvent
+
+T = TypeVar("T")
 
 # The chain `governance()` appends: a key under a team of a customer (with an openai
 # provider config), and a key of the customer alone.
@@ -140,3 +145,30 @@ async def governance(pool: asyncpg.Pool) -> GovernanceCache:
     for record in await eventstore.read_all(pool, Checkpoint(), 100):
         cache.apply(record)
     return cache
+
+
+async def behind_an_older_transaction(
+    pool: asyncpg.Pool,
+    write: Callable[[], Awaitable[object]],
+    read: Callable[[], Awaitable[T]],
+    *,
+    open_for_s: float = 0.1,
+) -> T:
+    """`read`'s result, after `write` committed while a transaction that took its id
+    before it stays open, so that the gap-safe head does not show the write yet; the
+    older transaction ends `open_for_s` after `read` starts."""
+    async with pool.acquire() as older:
+        holding = older.transaction()
+        await holding.start()
+        await older.fetchval("SELECT pg_current_xact_id()")
+        await write()
+
+        async def end_in_a_moment() -> None:
+            await asyncio.sleep(open_for_s)  # how long the older one holds on
+            await holding.rollback()
+
+        ending = asyncio.create_task(end_in_a_moment())
+        try:
+            return await read()
+        finally:
+            await ending

@@ -43,7 +43,14 @@ from service.domain.events import (
 )
 from service.errors import NotFound, ProjectionLag
 from service.records import Checkpoint, RecordedEvent
-from tests.builders import append, budget, key_created, uid, usage_event
+from tests.builders import (
+    append,
+    behind_an_older_transaction,
+    budget,
+    key_created,
+    uid,
+    usage_event,
+)
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # a Monday
 HOUR = timedelta(hours=1)
@@ -165,27 +172,19 @@ async def test_customer_created_reads_back_with_its_budgets_and_rate_limit(
 async def test_catch_up_applies_what_was_committed_behind_an_older_open_transaction(
     pool, projector
 ):
-    # A transaction that took its id before the append, and is still open, hides the
-    # appended event from the gap-safe head; catch_up waits for it to end.
+    # The appended event is not below the gap-safe head until the older transaction
+    # ends; catch_up waits for that.
     customer_id = uid()
-    async with pool.acquire() as older:
-        holding = older.transaction()
-        await holding.start()
-        await older.fetchval("SELECT pg_current_xact_id()")
-        await append(
+    await behind_an_older_transaction(
+        pool,
+        lambda: append(
             pool,
             f"customer-{customer_id}",
             CustomerCreated(customer_id=customer_id, name="acme"),
             at=T0,
-        )
-
-        async def end_in_a_moment() -> None:
-            await asyncio.sleep(0.1)  # how long the older transaction holds on
-            await holding.rollback()
-
-        ending = asyncio.create_task(end_in_a_moment())
-        await projector.catch_up()
-        await ending
+        ),
+        projector.catch_up,
+    )
 
     assert (
         await pool.fetchval(

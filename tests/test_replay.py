@@ -42,7 +42,7 @@ from service.domain.events import (
     VirtualKeyUpdated,
 )
 from service.records import Checkpoint, NewEvent
-from tests.builders import budget, uid
+from tests.builders import append, behind_an_older_transaction, budget, uid
 
 T0 = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
 GOVLEDGER = Path(sys.executable).parent / "govledger"
@@ -390,6 +390,23 @@ async def test_replay_at_a_time_takes_the_events_recorded_until_then(pool, proje
         history.team_daily: Decimal("0.250000001"),
         history.team_monthly: Decimal("0.250000001"),
     }
+
+
+async def test_replay_at_a_time_holds_an_event_committed_behind_an_older_open_one(
+    pool,
+):
+    customer_id = uid()
+    report = await behind_an_older_transaction(
+        pool,
+        lambda: append(
+            pool,
+            f"customer-{customer_id}",
+            CustomerCreated(customer_id=customer_id, name="acme"),
+        ),
+        lambda: replay.build_at(pool, datetime.now(UTC)),
+    )
+
+    assert (report.events, report.rows["governance_customers"]) == (1, 1)
 
 
 async def test_replay_refuses_an_unknown_projection(pool):

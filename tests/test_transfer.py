@@ -27,6 +27,7 @@ from service.domain.events import (
 )
 from service.errors import VersionConflict
 from service.records import NewEvent
+from tests.builders import append, behind_an_older_transaction
 
 C1 = "00000000-0000-4000-8000-0000000000c1"
 T1 = "00000000-0000-4000-8000-0000000000f1"
@@ -143,6 +144,23 @@ async def test_export_then_import_into_a_fresh_database_gives_identical_envelope
     assert await export_bytes(copy_pool) == exported
     streams = "SELECT stream_id, version FROM streams ORDER BY stream_id"
     assert await copy_pool.fetch(streams) == await pool.fetch(streams)
+
+
+async def test_the_export_holds_an_event_committed_behind_an_older_open_transaction(
+    pool,
+):
+    exported = await behind_an_older_transaction(
+        pool,
+        lambda: append(
+            pool, f"customer-{C1}", CustomerCreated(customer_id=C1, name="acme")
+        ),
+        lambda: export_bytes(pool),
+    )
+
+    lines = [msgspec.json.decode(line) for line in exported.splitlines()]
+    assert [(e["stream_id"], e["type"]) for e in lines] == [
+        (f"customer-{C1}", "CustomerCreated")
+    ]
 
 
 async def test_the_export_is_the_envelope_of_the_events_api(pool):
