@@ -140,7 +140,7 @@ async def test_an_overlong_x_request_id_is_a_400(server) -> None:
             405,
             "method_not_allowed",
             "this endpoint does not accept that method",
-            "GET",
+            "GET,HEAD",
         ),
         (
             "DELETE",
@@ -156,7 +156,7 @@ async def test_an_overlong_x_request_id_is_a_400(server) -> None:
             405,
             "method_not_allowed",
             "this endpoint does not accept that method",
-            "GET,POST",
+            "GET,HEAD,POST",
         ),
     ],
 )
@@ -186,6 +186,75 @@ def test_the_app_runs_no_aiohttp_middleware(database) -> None:
     # Every route is wrapped by `http.guarded` instead: any aiohttp middleware makes
     # aiohttp build a chain and add its own on every request (the check's cost).
     assert list(create_app(Settings(**TOKENS), database).middlewares) == []
+
+
+ADMIN = {"Authorization": "Bearer adm-secret"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/healthz",
+        "/api/openapi.json",
+        "/",
+        "/metrics",
+        "/api/governance/teams",
+        "/api/governance/teams/00000000-0000-0000-0000-000000000000",
+        "/api/governance/teams?min_position=999999999",
+    ],
+)
+async def test_every_get_also_answers_head_with_its_status_and_headers(
+    server, path
+) -> None:
+    async with TestClient(server) as client:
+        got = await client.get(path, headers=ADMIN)
+        await got.read()
+        head = await client.head(path, headers=ADMIN)
+        body = await head.read()
+    assert (head.status, body) == (got.status, b"")
+    for name in ("Content-Type", "Content-Length", "Retry-After"):
+        assert head.headers.get(name) == got.headers.get(name)
+
+
+async def test_head_keeps_the_routes_right_and_its_refusals(server) -> None:
+    async with TestClient(server) as client:
+        unauthorized = await client.head("/api/governance/teams")
+        not_allowed = await client.head("/api/governance/check", headers=ADMIN)
+        stream = await client.head("/api/dashboard/events", headers=ADMIN)
+        stream_body = await asyncio.wait_for(stream.read(), 10)
+    assert unauthorized.status == 401
+    assert (not_allowed.status, not_allowed.headers["Allow"]) == (405, "POST")
+    # A stream answers its headers and ends, as any HEAD.
+    assert (stream.status, stream.headers["Content-Type"], stream_body) == (
+        200,
+        "text/event-stream",
+        b"",
+    )
+
+
+async def test_the_openapi_document_leaves_the_head_twins_implied(server) -> None:
+    async with TestClient(server) as client:
+        document = await (await client.get("/api/openapi.json")).json()
+    methods = {m for operations in document["paths"].values() for m in operations}
+    assert methods == {"get", "post", "put", "delete"}
+
+
+async def test_the_usage_stream_without_an_upgrade_says_what_it_takes(server) -> None:
+    async with TestClient(server) as client:
+        response = await client.get(
+            "/api/usage/stream", headers={"Authorization": "Bearer rec-secret"}
+        )
+        body = await response.json()
+    assert (response.status, body) == (
+        400,
+        {
+            "error": {
+                "code": "invalid_request",
+                "message": "this endpoint takes a WebSocket: a GET with the headers"
+                " Connection: Upgrade, Upgrade: websocket and Sec-WebSocket-Key",
+            }
+        },
+    )
 
 
 async def test_a_4xx_log_line_carries_the_error_code(server) -> None:

@@ -79,11 +79,11 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     rights: dict[web.AbstractRoute, Right] = {}
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:
-            quiet = path in QUIET_PATHS
-            route = app.router.add_route(
-                method, path, guarded(handler, right, settings, quiet=quiet)
-            )
-            rights[route] = right
+            guard = guarded(handler, right, settings, quiet=path in QUIET_PATHS)
+            # Every GET also answers HEAD (RFC 9110, 9.3.2): the same status and
+            # headers, no body (aiohttp leaves it out).
+            for verb in (method, "HEAD") if method == "GET" else (method,):
+                rights[app.router.add_route(verb, path, guard)] = right
     app.router.add_route(
         "*", CATCH_ALL, guarded(unmatched, Right.PUBLIC, settings, quiet=False)
     )

@@ -592,6 +592,8 @@ def routes_of(app: web.Application) -> list[RouteEntry]:
     entries: list[RouteEntry] = []
     for route, right in app[rights_key].items():
         assert route.resource is not None
+        if route.method == "HEAD":  # every GET's twin (create_app), left implied
+            continue
         entries.append((route.method, route.resource.canonical, right))
     return entries
 

@@ -187,6 +187,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    if request.method == "HEAD":  # the stream's headers only
+        return response
     loop = asyncio.get_running_loop()
     sent: Frame | None = None
     last_write = loop.time()

@@ -21,7 +21,7 @@ from service.domain.usage import (
     decode_record,
     invalid_record,
 )
-from service.errors import ServiceError
+from service.errors import Invalid, ServiceError
 from service.ingest import Outcome, Submitted, queue_records, reach_head
 from service.web.answers import (
     BatchAnswer,
@@ -188,6 +188,11 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     """Each text frame `{seq, records}` gets one ack frame after its records
     committed, in the order the frames came; frames may be pipelined."""
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES)
+    if not ws.can_prepare(request).ok:
+        raise Invalid(
+            "this endpoint takes a WebSocket: a GET with the headers"
+            " Connection: Upgrade, Upgrade: websocket and Sec-WebSocket-Key"
+        )
     await ws.prepare(request)
     acks: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(MAX_PIPELINED)
     sender = asyncio.create_task(_send_acks(ws, acks))
