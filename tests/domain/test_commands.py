@@ -45,7 +45,7 @@ from service.domain.events import (
     TeamCreated,
     VirtualKeyCreated,
 )
-from service.domain.numbers import decode_hook, schema_hook
+from service.domain.numbers import Money, Whole, decode_hook, schema_hook
 from service.domain.upcast import check_values
 from service.errors import Invalid, InvalidRateLimit
 
@@ -225,6 +225,24 @@ def test_money_of_another_type_is_refused(value):
     assert refusal(CustomerBody, {"name": "a", "budgets": [budget(value)]}).endswith(
         "- at `$.budgets[0].max_limit`"
     )
+
+
+def test_the_money_and_whole_markers_take_exactly_what_decoding_makes():
+    # msgspec checks each value dec_hook returns against its field's marker.
+    assert [isinstance(v, Money) for v in (Decimal("1.5"), 1, 1.5, "1")] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert [isinstance(v, Whole) for v in (5, True, Decimal(5), 5.0)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert decode_hook(Money, Decimal("0.25")) == Decimal("0.25")
+    assert decode_hook(Whole, Decimal("5.0")) == 5
 
 
 def _max_limit_schema() -> dict:
