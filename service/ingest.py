@@ -1,12 +1,14 @@
 """Usage group commit: screen records, dedupe by event_id, append, ack after commit.
 
-Records of many concurrent requests and stream frames meet in one bounded queue. One
-writer task per process takes what is queued (at most `group_max` records), draws that
-many positions in one round trip and appends them with one binary COPY on its own
-autocommit connection: one statement, one transaction, one fsync, one NOTIFY. Each
-sender is answered only after the COPY that holds its records returned, so an answer
-means committed (synchronous_commit stays on). A full queue makes senders wait; nothing
-is dropped. Idempotency: the unique index on event_id is the truth; a bounded map of
+Records of many concurrent requests and stream frames meet in one bounded queue. The
+writer of a process takes what is queued (at most `group_max` records a group), draws
+that many positions in one round trip and appends them with one binary COPY on an
+autocommit connection of its own: one statement, one transaction, one fsync, one
+NOTIFY. It has a few such connections (lanes), each committing a group of its own, so
+the next group is copied while the last one waits for its fsync. Each sender is
+answered only after the COPY that holds its records returned, so an answer means
+committed (synchronous_commit stays on). A full queue makes senders wait; nothing is
+dropped. Idempotency: the unique index on event_id is the truth; a bounded map of
 recently written ids (ints, which the cyclic GC does not track) answers most repeats
 without the database.
 """
@@ -129,6 +131,18 @@ _SCHEMA_VERSIONS = {
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
+class _Lane:
+    """One connection of the writer and the group it is committing."""
+
+    __slots__ = ("conn", "inflight", "retry_at", "task")
+
+    def __init__(self) -> None:
+        self.conn: asyncpg.Connection | None = None
+        self.inflight: list[_Chunk] = []
+        self.retry_at = 0.0  # no reconnect before (time.monotonic)
+        self.task: asyncio.Task[None] | None = None
+
+
 class _Chunk:
     """Rows of one sender that go into one group; answered through `future`."""
 
@@ -172,12 +186,13 @@ class Submitted:
 
 
 class Writer:
-    """The group-commit writer of one process, on its own connection."""
+    """The group-commit writer of one process, on `lanes` connections of its own."""
 
     def __init__(
         self,
         dsn: str,
         *,
+        lanes: int = 2,
         group_max: int = 2000,
         queue_limit: int = 64,
         max_wait: float = 0.0,
@@ -189,17 +204,14 @@ class Writer:
         self.max_wait = max_wait
         self._reconnect_delay = reconnect_delay
         # Chunks of at most group_max rows: the queue holds at most that many records
-        # times queue_limit (plus one group in flight and one carried over).
+        # times queue_limit (plus one group in flight a lane and one carried over).
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(queue_limit)
         self._carry: _Chunk | None = None
-        self._inflight: list[_Chunk] = []
+        self._lanes = [_Lane() for _ in range(lanes)]
         self._recent: dict[int, int] = {}
         self._older: dict[int, int] = {}
         self._recent_capacity = recent_capacity
-        self._conn: asyncpg.Connection | None = None
-        self._retry_at = 0.0
         self._sequence = ""
-        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False
         self.backlog = 0  # records queued or carried, not yet taken into a group
@@ -257,60 +269,78 @@ class Writer:
     # --- lifetime ---
 
     async def start(self) -> None:
-        await self._connect()
-        self._task = asyncio.create_task(self._run(), name="usage-writer")
+        for lane in self._lanes:
+            await self._connect(lane)
+        for number, lane in enumerate(self._lanes):
+            lane.task = asyncio.create_task(
+                self._run(lane), name=f"usage-writer-{number}"
+            )
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop taking records, commit what is queued (for up to `grace` seconds),
         then stop; whatever is left is answered 503."""
         self._closing = True
-        task = self._task
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
         graceful = True
-        if task is not None:
+        if tasks:
             try:
-                await asyncio.wait_for(self._finish(task), grace)
+                await asyncio.wait_for(self._finish(tasks), grace)
             except TimeoutError:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 graceful = False  # a statement may be in flight: just hang up
         self._stopped = True
         self._fail_leftovers()
-        await self._drop_connection(graceful=graceful)
+        for lane in self._lanes:
+            await self._drop_connection(lane, graceful=graceful)
 
     def _fail_leftovers(self) -> None:
         """Answer every chunk taken or queued but not committed: 503."""
         leftovers: list[_Chunk | None] = [
-            *self._inflight,
+            *(chunk for lane in self._lanes for chunk in lane.inflight),
             *([self._carry] if self._carry else []),
         ]
-        self._inflight, self._carry = [], None
+        for lane in self._lanes:
+            lane.inflight = []
+        self._carry = None
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for chunk in leftovers:
             if chunk is not None:
                 _fail(chunk, _shutting_down())
 
-    async def _finish(self, task: asyncio.Task[None]) -> None:
-        await self._queue.put(None)
-        await task
+    async def _finish(self, tasks: list[asyncio.Task[None]]) -> None:
+        for _ in tasks:  # one end mark a lane: each lane stops at the first it takes
+            await self._queue.put(None)
+        # A lane that failed was logged where it failed (`_run`).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def backend_pid(self) -> int | None:
-        """The writer connection's server process (None while disconnected)."""
-        conn = self._conn
-        return None if conn is None or conn.is_closed() else conn.get_server_pid()
+        """The first lane's server process (None while disconnected): with nothing
+        else in flight, the lane that takes the next group."""
+        return self.backend_pids[0]
+
+    @property
+    def backend_pids(self) -> list[int | None]:
+        """Each lane's server process (None while disconnected)."""
+        return [
+            None if conn is None or conn.is_closed() else conn.get_server_pid()
+            for conn in (lane.conn for lane in self._lanes)
+        ]
 
     # --- the loop ---
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         try:
             while True:
                 group = await self._take()
                 if not group:
                     return
-                chunks = self._inflight = [c for c in group if c is not None]
-                await self._commit(chunks, isolate=len(chunks) > 1)
-                self._inflight = []
+                chunks = lane.inflight = [c for c in group if c is not None]
+                await self._commit(lane, chunks, isolate=len(chunks) > 1)
+                lane.inflight = []
                 if group[-1] is None:
                     return
         except Exception:
@@ -355,7 +385,9 @@ class Writer:
             self.backlog -= len(chunk.rows)
         return group
 
-    async def _commit(self, chunks: list[_Chunk], *, isolate: bool) -> None:
+    async def _commit(
+        self, lane: _Lane, chunks: list[_Chunk], *, isolate: bool
+    ) -> None:
         """Write one group and answer its senders. If the server refuses the group
         for its content, each sender's chunk is retried alone (`isolate`), so one
         bad record fails only its own request."""
@@ -374,18 +406,18 @@ class Writer:
                     slots.append(~slot)  # negative: a repeat of `slot`
         started = time.perf_counter()
         try:
-            conn = await self._connection()
+            conn = await self._connection(lane)
             positions, existing = await self._append(conn, unique)
         except Exception as exc:  # every failure must answer the senders
             refused = isinstance(exc, _REFUSED)
             if refused and isolate:
                 for chunk in chunks:
-                    await self._commit([chunk], isolate=False)
+                    await self._commit(lane, [chunk], isolate=False)
                 return
             if not isinstance(exc, Unavailable):
                 log.warning("ingest_group_failed", error=repr(exc), records=len(slots))
             if not refused:
-                await self._drop_connection(graceful=False)
+                await self._drop_connection(lane, graceful=False)
             error = Unavailable("the database did not commit these records; retry them")
             for chunk in chunks:
                 _fail(chunk, error)
@@ -420,10 +452,15 @@ class Writer:
         positions = [0] * len(unique)
         existing: set[int] = set()
         while live:
-            records = []
             for position, slot in zip(drawn, live, strict=False):
-                row, metadata = unique[slot]
                 positions[slot] = position
+            # Copied in event id order, as every lane (and process) copies: a
+            # group that meets an id another one is writing waits for it and
+            # finds it stored, never both waiting for each other (a deadlock).
+            records = []
+            for slot in sorted(live, key=lambda slot: unique[slot][0].key):
+                row, metadata = unique[slot]
+                position = positions[slot]
                 records.append(
                     (
                         position,
@@ -469,16 +506,16 @@ class Writer:
 
     # --- the connection ---
 
-    async def _connection(self) -> asyncpg.Connection:
-        conn = self._conn
+    async def _connection(self, lane: _Lane) -> asyncpg.Connection:
+        conn = lane.conn
         if conn is not None and not conn.is_closed():
             return conn
-        if time.monotonic() < self._retry_at:
+        if time.monotonic() < lane.retry_at:
             raise Unavailable("the database is unreachable")
-        return await self._connect()
+        return await self._connect(lane)
 
-    async def _connect(self) -> asyncpg.Connection:
-        self._retry_at = time.monotonic() + self._reconnect_delay
+    async def _connect(self, lane: _Lane) -> asyncpg.Connection:
+        lane.retry_at = time.monotonic() + self._reconnect_delay
         conn = await asyncpg.connect(self._dsn, timeout=5)
         try:
             await eventstore.init_connection(conn)
@@ -486,14 +523,18 @@ class Writer:
         except BaseException:
             conn.terminate()
             raise
-        self._conn = conn
-        log.info("ingest_writer_connected", backend_pid=conn.get_server_pid())
+        lane.conn = conn
+        log.info(
+            "ingest_writer_connected",
+            backend_pid=conn.get_server_pid(),
+            lane=self._lanes.index(lane),
+        )
         return conn
 
-    async def _drop_connection(self, *, graceful: bool) -> None:
-        """Forget the connection; after a failure, hang up without waiting (the
-        writer uses no explicit transaction, so nothing is left half done)."""
-        conn, self._conn = self._conn, None
+    async def _drop_connection(self, lane: _Lane, *, graceful: bool) -> None:
+        """Forget the lane's connection; after a failure, hang up without waiting
+        (the writer uses no explicit transaction, so nothing is left half done)."""
+        conn, lane.conn = lane.conn, None
         if conn is None or conn.is_closed():
             return
         if not graceful:

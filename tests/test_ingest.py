@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -93,7 +93,8 @@ async def blocked_on_lock(pool, writer: Writer) -> None:
 
 @pytest.fixture
 async def writer(database) -> AsyncIterator[Writer]:
-    writer = Writer(database)
+    # The rules of a group commit, one lane at a time (lanes: below).
+    writer = Writer(database, lanes=1)
     await writer.start()
     try:
         yield writer
@@ -408,7 +409,7 @@ async def test_a_record_the_server_refuses_fails_only_its_own_sender(
 
 
 async def test_max_wait_gathers_senders_that_arrive_within_it(database, pool):
-    writer = Writer(database, max_wait=0.5)
+    writer = Writer(database, max_wait=0.5, lanes=1)
     await writer.start()
     try:
         first = await writer.submit([row(E1)])
@@ -424,7 +425,7 @@ async def test_max_wait_gathers_senders_that_arrive_within_it(database, pool):
 
 
 async def test_a_group_never_exceeds_group_max(database, pool):
-    writer = Writer(database, group_max=10)
+    writer = Writer(database, group_max=10, lanes=1)
     await writer.start()
     try:
         outcomes = await writer.write([row() for _ in range(25)])
@@ -439,7 +440,7 @@ async def test_a_group_never_exceeds_group_max(database, pool):
 
 
 async def test_a_full_queue_makes_senders_wait_and_loses_nothing(database, pool):
-    writer = Writer(database, group_max=5, queue_limit=2)
+    writer = Writer(database, group_max=5, queue_limit=2, lanes=1)
     await writer.start()
     try:
         async with events_locked(database):
@@ -474,7 +475,7 @@ async def test_a_lost_connection_fails_the_group_and_the_writer_reconnects(
             await pending
     assert await stored(pool) == []
 
-    writer._retry_at = 0  # skip the reconnect back-off
+    writer._lanes[0].retry_at = 0  # skip the reconnect back-off
     [outcome] = await writer.write([row(E1)])
 
     assert outcome.duplicate is False
@@ -495,7 +496,7 @@ async def test_close_commits_what_is_queued_and_then_refuses(database, pool):
 
 
 async def test_close_answers_a_group_it_cannot_commit_in_time(database, pool):
-    writer = Writer(database)
+    writer = Writer(database, lanes=1)
     await writer.start()
     async with events_locked(database):
         pending = asyncio.create_task(writer.write([row(E1)]))
@@ -504,3 +505,72 @@ async def test_close_answers_a_group_it_cannot_commit_in_time(database, pool):
         with pytest.raises(Unavailable):
             await pending
     assert await stored(pool) == []
+
+
+# --- lanes ----------------------------------------------------------------------------
+
+
+def lanes_blocked(pool, writer: Writer, count: int) -> Callable[[], Awaitable[bool]]:
+    """Whether `count` of the writer's lanes wait for a lock (for `until`)."""
+
+    async def blocked() -> bool:
+        states = await pool.fetch(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+            [pid for pid in writer.backend_pids if pid is not None],
+        )
+        return sum(r["wait_event_type"] == "Lock" for r in states) == count
+
+    return blocked
+
+
+async def test_a_second_lane_copies_the_next_group_while_the_first_waits(
+    database, pool
+):
+    writer = Writer(database, lanes=2)
+    await writer.start()
+    try:
+        async with events_locked(database):
+            first = asyncio.create_task(writer.write([row(E1)]))
+            await until(lanes_blocked(pool, writer, 1))
+            second = asyncio.create_task(writer.write([row(E2)]))
+            await until(lanes_blocked(pool, writer, 2))
+            third = asyncio.create_task(writer.write([row(E3), row()]))
+            await until(lambda: writer.backlog == 2)  # no lane free: it queues
+        answers = [await first, await second, await third]
+    finally:
+        await writer.close()
+
+    tx_of = {r["global_position"]: r["tx_id"] for r in await stored(pool)}
+    groups = [{tx_of[o.position] for o in a} for a in answers]
+    assert len(tx_of) == 4
+    assert [len(g) for g in groups] == [1, 1, 1]
+    assert len(set.union(*groups)) == 3  # three groups, two of them at once
+
+
+async def test_lanes_writing_the_same_ids_in_opposite_orders_both_commit(
+    database, pool
+):
+    """Two groups holding the same ids (a batch resent while in flight), copied at
+    once: every lane copies in id order, so one waits for the other and finds its
+    ids stored; copied as sent, they could wait for each other (a deadlock)."""
+    ids = [str(uuid.UUID(int=n << 64)) for n in range(1, 401)]
+    writer = Writer(database, lanes=2)
+    await writer.start()
+    try:
+        async with events_locked(database):
+            ascending = asyncio.create_task(writer.write([row(i) for i in ids]))
+            await until(lanes_blocked(pool, writer, 1))
+            descending = asyncio.create_task(
+                writer.write([row(i) for i in reversed(ids)])
+            )
+            await until(lanes_blocked(pool, writer, 2))
+        up, down = await ascending, await descending
+    finally:
+        await writer.close()
+
+    position_of = {r["event_id"]: r["global_position"] for r in await stored(pool)}
+    assert len(position_of) == 400
+    assert [o.position for o in up] == [position_of[i] for i in ids]
+    assert [o.position for o in down] == [position_of[i] for i in reversed(ids)]
+    # Every id was stored once, by one of the two; the other found it stored.
+    assert sorted(o.duplicate for o in up + down) == [False] * 400 + [True] * 400
