@@ -4,8 +4,9 @@ Records of many concurrent requests and stream frames meet in one bounded queue.
 writer of a process takes what is queued (at most `group_max` records a group), draws
 that many positions in one round trip and appends them with one binary COPY on an
 autocommit connection of its own: one statement, one transaction, one fsync, one
-NOTIFY. It has a few such connections (lanes), each committing a group of its own, so
-the next group is copied while the last one waits for its fsync. Each sender is
+NOTIFY. Under pressure (half a group queued) a second connection (lane) commits a
+group of its own, so the next group is copied while the last one waits for its
+fsync. Each sender is
 answered only after the COPY that holds its records returned, so an answer means
 committed (synchronous_commit stays on). A full queue makes senders wait; nothing is
 dropped. Idempotency: the unique index on event_id is the truth; a bounded map of
@@ -194,6 +195,7 @@ class Writer:
         *,
         lanes: int = 2,
         group_max: int = 2000,
+        spill: int | None = None,
         queue_limit: int = 64,
         max_wait: float = 0.0,
         recent_capacity: int = 250_000,
@@ -208,6 +210,11 @@ class Writer:
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(queue_limit)
         self._carry: _Chunk | None = None
         self._lanes = [_Lane() for _ in range(lanes)]
+        # A lane past the first takes a group only while this many records wait
+        # (default: half a group): under pressure, so a moderate rate is not split
+        # into more, smaller groups (more commits, more wake-ups of every tail).
+        self._spill = max(1, group_max // 2) if spill is None else spill
+        self._pressure = asyncio.Event()
         self._recent: dict[int, int] = {}
         self._older: dict[int, int] = {}
         self._recent_capacity = recent_capacity
@@ -261,6 +268,8 @@ class Writer:
             submitted._chunks.append((indexes, future))
             await self._queue.put(chunk)
             self.backlog += len(chunk.rows)
+            if self.backlog >= self._spill:
+                self._pressure.set()
             if self._stopped and not future.done():
                 # Queued after the writer stopped and drained: nobody will take it.
                 future.set_exception(_shutting_down())
@@ -280,6 +289,7 @@ class Writer:
         """Stop taking records, commit what is queued (for up to `grace` seconds),
         then stop; whatever is left is answered 503."""
         self._closing = True
+        self._pressure.set()  # every lane takes its end mark
         tasks = [lane.task for lane in self._lanes if lane.task is not None]
         graceful = True
         if tasks:
@@ -333,8 +343,11 @@ class Writer:
     # --- the loop ---
 
     async def _run(self, lane: _Lane) -> None:
+        spilling = lane is not self._lanes[0]
         try:
             while True:
+                if spilling:
+                    await self._under_pressure()
                 group = await self._take()
                 if not group:
                     return
@@ -350,6 +363,12 @@ class Writer:
             self._closing = self._stopped = True
             self._fail_leftovers()
             raise
+
+    async def _under_pressure(self) -> None:
+        """Until `spill` records wait to be taken, or the writer closes."""
+        while self.backlog < self._spill and not self._closing:
+            self._pressure.clear()
+            await self._pressure.wait()
 
     async def _take(self) -> list[_Chunk | None]:
         """The next group: whatever is queued, up to group_max records, after

@@ -526,13 +526,14 @@ def lanes_blocked(pool, writer: Writer, count: int) -> Callable[[], Awaitable[bo
 async def test_a_second_lane_copies_the_next_group_while_the_first_waits(
     database, pool
 ):
-    writer = Writer(database, lanes=2)
+    writer = Writer(database, lanes=2, group_max=10)  # spills from 5 queued
     await writer.start()
     try:
         async with events_locked(database):
             first = asyncio.create_task(writer.write([row(E1)]))
             await until(lanes_blocked(pool, writer, 1))
-            second = asyncio.create_task(writer.write([row(E2)]))
+            six = [row(E2), *(row() for _ in range(5))]
+            second = asyncio.create_task(writer.write(six))
             await until(lanes_blocked(pool, writer, 2))
             third = asyncio.create_task(writer.write([row(E3), row()]))
             await until(lambda: writer.backlog == 2)  # no lane free: it queues
@@ -542,9 +543,35 @@ async def test_a_second_lane_copies_the_next_group_while_the_first_waits(
 
     tx_of = {r["global_position"]: r["tx_id"] for r in await stored(pool)}
     groups = [{tx_of[o.position] for o in a} for a in answers]
-    assert len(tx_of) == 4
+    assert len(tx_of) == 9
     assert [len(g) for g in groups] == [1, 1, 1]
     assert len(set.union(*groups)) == 3  # three groups, two of them at once
+
+
+async def test_below_the_spill_the_second_lane_leaves_the_records_to_one_group(
+    database, pool
+):
+    writer = Writer(database, lanes=2, group_max=10)
+    await writer.start()
+    try:
+        async with events_locked(database):
+            first = asyncio.create_task(writer.write([row(E1)]))
+            await until(lanes_blocked(pool, writer, 1))
+            senders = [
+                asyncio.create_task(writer.write([row(), row()])) for _ in range(2)
+            ]
+            await until(lambda: writer.backlog == 4)
+            for _ in range(50):  # turns for an idle lane to (wrongly) take them
+                await asyncio.sleep(0)
+            assert writer.backlog == 4
+            assert await lanes_blocked(pool, writer, 1)()
+        await first
+        answers = await asyncio.gather(*senders)
+    finally:
+        await writer.close()
+
+    tx_of = {r["global_position"]: r["tx_id"] for r in await stored(pool)}
+    assert len({tx_of[o.position] for a in answers for o in a}) == 1
 
 
 async def test_lanes_writing_the_same_ids_in_opposite_orders_both_commit(
@@ -554,7 +581,7 @@ async def test_lanes_writing_the_same_ids_in_opposite_orders_both_commit(
     once: every lane copies in id order, so one waits for the other and finds its
     ids stored; copied as sent, they could wait for each other (a deadlock)."""
     ids = [str(uuid.UUID(int=n << 64)) for n in range(1, 401)]
-    writer = Writer(database, lanes=2)
+    writer = Writer(database, lanes=2, group_max=500)  # spills from 250 queued
     await writer.start()
     try:
         async with events_locked(database):
