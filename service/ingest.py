@@ -6,12 +6,11 @@ that many positions in one round trip and appends them with one binary COPY on a
 autocommit connection of its own: one statement, one transaction, one fsync, one
 NOTIFY. Under pressure (half a group queued) a second connection (lane) commits a
 group of its own, so the next group is copied while the last one waits for its
-fsync. Each sender is
-answered only after the COPY that holds its records returned, so an answer means
-committed (synchronous_commit stays on). A full queue makes senders wait; nothing is
-dropped. Idempotency: the unique index on event_id is the truth; a bounded map of
-recently written ids (ints, which the cyclic GC does not track) answers most repeats
-without the database.
+fsync. Each sender is answered only after the COPY that holds its records returned,
+so an answer means committed (synchronous_commit stays on). A full queue makes
+senders wait; nothing is dropped. Idempotency: the unique index on event_id is the
+truth; a bounded map of recently written ids (ints, which the cyclic GC does not
+track) answers most repeats without the database.
 """
 
 from __future__ import annotations
@@ -135,9 +134,10 @@ _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 class _Lane:
     """One connection of the writer and the group it is committing."""
 
-    __slots__ = ("conn", "inflight", "retry_at", "task")
+    __slots__ = ("conn", "inflight", "number", "retry_at", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, number: int) -> None:
+        self.number = number  # 0 takes every group; the others, under pressure
         self.conn: asyncpg.Connection | None = None
         self.inflight: list[_Chunk] = []
         self.retry_at = 0.0  # no reconnect before (time.monotonic)
@@ -209,7 +209,7 @@ class Writer:
         # times queue_limit (plus one group in flight a lane and one carried over).
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(queue_limit)
         self._carry: _Chunk | None = None
-        self._lanes = [_Lane() for _ in range(lanes)]
+        self._lanes = [_Lane(number) for number in range(lanes)]
         # A lane past the first takes a group only while this many records wait
         # (default: half a group): under pressure, so a moderate rate is not split
         # into more, smaller groups (more commits, more wake-ups of every tail).
@@ -280,9 +280,9 @@ class Writer:
     async def start(self) -> None:
         for lane in self._lanes:
             await self._connect(lane)
-        for number, lane in enumerate(self._lanes):
+        for lane in self._lanes:
             lane.task = asyncio.create_task(
-                self._run(lane), name=f"usage-writer-{number}"
+                self._run(lane), name=f"usage-writer-{lane.number}"
             )
 
     async def close(self, grace: float = 10.0) -> None:
@@ -343,10 +343,9 @@ class Writer:
     # --- the loop ---
 
     async def _run(self, lane: _Lane) -> None:
-        spilling = lane is not self._lanes[0]
         try:
             while True:
-                if spilling:
+                if lane.number > 0:
                     await self._under_pressure()
                 group = await self._take()
                 if not group:
@@ -546,7 +545,7 @@ class Writer:
         log.info(
             "ingest_writer_connected",
             backend_pid=conn.get_server_pid(),
-            lane=self._lanes.index(lane),
+            lane=lane.number,
         )
         return conn
 
