@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -44,6 +46,9 @@ WHERE l.locktype = 'advisory' AND l.granted
 _CHECKPOINT = """
 SELECT last_tx_id::text::bigint AS tx_id, last_position FROM projection_checkpoints
 WHERE projection = 'governance'
+"""
+_HOLD_CHECKPOINT = """
+SELECT 1 FROM projection_checkpoints WHERE projection = 'governance' FOR UPDATE
 """
 
 
@@ -208,8 +213,30 @@ async def start_traffic(
     )
     for served in pair:
         await known_to_cache(session, served.url, tree)
+        # ... and the projector has applied it (its checkpoint row exists).
+        await read_model_reaches(session, served, tree.position, time.monotonic())
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return pair, Traffic(session, pool, tree, now)
+
+
+@asynccontextmanager
+async def holding_the_checkpoint(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Hold the projector's checkpoint row (FOR UPDATE) for the block: the replica
+    holding the projector's lock with a batch to apply then waits at its checkpoint's
+    move, lock held, so a sample sees it at a point of our choosing (the lock is
+    transaction-scoped and a batch takes milliseconds, so sampling alone can miss
+    every one); the other replica's try-lock meanwhile fails."""
+    async with pool.acquire() as conn, conn.transaction():
+        assert await conn.fetchval(_HOLD_CHECKPOINT) == 1
+        yield
+
+
+async def lock_seen(traffic: Traffic) -> str:
+    """The replica a sample names as holding the projector's lock, from now."""
+    traffic.held.clear()
+    async with asyncio.timeout(HANDOVER_BOUND_S):
+        await traffic.held.wait()
+    return traffic.holders[-1]
 
 
 async def checks(
@@ -264,6 +291,8 @@ async def test_caches_converge_and_one_replica_at_a_time_applies_the_projector(
         asyncio.create_task(traffic.record(b, stop, 150)),
         asyncio.create_task(traffic.sample(stop)),
     ]
+    async with holding_the_checkpoint(pool):
+        await lock_seen(traffic)
     await asyncio.gather(*tasks[:2])
     stop.set()
     await tasks[2]
@@ -311,13 +340,12 @@ async def handovers(
     took: list[float] = []
     try:
         for round_ in range(rounds):
-            traffic.held.clear()
-            async with asyncio.timeout(HANDOVER_BOUND_S):
-                await traffic.held.wait()  # a sample named the lock's holder
-            victim = live[traffic.holders[-1]]
-            [survivor] = [s for s in live.values() if s is not victim]
-            victim.kill()
-            killed_at = time.monotonic()
+            # Killed mid-batch: seen holding the lock, waiting at its checkpoint.
+            async with holding_the_checkpoint(pool):
+                victim = live[await lock_seen(traffic)]
+                [survivor] = [s for s in live.values() if s is not victim]
+                victim.kill()
+                killed_at = time.monotonic()
             at_kill = await head(pool)
             await recorders.pop(victim.name)
             # The survivor applies the projector now: its read model passes the
