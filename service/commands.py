@@ -116,12 +116,13 @@ async def delete(
     return await _transact(pool, stream_id, call, run)
 
 
-async def refuse(pool: asyncpg.Pool, key: Idempotency, refusal: Reply) -> Reply:
-    """Keep a refusal for its key, in a transaction of its own (the command's rolled
-    back); the answer of a concurrent request with the same key if it came first."""
+async def keep(pool: asyncpg.Pool, key: Idempotency, answer: Reply) -> Reply:
+    """Keep an answer for its key in a transaction of its own (a refusal, whose
+    command rolled back, or the answer of a command the usage writer committed);
+    the answer of a concurrent request with the same key if it came first."""
     try:
         async with pool.acquire() as conn:
-            await idempotency.remember(conn, key, refusal)
+            await idempotency.remember(conn, key, answer)
     except asyncpg.UniqueViolationError as exc:
         if not idempotency.is_taken(exc):
             raise
@@ -129,7 +130,7 @@ async def refuse(pool: asyncpg.Pool, key: Idempotency, refusal: Reply) -> Reply:
         if replayed is None:  # not expected: the row that took the key is committed
             raise
         return replayed
-    return refusal
+    return answer
 
 
 def _metadata(command: object, request_id: str | None) -> dict[str, Any]:

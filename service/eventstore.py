@@ -469,6 +469,14 @@ async def position_of(conn: Queryable, event_id: str) -> int | None:
     return position
 
 
+async def read_event(conn: Queryable, event_id: str) -> RecordedEvent | None:
+    """The event stored under `event_id`, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM events WHERE event_id = $1::uuid", event_id
+    )
+    return None if row is None else record_of(row)
+
+
 async def checkpoint_of(conn: Queryable, position: int) -> Checkpoint | None:
     """The checkpoint of the event at `position` (None: no such event, or not yet
     committed)."""

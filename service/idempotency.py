@@ -159,6 +159,14 @@ class Reply(NamedTuple):
     replayed: bool = False  # read back for a retry, not made now
 
 
+def check_key(key: str) -> None:
+    """A 400 unless the key is 1 to MAX_KEY_LENGTH printable ASCII characters."""
+    if not (0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
+        raise Invalid(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
+        )
+
+
 def from_request(
     key: str | None,
     *,
@@ -173,10 +181,7 @@ def from_request(
     other bytes depends on an encoding the header does not name."""
     if key is None:
         return None
-    if not (0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
-        raise Invalid(
-            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
-        )
+    check_key(key)
     head = f"{method}\0{path}\0{if_match or ''}\0"
     fingerprint = hashlib.sha256(head.encode() + body).hexdigest()
     return Idempotency(key, fingerprint, sealer)

@@ -40,6 +40,8 @@ MAX_FUTURE = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_COST = Decimal(10) ** 12
 NANO = Decimal("1e-9")
+_NANO_EXPONENT = -9
+_ZERO = Decimal(0)
 # Per record; sums over millions of records still fit a bigint.
 MAX_COUNT = 2**31 - 1
 # An id in an imported usage event: bounded text, as upcast.check_values has it.
@@ -224,6 +226,23 @@ def _content(provider: str, model: str, cost: Decimal) -> Rejection | None:
     # PostgreSQL's jsonb cannot hold U+0000: one such record would fail its group.
     if "\x00" in provider or "\x00" in model:
         return NUL_CHARACTER
+    return cost_rejection(cost)
+
+
+def kept_money(amount: Decimal) -> Decimal:
+    """A valid amount (`cost_rejection` passed) as the log keeps it: a plain 0 for
+    any zero (-0, 0E-16384), and no zeros written past the nanos (1.5000000000000 is
+    1.500000000), so every reader can store and sum what the log holds."""
+    if not amount:
+        return _ZERO
+    if amount.as_tuple().exponent < _NANO_EXPONENT:  # type: ignore[operator]
+        return amount.quantize(NANO)
+    return amount
+
+
+def cost_rejection(cost: Decimal) -> Rejection | None:
+    """Why an amount of money spent or held is refused (None: it is not): not
+    finite, negative, 10^12 or more, or finer than 9 fractional digits."""
     if not cost.is_finite():
         return INVALID_COST
     if cost < 0:
@@ -253,8 +272,7 @@ def to_event(record: UsageRecord, chain: UsageChain, now: datetime) -> UsageReco
         virtual_key_id=chain.virtual_key_id,
         provider=record.provider,
         model=record.model,
-        # A zero may arrive as -0; the log keeps a plain 0.
-        cost=record.cost or Decimal(0),
+        cost=kept_money(record.cost),
         input_tokens=record.input_tokens,
         output_tokens=record.output_tokens,
         requests=record.requests,

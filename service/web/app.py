@@ -23,6 +23,7 @@ from service.web.keys import (
     cache_key,
     cache_projector_key,
     governance_projector_key,
+    in_flight_key,
     pool_key,
     readiness_key,
     resolver_key,
@@ -76,6 +77,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     )
     app[settings_key] = settings
     app[readiness_key] = {}
+    app[in_flight_key] = {}
     rights: dict[web.AbstractRoute, Right] = {}
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:

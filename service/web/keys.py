@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -34,3 +35,6 @@ writer_key = web.AppKey("usage_writer", Writer)
 resolver_key = web.AppKey("usage_key_resolver", KeyResolver)
 # The right each route needs.
 rights_key: web.AppKey[dict[web.AbstractRoute, Right]] = web.AppKey("route_rights")
+# The Idempotency-Keys whose answers this process is making (`service.web.keyed`),
+# each set once its answer is kept.
+in_flight_key = web.AppKey("idempotent_requests_in_flight", dict[str, asyncio.Event])

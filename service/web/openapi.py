@@ -207,6 +207,8 @@ COMMAND = (IDEMPOTENCY_KEY,)
 CHANGE = (PATH_ID, IF_MATCH, IDEMPOTENCY_KEY)
 READ_ERRORS = (400, 503)
 COMMAND_ERRORS = (409, 422, 503)
+# A command without a body still reads one sent (a form is refused, 415).
+UNWANTED_BODY = (408, 413, 415)
 _GOV = ("governance",)
 _CUSTOMERS = "/api/governance/customers"
 _TEAMS = "/api/governance/teams"
@@ -350,7 +352,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "Delete a customer and its budgets; its teams and keys are detached",
         Documented(200, Deleted),
         parameters=CHANGE,
-        errors=(400, *COMMAND_ERRORS),
+        errors=(400, *COMMAND_ERRORS, *UNWANTED_BODY),
         tags=_GOV,
     ),
     ("POST", _TEAMS): Operation(
@@ -376,7 +378,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "Delete a team and its budgets; its keys are detached",
         Documented(200, Deleted),
         parameters=CHANGE,
-        errors=(400, *COMMAND_ERRORS),
+        errors=(400, *COMMAND_ERRORS, *UNWANTED_BODY),
         tags=_GOV,
     ),
     ("POST", _KEYS): Operation(
@@ -402,7 +404,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "Delete a virtual key with its budgets and provider configs",
         Documented(200, Deleted),
         parameters=CHANGE,
-        errors=(400, *COMMAND_ERRORS),
+        errors=(400, *COMMAND_ERRORS, *UNWANTED_BODY),
         tags=_GOV,
     ),
     # --- governance reads
@@ -467,23 +469,26 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "May this key spend more? Answered from the in-memory cache",
         Documented(200, CheckAnswer),
         body=CheckRequest,
-        errors=(503,),
+        parameters=COMMAND,
+        errors=(422, 503),
         description="`min_position` in the body waits up to 2 s for the cache to"
         " reach it, else 503 projection_lag. With `reserve: true` (recorder right)"
         " an allowed check holds `estimated_cost` (and a request plus"
         " `estimated_tokens` against the rate limits) on every budget of the chain"
         " until a usage record names its `reservation_id`, a release, or"
         " `expires_at` (receive time + `ttl_s`, default 600); it answers after the"
-        " hold is committed, and an `Idempotency-Key` retry names the same"
-        " reservation.",
+        " hold is committed. A reserving check is a command: its answer, a refusal"
+        " included, is kept for its `Idempotency-Key` and replayed byte for byte"
+        " (`Idempotent-Replayed: true`); the key with another request is a 422. A"
+        " plain check ignores the header.",
         tags=("enforcement",),
     ),
     ("POST", "/api/governance/reservations/{id}/release"): Operation(
         "release_reservation",
         "Drop an open hold without recording usage",
         Documented(200, Released),
-        parameters=(PATH_ID,),
-        errors=(404, 503),
+        parameters=(PATH_ID, IDEMPOTENCY_KEY),
+        errors=(400, 404, 422, 503, *UNWANTED_BODY),
         description="Repeating it, or releasing a settled or expired hold, answers"
         " 200 and appends nothing; an id no reserving check answered is a 404.",
         tags=("enforcement",),
@@ -494,7 +499,8 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "Record one usage record",
         Documented(202, UsageAccepted),
         body=UsageRecord,
-        errors=(503,),
+        parameters=COMMAND,
+        errors=(422, 503),
         description="A rejected record is a 400 whose code says why: `invalid_record`,"
         " `negative_cost`, `invalid_cost`, `occurred_at_out_of_range` or"
         " `unknown_virtual_key` (given only once the cache has seen the log as it"
@@ -508,7 +514,8 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         Documented(200, BatchAnswer),
         body=str,
         body_media=NDJSON,
-        errors=(503,),
+        parameters=COMMAND,
+        errors=(422, 503),
         description="Each line is a `UsageRecord`. A line that is not valid JSON, or"
         " not a valid record, is a rejected line (`line` is 1-based); the valid lines"
         " commit even when others are rejected. Body limit 16 MiB.",

@@ -16,15 +16,16 @@ from msgspec import UNSET, UnsetType
 
 from projections.cache import GovernanceCache
 from projections.cache_entries import CheckResult
-from service import eventstore, metrics
+from service import eventstore, idempotency, metrics
 from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
 from service.domain.commands import strict_decode
-from service.domain.events import ReservationReleased
+from service.domain.events import ReservationHeld, ReservationReleased
 from service.domain.numbers import Money, Whole, decode_hook, money_schema
-from service.domain.usage import Name, Row, Secret
-from service.errors import Forbidden, Invalid, InvalidPosition, NotFound
+from service.domain.usage import Name, Row, Secret, cost_rejection, kept_money
+from service.errors import Forbidden, Invalid, InvalidCost, InvalidPosition, NotFound
 from service.eventstore import encode_event
 from service.ingest import reach_head
+from service.web import keyed
 from service.web.answers import CheckAnswer, Released
 from service.web.encoded import check_body
 from service.web.http import (
@@ -32,6 +33,7 @@ from service.web.http import (
     ROLE_RIGHTS,
     Right,
     authenticate,
+    authorization,
     event_metadata,
     header,
     json_response,
@@ -115,6 +117,11 @@ def _validate(body: CheckRequest) -> None:
         return  # estimated_tokens is absent or 0: in range
     if body.estimated_cost is None:
         raise Invalid("a reserving check needs estimated_cost (0 holds no money)")
+    if cost_rejection(body.estimated_cost) is not None:  # a hold is kept exactly
+        raise InvalidCost(
+            "the estimated_cost of a reserving check must be below 10^12 with at"
+            " most 9 fractional digits"
+        )
     if body.estimated_tokens is not None and not 0 <= body.estimated_tokens <= (
         MAX_TOKENS
     ):
@@ -192,24 +199,26 @@ def _decoded(raw: bytes) -> CheckRequest:
 async def check(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[settings_key]
-    body = _decoded(await read_body(request, settings.max_body_bytes))
+    raw = await read_body(request, settings.max_body_bytes)
+    body = _decoded(raw)
+    if body.reserve:
+        # A command: it writes (the recorder right) and honours Idempotency-Key.
+        if not settings.is_open:
+            role = authenticate(settings, authorization(request))
+            if Right.RECORD not in ROLE_RIGHTS[role]:
+                raise Forbidden(
+                    f"the {role} role may not reserve: a reservation writes"
+                )
+        return await keyed.once(request, raw, lambda: _reserving(request, body))
+    # A plain check is no command: its Idempotency-Key is checked, then ignored.
+    if (key := header(request, "Idempotency-Key")) is not None:
+        idempotency.check_key(key)
     _validate(body)
     projector = app[cache_projector_key]
     if body.min_position:
         await projector.wait_for(body.min_position, settings.min_position_wait_s)
     cache = app[cache_key]
     sha256 = _sha256(body.virtual_key)
-    if body.reserve:
-        if (
-            cache.resolve_usage(
-                virtual_key_sha256=sha256,
-                virtual_key_id=body.virtual_key_id,
-                provider=None,
-            )
-            is None
-        ):
-            await _reach_head(app)
-        return await _reserve(request, body, sha256)
     started = time.perf_counter()
     result = _decide(cache, body, sha256)
     if result.reason == "unknown_virtual_key":
@@ -222,6 +231,22 @@ async def check(request: web.Request) -> web.StreamResponse:
     # The cache cannot read the log right now: the answer is as of `position`.
     encoded = check_body(result, cache.position, projector.failing, answer)
     return JsonAnswer(encoded)
+
+
+async def _reserving(request: web.Request, body: CheckRequest) -> web.Response:
+    _validate(body)
+    app = request.app
+    if body.min_position:
+        await app[cache_projector_key].wait_for(
+            body.min_position, app[settings_key].min_position_wait_s
+        )
+    sha256 = _sha256(body.virtual_key)
+    resolved = app[cache_key].resolve_usage(
+        virtual_key_sha256=sha256, virtual_key_id=body.virtual_key_id, provider=None
+    )
+    if resolved is None:
+        await _reach_head(app)
+    return await _reserve(request, body, sha256)
 
 
 def _decide(
@@ -250,39 +275,35 @@ async def _reserve(
     see the hold), then the hold's event is appended through the usage writer and
     answered after its commit; a failed append drops the hold and answers 503."""
     app = request.app
-    settings = app[settings_key]
-    if not settings.is_open:
-        role = authenticate(settings, request.headers.get("Authorization"))
-        if Right.RECORD not in ROLE_RIGHTS[role]:
-            raise Forbidden(f"the {role} role may not reserve: a reservation writes")
     cache = app[cache_key]
     now = datetime.now(UTC)
     idempotency_key = header(request, "Idempotency-Key")
     key = cache._key(sha256, body.virtual_key_id)
-    reservation_id = (
-        str(uuid.uuid5(_RESERVATIONS, f"{key.id}:{idempotency_key}"))
-        if idempotency_key is not None and key is not None
-        else str(uuid.uuid4())
-    )
-    held = cache.holds.get(reservation_id)
-    if held is not None:  # a retry of a check whose hold is open: the same answer
-        return json_response(
-            CheckAnswer(
-                allowed=True,
-                reason="ok",
-                http_status=200,
-                position=cache.position,
-                reservation_id=reservation_id,
-                expires_at=held.expires_at,
+    if idempotency_key is None or key is None:
+        reservation_id = str(uuid.uuid4())
+    else:
+        # Named by the key and the Idempotency-Key: an attempt whose hold committed
+        # but whose answer was not kept (the process stopped between) finds it.
+        reservation_id = str(uuid.uuid5(_RESERVATIONS, f"{key.id}:{idempotency_key}"))
+        open_hold = cache.holds.get(reservation_id)
+        if open_hold is not None:
+            return json_response(
+                _same_reservation(reservation_id, cache.position, open_hold.expires_at)
             )
-        )
+        stored = await eventstore.read_event(app[pool_key], reservation_id)
+        if stored is not None and isinstance(stored.event, ReservationHeld):
+            return json_response(
+                _same_reservation(
+                    reservation_id, stored.global_position, stored.event.expires_at
+                )
+            )
     assert body.estimated_cost is not None  # _validate
     result, event = cache.reserve(
         virtual_key_sha256=sha256,
         virtual_key_id=body.virtual_key_id,
         provider=body.provider,
         model=body.model,
-        estimated_cost=body.estimated_cost,
+        estimated_cost=kept_money(body.estimated_cost),
         estimated_tokens=body.estimated_tokens or 0,
         reservation_id=reservation_id,
         expires_at=now + timedelta(seconds=body.ttl_s or DEFAULT_TTL_S),
@@ -312,11 +333,31 @@ async def _reserve(
     )
 
 
+def _same_reservation(
+    reservation_id: str, position: int, expires_at: datetime
+) -> CheckAnswer:
+    """The answer of a reservation held before under the same Idempotency-Key."""
+    return CheckAnswer(
+        allowed=True,
+        reason="ok",
+        http_status=200,
+        position=position,
+        reservation_id=reservation_id,
+        expires_at=expires_at,
+    )
+
+
 async def release(request: web.Request) -> web.Response:
     """POST /api/governance/reservations/{id}/release: drop an open hold (200 with
     the release's position); a closed one answers 200 and appends nothing; an id
-    no check ever answered is a 404."""
+    no check ever answered is a 404. It takes no body: one declared as a form or,
+    in open mode, as anything but JSON is refused (415) as on every command."""
     reservation_id = path_id(request, "reservation")
+    raw = await read_body(request, request.app[settings_key].max_body_bytes)
+    return await keyed.once(request, raw, lambda: _release(request, reservation_id))
+
+
+async def _release(request: web.Request, reservation_id: str) -> web.Response:
     app = request.app
     cache = app[cache_key]
     hold = cache.holds.get(reservation_id)
@@ -329,8 +370,9 @@ async def release(request: web.Request) -> web.Response:
             stored, app[settings_key].min_position_wait_s
         )
         hold = cache.holds.get(reservation_id)
-        if hold is None:  # settled, released or expired: nothing to do
-            return json_response(Released(position=cache.position))
+    if hold is None or hold.expires_at <= datetime.now(UTC):
+        # Settled, released or expired (lapsed, though not yet swept): nothing to do.
+        return json_response(Released(position=cache.position))
     event = ReservationReleased(
         reservation_id=reservation_id, virtual_key_id=hold.virtual_key_id
     )

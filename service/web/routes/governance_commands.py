@@ -49,14 +49,13 @@ from service.domain.commands import (
 from service.errors import Invalid, ServiceError
 from service.eventstore import Connection, Executed
 from service.idempotency import Reply
-from service.web.answers import Deleted, Error, ErrorDetail, encode
+from service.web import keyed
+from service.web.answers import Deleted, encode
 from service.web.http import (
-    ERROR_CODE,
     Right,
     header,
     path_id,
     read_body,
-    status_of,
 )
 from service.web.keys import pool_key, settings_key
 from service.web.routes.governance_answers import (
@@ -99,21 +98,15 @@ async def _command(
     one, else `run` it; whatever it answers but a 5xx is kept for the key."""
     app = request.app
     settings = app[settings_key]
-    raw = await read_body(request, settings.max_body_bytes) if body else b""
-    key_header = header(request, "Idempotency-Key")
-    key = None
-    if key_header is not None:
-        key = idempotency.from_request(
-            key_header,
-            method=request.method,
-            path=request.path,
-            if_match=header(request, "If-Match"),
-            body=raw,
-            sealer=idempotency.sealer(settings.secret_key, settings.data_dir),
-        )
+    raw = await read_body(request, settings.max_body_bytes)
+    if not body:
+        # A DELETE takes no body: one sent is read only to refuse a form (415), and
+        # is no part of the request a retry must repeat.
+        raw = b""
+    key = keyed.request_key(request, raw)
     pool = app[pool_key]
     if key is not None and (replayed := await idempotency.replay(pool, key)):
-        return _respond(replayed)
+        return keyed.respond(replayed)
     call = Call(
         at=datetime.now(UTC),
         request_id=structlog.contextvars.get_contextvars().get("request_id"),
@@ -123,12 +116,11 @@ async def _command(
     try:
         reply = await run(raw, call)
     except ServiceError as exc:
-        status = status_of(type(exc))
-        if key is None or status >= 500:
+        refusal = None if key is None else keyed.refusal(exc)
+        if key is None or refusal is None:
             raise
-        refusal = Error(error=ErrorDetail(code=exc.code, message=exc.message))
-        reply = await commands.refuse(pool, key, Reply(status, encode(refusal)))
-    return _respond(reply)
+        reply = await commands.keep(pool, key, refusal)
+    return keyed.respond(reply)
 
 
 def _expected_version(request: web.Request, call: Call) -> Call:
@@ -162,17 +154,6 @@ def _new_ids(body: AnyBody) -> tuple[str, ...]:
 
 def _path_id(request: web.Request, entity: Entity[Any, Any]) -> str:
     return path_id(request, entity.name.replace("_", " "))
-
-
-def _respond(reply: Reply) -> web.Response:
-    response = web.Response(
-        body=reply.body, status=reply.status, content_type="application/json"
-    )
-    if reply.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    if reply.status >= 400:  # for the request's log line
-        response[ERROR_CODE] = msgspec.json.decode(reply.body, type=Error).error.code
-    return response
 
 
 # --- handlers ----------------------------------------------------------------------

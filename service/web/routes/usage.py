@@ -23,6 +23,7 @@ from service.domain.usage import (
 )
 from service.errors import Invalid, ServiceError
 from service.ingest import Outcome, Submitted, queue_records, reach_head
+from service.web import keyed
 from service.web.answers import (
     BatchAnswer,
     ErrorDetail,
@@ -125,6 +126,10 @@ def _summary(outcomes: Iterable[Outcome]) -> tuple[int, int, int]:
 
 async def record_one(request: web.Request) -> web.Response:
     body = await read_body(request, request.app[settings_key].max_body_bytes)
+    return await keyed.once(request, body, lambda: _record_one(request, body))
+
+
+async def _record_one(request: web.Request, body: bytes) -> web.Response:
     try:
         record = decode_record(body)
     except msgspec.MsgspecError as exc:
@@ -154,6 +159,10 @@ async def record_one(request: web.Request) -> web.Response:
 
 async def record_batch(request: web.Request) -> web.Response:
     body = await read_body(request, request.app[settings_key].max_batch_body_bytes)
+    return await keyed.once(request, body, lambda: _record_batch(request, body))
+
+
+async def _record_batch(request: web.Request, body: bytes) -> web.Response:
     records, bad = decode_lines(body)
     submitted, rejected = await queue_records(
         request.app[writer_key],
@@ -187,7 +196,9 @@ async def record_batch(request: web.Request) -> web.Response:
 async def stream(request: web.Request) -> web.WebSocketResponse:
     """Each text frame `{seq, records}` gets one ack frame after its records
     committed, in the order the frames came; frames may be pipelined."""
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES)
+    # aiohttp refuses a message of max_msg_size bytes itself: a frame of exactly
+    # MAX_FRAME_BYTES is allowed.
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + 1)
     if not ws.can_prepare(request).ok:
         raise Invalid(
             "this endpoint takes a WebSocket: a GET with the headers"
