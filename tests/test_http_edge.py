@@ -410,3 +410,143 @@ async def test_a_request_head_that_never_ends_is_closed(database) -> None:
     finally:
         await slow.close()
     assert closed == b""
+
+
+# --- one value per header and query parameter; ids as UUIDs; bodies cut short -------
+
+CUSTOMERS = "/api/governance/customers"
+
+
+async def created_customer(server: TestServer) -> str:
+    """A new customer's id, once the read model has applied it."""
+    status, _, body = await raw_request(
+        server,
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 12\r\n",
+        b'{"name":"c"}',
+    )
+    assert status == 201, body
+    created = json.loads(body)
+    customer = str(created["customer"]["id"])
+    status, _, body = await get(server, f"{CUSTOMERS}/{customer}", created["position"])
+    assert status == 200, body
+    return customer
+
+
+async def get(
+    server: TestServer, path: str, min_position: int | None = None
+) -> tuple[int, dict, bytes]:
+    if min_position is not None:
+        path += ("&" if "?" in path else "?") + f"min_position={min_position}"
+    return await raw_request(
+        server,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+        "Authorization: Bearer adm-secret\r\n".encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        # Two tokens: which did the client mean? Neither, whichever comes first.
+        (
+            b"Authorization: Bearer adm-secret\r\nAuthorization: Bearer rec-secret\r\n",
+            401,
+        ),
+        (
+            b"Authorization: Bearer rec-secret\r\nAuthorization: Bearer adm-secret\r\n",
+            401,
+        ),
+        (
+            b"Authorization: Bearer adm-secret\r\n"
+            b"Idempotency-Key: a\r\nIdempotency-Key: b\r\n",
+            400,
+        ),
+        (b"Authorization: Bearer adm-secret\r\nIf-Match: 1\r\nIf-Match: 2\r\n", 400),
+    ],
+)
+async def test_a_header_sent_twice_is_refused(server, headers, status):
+    customer = await created_customer(server)
+    body = b'{"name":"renamed"}'
+
+    answer = await raw_request(
+        server,
+        f"PUT {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: x\r\n".encode()
+        + headers
+        + b"Content-Type: application/json\r\nContent-Length: 18\r\n",
+        body,
+    )
+
+    assert (answer[0], json.loads(answer[2])["error"]["code"]) == (
+        status,
+        "unauthorized" if status == 401 else "invalid_request",
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?min_position=1&min_position=999999",
+        "?owner_type=team&owner_type=customer",
+        "?owner_id={id}&owner_id=abc",
+    ],
+)
+async def test_a_query_parameter_given_twice_is_a_400(server, query):
+    customer = await created_customer(server)
+    path = "/api/governance/budgets" + query.format(id=customer)
+
+    status, _, body = await get(server, path)
+
+    assert status == 400
+    assert json.loads(body)["error"]["code"] in {"invalid_request", "invalid_position"}
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "{hex}",  # no hyphens
+        "urn:uuid:{id}",
+        "%7B{id}%7D",  # braces
+        "{id}0",
+    ],
+)
+async def test_an_id_spelled_other_than_a_uuid_names_nothing(server, spelling):
+    customer = await created_customer(server)
+    other = spelling.format(id=customer, hex=customer.replace("-", ""))
+
+    in_path = await get(server, f"{CUSTOMERS}/{other}")
+    in_query = await get(server, f"/api/governance/teams?customer_id={other}")
+    upper = await get(server, f"{CUSTOMERS}/{customer.upper()}")
+
+    assert (in_path[0], json.loads(in_path[2])["error"]["code"]) == (404, "not_found")
+    assert (in_query[0], json.loads(in_query[2])["error"]["code"]) == (
+        400,
+        "invalid_request",
+    )
+    assert (upper[0], json.loads(upper[2])["customer"]["id"]) == (200, customer)
+
+
+@pytest.mark.parametrize(
+    "content_type", [b"text/plain", b"application/x-www-form-urlencoded"]
+)
+async def test_a_delete_with_a_form_body_is_refused_and_deletes_nothing(
+    server, content_type
+):
+    customer = await created_customer(server)
+
+    status, _, body = await raw_request(
+        server,
+        f"DELETE {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"Authorization: Bearer adm-secret\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: 3\r\n",
+        b"a=b",
+    )
+    found = await get(server, f"{CUSTOMERS}/{customer}")
+
+    assert (status, json.loads(body)["error"]["code"]) == (
+        415,
+        "unsupported_media_type",
+    )
+    assert found[0] == 200

@@ -10,6 +10,7 @@ take. Ids are UUIDs (36 characters); durations are at most 11 characters.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated
 
@@ -63,6 +64,16 @@ RateLimitValue = Annotated[
 def canonical_id(value: str) -> str:
     """The stored spelling of a UUID: lower case, with hyphens."""
     return str(uuid.UUID(value))
+
+
+_IS_ID = re.compile(UUID_PATTERN).fullmatch
+
+
+def id_or_none(value: str) -> str | None:
+    """The stored spelling of an id written as an `Id` is (36 characters, hyphens
+    at their places, any letter case); None for any other spelling, including
+    those `uuid.UUID` would also take (no hyphens, braces, `urn:uuid:`)."""
+    return canonical_id(value) if _IS_ID(value) is not None else None
 
 
 # --- what a body's decoding cannot say, as the OpenAPI document states it -----------

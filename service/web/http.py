@@ -19,6 +19,7 @@ from aiohttp import web
 from structlog.contextvars import clear_contextvars
 
 from service.config import Settings
+from service.domain.bounds import id_or_none
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -193,6 +194,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, not gzip
         why = getattr(exc.__cause__, "message", None) or "it is malformed"
         raise Invalid(f"the request body cannot be read: {why}") from None
+    except OSError:  # the client closed its side mid-body: not the database's doing
+        raise Invalid(
+            "the request body was cut short: the connection closed before all of"
+            " it arrived"
+        ) from None
 
 
 async def _read(request: web.Request, limit: int, declared: int | None) -> bytes:
@@ -238,7 +244,7 @@ MAX_QUERY_INT = 2**63 - 1
 def query_int(
     request: web.Request, name: str, default: int | None = None, *, minimum: int = 0
 ) -> int | None:
-    raw = request.query.get(name)
+    raw = query_value(request, name)
     if raw is None or raw == "":
         return default
     try:
@@ -258,10 +264,20 @@ def path_id(request: web.Request, what: str) -> str:
     """The canonical spelling of the UUID in the path's `{id}`; anything else names
     nothing (`what` names the kind of thing in the 404)."""
     raw = request.match_info["id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise NotFound(f"{what} {raw!r} does not exist") from None
+    found = id_or_none(raw)
+    if found is None:
+        raise NotFound(f"{what} {raw[:100]!r} does not exist")
+    return found
+
+
+def query_value(request: web.Request, name: str) -> str | None:
+    """A query parameter's value (None: absent); a 400 when it is given twice."""
+    values = request.query.getall(name, ())
+    if len(values) > 1:
+        raise Invalid(
+            f"query parameter {name} is given {len(values)} times: give it once"
+        )
+    return values[0] if values else None
 
 
 def event_metadata() -> bytes:
@@ -280,9 +296,24 @@ _metadata_encoder = msgspec.json.Encoder()
 def header(request: web.Request, name: str) -> str | None:
     """A header's value, or a 400 when it is not well-formed text: aiohttp hands bytes
     that are not UTF-8 through as surrogates, which nothing downstream can encode."""
-    value = request.headers.get(name)
-    if value is not None and not _is_well_formed(value):
+    headers = request.headers
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not _is_well_formed(value):
         raise Invalid(f"the {name} header is not well-formed UTF-8 text")
+    if len(headers.getall(name)) > 1:
+        raise Invalid(f"send the {name} header once: it was sent more than once")
+    return value
+
+
+def authorization(request: web.Request) -> str | None:
+    """The Authorization header; a 401 when it is sent more than once (which of its
+    tokens would the client mean?)."""
+    headers = request.headers
+    value = headers.get("Authorization")
+    if value is not None and len(headers.getall("Authorization")) > 1:
+        raise Unauthorized("send one Authorization header: it was sent more than once")
     return value
 
 
@@ -413,7 +444,7 @@ def _answer_error(exc: Exception) -> web.Response:
 def _authorize(request: web.Request, settings: Settings, right: Right) -> None:
     if right is Right.PUBLIC or settings.is_open:
         return
-    role = authenticate(settings, request.headers.get("Authorization"))
+    role = authenticate(settings, authorization(request))
     if right not in ROLE_RIGHTS[role]:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
 

@@ -7,7 +7,7 @@ from aiohttp import web
 from service import eventstore
 from service.errors import Invalid
 from service.web.answers import EventPage
-from service.web.http import Right, json_response, query_int
+from service.web.http import Right, json_response, query_int, query_value
 from service.web.keys import pool_key
 
 MAX_LIMIT = 10_000
@@ -16,7 +16,7 @@ MAX_LIMIT = 10_000
 async def list_events(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0) or 0
     limit = min(query_int(request, "limit", 1000, minimum=1) or 1000, MAX_LIMIT)
-    stream_id = request.query.get("stream_id") or None
+    stream_id = query_value(request, "stream_id") or None
     if stream_id is not None and "\x00" in stream_id:
         raise Invalid("query parameter stream_id must not contain U+0000")
     page = await eventstore.read_page(

@@ -4,7 +4,6 @@ asked."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -13,6 +12,7 @@ from aiohttp import web
 
 from projections import governance_reads as read_model
 from projections.governance_usage import OWNER_TYPES
+from service.domain.bounds import id_or_none
 from service.errors import Invalid, InvalidPosition
 from service.eventstore import Connection
 from service.web.answers import (
@@ -24,7 +24,7 @@ from service.web.answers import (
     VirtualKeyFound,
     VirtualKeyList,
 )
-from service.web.http import Right, json_response, path_id, query_int
+from service.web.http import Right, json_response, path_id, query_int, query_value
 from service.web.keys import governance_projector_key, pool_key, settings_key
 
 T = TypeVar("T")
@@ -55,13 +55,13 @@ async def _read(
 
 
 def _query_id(request: web.Request, name: str) -> str | None:
-    raw = request.query.get(name)
+    raw = query_value(request, name)
     if not raw:
         return None
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise Invalid(f"query parameter {name} must be a UUID, got {raw!r}") from None
+    found = id_or_none(raw)
+    if found is None:
+        raise Invalid(f"query parameter {name} must be a UUID, got {raw[:100]!r}")
+    return found
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -112,7 +112,7 @@ async def get_virtual_key(request: web.Request) -> web.Response:
 
 
 async def list_budgets(request: web.Request) -> web.Response:
-    owner_type = request.query.get("owner_type") or None
+    owner_type = query_value(request, "owner_type") or None
     if owner_type is not None and owner_type not in OWNER_TYPES:
         raise Invalid(
             f"query parameter owner_type must be one of {', '.join(OWNER_TYPES)},"
