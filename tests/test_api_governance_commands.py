@@ -985,6 +985,146 @@ async def test_a_rate_limit_naming_one_half_keeps_the_other_and_null_drops_a_hal
     ]
 
 
+async def get_caught_up(client: Client, path: str, position: int) -> tuple[int, Any]:
+    """GET `path` once the read model has reached `position`."""
+    joiner = "&" if "?" in path else "?"
+    return await call(client, "GET", f"{path}{joiner}min_position={position}")
+
+
+@pytest.mark.parametrize(
+    ("collection", "name"),
+    [(CUSTOMERS, "customer"), (TEAMS, "team"), (KEYS, "virtual_key")],
+)
+async def test_budgets_null_in_a_put_removes_every_budget_as_an_empty_list_does(
+    client, collection, name
+):
+    created = (
+        await create(
+            client,
+            collection,
+            {"name": "acme", "budgets": [budget(10, "1d"), budget(200, "1M")]},
+        )
+    )[name]
+    path = f"{collection}/{created['id']}"
+
+    renamed = await call(client, "PUT", path, {"name": "renamed"})
+    removed = await call(client, "PUT", path, {"budgets": None})
+    again = await call(client, "PUT", path, {"budgets": None})
+
+    assert renamed[0] == 200, renamed
+    assert renamed[1][name]["budgets"] == created["budgets"]
+    assert removed[0] == 200, removed
+    entity = removed[1][name]
+    assert (entity["name"], entity["budgets"], entity["version"]) == (
+        "renamed",
+        [],
+        3,
+    )
+    assert again == (200, {name: entity, "position": removed[1]["position"]})
+    assert await get_caught_up(client, path, removed[1]["position"]) == (
+        200,
+        {name: entity},
+    )
+
+
+async def test_provider_configs_null_in_a_put_removes_every_provider_config(client):
+    key = (
+        await create(
+            client,
+            KEYS,
+            {
+                "name": "ci",
+                "budgets": [budget(50, "1M")],
+                "provider_configs": [
+                    {"provider": "openai", "budgets": [budget(5, "1d")]},
+                    {"provider": "anthropic"},
+                ],
+            },
+        )
+    )["virtual_key"]
+    path = f"{KEYS}/{key['id']}"
+
+    status, answer = await call(client, "PUT", path, {"provider_configs": None})
+
+    assert status == 200, answer
+    entity = answer["virtual_key"]
+    assert (entity["provider_configs"], entity["version"]) == ([], 2)
+    assert entity["budgets"] == key["budgets"]  # omitted: kept
+    assert await get_caught_up(client, path, answer["position"]) == (
+        200,
+        {"virtual_key": entity},
+    )
+    assert await get_caught_up(
+        client, "/api/governance/budgets?owner_type=provider_config", answer["position"]
+    ) == (200, {"budgets": []})
+
+
+async def test_null_inside_a_provider_entry_removes_and_an_omitted_field_keeps(
+    client,
+):
+    rate_limit = {
+        "token_max_limit": 1000,
+        "token_reset_duration": "1h",
+        "request_max_limit": 10,
+        "request_reset_duration": "1m",
+    }
+    openai_before = {
+        "provider": "openai",
+        "allowed_models": ["gpt-4o"],
+        "budgets": [budget(10, "1d")],
+        "rate_limit": rate_limit,
+    }
+    key = (
+        await create(
+            client,
+            KEYS,
+            {
+                "name": "ci",
+                "provider_configs": [
+                    openai_before,
+                    {**openai_before, "provider": "anthropic"},
+                ],
+            },
+        )
+    )["virtual_key"]
+    path = f"{KEYS}/{key['id']}"
+
+    status, answer = await call(
+        client,
+        "PUT",
+        path,
+        {
+            "provider_configs": [
+                {
+                    "provider": "openai",
+                    "allowed_models": None,
+                    "budgets": None,
+                    "rate_limit": {"token_max_limit": None},
+                },
+                {"provider": "anthropic"},
+            ]
+        },
+    )
+
+    assert status == 200, answer
+    [openai, anthropic] = answer["virtual_key"]["provider_configs"]
+    assert openai == {
+        **key["provider_configs"][0],
+        "allowed_models": ["*"],  # null lifts the restriction: every model
+        "budgets": [],
+        "rate_limit": {
+            **key["provider_configs"][0]["rate_limit"],
+            "token_max_limit": None,
+            "token_reset_duration": None,
+        },
+    }
+    assert anthropic == key["provider_configs"][1]
+    assert await get_caught_up(client, path, answer["position"]) == (
+        200,
+        {"virtual_key": answer["virtual_key"]},
+    )
+
+
 async def test_a_key_names_its_team_in_any_letter_case_and_is_answered_in_lower_case(
     client,
 ):

@@ -78,11 +78,13 @@ class ProviderConfigChanges(
     """A provider's settings in a PUT. For a provider the key has, an omitted
     `allowed_models`, `budgets` or `rate_limit` keeps its value (budgets with their
     usage); for a new one it takes the create's default (every model, none, none).
+    Null removes: `budgets: null` is `[]`, `allowed_models: null` allows every model
+    (as an omitted list does in a create), `rate_limit: null` drops the limit.
     """
 
     provider: Name
     allowed_models: Models | UnsetType | None = UNSET
-    budgets: Budgets | UnsetType = UNSET
+    budgets: Budgets | UnsetType | None = UNSET
     rate_limit: RateLimitChanges | UnsetType | None = UNSET
 
 
@@ -104,12 +106,12 @@ class CustomerChanges(
 ):
     """Body of PUT /api/governance/customers/{id}: an omitted field is unchanged.
 
-    `budgets` is the full resulting set (`[]` removes all); `rate_limit: null`
-    removes the rate limit.
+    `budgets` is the full resulting set (`[]` or null removes all); `rate_limit:
+    null` removes the rate limit.
     """
 
     name: Name | UnsetType = UNSET
-    budgets: Budgets | UnsetType = UNSET
+    budgets: Budgets | UnsetType | None = UNSET
     rate_limit: RateLimitChanges | UnsetType | None = UNSET
 
 
@@ -127,12 +129,13 @@ class TeamChanges(
 ):
     """Body of PUT /api/governance/teams/{id}: an omitted field is unchanged.
 
-    `customer_id: null` detaches the team; `budgets` is the full resulting set.
+    `customer_id: null` detaches the team; `budgets` is the full resulting set
+    (`[]` or null removes all); `rate_limit: null` removes the rate limit.
     """
 
     name: Name | UnsetType = UNSET
     customer_id: Id | UnsetType | None = UNSET
-    budgets: Budgets | UnsetType = UNSET
+    budgets: Budgets | UnsetType | None = UNSET
     rate_limit: RateLimitChanges | UnsetType | None = UNSET
 
 
@@ -158,15 +161,16 @@ class VirtualKeyChanges(
 ):
     """Body of PUT /api/governance/virtual-keys/{id}: an omitted field is unchanged.
 
-    `provider_configs` is the full resulting set, reconciled by `provider`;
-    `rotate_value: true` issues a new secret, returned once in the answer.
+    `budgets` and `provider_configs` are the full resulting sets (`[]` or null
+    removes all), provider configs reconciled by `provider`; `rotate_value: true`
+    issues a new secret, returned once in the answer.
     """
 
     name: Name | UnsetType = UNSET
     team_id: Id | UnsetType | None = UNSET
     customer_id: Id | UnsetType | None = UNSET
     is_active: bool | UnsetType = UNSET
-    budgets: Budgets | UnsetType = UNSET
+    budgets: Budgets | UnsetType | None = UNSET
     rate_limit: RateLimitChanges | UnsetType | None = UNSET
     provider_configs: (
         Annotated[
@@ -174,6 +178,7 @@ class VirtualKeyChanges(
             msgspec.Meta(max_length=MAX_PROVIDER_CONFIGS),
         ]
         | UnsetType
+        | None
     ) = UNSET
     rotate_value: bool = False
 
@@ -312,12 +317,12 @@ def ids_needed(body: AnyBody) -> int:
     if isinstance(body, VirtualKeyBody | VirtualKeyChanges) and not isinstance(
         body.provider_configs, UnsetType
     ):
-        configs = body.provider_configs
+        configs = body.provider_configs or ()
     return _count(body.budgets) + sum(1 + _count(c.budgets) for c in configs)
 
 
-def _count(budgets: tuple[BudgetSpec, ...] | UnsetType) -> int:
-    return 0 if isinstance(budgets, UnsetType) else len(budgets)
+def _count(budgets: tuple[BudgetSpec, ...] | UnsetType | None) -> int:
+    return 0 if isinstance(budgets, UnsetType) else len(budgets or ())
 
 
 # --- checks shared by the aggregates ----------------------------------------------
@@ -419,11 +424,12 @@ def _by_duration(budget: Budget) -> str:
 
 def replaced_budgets(
     current: tuple[Budget, ...],
-    requested: tuple[BudgetSpec, ...] | UnsetType,
+    requested: tuple[BudgetSpec, ...] | UnsetType | None,
     new_id: Callable[[], str],
 ) -> tuple[Budget, ...] | None:
-    """The owner's budgets after a PUT; None when it leaves them as they are."""
+    """The owner's budgets after a PUT (UNSET keeps them, null removes them all, as
+    `[]` does); None when it leaves them as they are."""
     if isinstance(requested, UnsetType):
         return None
-    budgets = reconcile(current, requested, new_id)
+    budgets = reconcile(current, requested or (), new_id)
     return None if same_budgets(budgets, current) else budgets

@@ -177,8 +177,8 @@ def _updated(key: VirtualKey, command: UpdateVirtualKey) -> list[VirtualKeyEvent
         provider_configs=(
             key.provider_configs
             if isinstance(changes.provider_configs, unset)
-            else reconcile_provider_configs(
-                key.provider_configs, changes.provider_configs, new_id
+            else reconcile_provider_configs(  # null removes them all, as [] does
+                key.provider_configs, changes.provider_configs or (), new_id
             )
         ),
     )
@@ -253,9 +253,10 @@ def reconcile_provider_configs(
 
     A kept provider keeps its provider_config_id, reconciles its budgets by
     reset_duration and keeps whatever the entry leaves out (UNSET): its allowed
-    models, its budgets with their usage, each half of its rate limit. A new
-    provider gets `new_id()` and the defaults (every model, no budget, no rate
-    limit); a dropped one is gone.
+    models, its budgets with their usage, each half of its rate limit; null removes
+    (budgets: all of them, as `[]` does; allowed_models: the restriction, so every
+    model). A new provider gets `new_id()` and the defaults (every model, no budget,
+    no rate limit); a dropped one is gone.
     """
     by_provider = {config.provider: config for config in current}
     seen: set[str] = set()
@@ -279,7 +280,7 @@ def reconcile_provider_configs(
         config_id = new_id() if kept is None else kept.provider_config_id
         budgets = before.budgets
         if not isinstance(spec.budgets, msgspec.UnsetType):
-            budgets = reconcile(before.budgets, spec.budgets, new_id)
+            budgets = reconcile(before.budgets, spec.budgets or (), new_id)
         configs.append(
             ProviderConfig(
                 provider_config_id=config_id,

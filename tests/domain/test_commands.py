@@ -315,6 +315,27 @@ def test_the_documented_duration_pattern_is_exactly_the_grammar():
                 assert bool(pattern.search(text)) is taken, text
 
 
+def test_a_put_takes_null_for_a_list_and_a_create_does_not():
+    """In a PUT null removes (the decision reads it as []); a create has no null."""
+    changes = decode(
+        VirtualKeyChanges,
+        {
+            "budgets": None,
+            "provider_configs": [{"provider": "openai", "budgets": None}],
+        },
+    )
+
+    assert (changes.budgets, changes.provider_configs[0].budgets) == (None, None)
+    assert decode(CustomerChanges, {"budgets": None}).budgets is None
+    assert (
+        decode(VirtualKeyChanges, {"provider_configs": None}).provider_configs is None
+    )
+    assert "$.budgets" in refusal(CustomerBody, {"name": "a", "budgets": None})
+    assert "$.provider_configs" in refusal(
+        VirtualKeyBody, {"name": "a", "provider_configs": None}
+    )
+
+
 def test_a_put_rate_limit_may_name_one_field_of_a_half():
     changes = decode(CustomerChanges, {"rate_limit": {"token_max_limit": 5}})
 

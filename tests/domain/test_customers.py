@@ -118,10 +118,13 @@ def test_replacing_1d_with_1w_keeps_the_monthly_budget_id():
     ]
 
 
-def test_an_empty_budget_list_removes_every_budget_and_omitted_keeps_them():
+@pytest.mark.parametrize("removed", [(), None], ids=["empty", "null"])
+def test_an_empty_or_null_budget_list_removes_every_budget_and_omitted_keeps_them(
+    removed,
+):
     customer = fold([CREATED])
 
-    assert decide(update(CustomerChanges(budgets=())), customer) == [
+    assert decide(update(CustomerChanges(budgets=removed)), customer) == [
         CustomerBudgetsReplaced(customer_id="c1", budgets=())
     ]
     assert decide(update(CustomerChanges(name="acme2")), customer) == [

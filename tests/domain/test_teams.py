@@ -103,8 +103,9 @@ def test_replacing_1d_with_1w_keeps_the_monthly_budget_id():
     ]
 
 
-def test_an_empty_budget_list_removes_every_budget():
-    assert decide(update(TeamChanges(budgets=())), fold([CREATED])) == [
+@pytest.mark.parametrize("removed", [(), None], ids=["empty", "null"])
+def test_an_empty_or_null_budget_list_removes_every_budget(removed):
+    assert decide(update(TeamChanges(budgets=removed)), fold([CREATED])) == [
         TeamBudgetsReplaced(team_id="t1", budgets=())
     ]
 

@@ -409,11 +409,14 @@ def test_allowed_models_null_or_star_allow_every_model_and_empty_none(
     ]
 
 
-def test_a_provider_budget_list_replaces_the_set_and_empty_removes_every_one():
+@pytest.mark.parametrize("removed", [(), None], ids=["empty", "null"])
+def test_a_provider_budget_list_replaces_the_set_and_empty_or_null_removes_every_one(
+    removed,
+):
     changes = VirtualKeyChanges(
         provider_configs=(
-            ProviderConfigChanges(provider="openai", budgets=()),
-            ProviderConfigChanges(provider="anthropic"),
+            ProviderConfigChanges(provider="openai", budgets=removed),
+            ProviderConfigChanges(provider="anthropic", budgets=None),
         )
     )
 
@@ -421,6 +424,17 @@ def test_a_provider_budget_list_replaces_the_set_and_empty_removes_every_one():
         updated(
             provider_configs=(msgspec.structs.replace(OPENAI, budgets=()), ANTHROPIC)
         )
+    ]
+
+
+@pytest.mark.parametrize("removed", [(), None], ids=["empty", "null"])
+def test_empty_or_null_key_budgets_and_provider_configs_remove_every_one(removed):
+    changes = VirtualKeyChanges(budgets=removed, provider_configs=removed)
+
+    assert ids_needed(changes) == 0
+    assert decide(update(changes), fold([CREATED])) == [
+        updated(provider_configs=()),
+        VirtualKeyBudgetsReplaced(virtual_key_id="k1", budgets=()),
     ]
 
 
