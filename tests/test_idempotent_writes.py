@@ -13,34 +13,17 @@ from typing import Any
 
 import pytest
 
-from service.config import Settings
 from tests.api import Api, bearer, serve
+from tests.reserving import CHECK, TOKENS, reserving, usage_record
+from tests.reserving import key_under_team as a_key
 
-CHECK = "/api/governance/check"
-KEYS = "/api/governance/virtual-keys"
-TEAMS = "/api/governance/teams"
 CUSTOMERS = "/api/governance/customers"
-TOKENS = Settings(
-    admin_tokens=frozenset({"adm"}),
-    recorder_tokens=frozenset({"rec"}),
-    reader_tokens=frozenset({"read"}),
-)
 
 
 @pytest.fixture
 async def api(database):
     async with serve(database, TOKENS, bearer("adm")) as api:
         yield api
-
-
-async def key_under_team(api: Api, limit: int = 10) -> str:
-    team = await api.create(
-        TEAMS,
-        {"name": "t", "budgets": [{"max_limit": limit, "reset_duration": "1d"}]},
-    )
-    key = await api.create(KEYS, {"name": "k", "team_id": team["team"]["id"]})
-    await api.caught_up(key["position"])
-    return str(key["virtual_key"]["id"])
 
 
 async def send(
@@ -58,10 +41,6 @@ async def send(
     )
 
 
-def reserving(key_id: str, cost: str) -> dict[str, Any]:
-    return {"virtual_key_id": key_id, "reserve": True, "estimated_cost": cost}
-
-
 async def count(pool, event_type: str) -> int:
     return int(
         await pool.fetchval("SELECT count(*) FROM events WHERE type = $1", event_type)
@@ -71,7 +50,7 @@ async def count(pool, event_type: str) -> int:
 async def test_a_retried_reservation_is_the_first_answer_even_after_its_release(
     api, pool
 ):
-    key_id = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
     first = await send(api, "POST", CHECK, reserving(key_id, "4"), "call-1")
     reservation = json.loads(first[1])["reservation_id"]
     released = await send(
@@ -87,7 +66,7 @@ async def test_a_retried_reservation_is_the_first_answer_even_after_its_release(
 
 
 async def test_a_retry_while_the_first_is_in_flight_gets_its_answer(api, pool):
-    key_id = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
 
     answers = await asyncio.gather(
         *(send(api, "POST", CHECK, reserving(key_id, "3"), "same") for _ in range(5))
@@ -101,7 +80,7 @@ async def test_a_retry_while_the_first_is_in_flight_gets_its_answer(api, pool):
 
 
 async def test_refusals_of_a_reserving_check_are_kept_for_its_key(api, pool):
-    key_id = await key_under_team(api, limit=10)
+    key_id = (await a_key(api, limit=10)).key_id
     held = await send(api, "POST", CHECK, reserving(key_id, "8"), "first")
     blocked = await send(api, "POST", CHECK, reserving(key_id, "7"), "blocked")
     malformed = await send(
@@ -126,8 +105,8 @@ async def test_refusals_of_a_reserving_check_are_kept_for_its_key(api, pool):
 
 
 async def test_a_key_with_another_request_is_a_422(api, pool):
-    key_id = await key_under_team(api)
-    other_key = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
+    other_key = (await a_key(api)).key_id
     await send(api, "POST", CHECK, reserving(key_id, "4"), "taken")
 
     other_cost = await send(api, "POST", CHECK, reserving(key_id, "5"), "taken")
@@ -148,7 +127,7 @@ async def test_a_key_with_another_request_is_a_422(api, pool):
 
 @pytest.mark.parametrize("key", ["", " " * 3 + "\t", "é", "k" * 256])
 async def test_a_malformed_key_is_a_400_on_every_command(api, key):
-    key_id = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
     headers = {"Idempotency-Key": key, **bearer("rec")}
     record = usage_record(key_id)
     reservation = str(uuid.uuid4())
@@ -172,7 +151,7 @@ async def test_a_malformed_key_is_a_400_on_every_command(api, key):
 async def test_a_retried_release_is_replayed_and_another_release_under_it_is_a_422(
     api, pool
 ):
-    key_id = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
     a = json.loads((await send(api, "POST", CHECK, reserving(key_id, "1"), None))[1])
     b = json.loads((await send(api, "POST", CHECK, reserving(key_id, "1"), None))[1])
     path_a = f"/api/governance/reservations/{a['reservation_id']}/release"
@@ -192,7 +171,7 @@ async def test_a_retried_release_is_replayed_and_another_release_under_it_is_a_4
 
 
 async def test_a_retried_usage_record_and_batch_answer_as_they_first_did(api, pool):
-    key_id = await key_under_team(api)
+    key_id = (await a_key(api)).key_id
     record = usage_record(key_id)
     batch = (
         b"\n".join(json.dumps(usage_record(key_id)).encode() for _ in range(3)) + b"\n"
@@ -222,13 +201,3 @@ async def test_a_retried_usage_record_and_batch_answer_as_they_first_did(api, po
     assert many_again.headers.get("Idempotent-Replayed") == "true"
     assert await many_again.read() == await many.read()
     assert await count(pool, "UsageRecorded") == 4
-
-
-def usage_record(key_id: str, cost: str = "0.5") -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "virtual_key_id": key_id,
-        "provider": "openai",
-        "model": "gpt-4o",
-        "cost": cost,
-    }

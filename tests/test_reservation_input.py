@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
 
-from service.config import Settings
 from service.web.routes.usage import MAX_FRAME_BYTES
 from tests.api import Api, bearer, serve
-
-CHECK = "/api/governance/check"
-KEYS = "/api/governance/virtual-keys"
-TEAMS = "/api/governance/teams"
-TOKENS = Settings(
-    admin_tokens=frozenset({"adm"}),
-    recorder_tokens=frozenset({"rec"}),
-    reader_tokens=frozenset({"read"}),
-)
+from tests.reserving import CHECK, TOKENS, key_under_team, reserving, usage_record
 
 
 @pytest.fixture
@@ -34,23 +24,9 @@ async def api(database):
         yield api
 
 
-async def key_under_team(api: Api, limit: int = 10) -> tuple[str, str]:
-    """(key id, budget id) of a key under a team with one budget of `limit`."""
-    team = await api.create(
-        TEAMS,
-        {"name": "t", "budgets": [{"max_limit": limit, "reset_duration": "1d"}]},
-    )
-    key = await api.create(KEYS, {"name": "k", "team_id": team["team"]["id"]})
-    await api.caught_up(key["position"])
-    return str(key["virtual_key"]["id"]), str(team["team"]["budgets"][0]["id"])
-
-
 async def reserve(api: Api, key_id: str, cost: Any, **extra: Any) -> tuple[int, Any]:
     return await api.call(
-        "POST",
-        CHECK,
-        {"virtual_key_id": key_id, "reserve": True, "estimated_cost": cost, **extra},
-        headers=bearer("rec"),
+        "POST", CHECK, reserving(key_id, cost, **extra), headers=bearer("rec")
     )
 
 
@@ -75,7 +51,7 @@ async def held(api: Api, budget_id: str, position: int) -> Decimal:
     ],
 )
 async def test_an_estimate_no_ledger_can_hold_exactly_is_refused(api, pool, cost):
-    key_id, _ = await key_under_team(api)
+    key_id, _, _ = await key_under_team(api)
 
     status, answer = await reserve(api, key_id, cost)
 
@@ -98,7 +74,7 @@ async def test_an_estimate_no_ledger_can_hold_exactly_is_refused(api, pool, cost
     ],
 )
 async def test_a_hold_is_logged_in_nanos_and_every_reader_agrees(api, pool, cost, kept):
-    key_id, budget_id = await key_under_team(api)
+    key_id, _, budget_id = await key_under_team(api)
 
     status, answer = await reserve(api, key_id, cost)
     logged = await pool.fetchval(
@@ -120,14 +96,8 @@ async def test_a_hold_is_logged_in_nanos_and_every_reader_agrees(api, pool, cost
 
 
 async def test_a_usage_cost_with_zeros_past_the_nanos_is_logged_in_nanos(api, pool):
-    key_id, budget_id = await key_under_team(api)
-    record = {
-        "event_id": str(uuid.uuid4()),
-        "virtual_key_id": key_id,
-        "provider": "openai",
-        "model": "gpt-4o",
-        "cost": "1.25" + "0" * 20000,
-    }
+    key_id, _, budget_id = await key_under_team(api)
+    record = usage_record(key_id, "1.25" + "0" * 20000)
 
     status, answer = await api.call("POST", "/api/usage", record, headers=bearer("rec"))
     logged = await pool.fetchval(
@@ -146,7 +116,7 @@ async def test_a_usage_cost_with_zeros_past_the_nanos_is_logged_in_nanos(api, po
 
 
 async def test_releasing_a_lapsed_hold_appends_nothing(api, pool):
-    key_id, _ = await key_under_team(api)
+    key_id, _, _ = await key_under_team(api)
     _, answer = await reserve(api, key_id, "1", ttl_s=1)
     await asyncio.sleep(1.05)  # the hold's lifetime passing, not a projection
 
@@ -172,7 +142,7 @@ async def test_releasing_a_lapsed_hold_appends_nothing(api, pool):
 async def test_a_release_declared_as_a_form_is_refused_and_holds_on(
     api, pool, content_type
 ):
-    key_id, budget_id = await key_under_team(api)
+    key_id, _, budget_id = await key_under_team(api)
     _, answer = await reserve(api, key_id, "4")
 
     status, refused = await api.call(
@@ -200,14 +170,8 @@ def frame_of(size: int, record: dict[str, Any]) -> str:
 async def test_a_frame_of_4_mib_is_taken_and_one_byte_more_is_not(
     api, size, acknowledged
 ):
-    key_id, _ = await key_under_team(api)
-    record = {
-        "event_id": str(uuid.uuid4()),
-        "virtual_key_id": key_id,
-        "provider": "openai",
-        "model": "gpt-4o",
-        "cost": "0.5",
-    }
+    key_id, _, _ = await key_under_team(api)
+    record = usage_record(key_id, "0.5")
 
     async with api.session.ws_connect(
         api.url("/api/usage/stream"), headers=bearer("rec"), max_msg_size=0
