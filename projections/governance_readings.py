@@ -1,7 +1,8 @@
 """What a reading of the read model at a moment sums, in one round trip: the stored
 cells of the periods that contain it (`service.domain.ledger.period_keys`), added to
 the ledgers restored without them (`projections.governance_usage.books_of`), and
-what the holds open at that moment keep of each budget and rate limit.
+what the holds open at that moment keep of the budgets and rate limits it is asked
+about (`Holders`).
 
 A read of the read model pays per round trip on a busy serving process: a GET reads
 its ledgers in one statement and what they sum here, in one more.
@@ -53,6 +54,26 @@ SELECT
 """
 
 
+class Holders(NamedTuple):
+    """The limits whose open holds a reading sums: budgets by id, and rate limits by
+    their owner's id."""
+
+    budget_ids: list[str]
+    rate_owner_ids: list[str]
+
+
+def holders_of(books: Mapping[Owner, Book]) -> Holders:
+    """The budgets and rate limits `books` were restored with."""
+    return Holders(
+        [r["id"] for book in books.values() for r in book.budgets],
+        [
+            r["owner_id"]
+            for book in books.values()
+            if (r := book.rate_limit) is not None
+        ],
+    )
+
+
 class Held(NamedTuple):
     """What open holds keep: by budget id, and by rate-limit owner id (tokens,
     requests)."""
@@ -60,10 +81,19 @@ class Held(NamedTuple):
     budgets: dict[str, Decimal]
     rate_owners: dict[str, tuple[int, int]]
 
+    def of_budget(self, budget_id: str) -> Decimal:
+        return self.budgets.get(budget_id, Decimal(0))
 
-async def read_at(conn: Connection, books: Mapping[Owner, Book], at: datetime) -> Held:
+    def of_rate_limit(self, owner_id: str) -> tuple[int, int]:
+        """(tokens, requests) held on the rate limit of the owner `owner_id`."""
+        return self.rate_owners.get(owner_id, (0, 0))
+
+
+async def read_at(
+    conn: Connection, books: Mapping[Owner, Book], at: datetime, holders: Holders
+) -> Held:
     """Add to each meter of `books` the stored cells a reading at `at` sums, and
-    return what the holds open at `at` keep of their budgets and rate limits."""
+    return what the holds open at `at` keep of the limits of `holders`."""
     spend_keys: list[tuple[str, datetime]] = []
     rate_keys: list[tuple[int, str, datetime]] = []
     for book in books.values():
@@ -73,10 +103,7 @@ async def read_at(conn: Connection, books: Mapping[Owner, Book], at: datetime) -
                 spend_keys.extend((meter.id, key) for key in keys)
             elif (limit_id := book.rate_limit_id) is not None:
                 rate_keys.extend((limit_id, meter.kind, key) for key in keys)
-    budget_ids = [r["id"] for book in books.values() for r in book.budgets]
-    rate_owner_ids = [
-        r["owner_id"] for book in books.values() if (r := book.rate_limit) is not None
-    ]
+    budget_ids, rate_owner_ids = holders
     if not spend_keys and not rate_keys and not budget_ids and not rate_owner_ids:
         return Held({}, {})
     row = await conn.fetchrow(

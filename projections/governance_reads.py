@@ -5,7 +5,9 @@ rate limit with the usage of the period that contains `now`.
 Each owner's ledger is restored from the read model with the cells of the period
 that contains `now` (`projections.governance_readings`, which also reads what open
 holds keep), and each limit shows its `reading` (`service.domain.ledger`):
-`current_usage` is its `used`, `last_reset` its `start`.
+`current_usage` is its `used`, `last_reset` its `start`, `held` what the holds open
+at `now` keep of it. `budget_view` and `rate_limit_view` say so for the command
+answers too (`service.web.routes.governance_answers`), so answers and reads agree.
 """
 
 from __future__ import annotations
@@ -13,21 +15,23 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
+from typing import cast
 
 import asyncpg
 
-from projections.governance_readings import Held, read_at
-from projections.governance_usage import Book, Owner, books_of
+from projections.governance_readings import Held, holders_of, read_at
+from projections.governance_usage import Book, Owner, Row, books_of
 from projections.governance_views import (
     BudgetView,
     CustomerView,
+    OwnerType,
     ProviderConfigView,
     RateLimitView,
     TeamView,
     VirtualKeyView,
 )
-from service.domain.ledger import reading, to_money
+from service.domain.events import Budget, RateLimit
+from service.domain.ledger import Ledger, Meter, reading, to_money
 from service.errors import NotFound
 from service.eventstore import Connection
 
@@ -143,7 +147,7 @@ async def _books(
     """The ledgers of `owners` with the cells a reading at `now` sums, and what
     open holds keep of them: two round trips."""
     books = await books_of(conn, owners, now)
-    return books, await read_at(conn, books, now)
+    return books, await read_at(conn, books, now, holders_of(books))
 
 
 async def _customers(
@@ -223,49 +227,101 @@ async def _virtual_keys(
     ]
 
 
+def budget_view(
+    owner: Owner,
+    budget: Budget,
+    ledger: Ledger | None,
+    meter: Meter | None,
+    held: Held,
+    now: datetime,
+) -> BudgetView:
+    """`budget` of `owner` at `now`: the reading of its `meter` in `ledger` and what
+    the holds open at `now` keep of it."""
+    used, start = _reading(ledger, meter, now)
+    return BudgetView(
+        id=budget.budget_id,
+        max_limit=budget.max_limit,
+        reset_duration=budget.reset_duration,
+        calendar_aligned=budget.calendar_aligned,
+        current_usage=to_money(used),
+        last_reset=start,
+        owner_type=cast(OwnerType, owner.type),
+        owner_id=owner.id,
+        held=held.of_budget(budget.budget_id),
+    )
+
+
+def rate_limit_view(
+    owner: Owner,
+    rate_limit: RateLimit,
+    ledger: Ledger | None,
+    held: Held,
+    now: datetime,
+) -> RateLimitView:
+    """`rate_limit` of `owner` at `now`: the readings of its halves in `ledger` and
+    what the holds open at `now` keep of it."""
+    tokens = None if ledger is None else ledger.tokens
+    requests = None if ledger is None else ledger.requests
+    token_held, request_held = held.of_rate_limit(owner.id)
+    return RateLimitView(
+        token_max_limit=rate_limit.token_max_limit,
+        token_reset_duration=rate_limit.token_reset_duration,
+        request_max_limit=rate_limit.request_max_limit,
+        request_reset_duration=rate_limit.request_reset_duration,
+        token_current_usage=_reading(ledger, tokens, now)[0],
+        request_current_usage=_reading(ledger, requests, now)[0],
+        token_held=token_held,
+        request_held=request_held,
+    )
+
+
+def _reading(
+    ledger: Ledger | None, meter: Meter | None, now: datetime
+) -> tuple[int, datetime]:
+    """The meter's usage and period start at `now`; 0 from `now` without a meter (a
+    limit the ledger has not defined yet)."""
+    if ledger is None or meter is None:
+        return 0, now
+    used, start, _ = reading(ledger, meter, now)
+    return used, start
+
+
 def _budgets(
     books: dict[Owner, Book], held: Held, now: datetime
 ) -> defaultdict[Owner, list[BudgetView]]:
     budgets: defaultdict[Owner, list[BudgetView]] = defaultdict(list)
     for owner, book in books.items():
         ledger = book.ledger
-        for r, meter in zip(book.budgets, ledger.budgets, strict=True):
-            used, start, _ = reading(ledger, meter, now)
-            budgets[owner].append(
-                BudgetView(
-                    id=r["id"],
-                    max_limit=r["max_limit"],
-                    reset_duration=r["reset_duration"],
-                    calendar_aligned=r["calendar_aligned"],
-                    current_usage=to_money(used),
-                    last_reset=start,
-                    owner_type=r["owner_type"],
-                    owner_id=r["owner_id"],
-                    held=held.budgets.get(r["id"], Decimal(0)),
-                )
-            )
+        budgets[owner] = [
+            budget_view(owner, _budget(r), ledger, meter, held, now)
+            for r, meter in zip(book.budgets, ledger.budgets, strict=True)
+        ]
     return budgets
 
 
 def _rate_limits(
     books: dict[Owner, Book], held: Held, now: datetime
 ) -> dict[Owner, RateLimitView]:
-    rows = {o: b.rate_limit for o, b in books.items() if b.rate_limit is not None}
-    views = {}
-    for owner, r in rows.items():
-        ledger = books[owner].ledger
-        tokens, requests = (
-            0 if half is None else reading(ledger, half, now).used
-            for half in (ledger.tokens, ledger.requests)
-        )
-        views[owner] = RateLimitView(
-            token_max_limit=r["token_max_limit"],
-            token_reset_duration=r["token_reset_duration"],
-            request_max_limit=r["request_max_limit"],
-            request_reset_duration=r["request_reset_duration"],
-            token_current_usage=tokens,
-            request_current_usage=requests,
-            token_held=held.rate_owners.get(r["owner_id"], (0, 0))[0],
-            request_held=held.rate_owners.get(r["owner_id"], (0, 0))[1],
-        )
-    return views
+    return {
+        owner: rate_limit_view(owner, _rate_limit(r), book.ledger, held, now)
+        for owner, book in books.items()
+        if (r := book.rate_limit) is not None
+    }
+
+
+def _budget(r: Row) -> Budget:
+    return Budget(
+        budget_id=r["id"],
+        max_limit=r["max_limit"],
+        reset_duration=r["reset_duration"],
+        calendar_aligned=r["calendar_aligned"],
+    )
+
+
+def _rate_limit(r: Row) -> RateLimit:
+    return RateLimit(
+        token_max_limit=r["token_max_limit"],
+        token_reset_duration=r["token_reset_duration"],
+        request_max_limit=r["request_max_limit"],
+        request_reset_duration=r["request_reset_duration"],
+    )

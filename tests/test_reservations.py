@@ -249,6 +249,108 @@ async def test_holds_survive_a_restart_and_replay(api, pool):
     assert (await budget(api, budget_id, held["position"]))["held"] == Decimal(7)
 
 
+async def renamed_and_read(api, path: str, name: str) -> tuple[dict, dict]:
+    """PUT `name` on the entity at `path`: its answer's entity, and the entity a GET
+    shows once the projection has the PUT."""
+    status, answer = await api.call("PUT", path, {"name": name}, exact=True)
+    assert status == 200, answer
+    [entity] = [v for k, v in answer.items() if k != "position"]
+    _, read = await api.call(
+        "GET", f"{path}?min_position={answer['position']}", exact=True
+    )
+    [shown] = read.values()
+    return entity, shown
+
+
+def holds_of(entity: dict) -> list:
+    """Every budget's `held` and the rate limit's `(token_held, request_held)`, the
+    key's provider configs' after its own."""
+    rate = entity["rate_limit"]
+    return [
+        [b["held"] for b in entity["budgets"]],
+        None if rate is None else (rate["token_held"], rate["request_held"]),
+        *(holds_of(c) for c in entity.get("provider_configs", [])),
+    ]
+
+
+async def test_command_answers_show_open_holds_as_get_does(api):
+    per_minute = {"request_max_limit": 100, "request_reset_duration": "1m"}
+    customer = await api.create(
+        "/api/governance/customers",
+        {
+            "name": "c",
+            "budgets": [{"max_limit": 100, "reset_duration": "1w"}],
+            "rate_limit": {
+                "token_max_limit": 1000,
+                "token_reset_duration": "1h",
+                **per_minute,
+            },
+        },
+    )
+    customer_id = customer["customer"]["id"]
+    team = await api.create(
+        TEAMS,
+        {
+            "name": "t",
+            "customer_id": customer_id,
+            "budgets": [{"max_limit": 50, "reset_duration": "1d"}],
+            "rate_limit": per_minute,
+        },
+    )
+    team_id = team["team"]["id"]
+    key = await api.create(
+        KEYS,
+        {
+            "name": "k",
+            "team_id": team_id,
+            "budgets": [{"max_limit": 10, "reset_duration": "1d"}],
+            "rate_limit": per_minute,
+            "provider_configs": [
+                {
+                    "provider": "openai",
+                    "budgets": [{"max_limit": 8, "reset_duration": "1d"}],
+                }
+            ],
+        },
+    )
+    key_id = key["virtual_key"]["id"]
+    await api.caught_up(key["position"])
+    paths = [
+        f"{KEYS}/{key_id}",
+        f"{TEAMS}/{team_id}",
+        f"/api/governance/customers/{customer_id}",
+    ]
+
+    _, held = await reserve(
+        api, key_id, "5", provider="openai", model="gpt", estimated_tokens=7
+    )
+    await api.caught_up(held["position"])
+    while_open = [await renamed_and_read(api, path, "held") for path in paths]
+
+    assert held["allowed"] is True
+    assert [holds_of(answer) for answer, _ in while_open] == [
+        [[5], (7, 1), [[5], None]],  # the key, then its openai config
+        [[5], (7, 1)],  # the team
+        [[5], (7, 1)],  # the customer
+    ]
+    assert [answer for answer, _ in while_open] == [shown for _, shown in while_open]
+
+    _, released = await api.call(
+        "POST",
+        f"/api/governance/reservations/{held['reservation_id']}/release",
+        headers=bearer("rec"),
+    )
+    await api.caught_up(released["position"])
+    after = [await renamed_and_read(api, path, "released") for path in paths]
+
+    assert [holds_of(answer) for answer, _ in after] == [
+        [[0], (0, 0), [[0], None]],
+        [[0], (0, 0)],
+        [[0], (0, 0)],
+    ]
+    assert [answer for answer, _ in after] == [shown for _, shown in after]
+
+
 # --- the cache alone: expiry is computed, not run -------------------------------------
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)

@@ -8,18 +8,21 @@ the command's transaction each owner's ledger is restored from the read model
 (`projections.governance_usage`), the stream's definition events the read model has
 not applied yet are folded into it at their recorded_at, and each budget and
 rate-limit half answers its `reading` at the moment of the command, as GET and the
-check will.
+check will. What open holds keep of each limit the entity now has (`held`) is read
+from the read model in the same round trip as the cells, and each limit is shown by
+the read queries' own `budget_view` and `rate_limit_view`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import msgspec
 
-from projections.governance_readings import read_at
+from projections.governance_readings import Held, Holders, read_at
+from projections.governance_reads import budget_view, rate_limit_view
 from projections.governance_usage import Book, Owner, books_of
 from service.domain import customers, teams, virtual_keys
 from service.domain.events import (
@@ -39,12 +42,9 @@ from service.domain.events import (
 )
 from service.domain.ledger import (
     Ledger,
-    Meter,
     define_budgets,
     define_rate_limit,
     open_ledger,
-    reading,
-    to_money,
 )
 from service.eventstore import Connection, Executed
 from service.web.answers import (
@@ -52,7 +52,6 @@ from service.web.answers import (
     CustomerSaved,
     CustomerView,
     NewVirtualKeyView,
-    OwnerType,
     ProviderConfigView,
     RateLimitView,
     TeamSaved,
@@ -68,14 +67,16 @@ async def customer_saved(
 ) -> CustomerSaved:
     customer = step.state
     assert customer is not None
-    owner = Owner("customer", customer.id)
-    view = await _view(conn, step, [owner], now)
+    limits = _Limits(
+        Owner("customer", customer.id), customer.budgets, customer.rate_limit
+    )
+    view = await _view(conn, step, [limits], now)
     return CustomerSaved(
         customer=CustomerView(
             id=customer.id,
             name=customer.name,
-            budgets=view.budgets(customer.budgets, owner),
-            rate_limit=view.rate_limit(customer.rate_limit, owner),
+            budgets=view.budgets(limits),
+            rate_limit=view.rate_limit(limits),
             version=step.version,
             created_at=_created_at(step),
             updated_at=_updated_at(step),
@@ -89,15 +90,15 @@ async def team_saved(
 ) -> TeamSaved:
     team = step.state
     assert team is not None
-    owner = Owner("team", team.id)
-    view = await _view(conn, step, [owner], now)
+    limits = _Limits(Owner("team", team.id), team.budgets, team.rate_limit)
+    view = await _view(conn, step, [limits], now)
     return TeamSaved(
         team=TeamView(
             id=team.id,
             name=team.name,
             customer_id=team.customer_id,
-            budgets=view.budgets(team.budgets, owner),
-            rate_limit=view.rate_limit(team.rate_limit, owner),
+            budgets=view.budgets(limits),
+            rate_limit=view.rate_limit(limits),
             version=step.version,
             created_at=_created_at(step),
             updated_at=_updated_at(step),
@@ -138,22 +139,28 @@ async def _virtual_key(
 ) -> VirtualKeyView:
     key = step.state
     assert key is not None
-    owner = Owner("virtual_key", key.id)
+    limits = _Limits(Owner("virtual_key", key.id), key.budgets, key.rate_limit)
     configs = [
-        (c, Owner("provider_config", c.provider_config_id))
+        (
+            c,
+            _Limits(
+                Owner("provider_config", c.provider_config_id), c.budgets, c.rate_limit
+            ),
+        )
         for c in key.provider_configs
     ]
-    view = await _view(conn, step, [owner, *(o for _, o in configs)], now)
+    view = await _view(conn, step, [limits, *(owned for _, owned in configs)], now)
     return VirtualKeyView(
         id=key.id,
         name=key.name,
         team_id=key.team_id,
         customer_id=key.customer_id,
         is_active=key.is_active,
-        budgets=view.budgets(key.budgets, owner),
-        rate_limit=view.rate_limit(key.rate_limit, owner),
+        budgets=view.budgets(limits),
+        rate_limit=view.rate_limit(limits),
         provider_configs=[
-            _provider_config(config, owner, view) for config, owner in configs
+            _provider_config(config, config_limits, view)
+            for config, config_limits in configs
         ],
         value_hint=key.value_hint,
         version=step.version,
@@ -163,7 +170,7 @@ async def _virtual_key(
 
 
 def _provider_config(
-    config: ProviderConfig, owner: Owner, view: _View
+    config: ProviderConfig, limits: _Limits, view: _View
 ) -> ProviderConfigView:
     return ProviderConfigView(
         id=config.provider_config_id,
@@ -171,8 +178,8 @@ def _provider_config(
         allowed_models=(
             ["*"] if config.allowed_models is None else list(config.allowed_models)
         ),
-        budgets=view.budgets(config.budgets, owner),
-        rate_limit=view.rate_limit(config.rate_limit, owner),
+        budgets=view.budgets(limits),
+        rate_limit=view.rate_limit(limits),
     )
 
 
@@ -184,54 +191,39 @@ def _updated_at(step: Executed[Any]) -> datetime:
     return step.timeline[-1][1]
 
 
+class _Limits(NamedTuple):
+    """An owner's budgets and rate limit as its stream has them after the command."""
+
+    owner: Owner
+    budgets: Sequence[Budget]
+    rate_limit: RateLimit | None
+
+
 class _View(NamedTuple):
-    """Each owner's ledger after the command, and the moment it is read at."""
+    """Each owner's ledger after the command, what the holds open at `now` keep of
+    its limits, and the moment `now` it is read at."""
 
     ledgers: dict[Owner, Ledger]
+    held: Held
     now: datetime
 
-    def budgets(self, budgets: Sequence[Budget], owner: Owner) -> list[BudgetView]:
-        ledger = self.ledgers.get(owner)
+    def budgets(self, limits: _Limits) -> list[BudgetView]:
+        ledger = self.ledgers.get(limits.owner)
         meters = {} if ledger is None else {m.id: m for m in ledger.budgets}
-        views = []
-        for b in budgets:
-            used, start = self._read(ledger, meters.get(b.budget_id))
-            views.append(
-                BudgetView(
-                    id=b.budget_id,
-                    max_limit=b.max_limit,
-                    reset_duration=b.reset_duration,
-                    calendar_aligned=b.calendar_aligned,
-                    current_usage=to_money(used),
-                    last_reset=start,
-                    owner_type=cast(OwnerType, owner.type),
-                    owner_id=owner.id,
-                )
+        return [
+            budget_view(
+                limits.owner, b, ledger, meters.get(b.budget_id), self.held, self.now
             )
-        return views
+            for b in limits.budgets
+        ]
 
-    def rate_limit(
-        self, rate_limit: RateLimit | None, owner: Owner
-    ) -> RateLimitView | None:
-        if rate_limit is None:
+    def rate_limit(self, limits: _Limits) -> RateLimitView | None:
+        if limits.rate_limit is None:
             return None
-        ledger = self.ledgers.get(owner)
-        tokens = None if ledger is None else ledger.tokens
-        requests = None if ledger is None else ledger.requests
-        return RateLimitView(
-            token_max_limit=rate_limit.token_max_limit,
-            token_reset_duration=rate_limit.token_reset_duration,
-            request_max_limit=rate_limit.request_max_limit,
-            request_reset_duration=rate_limit.request_reset_duration,
-            token_current_usage=self._read(ledger, tokens)[0],
-            request_current_usage=self._read(ledger, requests)[0],
+        ledger = self.ledgers.get(limits.owner)
+        return rate_limit_view(
+            limits.owner, limits.rate_limit, ledger, self.held, self.now
         )
-
-    def _read(self, ledger: Ledger | None, meter: Meter | None) -> tuple[int, datetime]:
-        if ledger is None or meter is None:
-            return 0, self.now
-        used, start, _ = reading(ledger, meter, self.now)
-        return used, start
 
 
 _VERSION = {
@@ -242,11 +234,13 @@ _VERSION = {
 
 
 async def _view(
-    conn: Connection, step: Executed[Any], owners: Sequence[Owner], now: datetime
+    conn: Connection, step: Executed[Any], limits: Sequence[_Limits], now: datetime
 ) -> _View:
     """The owners' ledgers (the stream's owner first, then its provider configs) as
     the read model has them, with the stream's events it has not applied folded in,
-    and the cells a reading at `now` sums."""
+    the cells a reading at `now` sums, and what the holds open at `now` keep of the
+    limits the owners have after the command (as GET will show them)."""
+    owners = [owned.owner for owned in limits]
     stream_owner = owners[0]
     applied = await conn.fetchval(_VERSION[stream_owner.type], stream_owner.id) or 0
     books = await books_of(conn, owners, now)
@@ -259,8 +253,11 @@ async def _view(
     }
     # A ledger replaced here (a config dropped and added again) reads no stored cells.
     fresh = {o: b for o, b in kept.items() if b.ledger is ledgers[o]}
-    await read_at(conn, fresh, now)
-    return _View(ledgers, now)
+    holders = Holders(
+        [b.budget_id for owned in limits for b in owned.budgets],
+        [owned.owner.id for owned in limits if owned.rate_limit is not None],
+    )
+    return _View(ledgers, await read_at(conn, fresh, now, holders), now)
 
 
 def _define(
