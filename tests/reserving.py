@@ -56,4 +56,3 @@ def usage_record(key_id: str, cost: str = "0.5", **extra: Any) -> dict[str, Any]
         "cost": cost,
         **extra,
     }
-
