@@ -7,7 +7,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from service.config import Settings
-from tests.api import Api
+from tests.api import Api, bearer
 
 CHECK = "/api/governance/check"
 KEYS = "/api/governance/virtual-keys"
@@ -44,6 +44,23 @@ async def key_under_team(api: Api, limit: int = 10) -> KeyUnderTeam:
 def reserving(key_id: str, cost: Any, **extra: Any) -> dict[str, Any]:
     """The body of a reserving check of `cost`."""
     return {"virtual_key_id": key_id, "reserve": True, "estimated_cost": cost, **extra}
+
+
+async def reserve(api: Api, key_id: str, cost: Any, **extra: Any) -> tuple[int, Any]:
+    """A recorder's reserving check: (status, answer)."""
+    return await api.call(
+        "POST", CHECK, reserving(key_id, cost, **extra), headers=bearer("rec")
+    )
+
+
+async def budget(api: Api, budget_id: str, position: int) -> dict[str, Any]:
+    """A budget as GET answers it once the read model has applied `position`
+    (money exact)."""
+    _, found = await api.call(
+        "GET", f"/api/governance/budgets?min_position={position}", exact=True
+    )
+    [only] = [b for b in found["budgets"] if b["id"] == budget_id]
+    return dict(only)
 
 
 def usage_record(key_id: str, cost: str = "0.5", **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from aiohttp import WSMsgType
 
 from service.web.routes.usage import MAX_FRAME_BYTES
 from tests.api import Api, bearer, serve
-from tests.reserving import CHECK, TOKENS, key_under_team, reserving, usage_record
+from tests.reserving import CHECK, TOKENS, budget, key_under_team, reserve, usage_record
 
 
 @pytest.fixture
@@ -24,18 +24,8 @@ async def api(database):
         yield api
 
 
-async def reserve(api: Api, key_id: str, cost: Any, **extra: Any) -> tuple[int, Any]:
-    return await api.call(
-        "POST", CHECK, reserving(key_id, cost, **extra), headers=bearer("rec")
-    )
-
-
 async def held(api: Api, budget_id: str, position: int) -> Decimal:
-    _, found = await api.call(
-        "GET", f"/api/governance/budgets?min_position={position}", exact=True
-    )
-    [only] = [b for b in found["budgets"] if b["id"] == budget_id]
-    return Decimal(only["held"])
+    return Decimal((await budget(api, budget_id, position))["held"])
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ import pytest
 
 from projections import cache_loader, replay
 from projections.cache import GovernanceCache
-from service.config import Settings
 from service.domain.events import (
     Budget,
     ReservationHeld,
@@ -21,14 +20,14 @@ from service.domain.events import (
 )
 from service.records import Checkpoint, RecordedEvent
 from tests.api import bearer, serve
-
-CHECK = "/api/governance/check"
-KEYS = "/api/governance/virtual-keys"
-TEAMS = "/api/governance/teams"
-TOKENS = Settings(
-    admin_tokens=frozenset({"adm"}),
-    recorder_tokens=frozenset({"rec"}),
-    reader_tokens=frozenset({"read"}),
+from tests.reserving import (
+    CHECK,
+    KEYS,
+    TEAMS,
+    TOKENS,
+    budget,
+    key_under_team,
+    reserve,
 )
 
 
@@ -36,43 +35,6 @@ TOKENS = Settings(
 async def api(database):
     async with serve(database, TOKENS, bearer("adm")) as api:
         yield api
-
-
-async def key_under_team(api, limit: int = 10) -> tuple[str, str, str]:
-    """A key under a team with one budget of `limit`: (key id, secret, budget id)."""
-    team = await api.create(
-        TEAMS,
-        {"name": "t", "budgets": [{"max_limit": limit, "reset_duration": "1d"}]},
-    )
-    key = await api.create(KEYS, {"name": "k", "team_id": team["team"]["id"]})
-    await api.caught_up(key["position"])
-    return (
-        key["virtual_key"]["id"],
-        key["virtual_key"]["value"],
-        team["team"]["budgets"][0]["id"],
-    )
-
-
-async def reserve(api, key_id: str, cost: str, **extra) -> tuple[int, dict]:
-    return await api.call(
-        "POST",
-        CHECK,
-        {
-            "virtual_key_id": key_id,
-            "estimated_cost": cost,
-            "reserve": True,
-            **extra,
-        },
-        headers=bearer("rec"),
-    )
-
-
-async def budget(api, budget_id: str, position: int) -> dict:
-    _, found = await api.call(
-        "GET", f"/api/governance/budgets?min_position={position}", exact=True
-    )
-    [only] = [b for b in found["budgets"] if b["id"] == budget_id]
-    return only
 
 
 async def test_a_hold_counts_until_usage_settles_it(api):
