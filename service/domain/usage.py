@@ -40,7 +40,6 @@ MAX_FUTURE = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_COST = Decimal(10) ** 12
 NANO = Decimal("1e-9")
-_NANO_EXPONENT = -9
 _ZERO = Decimal(0)
 # Per record; sums over millions of records still fit a bigint.
 MAX_COUNT = 2**31 - 1
@@ -235,9 +234,9 @@ def kept_money(amount: Decimal) -> Decimal:
     1.500000000), so every reader can store and sum what the log holds."""
     if not amount:
         return _ZERO
-    if amount.as_tuple().exponent < _NANO_EXPONENT:  # type: ignore[operator]
-        return amount.quantize(NANO)
-    return amount
+    kept = amount.quantize(NANO)  # the same value (cost_rejection passed)
+    # Equal values: compare_total orders the one with more digits written first.
+    return kept if amount.compare_total(kept) < 0 else amount
 
 
 def cost_rejection(cost: Decimal) -> Rejection | None:
