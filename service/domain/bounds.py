@@ -61,6 +61,22 @@ RateLimitValue = Annotated[
 ]
 
 
+# msgspec names a broken pattern by its regex; a client is told what it means.
+_PATTERN_MEANINGS = {
+    NAME_PATTERN: "a name that is not blank and holds no U+0000",
+    NO_NUL_PATTERN: "text without U+0000",
+    UUID_PATTERN: "a UUID (36 characters: 8-4-4-4-12 hex digits)",
+}
+
+
+def explained(error: Exception) -> str:
+    """msgspec's message of a decoding error, each known pattern said in words."""
+    message = str(error)
+    for pattern, meaning in _PATTERN_MEANINGS.items():
+        message = message.replace(f"`str` matching regex {pattern!r}", meaning)
+    return message
+
+
 def canonical_id(value: str) -> str:
     """The stored spelling of a UUID: lower case, with hyphens."""
     return str(uuid.UUID(value))

@@ -18,6 +18,7 @@ from service.domain.bounds import (
     Name,
     RateLimitValue,
     canonical_id,
+    explained,
 )
 from service.domain.budgets import (
     BudgetSpec,
@@ -209,7 +210,7 @@ def strict_decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise Invalid(f"the request body is invalid: {exc}") from None
+        raise Invalid(f"the request body is invalid: {explained(exc)}") from None
     except msgspec.DecodeError as exc:
         raise Invalid(f"the request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 in a string

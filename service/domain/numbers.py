@@ -92,7 +92,8 @@ def _whole(value: object) -> int:
         and value == value.to_integral_value()
     ):
         return int(value)
-    raise TypeError(f"Expected an integer, got {value!r:.40}")
+    shown = str(value) if isinstance(value, Decimal) else repr(value)
+    raise TypeError(f"Expected an integer, got {shown:.40}")
 
 
 def schema_hook(type_: type) -> dict[str, object]:

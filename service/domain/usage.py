@@ -29,7 +29,7 @@ from typing import Annotated, NamedTuple, Protocol
 
 import msgspec
 
-from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
+from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id, explained
 from service.domain.events import UsageRecorded
 from service.domain.numbers import Money, Whole, decode_hook, money_schema
 
@@ -153,7 +153,7 @@ NUL_CHARACTER = Rejection(
 def invalid_record(error: msgspec.MsgspecError) -> Rejection:
     """The rejection of a record that did not decode."""
     if isinstance(error, msgspec.ValidationError):
-        return Rejection("invalid_record", f"the record is invalid: {error}")
+        return Rejection("invalid_record", f"the record is invalid: {explained(error)}")
     return Rejection("invalid_record", f"the record is not valid JSON: {error}")
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from structlog.contextvars import clear_contextvars
 
 from service.config import Settings
-from service.domain.bounds import id_or_none
+from service.domain.bounds import explained, id_or_none
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -225,7 +225,7 @@ def decode_bytes(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        raise Invalid(f"the request body is invalid: {exc}") from None
+        raise Invalid(f"the request body is invalid: {explained(exc)}") from None
     except msgspec.DecodeError as exc:
         raise Invalid(f"the request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 in a string

@@ -36,6 +36,7 @@ from service.domain.commands import (
     canonical_references,
     checked_name,
     rate_limit_after,
+    strict_decode,
 )
 from service.domain.events import (
     Budget,
@@ -425,3 +426,37 @@ def test_an_event_at_every_bound_is_taken():
 
     check_values(msgspec.structs.replace(longest, name="n" * MAX_NAME))
     check_values(TeamCreated(team_id="legacy-team-1", name="t", customer_id="c-1"))
+
+
+@pytest.mark.parametrize(
+    ("body", "sentence"),
+    [
+        (
+            {"name": " \t"},
+            "Expected a name that is not blank and holds no U+0000 - at `$.name`",
+        ),
+        (
+            {"name": "a\x00b"},
+            "Expected a name that is not blank and holds no U+0000 - at `$.name`",
+        ),
+        (
+            {"name": "k", "team_id": "x" * 36},
+            "Expected a UUID (36 characters: 8-4-4-4-12 hex digits) - at `$.team_id`",
+        ),
+        (
+            {
+                "name": "k",
+                "rate_limit": {
+                    "token_max_limit": 1.5,
+                    "token_reset_duration": "1m",
+                },
+            },
+            "Expected an integer, got 1.5 - at `$.rate_limit.token_max_limit`",
+        ),
+    ],
+)
+def test_a_refused_body_is_told_in_words_not_in_regexes_or_reprs(body, sentence):
+    with pytest.raises(Invalid) as refused:
+        strict_decode(body_decoder(VirtualKeyBody), json.dumps(body).encode())
+
+    assert refused.value.message == f"the request body is invalid: {sentence}"

@@ -23,6 +23,7 @@ from service.domain.usage import (
     Rejection,
     UsageChain,
     decode_record,
+    invalid_record,
     is_in_range,
     to_event,
     validate,
@@ -197,3 +198,19 @@ def usage(**fields: object) -> UsageRecorded:
 def test_an_imported_usage_event_meets_the_rules_of_ingest(event, rejection):
     """Its `recorded_at` stands for the receive time."""
     assert validate_recorded(event, NOW) == rejection
+
+
+def test_a_record_with_an_id_that_is_no_uuid_is_told_so_in_words():
+    line = (
+        b'{"event_id": "' + b"x" * 36 + b'", "provider": "p", "model": "m",'
+        b' "cost": 1, "virtual_key_id": "00000000-0000-4000-8000-000000000001"}'
+    )
+
+    with pytest.raises(msgspec.ValidationError) as refused:
+        decode_record(line)
+
+    assert invalid_record(refused.value) == Rejection(
+        "invalid_record",
+        "the record is invalid: Expected a UUID (36 characters: 8-4-4-4-12 hex"
+        " digits) - at `$.event_id`",
+    )

@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 from msgspec import UNSET
 
 from service import eventstore, metrics
+from service.domain.bounds import explained
 from service.domain.numbers import decode_hook
 from service.domain.usage import (
     Rejected,
@@ -331,7 +332,7 @@ def _frame_error(data: str, exc: msgspec.MsgspecError) -> bytes:
     except (msgspec.MsgspecError, RecursionError):  # deep unknown fields are skipped
         seq = None
     if isinstance(exc, msgspec.ValidationError):
-        message = f'the frame must be {{"seq": n, "records": [...]}}: {exc}'
+        message = f'the frame must be {{"seq": n, "records": [...]}}: {explained(exc)}'
     else:
         message = f"the frame is not valid JSON: {exc}"
     return _error_frame("invalid_frame", message, seq)
