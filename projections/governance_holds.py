@@ -11,6 +11,7 @@ from datetime import datetime
 
 from projections.governance_usage import Charged
 from service.domain.events import ReservationHeld
+from service.domain.ledger import to_money, to_nanos
 from service.eventstore import Connection, Queryable
 
 _INSERT = """
@@ -46,7 +47,9 @@ async def hold(conn: Connection, event: ReservationHeld, position: int) -> None:
         event.customer_id,
         list(event.budget_ids),
         list(event.rate_owner_ids),
-        event.amount,
+        # As the ledger counts it (in nanos): whatever digits the log spells it
+        # with (a legacy or imported 0E-16384), numeric can store it.
+        to_money(to_nanos(event.amount)),
         event.tokens,
         event.expires_at,
         position,

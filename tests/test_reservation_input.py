@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
 
+from service.domain import upcast
+from service.domain.events import ReservationHeld
+from service.errors import InvalidCost
 from service.web.routes.usage import MAX_FRAME_BYTES
 from tests.api import Api, bearer, serve
+from tests.builders import append
 from tests.reserving import CHECK, TOKENS, budget, key_under_team, reserve, usage_record
 
 
@@ -181,3 +187,54 @@ async def test_a_frame_of_4_mib_is_taken_and_one_byte_more_is_not(
         # Refused: closed with 1009 (message too big), or cut off while sending.
         assert message is None or message.type in {WSMsgType.CLOSE, WSMsgType.CLOSED}
         assert ws.closed
+
+
+async def test_a_logged_hold_spelled_with_digits_past_the_nanos_still_projects(
+    api, pool
+):
+    # Written before holds were kept in nanos, or imported: 0 spelled with 16,384
+    # fractional digits, which PostgreSQL's numeric cannot take as given.
+    key_id, _, budget_id = await key_under_team(api)
+    hold = ReservationHeld(
+        reservation_id=str(uuid.uuid4()),
+        virtual_key_id=key_id,
+        budget_ids=(budget_id,),
+        amount=Decimal("0E-16384"),
+        expires_at=datetime.now(UTC) + timedelta(minutes=10),
+    )
+    position = await append(pool, f"usage-{key_id}", hold)
+
+    await api.caught_up(position)
+    stored = await pool.fetchval(
+        "SELECT amount::text FROM governance_holds WHERE reservation_id = $1",
+        hold.reservation_id,
+    )
+
+    assert stored == "0"
+    assert await held(api, budget_id, position) == Decimal(0)
+
+
+@pytest.mark.parametrize(
+    "amount", ["1E+40", "0.0000000001", "-1", "NaN", "1000000000000"]
+)
+def test_an_imported_hold_of_an_amount_no_reserving_check_takes_is_refused(amount):
+    hold = ReservationHeld(
+        reservation_id=str(uuid.uuid4()),
+        virtual_key_id=str(uuid.uuid4()),
+        amount=Decimal(amount),
+        expires_at=datetime.now(UTC),
+    )
+
+    with pytest.raises(InvalidCost):
+        upcast.check_values(hold)
+
+
+def test_an_imported_hold_of_zero_spelled_long_is_taken():
+    hold = ReservationHeld(
+        reservation_id=str(uuid.uuid4()),
+        virtual_key_id=str(uuid.uuid4()),
+        amount=Decimal("0E-16384"),
+        expires_at=datetime.now(UTC),
+    )
+
+    assert upcast.check_values(hold) is None

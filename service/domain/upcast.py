@@ -49,6 +49,7 @@ from service.domain.events import (
     CustomerCreated,
     CustomerUpdated,
     RateLimit,
+    ReservationHeld,
     TeamBudgetsReplaced,
     TeamCreated,
     TeamUpdated,
@@ -56,7 +57,8 @@ from service.domain.events import (
     VirtualKeyCreated,
     VirtualKeyUpdated,
 )
-from service.errors import DuplicateProvider, Invalid, LegacyEventRefused
+from service.domain.usage import cost_rejection
+from service.errors import DuplicateProvider, Invalid, InvalidCost, LegacyEventRefused
 
 Data = dict[str, Any]
 T = TypeVar("T")
@@ -475,6 +477,12 @@ def check_values(event: AnyEvent) -> None:
         _check_budgets(event.budgets)
     if isinstance(event, _WITH_RATE_LIMIT):
         _check_rate_limit(event.rate_limit)
+    if isinstance(event, ReservationHeld) and cost_rejection(event.amount):
+        # What a reserving check would have refused (the usage cost's rule).
+        raise InvalidCost(
+            "amount of a hold must be a finite number from 0 to below 10^12 with"
+            " at most 9 fractional digits"
+        )
     if isinstance(event, VirtualKeyCreated | VirtualKeyUpdated):
         _check_text(event.value_sha256, "value_sha256", MAX_DIGEST)
         _check_text(event.value_hint, "value_hint", MAX_DIGEST, empty=True)
