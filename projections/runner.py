@@ -15,6 +15,7 @@ from typing import NamedTuple
 import asyncpg
 import structlog
 
+from projections.commit_order import CommitOrder
 from service import eventstore, metrics
 from service.errors import ProjectionLag
 from service.eventstore import UNREACHABLE, Connection, Queryable
@@ -33,6 +34,11 @@ BATCH_SIZE = 500
 # and for the read model fewer writes, since a batch writes each ledger, cell and
 # usage-stream guard it touched once, however many records touched it.
 ROWS_BATCH_SIZE = 2000
+# How long a wait for ?min_position= waits for the tail to read a position it has not
+# read yet (CommitOrder) before it asks the database where that position is. The
+# cache's tail reads a committed event within milliseconds; a position it never
+# reads (not in the log) costs a waiter this much before the database is asked.
+LEARN_WAIT_S = 0.1
 
 Apply = Callable[[Connection, Sequence[RecordedEvent]], Awaitable[None]]
 
@@ -222,6 +228,10 @@ class Projector:
     follow_only=True (persistent only): never take the lock, never apply; only follow
     the checkpoint row another process writes (`govledger project`), so that waits
     for ?min_position=, readiness and the lag gauges still work here.
+
+    commit_order: where a wait for ?min_position= first looks up the position's
+    checkpoint (the database only for what it does not hold); an in-memory
+    projection that folds rows also notes every row it reads in it.
     """
 
     def __init__(
@@ -236,6 +246,7 @@ class Projector:
         batch_size: int | None = None,
         poll_interval_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        commit_order: CommitOrder | None = None,
     ) -> None:
         if follow_only and not persistent:
             raise ValueError("only a persistent projection can be followed")
@@ -254,6 +265,7 @@ class Projector:
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
         self._max_backoff_s = max_backoff_s
+        self._commit_order = commit_order
         self._checkpoint = start or Checkpoint()
         self._advanced = asyncio.Event()
         self._step_lock = asyncio.Lock()
@@ -407,10 +419,22 @@ class Projector:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # Until then, a position the tail may still read is awaited in memory.
+        ask_at = loop.time() + LEARN_WAIT_S
+        order = self._commit_order
         target: Checkpoint | None = None
         while position > 0:
             advanced = self._advanced
-            if target is None:
+            learned = None if order is None else order.learned
+            if target is None and order is not None:
+                target = order.checkpoint_of(position)
+            learning = (
+                target is None
+                and order is not None
+                and order.may_learn(position)
+                and loop.time() < ask_at
+            )
+            if target is None and not learning:
                 target = await eventstore.checkpoint_of(self._pool, position)
             if target is not None and _reached(self._checkpoint, target):
                 return
@@ -420,6 +444,9 @@ class Projector:
                     f"the {self.name} projection has not reached position {position}"
                     f" within {timeout:g} s; retry later"
                 )
+            if learned is not None and learning:
+                await _wait(learned, min(remaining, ask_at - loop.time()))
+                continue
             # Until the event is committed, look it up again at every poll.
             if target is None:
                 remaining = min(remaining, self._poll_interval_s)
@@ -550,6 +577,8 @@ class Projector:
         rows = await apply.read(conn, self._checkpoint, size)
         if not rows:
             return await self._measure(conn, 0, None)
+        if self._commit_order is not None:
+            self._commit_order.note(self._checkpoint, rows)
         first, last = rows[0], rows[-1]
         end = Checkpoint(last["tx_id"], last["global_position"])
         self._applying = _Batch(first["global_position"], end, len(rows))
@@ -709,6 +738,8 @@ class Tail:
     def __init__(self, dsn: str) -> None:
         self.wake = Wake()
         self.moved = Wake()  # a SQL projector moved its checkpoint (any process)
+        # Noted by the process's in-memory tail, read by every wait for a position.
+        self.commit_order = CommitOrder()
         self.listener = Listener(dsn, self.wake, moved=self.moved)
         self._tasks = [asyncio.create_task(self.listener.run(), name="listener")]
 

@@ -158,16 +158,17 @@ def _projectors(dsn: str, settings: Settings) -> Context:
     `govledger project` process writes ("child", "external")."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        tail = app[tail_key] = Tail(dsn)
         projector = Projector(
             app[pool_key],
             "governance",
             governance.APPLIER,
             follow_only=settings.projector != "inline",
             poll_interval_s=settings.poll_interval_s,
+            commit_order=tail.commit_order,
         )
         app[governance_projector_key] = projector
         app[readiness_key]["governance"] = projector
-        tail = app[tail_key] = Tail(dsn)
         tail.start(projector)
         try:
             yield
@@ -202,6 +203,7 @@ def _cache(settings: Settings) -> Context:
             persistent=False,
             start=checkpoint,
             poll_interval_s=settings.poll_interval_s,
+            commit_order=app[tail_key].commit_order,
         )
         app[cache_key] = cache
         app[cache_projector_key] = projector
