@@ -5,17 +5,29 @@ what the holds open at that moment keep of the budgets and rate limits it is ask
 about (`Holders`).
 
 A read of the read model pays per round trip on a busy serving process: a GET reads
-its ledgers in one statement and what they sum here, in one more.
+its ledgers in one statement and what they sum here, in one more, both in one
+read-only transaction (BEGIN and COMMIT: four round trips). A read of one owner
+that asks for the keys and holders its last reading asked for (`Remembered`) reads
+the ledger and the reading in one statement instead (`read_owner`: one snapshot
+without a transaction), and keeps it only when the ledger it read asks for exactly
+those: one round trip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from projections.governance_usage import Book, Owner
+from projections.governance_usage import (
+    STORED_LEDGERS,
+    Book,
+    Owner,
+    books_in,
+    owner_columns,
+)
 from service.domain.ledger import BUDGET, meters, period_keys, to_nanos
 from service.eventstore import Connection
 
@@ -54,6 +66,16 @@ SELECT
 """
 
 
+# _READING with its parameters numbered from $3 ($1 → $3, …).
+_READING_AFTER_TWO = re.sub(r"[$]([0-9]+)", lambda m: f"${int(m[1]) + 2}", _READING)
+# One owner's ledger (STORED_LEDGERS, $1 and $2) and a reading (_READING, its
+# parameters from $3 on) in one statement: one snapshot. No ledger: no row.
+_AT_ONCE = f"""
+WITH reading AS ({_READING_AFTER_TWO})
+SELECT stored.*, reading.* FROM ({STORED_LEDGERS}) AS stored, reading
+"""
+
+
 class Holders(NamedTuple):
     """The limits whose open holds a reading sums: budgets by id, and rate limits by
     their owner's id."""
@@ -89,11 +111,35 @@ class Held(NamedTuple):
         return self.rate_owners.get(owner_id, (0, 0))
 
 
-async def read_at(
-    conn: Connection, books: Mapping[Owner, Book], at: datetime, holders: Holders
-) -> Held:
-    """Add to each meter of `books` the stored cells a reading at `at` sums, and
-    return what the holds open at `at` keep of the limits of `holders`."""
+class Asked(NamedTuple):
+    """What a reading asks the database for: the cells' keys, budgets' (budget id,
+    key) and rate limits' (rate limit id, kind, key), and the holders."""
+
+    spend_keys: list[tuple[str, datetime]]
+    rate_keys: list[tuple[int, str, datetime]]
+    holders: Holders
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.spend_keys or self.rate_keys or self.holders[0] or self.holders[1]
+        )
+
+    def arguments(self, at: datetime) -> tuple[Sequence[Any] | datetime, ...]:
+        """_READING's parameters, for a reading at `at`."""
+        spend, rate = self.spend_keys, self.rate_keys
+        return (
+            [k[0] for k in spend],
+            [k[1] for k in spend],
+            [k[0] for k in rate],
+            [k[1] for k in rate],
+            [k[2] for k in rate],
+            *self.holders,
+            at,
+        )
+
+
+def asked_at(books: Mapping[Owner, Book], at: datetime, holders: Holders) -> Asked:
+    """What a reading of `books` at `at` asks for, with what holds keep of `holders`."""
     spend_keys: list[tuple[str, datetime]] = []
     rate_keys: list[tuple[int, str, datetime]] = []
     for book in books.values():
@@ -103,21 +149,65 @@ async def read_at(
                 spend_keys.extend((meter.id, key) for key in keys)
             elif (limit_id := book.rate_limit_id) is not None:
                 rate_keys.extend((limit_id, meter.kind, key) for key in keys)
-    budget_ids, rate_owner_ids = holders
-    if not spend_keys and not rate_keys and not budget_ids and not rate_owner_ids:
+    return Asked(spend_keys, rate_keys, holders)
+
+
+async def read_at(
+    conn: Connection, books: Mapping[Owner, Book], at: datetime, holders: Holders
+) -> Held:
+    """Add to each meter of `books` the stored cells a reading at `at` sums, and
+    return what the holds open at `at` keep of the limits of `holders`."""
+    return await read_asked(conn, books, at, asked_at(books, at, holders))
+
+
+async def read_asked(
+    conn: Connection, books: Mapping[Owner, Book], at: datetime, asked: Asked
+) -> Held:
+    """`read_at` of what `asked_at` found it asks for."""
+    if not asked:
         return Held({}, {})
-    row = await conn.fetchrow(
-        _READING,
-        [k[0] for k in spend_keys],
-        [k[1] for k in spend_keys],
-        [k[0] for k in rate_keys],
-        [k[1] for k in rate_keys],
-        [k[2] for k in rate_keys],
-        budget_ids,
-        rate_owner_ids,
-        at,
-    )
+    row = await conn.fetchrow(_READING, *asked.arguments(at))
     assert row is not None
+    return _taken(books, row)
+
+
+class Remembered:
+    """What the last reading of each owner asked for, at most `capacity` owners (the
+    least recently remembered forgotten first)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._asked: dict[Owner, Asked] = {}
+
+    def get(self, owner: Owner) -> Asked | None:
+        return self._asked.get(owner)
+
+    def put(self, owner: Owner, asked: Asked) -> None:
+        self._asked.pop(owner, None)
+        if len(self._asked) >= self._capacity:
+            del self._asked[next(iter(self._asked))]
+        self._asked[owner] = asked
+
+
+async def read_owner(
+    conn: Connection, owner: Owner, at: datetime, remembered: Remembered
+) -> tuple[dict[Owner, Book], Held] | None:
+    """`owner`'s book (none: no ledger) with the cells a reading at `at` sums, and
+    what open holds keep of its limits, in one statement; None when its last
+    reading is not remembered or its ledger now asks for other keys or holders
+    (read it with `books_of` and `read_asked` in one snapshot, and remember)."""
+    asked = remembered.get(owner)
+    if asked is None:
+        return None
+    rows = await conn.fetch(_AT_ONCE, *owner_columns([owner]), *asked.arguments(at))
+    books = books_in(rows, at)
+    if asked_at(books, at, holders_of(books)) != asked:
+        return None
+    return books, (_taken(books, rows[0]) if rows else Held({}, {}))
+
+
+def _taken(books: Mapping[Owner, Book], row: Any) -> Held:
+    """Add a reading's cells to `books`; what its holds keep."""
     _add_cells(books, row["spend"], row["used"])
     return Held(
         {budget_id: amount for budget_id, amount in row["held_budgets"]},

@@ -19,7 +19,15 @@ from typing import cast
 
 import asyncpg
 
-from projections.governance_readings import Held, holders_of, read_at
+from projections.governance_readings import (
+    Held,
+    Remembered,
+    asked_at,
+    holders_of,
+    read_asked,
+    read_at,
+    read_owner,
+)
 from projections.governance_usage import Book, Owner, Row, books_of
 from projections.governance_views import (
     BudgetView,
@@ -115,22 +123,45 @@ async def list_budgets(
     now: datetime,
     owner_type: str | None = None,
     owner_id: str | None = None,
+    remembered: Remembered | None = None,
 ) -> list[BudgetView]:
+    """The budgets, of one owner type or of one owner if given. One owner's come
+    with its ledger, in _BUDGETS' order (a round trip fewer for the most common
+    read of a gateway), and what its reading asked for is `remembered`."""
     if owner_type is not None and owner_id is not None:
-        # One owner: its budgets come with its ledger, in _BUDGETS' order (a round
-        # trip fewer for the most common read of a gateway).
         owner = Owner(owner_type, owner_id)
-        books, held = await _books(conn, [owner], now)
-        if owner not in books:
-            return []
-        views = _budgets(books, held, now)[owner]
-        created = [r["created_at"] for r in books[owner].budgets]
-        return [views[i] for i in sorted(range(len(views)), key=created.__getitem__)]
+        books = await books_of(conn, [owner], now)
+        asked = asked_at(books, now, holders_of(books))
+        if remembered is not None:
+            remembered.put(owner, asked)
+        return _owner_budgets(
+            owner, books, await read_asked(conn, books, now, asked), now
+        )
     rows = await conn.fetch(_BUDGETS, owner_type, owner_id)
     owners = sorted({Owner(r["owner_type"], r["owner_id"]) for r in rows})
     budgets, _ = await owned_by(conn, owners, now)
     by_id = {b.id: b for owned in budgets.values() for b in owned}
     return [by_id[r["id"]] for r in rows]
+
+
+async def owner_budgets_at_once(
+    conn: Connection, now: datetime, owner: Owner, remembered: Remembered
+) -> list[BudgetView] | None:
+    """`list_budgets` of one owner in one statement, outside a transaction, when
+    its reading asks what it asked last time (`read_owner`); None: read it with
+    `list_budgets` in one read-only transaction."""
+    found = await read_owner(conn, owner, now, remembered)
+    return None if found is None else _owner_budgets(owner, *found, now)
+
+
+def _owner_budgets(
+    owner: Owner, books: dict[Owner, Book], held: Held, now: datetime
+) -> list[BudgetView]:
+    if owner not in books:
+        return []
+    views = _budgets(books, held, now)[owner]
+    created = [r["created_at"] for r in books[owner].budgets]
+    return [views[i] for i in sorted(range(len(views)), key=created.__getitem__)]
 
 
 async def owned_by(

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
+import asyncpg
 import msgspec
 
 from service.domain import ledger
@@ -84,7 +85,7 @@ class Entry(msgspec.Struct, gc=False):
 # An owner's stored ledger in one row: its clock, its budgets in order, its rate
 # limit and its pending usage (one round trip for any number of owners: a read of
 # the read model pays per round trip on a busy serving process). The rows come as
-# tuples, named here in the order _STORED_LEDGERS lists their columns.
+# tuples, named here in the order STORED_LEDGERS lists their columns.
 _BUDGET_FIELDS = (
     "id",
     "owner_type",
@@ -109,7 +110,7 @@ _RATE_LIMIT_FIELDS = (
     "request_anchor",
     "request_usage_floor",
 )
-_STORED_LEDGERS = """
+STORED_LEDGERS = """
 WITH o AS (
     SELECT DISTINCT owner_type, owner_id
     FROM unnest($1::text[], $2::text[]) AS o(owner_type, owner_id)
@@ -158,11 +159,11 @@ async def all_owners(conn: Connection) -> list[Owner]:
 async def stamps_of(conn: Connection, owners: Sequence[Owner]) -> dict[Owner, int]:
     """The xmin of the ledger row of each of `owners` that has one: it changes with
     every write of the row, and goes back when a write rolls back."""
-    rows = await conn.fetch(_STAMPS_OF, *_columns(owners))
+    rows = await conn.fetch(_STAMPS_OF, *owner_columns(owners))
     return {Owner(r["owner_type"], r["owner_id"]): r["stamp"] for r in rows}
 
 
-def _columns(owners: Sequence[Owner]) -> tuple[list[str], list[str]]:
+def owner_columns(owners: Sequence[Owner]) -> tuple[list[str], list[str]]:
     return [o.type for o in owners], [o.id for o in owners]
 
 
@@ -205,25 +206,38 @@ async def stored_ledgers(
     their budget rows (in order) and rate-limit row."""
     if not owners:
         return {}
-    found: dict[Owner, tuple[StoredLedger, list[Row], Row | None]] = {}
-    for r in await conn.fetch(_STORED_LEDGERS, *_columns(owners)):
-        budgets: list[Row] = [
-            dict(zip(_BUDGET_FIELDS, b, strict=True)) for b in r["budgets"] or ()
-        ]
-        rate = r["rate_limit"]
-        rate_limit: Row | None = (
-            None if rate is None else dict(zip(_RATE_LIMIT_FIELDS, rate, strict=True))
-        )
-        state = StoredLedger(
-            clock=r["clock"],
-            meters=tuple(stored_meters(budgets, rate_limit)),
-            pending=tuple(
-                Pending(at, to_nanos(cost), tokens, requests)
-                for at, cost, tokens, requests in r["pending"] or ()
-            ),
-        )
-        found[Owner(r["owner_type"], r["owner_id"])] = (state, budgets, rate_limit)
-    return found
+    return dict(map(_stored, await conn.fetch(STORED_LEDGERS, *owner_columns(owners))))
+
+
+def _stored(
+    r: asyncpg.Record,
+) -> tuple[Owner, tuple[StoredLedger, list[Row], Row | None]]:
+    """A row of STORED_LEDGERS: its owner, ledger, budget rows and rate-limit row."""
+    budgets: list[Row] = [
+        dict(zip(_BUDGET_FIELDS, b, strict=True)) for b in r["budgets"] or ()
+    ]
+    rate = r["rate_limit"]
+    rate_limit: Row | None = (
+        None if rate is None else dict(zip(_RATE_LIMIT_FIELDS, rate, strict=True))
+    )
+    state = StoredLedger(
+        clock=r["clock"],
+        meters=tuple(stored_meters(budgets, rate_limit)),
+        pending=tuple(
+            Pending(at, to_nanos(cost), tokens, requests)
+            for at, cost, tokens, requests in r["pending"] or ()
+        ),
+    )
+    return Owner(r["owner_type"], r["owner_id"]), (state, budgets, rate_limit)
+
+
+def books_in(rows: Iterable[asyncpg.Record], now: datetime) -> dict[Owner, Book]:
+    """The books of STORED_LEDGERS' rows (of any statement that has its columns),
+    restored without cells (with history: nothing is trimmed), read at `now`."""
+    return {
+        owner: Book(restore(state, now=now, history=True), budgets, rate)
+        for owner, (state, budgets, rate) in map(_stored, rows)
+    }
 
 
 async def books_of(
@@ -231,10 +245,9 @@ async def books_of(
 ) -> dict[Owner, Book]:
     """The ledgers of those `owners` that have one, restored without cells (with
     history: nothing is trimmed), read at `now`."""
-    return {
-        owner: Book(restore(state, now=now, history=True), rows, rate)
-        for owner, (state, rows, rate) in (await stored_ledgers(conn, owners)).items()
-    }
+    if not owners:
+        return {}
+    return books_in(await conn.fetch(STORED_LEDGERS, *owner_columns(owners)), now)
 
 
 async def entries_of(
@@ -361,7 +374,7 @@ async def write(
             )
         entry.pending_stored = bool(folded.pending)
     if dropped:
-        await conn.execute(_DROP_PENDING, *_columns(dropped))
+        await conn.execute(_DROP_PENDING, *owner_columns(dropped))
     if pending:
         await conn.execute(_ADD_PENDING, *map(list, zip(*pending, strict=True)))
     if spend or used or marks:

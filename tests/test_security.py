@@ -310,6 +310,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("service/pgcluster.py", "database"): "matched against _NAME first",
     ("projections/governance_limits.py", "_UPSERT_BUDGETS"): "a statement constant",
     ("projections/governance.py", "INSERT_BUDGETS"): "governance_limits' constant",
+    ("projections/governance_readings.py", "_READING_AFTER_TWO"): "a constant",
+    ("projections/governance_readings.py", "STORED_LEDGERS"): "a constant",
     ("tools/bench/ingest.py", "RAW_TABLE"): "a table-name constant",
     ("tools/bench/lag.py", "ingest_bench.RAW_TABLE"): "the same constant",
     ("tools/bench/runner.py", "names"): "format('%I.%I') of pg_tables: quoted",

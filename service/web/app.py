@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from projections import cache_loader, governance
+from projections.governance_readings import Remembered
 from projections.runner import Projector, Tail
 from service import eventstore
 from service.config import Settings
@@ -26,6 +27,7 @@ from service.web.keys import (
     in_flight_key,
     pool_key,
     readiness_key,
+    readings_key,
     resolver_key,
     rights_key,
     settings_key,
@@ -78,6 +80,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[settings_key] = settings
     app[readiness_key] = {}
     app[in_flight_key] = {}
+    app[readings_key] = Remembered()
     rights: dict[web.AbstractRoute, Right] = {}
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:

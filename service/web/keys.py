@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from projections.cache import GovernanceCache
+from projections.governance_readings import Remembered
 from projections.runner import Projector, Tail
 from service.config import Settings
 from service.domain.usage import KeyResolver
@@ -25,6 +26,9 @@ pool_key = web.AppKey("pool", asyncpg.Pool)
 readiness_key = web.AppKey("readiness", dict[str, Projector])
 # The SQL read model's projector: GET handlers wait on it for ?min_position=.
 governance_projector_key = web.AppKey("governance_projector", Projector)
+# What the last read of each owner's budgets asked the read model for, so that the
+# next one reads in one statement (`projections.governance_readings.read_owner`).
+readings_key = web.AppKey("remembered_readings", Remembered)
 # The process's LISTEN connection and projector tasks; tail.start(projector) adds one.
 tail_key = web.AppKey("tail", Tail)
 # The in-memory enforcement cache (checks) and the projector that keeps it current.
