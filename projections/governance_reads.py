@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
-from typing import cast
+from typing import NamedTuple, TypeVar, cast
 
 import asyncpg
 
@@ -43,15 +43,19 @@ from service.domain.ledger import Ledger, Meter, reading, to_money
 from service.errors import NotFound
 from service.eventstore import Connection
 
+T = TypeVar("T")
+
 _CUSTOMERS = """
 SELECT id, name, version, created_at, updated_at FROM governance_customers
 WHERE $1::text IS NULL OR id = $1
 ORDER BY created_at, id
+LIMIT $2 OFFSET $3
 """
 _TEAMS = """
 SELECT id, name, customer_id, version, created_at, updated_at FROM governance_teams
 WHERE ($1::text IS NULL OR id = $1) AND ($2::text IS NULL OR customer_id = $2)
 ORDER BY created_at, id
+LIMIT $3 OFFSET $4
 """
 _VIRTUAL_KEYS = """
 SELECT id, name, team_id, customer_id, is_active, value_hint, version, created_at,
@@ -60,6 +64,7 @@ FROM governance_virtual_keys
 WHERE ($1::text IS NULL OR id = $1) AND ($2::text IS NULL OR team_id = $2)
     AND ($3::text IS NULL OR customer_id = $3)
 ORDER BY created_at, id
+LIMIT $4 OFFSET $5
 """
 _PROVIDER_CONFIGS = """
 SELECT id, virtual_key_id, provider, allowed_models FROM governance_provider_configs
@@ -70,39 +75,61 @@ _BUDGETS = """
 SELECT b.id, owner_type, owner_id FROM governance_budgets b
 WHERE ($1::text IS NULL OR owner_type = $1) AND ($2::text IS NULL OR owner_id = $2)
 ORDER BY b.created_at, owner_type, owner_id, b.ordinal
+LIMIT $3 OFFSET $4
 """
+
+
+class Page(NamedTuple):
+    """Which of a list's matches to answer, in its order: from `offset` on, at most
+    `limit` (None: every one)."""
+
+    limit: int | None = None
+    offset: int = 0
+
+    def of(self, items: list[T]) -> list[T]:
+        end = None if self.limit is None else self.offset + self.limit
+        return items[self.offset : end]
+
+
+EVERY = Page()
 
 
 async def fetch_customer(
     conn: Connection, customer_id: str, now: datetime
 ) -> CustomerView:
-    rows = await conn.fetch(_CUSTOMERS, customer_id)
+    rows = await conn.fetch(_CUSTOMERS, customer_id, *EVERY)
     if not rows:
         raise NotFound(f"customer {customer_id} does not exist")
     return (await _customers(conn, rows, now))[0]
 
 
-async def list_customers(conn: Connection, now: datetime) -> list[CustomerView]:
-    return await _customers(conn, await conn.fetch(_CUSTOMERS, None), now)
+async def list_customers(
+    conn: Connection, now: datetime, page: Page = EVERY
+) -> list[CustomerView]:
+    return await _customers(conn, await conn.fetch(_CUSTOMERS, None, *page), now)
 
 
 async def fetch_team(conn: Connection, team_id: str, now: datetime) -> TeamView:
-    rows = await conn.fetch(_TEAMS, team_id, None)
+    rows = await conn.fetch(_TEAMS, team_id, None, *EVERY)
     if not rows:
         raise NotFound(f"team {team_id} does not exist")
     return (await _teams(conn, rows, now))[0]
 
 
 async def list_teams(
-    conn: Connection, now: datetime, customer_id: str | None = None
+    conn: Connection,
+    now: datetime,
+    customer_id: str | None = None,
+    page: Page = EVERY,
 ) -> list[TeamView]:
-    return await _teams(conn, await conn.fetch(_TEAMS, None, customer_id), now)
+    rows = await conn.fetch(_TEAMS, None, customer_id, *page)
+    return await _teams(conn, rows, now)
 
 
 async def fetch_virtual_key(
     conn: Connection, virtual_key_id: str, now: datetime
 ) -> VirtualKeyView:
-    rows = await conn.fetch(_VIRTUAL_KEYS, virtual_key_id, None, None)
+    rows = await conn.fetch(_VIRTUAL_KEYS, virtual_key_id, None, None, *EVERY)
     if not rows:
         raise NotFound(f"virtual key {virtual_key_id} does not exist")
     return (await _virtual_keys(conn, rows, now))[0]
@@ -113,8 +140,9 @@ async def list_virtual_keys(
     now: datetime,
     team_id: str | None = None,
     customer_id: str | None = None,
+    page: Page = EVERY,
 ) -> list[VirtualKeyView]:
-    rows = await conn.fetch(_VIRTUAL_KEYS, None, team_id, customer_id)
+    rows = await conn.fetch(_VIRTUAL_KEYS, None, team_id, customer_id, *page)
     return await _virtual_keys(conn, rows, now)
 
 
@@ -124,20 +152,21 @@ async def list_budgets(
     owner_type: str | None = None,
     owner_id: str | None = None,
     remembered: Remembered | None = None,
+    page: Page = EVERY,
 ) -> list[BudgetView]:
-    """The budgets, of one owner type or of one owner if given. One owner's come
-    with its ledger, in _BUDGETS' order (a round trip fewer for the most common
-    read of a gateway), and what its reading asked for is `remembered`."""
+    """The budgets (`page` of them), of one owner type or of one owner if given.
+    One owner's come with its ledger, in _BUDGETS' order (a round trip fewer for
+    the most common read of a gateway), and what its reading asked for is
+    `remembered`."""
     if owner_type is not None and owner_id is not None:
         owner = Owner(owner_type, owner_id)
         books = await books_of(conn, [owner], now)
         asked = asked_at(books, now, holders_of(books))
         if remembered is not None:
             remembered.put(owner, asked)
-        return _owner_budgets(
-            owner, books, await read_asked(conn, books, now, asked), now
-        )
-    rows = await conn.fetch(_BUDGETS, owner_type, owner_id)
+        held = await read_asked(conn, books, now, asked)
+        return page.of(_owner_budgets(owner, books, held, now))
+    rows = await conn.fetch(_BUDGETS, owner_type, owner_id, *page)
     owners = sorted({Owner(r["owner_type"], r["owner_id"]) for r in rows})
     budgets, _ = await owned_by(conn, owners, now)
     by_id = {b.id: b for owned in budgets.values() for b in owned}
@@ -145,13 +174,17 @@ async def list_budgets(
 
 
 async def owner_budgets_at_once(
-    conn: Connection, now: datetime, owner: Owner, remembered: Remembered
+    conn: Connection,
+    now: datetime,
+    owner: Owner,
+    remembered: Remembered,
+    page: Page = EVERY,
 ) -> list[BudgetView] | None:
     """`list_budgets` of one owner in one statement, outside a transaction, when
     its reading asks what it asked last time (`read_owner`); None: read it with
     `list_budgets` in one read-only transaction."""
     found = await read_owner(conn, owner, now, remembered)
-    return None if found is None else _owner_budgets(owner, *found, now)
+    return None if found is None else page.of(_owner_budgets(owner, *found, now))
 
 
 def _owner_budgets(

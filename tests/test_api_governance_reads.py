@@ -262,6 +262,56 @@ async def test_lists_return_every_match_filtered_by_parent(client):
     assert both == {"virtual_keys": []}
 
 
+async def test_lists_answer_the_page_that_limit_and_offset_ask_for(client):
+    customers = [uid() for _ in range(3)]
+    for customer_id in customers:
+        await append(client, f"customer-{customer_id}", customer_created(customer_id))
+    team_id = uid()
+    await append(
+        client,
+        f"team-{team_id}",
+        TeamCreated(
+            team_id=team_id,
+            name="t",
+            customer_id=customers[0],
+            budgets=tuple(
+                Budget(budget_id=uid(), max_limit=Decimal(1), reset_duration=d)
+                for d in ("1d", "1w", "1M")
+            ),
+        ),
+    )
+    for other in (uid(), uid()):
+        await append(client, f"team-{other}", TeamCreated(team_id=other, name="u"))
+    for _ in range(3):
+        key_id = uid()
+        await append(client, f"virtual_key-{key_id}", key_created(key_id))
+    await applied(client)
+    lists = [
+        (f"{API}/customers?", "customers"),
+        (f"{API}/teams?", "teams"),
+        (f"{API}/virtual-keys?", "virtual_keys"),
+        (f"{API}/budgets?", "budgets"),
+        (f"{API}/budgets?owner_type=team&", "budgets"),
+        (f"{API}/budgets?owner_type=team&owner_id={team_id}&", "budgets"),
+    ]
+
+    for path, name in lists:
+        _, whole = await get(client, path)
+        every = [entity["id"] for entity in whole[name]]
+        assert len(every) >= 3, path
+        for query, cut in (
+            ("limit=2", slice(0, 2)),
+            ("limit=2&offset=2", slice(2, 4)),
+            ("offset=1&limit=1", slice(1, 2)),
+            ("offset=1", slice(1, None)),
+            ("limit=100", slice(0, 100)),
+            (f"offset={len(every)}", slice(len(every), None)),
+        ):
+            status, page = await get(client, path + query)
+            assert status == 200, (path, query)
+            assert [e["id"] for e in page[name]] == every[cut], (path, query)
+
+
 async def test_budgets_endpoint_filters_by_owner_type_and_owner_id(client):
     team_a, team_b, key_id = uid(), uid(), uid()
     on_a, on_b, on_key = uid(), uid(), uid()
@@ -363,6 +413,11 @@ async def test_an_unknown_or_malformed_id_is_404_not_found(client, kind, entity_
         ("/teams?customer_id=acme", "invalid_request"),
         ("/virtual-keys?team_id=ml", "invalid_request"),
         ("/virtual-keys?customer_id=1", "invalid_request"),
+        ("/customers?limit=0", "invalid_request"),
+        ("/teams?offset=-1", "invalid_request"),
+        ("/budgets?limit=ten", "invalid_request"),
+        ("/virtual-keys?offset=1.5", "invalid_request"),
+        ("/customers?limit=1&limit=2", "invalid_request"),
     ],
 )
 async def test_bad_query_values_are_400_with_a_code(client, query, code):

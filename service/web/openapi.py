@@ -110,6 +110,11 @@ LIMIT = Param(
     "At most this many events (capped at 10000; default 1000)",
 )
 STREAM_ID = Param("stream_id", "query", {"type": "string"}, "Only this stream")
+# A list's page, in the list's order; without them, every match.
+PAGE = (
+    Param("limit", "query", _count(1), "At most this many"),
+    Param("offset", "query", _count(0), "Skip this many first"),
+)
 OWNER_TYPE = Param(
     "owner_type",
     "query",
@@ -412,7 +417,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "list_customers",
         "Every customer",
         Documented(200, CustomerList),
-        parameters=READ,
+        parameters=(*PAGE, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
     ),
@@ -428,7 +433,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "list_teams",
         "Every team, or a customer's",
         Documented(200, TeamList),
-        parameters=(CUSTOMER_ID, *READ),
+        parameters=(CUSTOMER_ID, *PAGE, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
     ),
@@ -444,7 +449,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "list_virtual_keys",
         "Every virtual key, or a team's or customer's",
         Documented(200, VirtualKeyList),
-        parameters=(TEAM_ID, CUSTOMER_ID, *READ),
+        parameters=(TEAM_ID, CUSTOMER_ID, *PAGE, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
     ),
@@ -460,7 +465,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "list_budgets",
         "Every budget, or those of an owner or a kind of owner",
         Documented(200, BudgetList),
-        parameters=(OWNER_TYPE, OWNER_ID, *READ),
+        parameters=(OWNER_TYPE, OWNER_ID, *PAGE, *READ),
         errors=READ_ERRORS,
         tags=_GOV,
     ),

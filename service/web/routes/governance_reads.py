@@ -74,8 +74,18 @@ def _query_id(request: web.Request, name: str) -> str | None:
     return found
 
 
+def _page(request: web.Request) -> read_model.Page:
+    """?limit= (at least 1) and ?offset= of a list; without them, every match."""
+    return read_model.Page(
+        query_int(request, "limit", minimum=1), query_int(request, "offset", 0) or 0
+    )
+
+
 async def list_customers(request: web.Request) -> web.Response:
-    customers = await _read(request, read_model.list_customers)
+    page = _page(request)
+    customers = await _read(
+        request, lambda conn, now: read_model.list_customers(conn, now, page)
+    )
     return json_response(CustomerList(customers=customers))
 
 
@@ -89,8 +99,9 @@ async def get_customer(request: web.Request) -> web.Response:
 
 async def list_teams(request: web.Request) -> web.Response:
     customer_id = _query_id(request, "customer_id")
+    page = _page(request)
     teams = await _read(
-        request, lambda conn, now: read_model.list_teams(conn, now, customer_id)
+        request, lambda conn, now: read_model.list_teams(conn, now, customer_id, page)
     )
     return json_response(TeamList(teams=teams))
 
@@ -106,9 +117,12 @@ async def get_team(request: web.Request) -> web.Response:
 async def list_virtual_keys(request: web.Request) -> web.Response:
     team_id = _query_id(request, "team_id")
     customer_id = _query_id(request, "customer_id")
+    page = _page(request)
     keys = await _read(
         request,
-        lambda conn, now: read_model.list_virtual_keys(conn, now, team_id, customer_id),
+        lambda conn, now: read_model.list_virtual_keys(
+            conn, now, team_id, customer_id, page
+        ),
     )
     return json_response(VirtualKeyList(virtual_keys=keys))
 
@@ -129,10 +143,13 @@ async def list_budgets(request: web.Request) -> web.Response:
             f" got {owner_type!r}"
         )
     owner_id = _query_id(request, "owner_id")
+    page = _page(request)
     if owner_type is None or owner_id is None:
         budgets = await _read(
             request,
-            lambda conn, now: read_model.list_budgets(conn, now, owner_type, owner_id),
+            lambda conn, now: read_model.list_budgets(
+                conn, now, owner_type, owner_id, page=page
+            ),
         )
         return json_response(BudgetList(budgets=budgets))
     # One owner's: the most common read of a gateway, in one round trip when the
@@ -142,10 +159,10 @@ async def list_budgets(request: web.Request) -> web.Response:
     budgets = await _read(
         request,
         lambda conn, now: read_model.list_budgets(
-            conn, now, owner_type, owner_id, remembered
+            conn, now, owner_type, owner_id, remembered, page
         ),
         lambda conn, now: read_model.owner_budgets_at_once(
-            conn, now, owner, remembered
+            conn, now, owner, remembered, page
         ),
     )
     return json_response(BudgetList(budgets=budgets))
