@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import msgspec
@@ -143,18 +143,30 @@ async def rebuild(
     `verify`, compare it with the live tables at the live checkpoint and drop it."""
     spec = projection(name)
     shadow = f"replay_{spec.name}"
-    async with pool.acquire() as conn, _replay_lock(conn, spec):
+    async with (
+        pool.acquire() as conn,
+        pool.acquire() as reader,
+        _replay_lock(conn, spec),
+    ):
         tables = await _copy_tables(conn, spec, shadow)
         try:
             # Verify compares at the live checkpoint, so never read past it.
-            async def bound() -> Checkpoint:
+            async def bound(on: Connection) -> Checkpoint:
                 if verify:
-                    return await runner.load_checkpoint(conn, spec.name)
-                return await eventstore.head(conn)
+                    return await runner.load_checkpoint(on, spec.name)
+                return await eventstore.head(on)
 
             books = Books()
             events, reached = await _bulk(
-                conn, spec, shadow, books, Checkpoint(), bound, batch_size, on_progress
+                conn,
+                reader,
+                spec,
+                shadow,
+                books,
+                Checkpoint(),
+                bound,
+                batch_size,
+                on_progress,
             )
             for attempt in range(10):
                 try:
@@ -283,7 +295,7 @@ async def build_at(
         else at.astimezone(UTC).strftime("%Y%m%dt%H%M%S%fz")
     )
     schema = f"audit_{spec.name}_{suffix}"
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, pool.acquire() as reader:
         if isinstance(at, int):
             last = await eventstore.last_at_or_before(conn, at)
             if last is None:
@@ -296,12 +308,13 @@ async def build_at(
         tables = await _copy_tables(conn, spec, schema)
         until = at if isinstance(at, datetime) else None
 
-        async def bound() -> Checkpoint:
+        async def bound(on: Connection) -> Checkpoint:
             return target
 
         try:
             events, reached = await _bulk(
                 conn,
+                reader,
                 spec,
                 schema,
                 Books(),
@@ -351,36 +364,48 @@ async def read_state(conn: Connection, schema: str, now: datetime) -> dict[str, 
 
 async def _bulk(
     conn: Connection,
+    reader: Connection,
     spec: Projection,
     schema: str,
     books: Books,
     start: Checkpoint,
-    bound: Callable[[], Awaitable[Checkpoint]],
+    bound: Callable[[Connection], Awaitable[Checkpoint]],
     batch_size: int,
     on_progress: ProgressFn | None,
     until: datetime | None = None,
 ) -> tuple[int, Checkpoint]:
-    """Apply batches until `bound()` is reached, each in its own short transaction
-    (a long one would hold back vacuum and the tailing readers' horizon), what
-    usage moved written every BULK_FLUSH events and at the end; returns (events
-    applied, checkpoint reached)."""
-    events, reached = 0, start
-    unwritten = 0
-    while True:
-        target = await bound()
-        async with conn.transaction():
-            more, reached, full = await _apply_batch(
-                conn, spec, schema, books, reached, target, batch_size, until
-            )
-            unwritten += more
-            if not full or unwritten >= BULK_FLUSH:
-                await books.flush(conn)
-                unwritten = 0
-        events += more
-        if on_progress:
-            on_progress(events, reached.position)
-        if not full:
-            return events, reached
+    """Apply batches on `conn` until `bound()` is reached, each in its own short
+    transaction (a long one would hold back vacuum and the tailing readers'
+    horizon), what usage moved written every BULK_FLUSH events and at the end;
+    returns (events applied, checkpoint reached). The next batch is read on
+    `reader` while one applies: the log's rows do not change once readable, so the
+    read needs no part of the apply's transaction, and PostgreSQL sends them while
+    this process folds."""
+
+    async def read(after: Checkpoint) -> _Read:
+        return await _read(reader, after, await bound(reader), batch_size)
+
+    events, unwritten = 0, 0
+    ahead = asyncio.ensure_future(read(start))
+    try:
+        while True:
+            batch = await ahead
+            if batch.full:
+                ahead = asyncio.ensure_future(read(batch.reached))
+            async with conn.transaction():
+                more = await _apply(conn, spec, schema, books, batch, until)
+                unwritten += more
+                if not batch.full or unwritten >= BULK_FLUSH:
+                    await books.flush(conn)
+                    unwritten = 0
+            events += more
+            if on_progress:
+                on_progress(events, batch.reached.position)
+            if not batch.full:
+                return events, batch.reached
+    finally:
+        ahead.cancel()
+        await asyncio.gather(ahead, return_exceptions=True)
 
 
 async def _apply_range(
@@ -393,32 +418,25 @@ async def _apply_range(
     batch_size: int = 5000,
 ) -> tuple[int, Checkpoint]:
     """Apply everything up to `target` inside the caller's transaction."""
-    events, reached = 0, start
-    full = True
-    while full:
-        more, reached, full = await _apply_batch(
-            conn, spec, schema, books, reached, target, batch_size, None, flush=True
-        )
-        events += more
-    return events, reached
+    events, batch = 0, _Read([], start, True)
+    while batch.full:
+        batch = await _read(conn, batch.reached, target, batch_size)
+        events += await _apply(conn, spec, schema, books, batch, None, flush=True)
+    return events, batch.reached
 
 
-async def _apply_batch(
-    conn: Connection,
-    spec: Projection,
-    schema: str,
-    books: Books,
-    after: Checkpoint,
-    target: Checkpoint,
-    batch_size: int,
-    until: datetime | None,
-    *,
-    flush: bool = False,
-) -> tuple[int, Checkpoint, bool]:
-    """One read and apply; returns (events applied, checkpoint, whether to go on).
-    Without `flush` what usage moved stays in `books`."""
-    await use(conn, schema)
-    await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
+class _Read(NamedTuple):
+    """A batch of rows read, where it ends, and whether more may follow."""
+
+    rows: list[asyncpg.Record]
+    reached: Checkpoint
+    full: bool
+
+
+async def _read(
+    conn: Connection, after: Checkpoint, target: Checkpoint, batch_size: int
+) -> _Read:
+    """The next rows after `after`, none past `target`."""
     rows = await eventstore.read_rows(conn, after, batch_size)
     full = len(rows) == batch_size
     if rows and _after(place_of(rows[-1]), target):
@@ -426,13 +444,34 @@ async def _apply_batch(
         rows = [r for r in rows if not _after(place_of(r), target)]
         full = False
     if not rows:
-        return 0, after, False
-    reached = place_of(rows[-1])
+        return _Read([], after, False)
+    return _Read(rows, place_of(rows[-1]), full)
+
+
+async def _apply(
+    conn: Connection,
+    spec: Projection,
+    schema: str,
+    books: Books,
+    batch: _Read,
+    until: datetime | None,
+    *,
+    flush: bool = False,
+) -> int:
+    """Apply a batch into `schema` in the caller's transaction (its unqualified
+    names resolve there from now on); returns the events applied. Without `flush`
+    what usage moved stays in `books`."""
+    # Before any early return: the caller's flush writes there too.
+    await use(conn, schema)
+    await conn.execute("SELECT set_config('synchronous_commit', 'off', true)")
+    rows = batch.rows
     if until is not None:
         rows = [r for r in rows if r["recorded_at"] <= until]
+    if not rows:
+        return 0
     # Refused legacy events are passed over here as by the live projectors.
-    refused = await spec.apply(conn, rows, books, flush=flush) if rows else []
-    return len(rows) - len(refused), reached, full
+    refused = await spec.apply(conn, rows, books, flush=flush)
+    return len(rows) - len(refused)
 
 
 def _after(a: Checkpoint, b: Checkpoint) -> bool:

@@ -283,6 +283,64 @@ async def test_rebuild_swaps_in_a_replay_that_repairs_the_read_model(pool, proje
     assert schemas == 0
 
 
+async def test_a_rebuild_whose_last_batch_ends_at_the_head_swaps_in_all_usage(
+    pool, projector
+):
+    # Batches of exactly the log's length: the read after the last full batch finds
+    # nothing, and the usage the books still hold is written in that last
+    # transaction, into the rebuild (not into the live tables it replaces).
+    history = History(pool)
+    await history.first_part()
+    await projector.catch_up()
+    before = await live_snapshot(pool)
+    events = await pool.fetchval("SELECT count(*) FROM events")
+
+    report = await replay.rebuild(pool, batch_size=events)
+
+    assert (report.swapped, report.events) == (True, 5)
+    assert await live_snapshot(pool) == before
+    spend = await pool.fetchval(
+        "SELECT sum(spend) FROM governance_budget_spend s"
+        " JOIN governance_budgets b ON b.id = s.budget_id WHERE b.id = $1",
+        history.key_hourly,
+    )
+    # The second record is pending (it occurred at its own recorded_at).
+    assert spend == Decimal("0.25")
+
+
+async def test_a_rebuild_whose_read_ahead_fails_changes_nothing(
+    pool, projector, monkeypatch
+):
+    history = History(pool)
+    await history.first_part()
+    await projector.catch_up()
+    before = await live_snapshot(pool)
+    checkpoint = await load_checkpoint(pool, "governance")
+    read_rows = eventstore.read_rows
+    reads = 0
+
+    async def failing_second_read(conn, after, limit):
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # read ahead while the first batch applies
+            raise ConnectionResetError("the log's reader lost its connection")
+        return await read_rows(conn, after, limit)
+
+    monkeypatch.setattr(eventstore, "read_rows", failing_second_read)
+
+    with pytest.raises(ConnectionResetError, match="lost its connection"):
+        await replay.rebuild(pool, batch_size=2)
+
+    assert await live_snapshot(pool) == before
+    assert await load_checkpoint(pool, "governance") == checkpoint
+    schemas = await pool.fetchval(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replay%'"
+    )
+    assert schemas == 0
+    monkeypatch.undo()
+    assert (await replay.rebuild(pool, verify=True)).differences == []
+
+
 _HOT_TABLES = (
     "governance_budget_spend",
     "governance_ledgers",
