@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import functools
+import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -143,30 +145,24 @@ async def rebuild(
     `verify`, compare it with the live tables at the live checkpoint and drop it."""
     spec = projection(name)
     shadow = f"replay_{spec.name}"
+
+    # Verify compares at the live checkpoint, so never read past it.
+    async def bound(on: Connection) -> Checkpoint:
+        if verify:
+            return await runner.load_checkpoint(on, spec.name)
+        return await eventstore.head(on)
+
     async with (
         pool.acquire() as conn,
         pool.acquire() as reader,
         _replay_lock(conn, spec),
+        _reading_ahead(reader, bound, Checkpoint(), batch_size) as batches,
     ):
         tables = await _copy_tables(conn, spec, shadow)
         try:
-            # Verify compares at the live checkpoint, so never read past it.
-            async def bound(on: Connection) -> Checkpoint:
-                if verify:
-                    return await runner.load_checkpoint(on, spec.name)
-                return await eventstore.head(on)
-
             books = Books()
             events, reached = await _bulk(
-                conn,
-                reader,
-                spec,
-                shadow,
-                books,
-                Checkpoint(),
-                bound,
-                batch_size,
-                on_progress,
+                conn, batches, spec, shadow, books, on_progress
             )
             for attempt in range(10):
                 try:
@@ -305,32 +301,24 @@ async def build_at(
             # Every event committed by now, also one an older open transaction hides.
             await eventstore.settle(conn, eventstore.SETTLE_WAIT_S)
             target, as_of = await eventstore.head(conn), at
-        tables = await _copy_tables(conn, spec, schema)
         until = at if isinstance(at, datetime) else None
 
         async def bound(on: Connection) -> Checkpoint:
             return target
 
-        try:
-            events, reached = await _bulk(
-                conn,
-                reader,
-                spec,
-                schema,
-                Books(),
-                Checkpoint(),
-                bound,
-                batch_size,
-                on_progress,
-                until,
-            )
-            if reached != target and isinstance(at, int):
-                raise ReplayError(
-                    f"position {at} follows a transaction still in flight; retry"
+        async with _reading_ahead(reader, bound, Checkpoint(), batch_size) as batches:
+            tables = await _copy_tables(conn, spec, schema)
+            try:
+                events, reached = await _bulk(
+                    conn, batches, spec, schema, Books(), on_progress, until
                 )
-        except BaseException:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            raise
+                if reached != target and isinstance(at, int):
+                    raise ReplayError(
+                        f"position {at} follows a transaction still in flight; retry"
+                    )
+            except BaseException:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+                raise
         note = f"{spec.name} as of {'position' if until is None else 'time'} {at}"
         await conn.execute(f"COMMENT ON SCHEMA {schema} IS {_literal(note)}")
         rows = {
@@ -364,48 +352,83 @@ async def read_state(conn: Connection, schema: str, now: datetime) -> dict[str, 
 
 async def _bulk(
     conn: Connection,
-    reader: Connection,
+    batches: Callable[[], Awaitable[_Read]],
     spec: Projection,
     schema: str,
     books: Books,
-    start: Checkpoint,
-    bound: Callable[[Connection], Awaitable[Checkpoint]],
-    batch_size: int,
     on_progress: ProgressFn | None,
     until: datetime | None = None,
 ) -> tuple[int, Checkpoint]:
-    """Apply batches on `conn` until `bound()` is reached, each in its own short
+    """Apply `batches` on `conn` until one is not full, each in its own short
     transaction (a long one would hold back vacuum and the tailing readers'
     horizon), what usage moved written every BULK_FLUSH events and at the end;
-    returns (events applied, checkpoint reached). The next batch is read on
-    `reader` while one applies: the log's rows do not change once readable, so the
-    read needs no part of the apply's transaction, and PostgreSQL sends them while
-    this process folds."""
-
-    async def read(after: Checkpoint) -> _Read:
-        return await _read(reader, after, await bound(reader), batch_size)
-
+    returns (events applied, checkpoint reached)."""
     events, unwritten = 0, 0
-    ahead = asyncio.ensure_future(read(start))
-    try:
+    with _young_collections() as collect:
         while True:
-            batch = await ahead
-            if batch.full:
-                ahead = asyncio.ensure_future(read(batch.reached))
+            batch = await batches()
             async with conn.transaction():
                 more = await _apply(conn, spec, schema, books, batch, until)
                 unwritten += more
                 if not batch.full or unwritten >= BULK_FLUSH:
                     await books.flush(conn)
                     unwritten = 0
+                    collect()
             events += more
             if on_progress:
                 on_progress(events, batch.reached.position)
             if not batch.full:
                 return events, batch.reached
+
+
+@contextlib.asynccontextmanager
+async def _reading_ahead(
+    reader: Connection,
+    bound: Callable[[Connection], Awaitable[Checkpoint]],
+    start: Checkpoint,
+    batch_size: int,
+) -> AsyncIterator[Callable[[], Awaitable[_Read]]]:
+    """Batches of the log after `start`, none past `bound()`, each read on `reader`
+    while the caller applies the one before (the first from the moment this
+    opens): the log's rows do not change once readable, so a read needs no part of
+    the apply's transaction, and PostgreSQL sends them while this process folds.
+    Yields the function that returns the next batch."""
+
+    async def read(after: Checkpoint) -> _Read:
+        return await _read(reader, after, await bound(reader), batch_size)
+
+    ahead = asyncio.ensure_future(read(start))
+
+    async def next_batch() -> _Read:
+        nonlocal ahead
+        batch = await ahead
+        if batch.full:
+            ahead = asyncio.ensure_future(read(batch.reached))
+        return batch
+
+    try:
+        yield next_batch
     finally:
         ahead.cancel()
         await asyncio.gather(ahead, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _young_collections() -> Iterator[Callable[[], object]]:
+    """The bulk phase allocates rows by the hundred thousand (asyncpg records,
+    tracked by the cyclic garbage collector) and frees them by reference count.
+    Left on its own the collector walks the surviving objects again and again in
+    full collections that find nothing: a quarter of the phase's time (measured
+    on 200,000 events, where no collection found a single unreachable object).
+    During the phase the collector runs only as the young collection this yields,
+    called at each flush to bound what a cycle could hold; afterwards as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield functools.partial(gc.collect, 1)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def _apply_range(

@@ -5,6 +5,7 @@ past time or position."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import sys
@@ -318,10 +319,12 @@ async def test_a_rebuild_whose_read_ahead_fails_changes_nothing(
     checkpoint = await load_checkpoint(pool, "governance")
     read_rows = eventstore.read_rows
     reads = 0
+    collecting: list[bool] = []
 
     async def failing_second_read(conn, after, limit):
         nonlocal reads
         reads += 1
+        collecting.append(gc.isenabled())
         if reads == 2:  # read ahead while the first batch applies
             raise ConnectionResetError("the log's reader lost its connection")
         return await read_rows(conn, after, limit)
@@ -331,6 +334,9 @@ async def test_a_rebuild_whose_read_ahead_fails_changes_nothing(
     with pytest.raises(ConnectionResetError, match="lost its connection"):
         await replay.rebuild(pool, batch_size=2)
 
+    # The cyclic collector is off while the bulk phase applies the first batch,
+    # and on again after the failure.
+    assert (reads, collecting[1], gc.isenabled()) == (2, False, True)
     assert await live_snapshot(pool) == before
     assert await load_checkpoint(pool, "governance") == checkpoint
     schemas = await pool.fetchval(
