@@ -200,8 +200,7 @@ def applier(cache: GovernanceCache) -> FoldRows:
         refused: list[Refused] = []
         checkpoint = None
         try:
-            for row in rows:
-                usage = eventstore.usage_of(row)
+            for row, usage in zip(rows, eventstore.usages_of(rows), strict=True):
                 if usage is not None:
                     tx_id, position = row["tx_id"], row["global_position"]
                     cache.fold_usage(usage, tx_id, position, row["recorded_at"])

@@ -109,7 +109,7 @@ async def apply_rows(
     Returns the rows refused (legacy events with no current form), passed over as
     every reader passes over them."""
     refused: list[Refused] = []
-    usages = [eventstore.usage_of(row) for row in rows]
+    usages = eventstore.usages_of(rows)
     async with _batch(conn, books, flush) as batch:
         await batch.books.expect(
             conn,

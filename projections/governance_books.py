@@ -29,6 +29,7 @@ from projections.governance_usage import (
     charged_up_to,
     entries_of,
     fold,
+    group,
     stamps_of,
     write,
 )
@@ -152,8 +153,9 @@ class Books:
         known = self._chains
         if len(known) > _CHAINS_KEPT:
             known.clear()
+        groups = group(charges)
         chains: dict[Names, list[Owner]] = {}
-        for names in {names for names, _ in charges}:
+        for names in groups:
             chain = known.get(names)
             if chain is None:
                 chain = known[names] = chain_of(names)
@@ -161,6 +163,7 @@ class Books:
         entries = await self.take(conn, [o for chain in chains.values() for o in chain])
         fold(
             charges,
+            groups,
             {
                 names: [entries[o].ledger for o in chain if o in entries]
                 for names, chain in chains.items()

@@ -435,20 +435,30 @@ class Charged(ledger.Usage, Protocol):
     def reservation_id(self) -> str | None: ...
 
 
+def group(charges: Sequence[tuple[Names, Charge]]) -> dict[Names, list[Charge]]:
+    """The records of each set of names, in log order."""
+    groups: dict[Names, list[Charge]] = {}
+    for names, charge in charges:
+        found = groups.get(names)
+        if found is None:
+            groups[names] = [charge]
+        else:
+            found.append(charge)
+    return groups
+
+
 def fold(
     charges: Sequence[tuple[Names, Charge]],
+    groups: Mapping[Names, list[Charge]],
     ledgers: Mapping[Names, Sequence[Ledger]],
 ) -> None:
     """Charge each record to the ledgers of the owners it names (`ledgers`: those
-    that exist), each ledger its records in order: the fold alone decides what
-    moves. The records of each set of names are summed once (`ledger.run_of`) and
-    each ledger takes its sums at once when none of its records needs a decision
-    (`ledger.charge_runs`); a ledger that does folds its records in log order
-    (`ledger.charge_all`)."""
-    groups: dict[Names, list[Charge]] = {names: [] for names in ledgers}
-    for names, charge in charges:
-        groups[names].append(charge)
-    runs = {names: ledger.run_of(group) for names, group in groups.items()}
+    that exist, for every set of names in `groups`, the records `group`ed), each
+    ledger its records in order: the fold alone decides what moves. The records of
+    each set of names are summed once (`ledger.run_of`) and each ledger takes its
+    sums at once when none of its records needs a decision (`ledger.charge_runs`);
+    a ledger that does folds its records in log order (`ledger.charge_all`)."""
+    runs = {names: ledger.run_of(records) for names, records in groups.items()}
     named: dict[int, tuple[Ledger, list[Names]]] = {}
     for names, owned in ledgers.items():
         for folded in owned:

@@ -391,7 +391,9 @@ async def scenario_replay(dsn: str, args: argparse.Namespace) -> list[Row]:
     )
     pool = await eventstore.create_pool(dsn, min_size=1, max_size=2)
     try:
-        await replay_bench.raw_read(pool)  # warm-up: page cache, plans
+        # Warm-ups of both sides: the page cache, plans, this process's heap.
+        await replay_bench.raw_read(pool)
+        await replay_bench.rebuild(pool)
         for _ in range(args.reps):
             read, base = await replay_bench.raw_read(pool)
             rebuilt, ours = await replay_bench.rebuild(pool)
