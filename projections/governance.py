@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import assert_never
+from typing import assert_never, cast
 
 import asyncpg
 
@@ -39,6 +39,7 @@ from service.domain.events import (
     TeamCreated,
     TeamDeleted,
     TeamUpdated,
+    UsageCharge,
     UsageRecorded,
     VirtualKeyBudgetsReplaced,
     VirtualKeyCreated,
@@ -81,19 +82,22 @@ async def apply(
         await batch.books.expect(
             conn, [r.stream_id for r in records if isinstance(r.event, UsageRecorded)]
         )
-        add = batch.books.add
         for record in records:
             event = record.event
             if isinstance(event, UsageRecorded):
-                add(
-                    record.stream_id,
-                    record.tx_id,
-                    record.global_position,
-                    event,
-                    record.recorded_at,
-                )
+                batch.books.add([_row_of(record)], [event])
             else:
                 await batch.event(record)
+
+
+def _row_of(record: RecordedEvent) -> dict[str, object]:
+    """A usage record's place as `Books.add` reads it from a row."""
+    return {
+        "stream_id": record.stream_id,
+        "tx_id": record.tx_id,
+        "global_position": record.global_position,
+        "recorded_at": record.recorded_at,
+    }
 
 
 async def apply_rows(
@@ -119,22 +123,19 @@ async def apply_rows(
                 if u is not None
             ],
         )
-        add = batch.books.add
-        for row, usage in zip(rows, usages, strict=True):
-            if usage is not None:
-                add(
-                    row["stream_id"],
-                    row["tx_id"],
-                    row["global_position"],
-                    usage,
-                    row["recorded_at"],
-                )
-                continue
-            read = eventstore.record_or_refused(row)
-            if isinstance(read, Refused):
-                refused.append(read)
-            else:
-                await batch.event(read)
+        others = [i for i, u in enumerate(usages) if u is None]
+        start = 0
+        for end in [*others, len(rows)]:
+            if start < end:  # a run of usage rows: no None among its usages
+                run = cast("list[UsageCharge]", usages[start:end])
+                batch.books.add(rows[start:end], run)
+            if end < len(rows):
+                read = eventstore.record_or_refused(rows[end])
+                if isinstance(read, Refused):
+                    refused.append(read)
+                else:
+                    await batch.event(read)
+            start = end + 1
     return refused
 
 

@@ -9,16 +9,17 @@ batch reads first (which owners have a ledger, what its usage streams were charg
 to), folds in memory (`service.domain.ledger` decides everything) and writes at
 `flush`; any failure forgets everything.
 
-Usage comes one record at a time (`add`: the streams' guard, and what it charges),
-in log order, and is charged a run at a time (`charge`: the ledgers of the owners
-the run names taken at once, then each ledger's records folded in order).
+Usage comes a run of records at a time (`add`: the streams' guard, and what each
+charges), in log order, and is charged a run at a time (`charge`: the ledgers of
+the owners the run names taken at once, then each ledger's records folded in
+order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Iterable, Sequence
 from itertools import islice
+from typing import Any, Protocol
 
 from projections.governance_usage import (
     Charged,
@@ -42,6 +43,13 @@ _CHAINS_KEPT = 100_000
 # recently written forgotten first: a forgotten one is read again when next needed.
 LEDGERS_KEPT = 200_000
 _NOTHING = (0, 0)
+
+
+class Row(Protocol):
+    """Where a usage record sits, as `add` reads it: stream_id, tx_id,
+    global_position and recorded_at by name (a row of `eventstore.read_rows`)."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
 
 
 class Books:
@@ -112,31 +120,27 @@ class Books:
         if unknown:
             seen.update(await charged_up_to(conn, unknown))
 
-    def add(
-        self,
-        stream: str,
-        tx_id: int,
-        position: int,
-        usage: Charged,
-        recorded_at: datetime,
-    ) -> None:
-        """A usage record delivered at (tx_id, position) of its stream (`expect`ed),
-        to be charged at the next `charge`; the usage streams' guard passes over it
-        if its stream was charged up to it or past it. Records of one stream come
-        in (tx_id, position) order."""
-        mark = (tx_id, position)
-        if mark <= self._seen.get(stream, _NOTHING):
-            return
-        self._seen[stream] = self._marks[stream] = mark
-        names = (
-            usage.virtual_key_id,
-            usage.provider_config_id,
-            usage.team_id,
-            usage.customer_id,
-        )
-        self._run.append((names, charge_of(usage, recorded_at)))
-        if usage.reservation_id is not None:
-            self._holding.append(usage)
+    def add(self, rows: Sequence[Row], usages: Sequence[Charged]) -> None:
+        """The usage records `usages` decoded from `rows` (as `eventstore.read_rows`
+        reads them, their streams `expect`ed), to be charged at the next `charge`;
+        the usage streams' guard passes over one whose stream was charged up to it
+        or past it. Records of one stream come in (tx_id, position) order."""
+        seen, marks, run, holding = self._seen, self._marks, self._run, self._holding
+        for row, usage in zip(rows, usages, strict=True):
+            stream = row["stream_id"]
+            mark = (row["tx_id"], row["global_position"])
+            if mark <= seen.get(stream, _NOTHING):
+                continue
+            seen[stream] = marks[stream] = mark
+            names = (
+                usage.virtual_key_id,
+                usage.provider_config_id,
+                usage.team_id,
+                usage.customer_id,
+            )
+            run.append((names, charge_of(usage, row["recorded_at"])))
+            if usage.reservation_id is not None:
+                holding.append(usage)
 
     @property
     def adding(self) -> bool:
