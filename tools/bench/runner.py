@@ -391,9 +391,7 @@ async def scenario_replay(dsn: str, args: argparse.Namespace) -> list[Row]:
     )
     pool = await eventstore.create_pool(dsn, min_size=1, max_size=2)
     try:
-        # Warm-ups of both sides: the page cache, plans, this process's heap.
-        await replay_bench.raw_read(pool)
-        await replay_bench.rebuild(pool)
+        await replay_bench.warm_up(pool)
         for _ in range(args.reps):
             read, base = await replay_bench.raw_read(pool)
             rebuilt, ours = await replay_bench.rebuild(pool)
@@ -475,7 +473,7 @@ async def scenario_scaling(dsn: str, args: argparse.Namespace) -> list[Row]:
             if size <= log.events:
                 break
             await replay_bench.append_usage(dsn, log, size - log.events)
-            await replay_bench.raw_read(pool)  # warm-up
+            await replay_bench.warm_up(pool)
             _, base = await replay_bench.raw_read(pool)
             rebuilt, ours = await replay_bench.rebuild(pool)
             row = Row(
