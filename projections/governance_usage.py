@@ -452,17 +452,19 @@ def fold(
     groups: Mapping[Names, list[Charge]],
     ledgers: Mapping[Names, Sequence[Ledger]],
 ) -> None:
-    """Charge each record to the ledgers of the owners it names (`ledgers`: those
-    that exist, for every set of names in `groups`, the records `group`ed), each
-    ledger its records in order: the fold alone decides what moves. The records of
-    each set of names are summed once (`ledger.run_of`) and each ledger takes its
-    sums at once when none of its records needs a decision (`ledger.charge_runs`);
-    a ledger that does folds its records in log order (`ledger.charge_all`)."""
+    """Charge each record to the ledgers of the owners it names (`groups`: the
+    records `group`ed; `ledgers`: those that exist, for at least every set of names
+    in `groups`), each ledger its records in order: the fold alone decides what
+    moves. The records of each set of names are summed once (`ledger.run_of`) and
+    each ledger takes its sums at once when none of its records needs a decision
+    (`ledger.charge_runs`); a ledger that does folds its records in log order
+    (`ledger.charge_all`)."""
     runs = {names: ledger.run_of(records) for names, records in groups.items()}
     named: dict[int, tuple[Ledger, list[Names]]] = {}
     for names, owned in ledgers.items():
-        for folded in owned:
-            named.setdefault(id(folded), (folded, []))[1].append(names)
+        if names in runs:  # else no record names them: nothing to fold
+            for folded in owned:
+                named.setdefault(id(folded), (folded, []))[1].append(names)
     ordered: dict[int, tuple[Ledger, list[Charge]]] = {}
     for folded, names_of in named.values():
         if ledger.charge_runs(folded, [runs[names] for names in names_of]):

@@ -10,7 +10,7 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections.governance_usage import fold
+from projections.governance_usage import fold, group
 from service.domain.events import Budget, RateLimit
 from service.domain.ledger import (
     Ledger,
@@ -203,7 +203,8 @@ def test_the_read_models_fold_of_shared_owners_folds_as_charge_one_by_one(
     ledgers = {n: [folded[o] for o in chain] for n, chain in chains.items()}
     start = 0
     for end in [*sorted(splits), len(charges)]:
-        fold(charges[start:end], ledgers)
+        part = charges[start:end]
+        fold(part, group(part), ledgers)
         start = max(start, end)
 
     assert {o: _view(f) for o, f in folded.items()} == {
