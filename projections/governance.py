@@ -108,8 +108,9 @@ async def apply_rows(
     flush: bool = True,
 ) -> list[Refused]:
     """`apply` of rows as `eventstore.read_rows` reads them: a usage row is decoded
-    only into what it charges (first, all at once), every other row into its record
-    in its turn.
+    only into what it charges (first, all at once), and each run of usage rows
+    between two other events goes to the books in one call; every other row is
+    decoded into its record and applied in its turn.
     Returns the rows refused (legacy events with no current form), passed over as
     every reader passes over them."""
     refused: list[Refused] = []
