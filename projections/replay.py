@@ -422,7 +422,9 @@ def _young_collections() -> Iterator[Callable[[], object]]:
     on 200,000 events, where no collection found a single unreachable object).
     During the phase the collector runs only as the young collection this yields,
     called at each flush to bound what a cycle could hold, and as one full
-    collection at its end (about 15 ms there); afterwards as before."""
+    collection at its end (about 15 ms there); afterwards as before. The switch is
+    the whole process's: replay runs in its own command (`govledger replay`), never
+    inside a serving process."""
     enabled = gc.isenabled()
     gc.disable()
     try:

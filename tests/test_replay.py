@@ -301,8 +301,7 @@ async def test_a_rebuild_whose_last_batch_ends_at_the_head_swaps_in_all_usage(
     assert (report.swapped, report.events) == (True, 5)
     assert await live_snapshot(pool) == before
     spend = await pool.fetchval(
-        "SELECT sum(spend) FROM governance_budget_spend s"
-        " JOIN governance_budgets b ON b.id = s.budget_id WHERE b.id = $1",
+        "SELECT sum(spend) FROM governance_budget_spend WHERE budget_id = $1",
         history.key_hourly,
     )
     # The second record is pending (it occurred at its own recorded_at).
