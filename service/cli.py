@@ -41,6 +41,7 @@ def database_url(settings: Settings) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service import event_loop
     from service.domain.upcast import validate_chains
     from service.migrate import migrate
     from service.web.app import create_app, keepalive_timeout
@@ -62,11 +63,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     asyncio.run(migrate(dsn))
     app = create_app(settings, dsn)
     app.on_startup.append(_freeze_heap)
+    new_loop, loop_name = event_loop.factory(settings.event_loop)
     log.info(
-        "serving", host=settings.host, port=settings.port, projector=settings.projector
+        "serving",
+        host=settings.host,
+        port=settings.port,
+        projector=settings.projector,
+        event_loop=loop_name,
     )
     web.run_app(
         app,
+        loop=new_loop(),
         host=settings.host,
         port=settings.port,
         access_log=None,
@@ -97,16 +104,21 @@ async def _freeze_heap(app: web.Application) -> None:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
+    from service import event_loop
     from service.domain.upcast import validate_chains
 
     validate_chains()
     settings = Settings.from_env()
     dsn = database_url(settings)
-    asyncio.run(_project(dsn, settings, with_parent=args.with_parent))
+    new_loop, loop_name = event_loop.factory(settings.event_loop)
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(_project(dsn, settings, loop_name, with_parent=args.with_parent))
     return 0
 
 
-async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
+async def _project(
+    dsn: str, settings: Settings, loop_name: str, *, with_parent: bool
+) -> None:
     """Apply the SQL read model's projector until SIGTERM or SIGINT (or, with a
     parent, until the parent's pipe on stdin closes)."""
     from projections import governance
@@ -133,7 +145,12 @@ async def _project(dsn: str, settings: Settings, *, with_parent: bool) -> None:
     )
     tail = Tail(dsn)
     tail.start(projector)
-    log.info("projector_started", projection=projector.name, pid=os.getpid())
+    log.info(
+        "projector_started",
+        projection=projector.name,
+        pid=os.getpid(),
+        event_loop=loop_name,
+    )
     try:
         await stop.wait()
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import msgspec
 
@@ -19,6 +19,9 @@ class ConfigError(Exception):
 # that `serve` starts, restarts and stops; "external": in a `govledger project`
 # run elsewhere. With "child" and "external" the serving process only follows it.
 ProjectorPlacement = Literal["inline", "child", "external"]
+# The event loop of `serve` and `project`: uvloop (libuv's, where it is installed),
+# or the standard library's asyncio loop.
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_origins: frozenset[str] = frozenset()
     # The default suits an app built in process; the environment's is "child".
     projector: ProjectorPlacement = "inline"
+    event_loop: EventLoop = "uvloop"
     # Seals the answers kept for Idempotency-Keys (service.idempotency); never in the
     # database. None: the key file beside data_dir, made on first use. The default
     # is the environment's, so an app built in process shares it with `serve`.
@@ -78,7 +82,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             allowed_origins=frozenset(
                 o.rstrip("/").lower() for o in _tokens(env, "GOVLEDGER_ALLOWED_ORIGINS")
             ),
-            projector=_placement(env.get("GOVLEDGER_PROJECTOR") or "child"),
+            projector=_one_of(env, "GOVLEDGER_PROJECTOR", _PLACEMENTS, default="child"),
+            event_loop=_one_of(env, "GOVLEDGER_EVENT_LOOP", _LOOPS, default="uvloop"),
             secret_key=_secret(env.get("GOVLEDGER_SECRET_KEY") or None),
         )
 
@@ -86,13 +91,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 _PLACEMENTS: dict[str, ProjectorPlacement] = {
     p: p for p in get_args(ProjectorPlacement)
 }
+_LOOPS: dict[str, EventLoop] = {name: name for name in get_args(EventLoop)}
+
+C = TypeVar("C", bound=str)
 
 
-def _placement(raw: str) -> ProjectorPlacement:
-    if raw not in _PLACEMENTS:
-        choices = ", ".join(_PLACEMENTS)
-        raise ConfigError(f"GOVLEDGER_PROJECTOR must be one of {choices}")
-    return _PLACEMENTS[raw]
+def _one_of(
+    env: Mapping[str, str], name: str, choices: Mapping[str, C], *, default: C
+) -> C:
+    """The value of `name`, one of `choices` (unset or empty: `default`)."""
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+    return choices[raw]
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

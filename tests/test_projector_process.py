@@ -133,6 +133,9 @@ async def test_serve_runs_the_projector_as_a_child_and_restarts_it_after_sigkill
         lambda: events(served, "projector_started"), "child's start"
     )
     assert started["pid"] == first
+    # Both processes run on uvloop, the default.
+    [serving] = events(served, "serving")
+    assert (serving["event_loop"], started["event_loop"]) == ("uvloop", "uvloop")
 
     # The serving process only follows: this read is answered from the read model
     # the child wrote, once the child's checkpoint passed the team's position.
@@ -363,3 +366,59 @@ def test_a_placement_other_than_inline_child_or_external_refuses_to_start():
     )
     with pytest.raises(ConfigError, match="GOVLEDGER_PROJECTOR must be one of"):
         Settings.from_env({"GOVLEDGER_PROJECTOR": "elsewhere"})
+
+
+async def test_both_processes_run_on_the_asyncio_loop_when_told_to(fleet, session):
+    served = fleet.start(name="asyncio", env={"GOVLEDGER_EVENT_LOOP": "asyncio"})
+    await served.ready(session)
+    [started] = await until(
+        lambda: events(served, "projector_started"), "child's start"
+    )
+    [serving] = events(served, "serving")
+    assert (serving["event_loop"], started["event_loop"]) == ("asyncio", "asyncio")
+    team_id, position = await create_team(session, served, "on asyncio")
+    status, answer = await read_team(session, served, team_id, position)
+    assert (status, answer["team"]["name"]) == (200, "on asyncio")
+
+
+def test_an_event_loop_other_than_uvloop_or_asyncio_refuses_to_start():
+    from service.config import ConfigError, Settings
+
+    assert Settings.from_env({}).event_loop == "uvloop"
+    assert Settings.from_env({"GOVLEDGER_EVENT_LOOP": ""}).event_loop == "uvloop"
+    assert Settings.from_env({"GOVLEDGER_EVENT_LOOP": "asyncio"}).event_loop == (
+        "asyncio"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^GOVLEDGER_EVENT_LOOP must be one of uvloop, asyncio$"
+    ):
+        Settings.from_env({"GOVLEDGER_EVENT_LOOP": "trio"})
+
+
+def test_the_loop_factory_makes_the_loop_it_names(monkeypatch):
+    import uvloop
+
+    from service import event_loop
+
+    for choice, kind in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        new_loop, name = event_loop.factory(choice)
+        loop = new_loop()
+        try:
+            assert (name, isinstance(loop, kind)) == (choice, True)
+        finally:
+            loop.close()
+    new_loop, name = event_loop.factory("asyncio")
+    loop = new_loop()
+    try:
+        assert not isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+
+    # Where uvloop is not installed: asyncio's loop, and a warning that says so.
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop: ImportError
+    with capture_logs() as logged:
+        new_loop, name = event_loop.factory("uvloop")
+    assert (new_loop, name) == (asyncio.new_event_loop, "asyncio")
+    assert [(e["event"], e["wanted"], e["using"]) for e in logged] == [
+        ("event_loop_unavailable", "uvloop", "asyncio")
+    ]

@@ -1,4 +1,5 @@
-"""The check baseline: an aiohttp handler doing no work (`-m tools.bench.empty N`)."""
+"""The check baseline: an aiohttp handler doing no work (`-m tools.bench.empty N`),
+on asyncio's own loop, or on uvloop with `-m tools.bench.empty N uvloop`."""
 
 from __future__ import annotations
 
@@ -17,8 +18,18 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/api/governance/check", answer)
     app.router.add_get("/healthz", answer)
+    loop = None
+    if sys.argv[2:] == ["uvloop"]:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     web.run_app(
-        app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
+        loop=loop,
     )
 
 

@@ -145,6 +145,13 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
         "aiohttp handler doing no work, same client",
         min_ratio=0.70,
     )
+    # The same checks beside the empty handler on uvloop, the loop serve runs on:
+    # what the check costs beyond the loop (no target; the figure above has it).
+    on_uvloop = Row(
+        "check over HTTP, 1 process, against the empty handler on uvloop",
+        "checks/s",
+        "the same aiohttp handler doing no work, on uvloop",
+    )
     with servers.govledger(dsn) as url:
         [secret] = await create_keys(url, 1)
         body = json.dumps(
@@ -155,7 +162,10 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
                 "estimated_cost": "0.01",
             }
         ).encode()
-        with servers.empty_handler() as empty_url:
+        with (
+            servers.empty_handler() as empty_url,
+            servers.empty_handler(uvloop=True) as uvloop_url,
+        ):
             for _ in range(args.reps):
                 base = await check_bench.http_checks(
                     empty_url, body, connections=64, seconds=args.seconds
@@ -163,14 +173,21 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
                 result = await check_bench.http_checks(
                     url, body, connections=64, seconds=args.seconds
                 )
+                base_uvloop = await check_bench.http_checks(
+                    uvloop_url, body, connections=64, seconds=args.seconds
+                )
                 if result.errors:
                     raise RuntimeError(f"{result.errors} checks failed")
-                row.add(
-                    result.per_second, base.per_second, result.p50_ms, result.p99_ms
-                )
-                row.note = f"client: {result.client}, 64 connections"
-                progress(row)
-    return [row]
+                for line, baseline in ((row, base), (on_uvloop, base_uvloop)):
+                    line.add(
+                        result.per_second,
+                        baseline.per_second,
+                        result.p50_ms,
+                        result.p99_ms,
+                    )
+                    line.note = f"client: {result.client}, 64 connections"
+                    progress(line)
+    return [row, on_uvloop]
 
 
 async def scenario_check_inproc(dsn: str, args: argparse.Namespace) -> list[Row]:

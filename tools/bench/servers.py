@@ -121,11 +121,18 @@ def govledger(
 
 
 @contextlib.contextmanager
-def empty_handler() -> Iterator[str]:
-    """The baseline server: aiohttp answering a fixed body, doing no work."""
+def empty_handler(*, uvloop: bool = False) -> Iterator[str]:
+    """The baseline server: aiohttp answering a fixed body, doing no work (on
+    asyncio's loop, or with `uvloop` on the loop `govledger serve` runs on)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.bench.empty", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tools.bench.empty",
+            str(port),
+            *(["uvloop"] if uvloop else []),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
