@@ -84,7 +84,13 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     rights: dict[web.AbstractRoute, Right] = {}
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:
-            guard = guarded(handler, right, settings, quiet=path in QUIET_PATHS)
+            guard = guarded(
+                handler,
+                right,
+                settings,
+                quiet=path in QUIET_PATHS,
+                websocket=method == "GET",
+            )
             # Every GET also answers HEAD (RFC 9110, 9.3.2): the same status and
             # headers, no body (aiohttp leaves it out).
             for verb in (method, "HEAD") if method == "GET" else (method,):

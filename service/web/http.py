@@ -336,11 +336,21 @@ def _is_well_formed(value: str) -> bool:
 
 
 def guarded(
-    handler: Handler, right: Right, settings: Settings, *, quiet: bool
+    handler: Handler,
+    right: Right,
+    settings: Settings,
+    *,
+    quiet: bool,
+    websocket: bool = False,
 ) -> Handler:
     """`handler` behind the edge: binds the request id, checks `right`, turns any
     error into its answer from STATUS, and writes one canonical log line (for a
-    `quiet` route only when it fails)."""
+    `quiet` route only when it fails). A `websocket` route (a GET: an upgrade is
+    only ever a GET) also refuses upgrades from other origins in open mode.
+
+    What the settings decide is decided here once, not on every request."""
+    needs_role = right is not Right.PUBLIC and not settings.is_open
+    checks_origin = websocket and settings.is_open
 
     async def guard(request: web.Request) -> web.StreamResponse:
         clear_contextvars()
@@ -362,8 +372,9 @@ def guarded(
         try:
             if refusal is not None:
                 raise refusal
-            _authorize(request, settings, right)
-            if headers.get("Upgrade", "").lower() == "websocket":
+            if needs_role:
+                _authorize(request, settings, right)
+            if checks_origin and headers.get("Upgrade", "").lower() == "websocket":
                 _refuse_cross_site_upgrade(request, settings)
             response = await handler(request)
         except web.HTTPException as exc:
@@ -442,8 +453,6 @@ def _answer_error(exc: Exception) -> web.Response:
 
 
 def _authorize(request: web.Request, settings: Settings, right: Right) -> None:
-    if right is Right.PUBLIC or settings.is_open:
-        return
     role = authenticate(settings, authorization(request))
     if right not in ROLE_RIGHTS[role]:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
@@ -454,7 +463,7 @@ def _refuse_cross_site_upgrade(request: web.Request, settings: Settings) -> None
     service (browsers send no preflight for upgrades, but always send Origin):
     only the service's own origin and GOVLEDGER_ALLOWED_ORIGINS may."""
     origin = request.headers.get("Origin")
-    if not settings.is_open or origin is None:
+    if origin is None:
         return
     origin = origin.rstrip("/").lower()
     own = f"{request.scheme}://{request.host}".lower()
