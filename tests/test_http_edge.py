@@ -8,6 +8,8 @@ import json
 
 import msgspec
 import pytest
+import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
@@ -186,6 +188,38 @@ def test_the_app_runs_no_aiohttp_middleware(database) -> None:
     # Every route is wrapped by `http.guarded` instead: any aiohttp middleware makes
     # aiohttp build a chain and add its own on every request (the check's cost).
     assert list(create_app(Settings(**TOKENS), database).middlewares) == []
+
+
+async def test_what_a_request_binds_for_its_log_lines_dies_with_it() -> None:
+    # The guard binds request_id, method and path and clears nothing: each request
+    # runs in a task of its own, with a copy of its connection's context.
+    seen: list[tuple[int, dict[str, object]]] = []
+
+    async def look(request: web.Request) -> web.Response:
+        seen.append((id(request.protocol), structlog.contextvars.get_contextvars()))
+        if request.method == "POST":  # as a command binds its position
+            structlog.contextvars.bind_contextvars(position=7, team="t")
+        return web.Response()
+
+    settings = Settings()
+    app = web.Application()
+    for method in ("POST", "GET"):
+        app.router.add_route(
+            method, "/look", http.guarded(look, http.Right.PUBLIC, settings, quiet=True)
+        )
+    async with TestClient(TestServer(app)) as client:
+        for method, request_id in (("POST", "first"), ("GET", "second")):
+            answer = await client.request(
+                method, "/look", headers={"X-Request-Id": request_id}
+            )
+            assert answer.status == 200
+            await answer.read()
+    [(first_connection, first), (second_connection, second)] = seen
+    assert first_connection == second_connection  # one kept-alive connection
+    assert (first, second) == (
+        {"request_id": "first", "method": "POST", "path": "/look"},
+        {"request_id": "second", "method": "GET", "path": "/look"},
+    )
 
 
 ADMIN = {"Authorization": "Bearer adm-secret"}
