@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tools.bench.rows import ratio_text
+
 Result = dict[str, Any]
 
 MET = "#4c72b0"
@@ -124,7 +126,7 @@ def overview(rows: Sequence[Result], path: Path) -> bool:
     for y, speed, need in zip(ys, speeds, needed, strict=True):
         # Past the target's mark when that mark sits just beyond the bar's end.
         at = need if need is not None and speed < need < speed * 1.8 else speed
-        left.annotate(f" {speed:.2f}x", (at, y), va="center", fontsize=7)
+        left.annotate(f" {ratio_text(speed, need)}x", (at, y), va="center", fontsize=7)
     if timed:
         tys = list(range(len(timed)))
         p50 = [r["p50_ms"] for r in timed]

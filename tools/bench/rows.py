@@ -107,3 +107,12 @@ def number(value: float) -> str:
     if abs(value) >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
+
+
+def ratio_text(value: float, bound: float | None) -> str:
+    """`value` to two places, or to three where two would show it equal to the
+    `bound` it does not reach (0.698 against 0.70 reads as the miss it is)."""
+    text = f"{value:.2f}"
+    if bound is not None and value != bound and text == f"{bound:.2f}":
+        return f"{value:.3f}"
+    return text

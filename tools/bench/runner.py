@@ -33,7 +33,7 @@ from tools.bench import lag as lag_bench
 from tools.bench import peer as peer_bench
 from tools.bench import replay as replay_bench
 from tools.bench import reservations as reservations_bench
-from tools.bench.rows import Row, number, progress
+from tools.bench.rows import Row, number, progress, ratio_text
 
 # Durable, as in production: an acknowledged record is on disk.
 DURABLE = {
@@ -561,7 +561,8 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['scenario']} | {number(r['value'])} {r['unit']}{arrow} | "
             f"{r['baseline']}: {number(r['baseline_value'])} | "
-            f"**{r['ratio']:.2f}** ({', '.join(map(str, r['ratios']))}) | {lat} |"
+            f"**{ratio_text(r['ratio'], r.get('min_ratio'))}**"
+            f" ({', '.join(map(str, r['ratios']))}) | {lat} |"
             f" {_target(r)} |"
         )
     return "\n".join(lines)
