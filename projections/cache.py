@@ -120,6 +120,12 @@ class GovernanceCache:
         # event as one int: the tail delivers in that order, not by position.
         self.usage_seen: dict[str, int] = {}
         self.checkpoint = Checkpoint()
+        # The highest position applied. The tail applies in commit order, (tx_id,
+        # position), not by position: the checkpoint's own position can be below one
+        # applied before it (an event drawn later, committed in an earlier
+        # transaction), so answers report this one, never below a position that a
+        # wait for `min_position` found applied.
+        self.high_water = 0
         # Usage folded but not yet charged (see fold_usage): by owner (its id()),
         # the owner and its charges in order.
         self._run: dict[int, tuple[Owner, list[Charge]]] = {}
@@ -139,7 +145,8 @@ class GovernanceCache:
 
     @property
     def position(self) -> int:
-        return self.checkpoint.position
+        """The position answers are as of: the highest applied (`high_water`)."""
+        return self.high_water
 
     # --- apply -----------------------------------------------------------------
 
@@ -154,6 +161,8 @@ class GovernanceCache:
             self.checkpoint = record.checkpoint
             return
         self.settle()  # usage folded before this event is charged before it
+        if record.global_position > self.high_water:
+            self.high_water = record.global_position
         if isinstance(event, ReservationHeld | ReservationReleased):
             self._apply_reservation(record, event)
         elif isinstance(event, CustomerEvent):
@@ -252,9 +261,11 @@ class GovernanceCache:
         teams: Iterable[Team],
         keys: Iterable[VirtualKey],
         checkpoint: Checkpoint,
+        high_water: int = 0,
     ) -> None:
         """Take owners rebuilt from the read model (ledgers from
-        `service.domain.ledger.restore`), as of `checkpoint`."""
+        `service.domain.ledger.restore`), as of `checkpoint`; `high_water`: the
+        highest position at or before it (in commit order), if above its own."""
         for customer in customers:
             aggregate(customer)
             self.customers[customer.id] = customer
@@ -272,6 +283,7 @@ class GovernanceCache:
             self.keys_by_sha256[key.value_sha256] = key
         self.generation += 1
         self.checkpoint = checkpoint
+        self.high_water = max(self.high_water, checkpoint.position, high_water)
 
     def _is_new(self, existing: Owner | None, record: RecordedEvent) -> bool:
         return existing is None and record.stream_id not in self.deleted
@@ -324,6 +336,8 @@ class GovernanceCache:
         if seen <= usage_seen.get(stream, -1):
             return
         usage_seen[stream] = seen
+        if position > self.high_water:
+            self.high_water = position
         charge = fold.charge_of(usage, recorded_at)
         run = self._run
         if key is not None:

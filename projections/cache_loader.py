@@ -72,6 +72,7 @@ async def load(
     """The cache as of the read model's checkpoint, from one consistent snapshot."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         checkpoint = await runner.load_checkpoint(conn, GOVERNANCE_PROJECTION)
+        high_water = await eventstore.high_water(conn, checkpoint)
         at = datetime.now(UTC) if now is None else now
         customers = await conn.fetch(_CUSTOMERS)
         teams = await conn.fetch(_TEAMS)
@@ -103,6 +104,7 @@ async def load(
         ],
         keys=_keys(keys, configs, ledger),
         checkpoint=checkpoint,
+        high_water=high_water,
     )
     for hold in holds:
         cache.hold(hold)

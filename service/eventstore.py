@@ -504,6 +504,19 @@ async def last_at_or_before(
     return Checkpoint(int(row["tx_id"]), row["global_position"]), row["recorded_at"]
 
 
+async def high_water(conn: Queryable, checkpoint: Checkpoint) -> int:
+    """The highest position at or before `checkpoint` in commit order: an event drawn
+    after the checkpoint's own, in an earlier transaction, comes before it."""
+    return int(
+        await conn.fetchval(
+            "SELECT coalesce(max(global_position), $2::bigint) FROM events"
+            " WHERE global_position > $2::bigint AND tx_id < $1::xid8",
+            checkpoint.tx_id,
+            checkpoint.position,
+        )
+    )
+
+
 async def max_position(conn: Queryable) -> int:
     return int(
         await conn.fetchval("SELECT coalesce(max(global_position), 0) FROM events")

@@ -5,6 +5,7 @@ model deciding like one folded from the log."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,9 @@ from projections.cache import GovernanceCache
 from projections.cache_entries import CheckResult
 from service import eventstore
 from service.config import Settings
-from service.records import Checkpoint
+from service.domain.events import TeamCreated
+from service.eventstore import Queryable
+from service.records import Checkpoint, NewEvent
 from service.web.keys import (
     cache_key,
     cache_projector_key,
@@ -272,6 +275,48 @@ async def test_readers_and_recorders_may_check_and_a_missing_token_may_not(datab
 async def test_the_cache_reports_to_readiness(api):
     await api.app[cache_projector_key].catch_up()
     assert api.app[readiness_key]["cache"].ready is True
+
+
+async def new_team(conn: Queryable, name: str) -> int:
+    team_id = str(uuid.uuid4())
+    [appended] = await eventstore.append(
+        conn,
+        f"team-{team_id}",
+        0,
+        [NewEvent(event=TeamCreated(team_id=team_id, name=name))],
+    )
+    return appended.global_position
+
+
+async def test_a_check_answers_the_highest_position_applied_not_the_checkpoints(api):
+    # The tail applies in commit order, (tx_id, position): here the later position
+    # comes first, so the checkpoint ends on the lower one. A check that waited
+    # for the later position must not answer as of a position below it.
+    made = await hierarchy(api)
+    await api.caught_up(made["position"])
+    pool = api.app[pool_key]
+    async with pool.acquire() as early, early.transaction():
+        await early.fetchval("SELECT pg_current_xact_id()")  # the earlier xid
+        first = await new_team(pool, "a")
+        second = await new_team(early, "b")
+    assert second == first + 1
+    for waited in (second, first):
+        status, answer = await api.call(
+            "POST",
+            CHECK,
+            {"virtual_key": made["key"]["value"], "min_position": waited},
+        )
+        assert (status, answer["position"]) == (200, second)
+    cache = api.app[cache_key]
+    assert (cache.checkpoint.position, cache.position) == (first, second)
+
+    # So does a cache loaded from the read model whose checkpoint is the lower one.
+    governance = api.app[governance_projector_key]
+    await governance.catch_up()
+    assert governance.checkpoint.position == first
+    async with pool.acquire() as conn:
+        loaded, _ = await cache_loader.load(conn)
+    assert (loaded.checkpoint.position, loaded.position) == (first, second)
 
 
 # --- loading -----------------------------------------------------------------------
