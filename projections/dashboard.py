@@ -18,6 +18,7 @@ import msgspec
 
 from projections import governance_reads, runner
 from projections.governance_usage import Owner, all_owners, books_of
+from service import eventstore
 from service.domain.ledger import meters, periods_of, reading, to_money, to_nanos
 from service.errors import NotFound
 from service.eventstore import Connection
@@ -35,16 +36,18 @@ _CELLS = "SELECT period_start, spend FROM governance_budget_spend WHERE budget_i
 
 async def snapshot(conn: Connection, now: datetime) -> Wire:
     """`{position, generated_at, customers, teams, virtual_keys}` as of one snapshot
-    of the read model; `position` is the governance projection's checkpoint."""
+    of the read model; `position` is the highest position the read model applied
+    (its checkpoint's own can be lower: the log is applied in commit order)."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         checkpoint = await runner.load_checkpoint(conn, GOVERNANCE_PROJECTION)
+        position = await eventstore.high_water(conn, checkpoint)
         customers = _wire(await governance_reads.list_customers(conn, now))
         teams = _wire(await governance_reads.list_teams(conn, now))
         keys = _wire(await governance_reads.list_virtual_keys(conn, now))
         ends, rate_ends = await _ends(conn, now)
     dress(customers, teams, keys, ends, rate_ends, now)
     return {
-        "position": checkpoint.position,
+        "position": position,
         "generated_at": now,
         "customers": customers,
         "teams": teams,

@@ -172,3 +172,25 @@ async def behind_an_older_transaction(
             return await read()
         finally:
             await ending
+
+
+async def against_commit_order(pool: asyncpg.Pool) -> tuple[int, int]:
+    """Two new teams whose positions run against commit order: the second position
+    is appended in a transaction whose id was taken before the first's, so the log
+    in (tx_id, position) order holds (earlier xid, second) then (later xid, first).
+    Returns (first, second)."""
+
+    async def new_team(conn: eventstore.Queryable) -> int:
+        team_id = str(uuid.uuid4())
+        event = TeamCreated(team_id=team_id, name=f"team {team_id[:8]}")
+        [appended] = await eventstore.append(
+            conn, f"team-{team_id}", 0, [NewEvent(event=event)]
+        )
+        return appended.global_position
+
+    async with pool.acquire() as early, early.transaction():
+        await early.fetchval("SELECT pg_current_xact_id()")  # the earlier xid
+        first = await new_team(pool)
+        second = await new_team(early)
+    assert second == first + 1
+    return first, second

@@ -5,7 +5,6 @@ model deciding like one folded from the log."""
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -17,9 +16,7 @@ from projections.cache import GovernanceCache
 from projections.cache_entries import CheckResult
 from service import eventstore
 from service.config import Settings
-from service.domain.events import TeamCreated
-from service.eventstore import Queryable
-from service.records import Checkpoint, NewEvent
+from service.records import Checkpoint
 from service.web.keys import (
     cache_key,
     cache_projector_key,
@@ -28,6 +25,7 @@ from service.web.keys import (
     readiness_key,
 )
 from tests.api import Api, bearer, serve
+from tests.builders import against_commit_order
 
 CHECK = "/api/governance/check"
 CUSTOMERS = "/api/governance/customers"
@@ -277,17 +275,6 @@ async def test_the_cache_reports_to_readiness(api):
     assert api.app[readiness_key]["cache"].ready is True
 
 
-async def new_team(conn: Queryable, name: str) -> int:
-    team_id = str(uuid.uuid4())
-    [appended] = await eventstore.append(
-        conn,
-        f"team-{team_id}",
-        0,
-        [NewEvent(event=TeamCreated(team_id=team_id, name=name))],
-    )
-    return appended.global_position
-
-
 async def test_a_check_answers_the_highest_position_applied_not_the_checkpoints(api):
     # The tail applies in commit order, (tx_id, position): here the later position
     # comes first, so the checkpoint ends on the lower one. A check that waited
@@ -295,11 +282,7 @@ async def test_a_check_answers_the_highest_position_applied_not_the_checkpoints(
     made = await hierarchy(api)
     await api.caught_up(made["position"])
     pool = api.app[pool_key]
-    async with pool.acquire() as early, early.transaction():
-        await early.fetchval("SELECT pg_current_xact_id()")  # the earlier xid
-        first = await new_team(pool, "a")
-        second = await new_team(early, "b")
-    assert second == first + 1
+    first, second = await against_commit_order(pool)
     for waited in (second, first):
         status, answer = await api.call(
             "POST",

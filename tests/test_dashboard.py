@@ -21,7 +21,7 @@ import pytest
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestServer
 
-from projections import dashboard
+from projections import dashboard, runner
 from service import eventstore
 from service.config import Settings
 from service.domain.events import AnyEvent, Budget, TeamCreated, UsageRecorded
@@ -30,6 +30,7 @@ from service.web.app import create_app
 from service.web.keys import pool_key
 from service.web.routes.dashboard import MODULES
 from tests.api import Api, bearer, serve
+from tests.builders import against_commit_order
 
 ADMIN, RECORDER, READER = "adm-secret", "rec-secret", "read-secret"
 TOKENS: dict[str, Any] = {
@@ -210,6 +211,19 @@ async def test_the_event_stream_needs_the_reader_right(api):
 
 
 # --- the snapshot stream -----------------------------------------------------------
+
+
+async def test_a_snapshot_is_as_of_the_highest_position_the_read_model_applied(api):
+    # Applied in commit order, the later position first: the checkpoint ends on
+    # the earlier one, and a client waiting for `position >= second` must see it.
+    first, second = await against_commit_order(api.app[pool_key])
+    await api.caught_up(second)
+    async with event_stream(api) as response:
+        snapshot = await next_snapshot(response)
+    assert snapshot["position"] == second
+    async with api.app[pool_key].acquire() as conn:
+        checkpoint = await runner.load_checkpoint(conn, "governance")
+    assert checkpoint.position == first
 
 
 async def test_the_stream_opens_with_a_snapshot_of_the_read_model(api):
