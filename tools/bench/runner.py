@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -166,19 +167,30 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
             servers.empty_handler() as empty_url,
             servers.empty_handler(uvloop=True) as uvloop_url,
         ):
+            spent: dict[str, list[check_bench.CpuSpent]] = {}
             for _ in range(args.reps):
-                base = await check_bench.http_checks(
-                    empty_url, body, connections=64, seconds=args.seconds
-                )
-                result = await check_bench.http_checks(
-                    url, body, connections=64, seconds=args.seconds
-                )
-                base_uvloop = await check_bench.http_checks(
-                    uvloop_url, body, connections=64, seconds=args.seconds
-                )
+                runs = {}
+                for name, server in (
+                    ("the empty handler", empty_url),
+                    ("serve", url),
+                    ("the empty handler on uvloop", uvloop_url),
+                ):
+                    runs[name] = run = await check_bench.http_checks(
+                        server,
+                        body,
+                        connections=64,
+                        seconds=args.seconds,
+                        pid=servers.pids(server)[0],
+                    )
+                    if run.cpu is not None:
+                        spent.setdefault(name, []).append(run.cpu)
+                result = runs["serve"]
                 if result.errors:
                     raise RuntimeError(f"{result.errors} checks failed")
-                for line, baseline in ((row, base), (on_uvloop, base_uvloop)):
+                for line, baseline in (
+                    (row, runs["the empty handler"]),
+                    (on_uvloop, runs["the empty handler on uvloop"]),
+                ):
                     line.add(
                         result.per_second,
                         baseline.per_second,
@@ -186,8 +198,20 @@ async def scenario_check(dsn: str, args: argparse.Namespace) -> list[Row]:
                         result.p99_ms,
                     )
                     line.note = f"client: {result.client}, 64 connections"
+                    if spent:
+                        line.note += "; " + _cpu_note(spent)
                     progress(line)
     return [row, on_uvloop]
+
+
+def _cpu_note(spent: dict[str, list[check_bench.CpuSpent]]) -> str:
+    """The CPU each server process spent a request, medians over the pairs: in
+    user mode + in the kernel (where delivering an answer wakes a sleeping client)."""
+    return "CPU a request, user + kernel: " + ", ".join(
+        f"{name} {statistics.median(c.user_us for c in cpu):.1f}"
+        f" + {statistics.median(c.system_us for c in cpu):.1f} µs"
+        for name, cpu in spent.items()
+    )
 
 
 async def scenario_check_inproc(dsn: str, args: argparse.Namespace) -> list[Row]:

@@ -19,6 +19,24 @@ from typing import Any
 import aiohttp
 import msgspec
 
+# The processes serving each URL yielded below, while they serve it.
+_serving: dict[str, list[int]] = {}
+
+
+def pids(url: str) -> list[int]:
+    """The ids of the processes serving `url` (a URL `govledger` or `empty_handler`
+    yielded, while it is open)."""
+    return list(_serving[url])
+
+
+@contextlib.contextmanager
+def _serves(url: str, procs: list[subprocess.Popen[bytes]]) -> Iterator[str]:
+    _serving[url] = [proc.pid for proc in procs]
+    try:
+        yield url
+    finally:
+        del _serving[url]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -114,7 +132,8 @@ def govledger(
                 proc,
                 port=port if processes > 1 else None,
             )
-        yield f"http://127.0.0.1:{port}"
+        with _serves(f"http://127.0.0.1:{port}", procs) as url:
+            yield url
     finally:
         _stop(procs)
         output.close()
@@ -138,7 +157,8 @@ def empty_handler(*, uvloop: bool = False) -> Iterator[str]:
     )
     try:
         _wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
-        yield f"http://127.0.0.1:{port}"
+        with _serves(f"http://127.0.0.1:{port}", [proc]) as url:
+            yield url
     finally:
         _stop([proc])
 
