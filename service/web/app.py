@@ -25,6 +25,7 @@ from service.web.keys import (
     cache_projector_key,
     governance_projector_key,
     in_flight_key,
+    outbox_key,
     pool_key,
     readiness_key,
     readings_key,
@@ -34,6 +35,7 @@ from service.web.keys import (
     tail_key,
     writer_key,
 )
+from service.web.prepared import Outbox
 from service.web.routes import (
     check,
     dashboard,
@@ -81,6 +83,7 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
     app[readiness_key] = {}
     app[in_flight_key] = {}
     app[readings_key] = Remembered()
+    app[outbox_key] = Outbox()
     rights: dict[web.AbstractRoute, Right] = {}
     for table in ROUTE_TABLES:
         for method, path, handler, right in table:

@@ -15,6 +15,7 @@ from projections.runner import Projector, Tail
 from service.config import Settings
 from service.domain.usage import KeyResolver
 from service.ingest import Writer
+from service.web.prepared import Outbox
 
 if TYPE_CHECKING:
     from service.web.http import Right
@@ -34,6 +35,8 @@ tail_key = web.AppKey("tail", Tail)
 # The in-memory enforcement cache (checks) and the projector that keeps it current.
 cache_key = web.AppKey("cache", GovernanceCache)
 cache_projector_key = web.AppKey("cache_projector", Projector)
+# The check's answers, written together a turn of the event loop at a time.
+outbox_key = web.AppKey("outbox", Outbox)
 # Usage ingest: the process's group-commit writer, and what tells it a key's owners.
 writer_key = web.AppKey("usage_writer", Writer)
 resolver_key = web.AppKey("usage_key_resolver", KeyResolver)

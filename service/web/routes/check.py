@@ -43,6 +43,7 @@ from service.web.http import (
 from service.web.keys import (
     cache_key,
     cache_projector_key,
+    outbox_key,
     pool_key,
     settings_key,
     writer_key,
@@ -230,7 +231,7 @@ async def check(request: web.Request) -> web.StreamResponse:
     metrics.observe_check(time.perf_counter() - started, result.reason)
     # The cache cannot read the log right now: the answer is as of `position`.
     encoded = check_body(result, cache.position, projector.failing, answer)
-    return JsonAnswer(encoded)
+    return JsonAnswer(encoded, app[outbox_key])
 
 
 async def _reserving(request: web.Request, body: CheckRequest) -> web.Response:
