@@ -27,7 +27,9 @@ _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 class JsonAnswer(web.StreamResponse):
     """Status 200, `body` as application/json, the headers set on it before it is
     prepared, then Content-Length, Date, Server and Connection as aiohttp writes
-    them; prepared and written whole in one write on the request's writer."""
+    them; prepared and written whole in one write: through `outbox` with the other
+    answers of its turn of the event loop, or on the request's writer when it may
+    not wait (`may_hold`) or the connection closes after it."""
 
     def __init__(self, body: bytes, outbox: Outbox) -> None:
         super().__init__()
