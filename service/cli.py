@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service import event_loop
     from service.domain.upcast import validate_chains
     from service.migrate import migrate
+    from service.web import server
     from service.web.app import create_app, keepalive_timeout
 
     validate_chains()
@@ -71,13 +72,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         projector=settings.projector,
         event_loop=loop_name,
     )
-    web.run_app(
+    server.run(
         app,
         loop=new_loop(),
         host=settings.host,
         port=settings.port,
-        access_log=None,
-        print=None,
         shutdown_timeout=10,
         reuse_port=args.reuse_port,
         keepalive_timeout=keepalive_timeout(settings),

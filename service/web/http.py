@@ -368,7 +368,7 @@ def guarded(
             )
         else:
             refusal = None
-        request_id = request_id or _next_request_id()
+        request_id = request_id or next_request_id()
         _bind_request(request_id, request.method, request.path)
         started = perf_counter()
         try:
@@ -505,5 +505,6 @@ _request_numbers = itertools.count(1)
 MAX_REQUEST_ID = 200
 
 
-def _next_request_id() -> str:
+def next_request_id() -> str:
+    """A request id for a request that brought none."""
     return f"{_REQUEST_PREFIX}{next(_request_numbers):012x}"

@@ -1,0 +1,163 @@
+"""The HTTP server: aiohttp's, with its answer to a request that is not HTTP made
+the service's.
+
+aiohttp answers a request it cannot parse (a bad request line or method, a header
+that is not a token, a Content-Length that is not a number, a broken chunk size, a
+line past 8190 bytes) itself, before any route or guard sees it: a text/plain 400
+whose body echoes the offending bytes, and an error-level log line with a
+traceback. Here that answer is the one every other refusal gets: a JSON 400
+`invalid_request` with a sentence, an X-Request-Id, and one info line in the
+request log. The connection still closes after it (where the next request would
+start is unknown).
+
+aiohttp builds that answer in its connection protocol (`RequestHandler.
+handle_error`), which only a runner can choose: `AppRunner` here makes the server
+with this module's protocol, and `run` serves an application with it as
+`web.run_app` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from aiohttp import web, web_protocol, web_server
+
+from service.errors import Invalid, ServiceError
+from service.web import http
+
+log = structlog.get_logger()
+
+# Longest sentence taken from aiohttp's description of what it could not parse.
+_MAX_REASON = 200
+
+
+def reason(description: str | None) -> str:
+    """What aiohttp found wrong, as one line without the request's bytes it quotes:
+    "Bad status line:\\n  Invalid HTTP version:\\n\\n  b'GET / HTTP/7.1'\\n  ^"
+    becomes "bad status line: invalid HTTP version"."""
+    parts = []
+    for line in (description or "").splitlines():
+        line = line.strip()
+        for quote in ("b'", 'b"'):
+            line = line.split(f": {quote}", 1)[0]
+        line = line.rstrip(":. ")
+        if not line or line.startswith(("b'", 'b"')) or not line.strip("^ "):
+            continue
+        parts.append(line[:1].lower() + line[1:])
+    text = ": ".join(parts)[:_MAX_REASON]
+    return text or "it cannot be parsed"
+
+
+class _Connection(web_protocol.RequestHandler):
+    """aiohttp's HTTP/1.1 protocol; its own error answers in the service's shape."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # Part of an answer is out: nothing else can be sent (as aiohttp).
+            return super().handle_error(request, status, exc, message)
+        request_id = http.next_request_id()
+        if 400 <= status < 500:
+            error: ServiceError = Invalid(
+                f"the request is not well-formed HTTP/1.1: {reason(message)}"
+            )
+            log.info(
+                "request_finished",
+                request_id=request_id,
+                status=status,
+                code=error.code,
+                error=error.message,
+            )
+        else:  # a failure no guard caught: the guard answers every route's errors
+            error = ServiceError("the server failed on this request")
+            log.error("request_failed", request_id=request_id, exc_info=exc)
+        response = http.error_response(status, error.code, error.message)
+        response.headers["X-Request-Id"] = request_id
+        response.force_close()
+        return response
+
+
+class _Server(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer unparsable requests as the service
+    answers every refusal."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
+def run(
+    app: web.Application,
+    *,
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 10,
+    **kwargs: Any,
+) -> None:
+    """Serve `app` on `loop` until SIGINT or SIGTERM, then shut down gracefully
+    (open requests get `shutdown_timeout` seconds) and close the loop: what
+    `web.run_app(app, loop=…, host=…, port=…, print=None, access_log=None)` does,
+    with this module's runner. `kwargs` go to the runner (`keepalive_timeout`)."""
+
+    async def serve() -> None:
+        runner = AppRunner(
+            app,
+            handle_signals=True,
+            access_log=None,
+            shutdown_timeout=shutdown_timeout,
+            **kwargs,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+            await site.start()
+            await asyncio.Event().wait()  # until a signal ends the loop's run
+        finally:
+            await runner.cleanup()
+
+    main = loop.create_task(serve())
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():  # else its own traceback stands
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)  # the runner's cleanup, in order
+        finally:
+            _cancel_rest(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _cancel_rest(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still open at exit and wait for them to end."""
+    rest = asyncio.all_tasks(loop)
+    for task in rest:
+        task.cancel()
+    if rest:
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))

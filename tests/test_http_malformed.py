@@ -1,0 +1,176 @@
+"""Requests that are not HTTP: answered like every other refusal (a JSON 400
+`invalid_request` with a sentence and an X-Request-Id), logged as one info line,
+never echoing the bytes they carried, through the service's own runner
+(`service.web.server`) and through a real `govledger serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from service.config import Settings
+from service.web.app import create_app
+from service.web.server import AppRunner, reason
+from tests.served import Fleet
+
+SECRET = "sk-gl-Zm9yLXRoZS10ZXN0LW9ubHk"
+
+
+@pytest.fixture
+async def edge(database: str) -> AsyncIterator[tuple[str, int]]:
+    """The app behind the service's runner, on a free loopback port."""
+    runner = AppRunner(create_app(Settings(), database))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield "127.0.0.1", runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def exchange(host: str, port: int, raw: bytes) -> tuple[int, dict, bytes, bool]:
+    """Send `raw`, read one answer; (status, headers, body, whether the server
+    then closed the connection)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        body = await asyncio.wait_for(
+            reader.readexactly(int(headers["Content-Length"])), 10
+        )
+        closed = await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(lines[0].split()[1]), headers, body, closed
+
+
+MALFORMED = [
+    (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        "invalid character in Content-Length",
+    ),
+    (
+        b"POST /api/usage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nabc\r\n0\r\n\r\n",
+        "invalid character in chunk size",
+    ),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n", "invalid header token"),
+    (b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", "invalid method encountered"),
+    (
+        b"GET /healthz HTTP/7.1\r\nHost: x\r\n\r\n",
+        "bad status line: invalid HTTP version",
+    ),
+    (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        "got more than 8190 bytes when reading",
+    ),
+    (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + SECRET.encode()
+        + b"\x01\r\n\r\n",
+        "invalid header value char",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "why"), MALFORMED)
+async def test_a_request_that_is_not_http_gets_the_services_json_400(
+    edge, raw, why
+) -> None:
+    with capture_logs() as logs:
+        status, headers, body, closed = await exchange(*edge, raw)
+
+    assert (status, headers["Content-Type"], json.loads(body), closed) == (
+        400,
+        "application/json",
+        {
+            "error": {
+                "code": "invalid_request",
+                "message": f"the request is not well-formed HTTP/1.1: {why}",
+            }
+        },
+        True,
+    )
+    assert [
+        (line["log_level"], line["event"], line["code"], line["request_id"])
+        for line in logs
+    ] == [("info", "request_finished", "invalid_request", headers["X-Request-Id"])]
+    assert SECRET not in json.dumps(logs) + body.decode()
+
+
+async def test_a_well_formed_request_on_the_same_runner_is_served(edge) -> None:
+    status, headers, body, _ = await exchange(
+        *edge, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+
+    assert (status, headers["Content-Type"], json.loads(body)) == (
+        200,
+        "application/json",
+        {"status": "ok"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("description", "sentence"),
+    [
+        (
+            "Bad status line:\n  Invalid HTTP version:\n\n"
+            "  b'GET / HTTP/7.1'\n               ^",
+            "bad status line: invalid HTTP version",
+        ),
+        (
+            "Invalid character in Content-Length:\n\n"
+            "  b'Content-Length: abc'\n                  ^",
+            "invalid character in Content-Length",
+        ),
+        (
+            "Got more than 8190 bytes when reading: b'aaaa...'.",
+            "got more than 8190 bytes when reading",
+        ),
+        ("", "it cannot be parsed"),
+        (None, "it cannot be parsed"),
+        ("  b'only the bytes'\n  ^", "it cannot be parsed"),
+        ("x" * 300, "x" * 200),
+    ],
+)
+def test_the_reason_keeps_what_aiohttp_found_and_drops_the_bytes(
+    description, sentence
+) -> None:
+    assert reason(description) == sentence
+
+
+async def test_govledger_serve_answers_a_request_that_is_not_http_in_json(
+    database,
+) -> None:
+    with Fleet(database) as fleet:
+        served = fleet.start()
+        async with aiohttp.ClientSession() as session:
+            await served.ready(session)
+        status, headers, body, closed = await exchange(
+            "127.0.0.1", served.port, b"GET /healthz HTTP/7.1\r\nHost: x\r\n\r\n"
+        )
+        assert served.stop() == 0
+        lines = [json.loads(line) for line in served.log_text().splitlines()]
+
+    assert (status, json.loads(body)["error"]["code"], closed) == (
+        400,
+        "invalid_request",
+        True,
+    )
+    assert [
+        (line["level"], line.get("code"))
+        for line in lines
+        if line.get("request_id") == headers["X-Request-Id"]
+    ] == [("info", "invalid_request")]
+    assert [line for line in lines if line["level"] == "error"] == []
