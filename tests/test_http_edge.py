@@ -584,3 +584,46 @@ async def test_a_delete_with_a_form_body_is_refused_and_deletes_nothing(
         "unsupported_media_type",
     )
     assert found[0] == 200
+
+
+CREATE_HEAD = (
+    b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 12\r\n"
+)
+
+
+async def test_expect_100_continue_gets_its_interim_answer_before_the_body(
+    server,
+) -> None:
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(CREATE_HEAD + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(b'{"name":"c"}')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert (head.split(b"\r\n")[0], json.loads(body)["customer"]["name"]) == (
+        b"HTTP/1.1 201 Created",
+        "c",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [(b'{"name":"c"}', 201, None), (b'{"nom":"cc"}', 400, "invalid_request")],
+)
+async def test_an_unknown_expectation_is_passed_over_and_the_request_answered(
+    server, body, status, code
+) -> None:
+    answer = await raw_request(server, CREATE_HEAD + b"Expect: 999-nope\r\n", body)
+
+    assert (answer[0], answer[1]["Content-Type"]) == (status, "application/json")
+    assert json.loads(answer[2]).get("error", {}).get("code") == code

@@ -19,7 +19,14 @@ from service import eventstore
 from service.config import Settings
 from service.ingest import Writer
 from service.supervisor import Supervised
-from service.web.http import CATCH_ALL, Handler, Right, guarded, unmatched
+from service.web.http import (
+    CATCH_ALL,
+    Handler,
+    Right,
+    expect_continue,
+    guarded,
+    unmatched,
+)
 from service.web.keys import (
     cache_key,
     cache_projector_key,
@@ -97,9 +104,15 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
             # Every GET also answers HEAD (RFC 9110, 9.3.2): the same status and
             # headers, no body (aiohttp leaves it out).
             for verb in (method, "HEAD") if method == "GET" else (method,):
-                rights[app.router.add_route(verb, path, guard)] = right
+                route = app.router.add_route(
+                    verb, path, guard, expect_handler=expect_continue
+                )
+                rights[route] = right
     app.router.add_route(
-        "*", CATCH_ALL, guarded(unmatched, Right.PUBLIC, settings, quiet=False)
+        "*",
+        CATCH_ALL,
+        guarded(unmatched, Right.PUBLIC, settings, quiet=False),
+        expect_handler=expect_continue,
     )
     app[rights_key] = rights
     # Open dashboard streams end at shutdown instead of holding it up.

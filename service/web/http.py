@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from service.config import Settings
 from service.domain.bounds import explained, id_or_none
@@ -405,6 +405,20 @@ def guarded(
         return response
 
     return guard
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Every route's answer to an `Expect` header, before its guard runs:
+    `100-continue` on HTTP/1.1 gets the interim `100 Continue` (the client then
+    sends its body); any other expectation is passed over (RFC 9110, 10.1.1: a
+    server may answer it 417 or not), so the request is answered as any other,
+    in the error shape when it fails, instead of aiohttp's plain-text 417."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        writer = request.writer
+        await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.output_size = 0  # the answer proper is still to come
 
 
 # Added after every route: what no route matches (a 404, or a 405 naming the methods
