@@ -627,3 +627,13 @@ async def test_an_unknown_expectation_is_passed_over_and_the_request_answered(
 
     assert (answer[0], answer[1]["Content-Type"]) == (status, "application/json")
     assert json.loads(answer[2]).get("error", {}).get("code") == code
+
+
+async def test_a_target_that_is_not_a_path_is_answered_by_the_edge(server) -> None:
+    answer = await raw_request(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n")
+
+    assert (answer[0], answer[1]["Content-Type"], json.loads(answer[2])) == (
+        404,
+        "application/json",
+        {"error": {"code": "not_found", "message": "no such endpoint"}},
+    )

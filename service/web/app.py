@@ -20,7 +20,7 @@ from service.config import Settings
 from service.ingest import Writer
 from service.supervisor import Supervised
 from service.web.http import (
-    CATCH_ALL,
+    EveryTarget,
     Handler,
     Right,
     expect_continue,
@@ -108,9 +108,11 @@ def create_app(settings: Settings, dsn: str | None = None) -> web.Application:
                     verb, path, guard, expect_handler=expect_continue
                 )
                 rights[route] = right
-    app.router.add_route(
+    # What no route takes: a 404, or a 405 naming the methods its path takes.
+    every_target = EveryTarget()
+    app.router.register_resource(every_target)
+    every_target.add_route(
         "*",
-        CATCH_ALL,
         guarded(unmatched, Right.PUBLIC, settings, quiet=False),
         expect_handler=expect_continue,
     )

@@ -11,11 +11,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import structlog
 from aiohttp import HttpVersion11, web
+from yarl import URL
 
 from service.config import Settings
 from service.domain.bounds import explained, id_or_none
@@ -37,6 +38,9 @@ from service.errors import (
 from service.eventstore import UNREACHABLE
 from service.web.answers import Error, ErrorDetail
 from service.web.keys import settings_key
+
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import _InfoDict
 
 log = structlog.get_logger()
 
@@ -421,9 +425,34 @@ async def expect_continue(request: web.Request) -> None:
         writer.output_size = 0  # the answer proper is still to come
 
 
-# Added after every route: what no route matches (a 404, or a 405 naming the methods
-# the path takes, as aiohttp's router would answer).
-CATCH_ALL = "/{unmatched:.*}"
+class EveryTarget(web.Resource):
+    """The resource of `unmatched`, registered after every route: it matches every
+    request target, also one that is not a path (CONNECT's `host:port`, `OPTIONS
+    *`), which no path pattern matches and aiohttp would answer itself, in plain
+    text. The router tries it last: it is indexed under "/", where every lookup
+    ends."""
+
+    def __init__(self) -> None:
+        super().__init__(name=None)
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL("/")
+
+    def add_prefix(self, prefix: str) -> None:
+        raise RuntimeError("the catch-all matches every target: it takes no prefix")
+
+    def get_info(self) -> _InfoDict:
+        return {"path": "*"}
+
+    def raw_match(self, path: str) -> bool:
+        return False
+
+    def _match(self, path: str) -> dict[str, str]:
+        return {}
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:
