@@ -160,6 +160,40 @@ async def test_malformed_reserving_checks_are_400(api, body, code):
     assert (status, answer["error"]["code"]) == (400, code)
 
 
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [({"estimated_tokens": 500}, 200), ({"estimated_tokens": -1}, 400)],
+)
+async def test_a_plain_check_takes_estimated_tokens_and_holds_nothing(
+    api, pool, extra, status
+):
+    key_id, _, _ = await key_under_team(api)
+    body = {"virtual_key_id": key_id, "estimated_cost": "1", **extra}
+
+    answer = await api.call("POST", CHECK, body, headers=bearer("rec"))
+    plain = await api.call(
+        "POST", CHECK, {"virtual_key_id": key_id}, headers=bearer("rec")
+    )
+    held = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'ReservationHeld'"
+    )
+
+    if status == 200:
+        assert (answer[0], {**answer[1], "position": 0}) == (
+            200,
+            {
+                "allowed": True,
+                "reason": "ok",
+                "http_status": 200,
+                "remaining": 10,
+                "position": 0,
+            },
+        )
+    else:
+        assert (answer[0], answer[1]["error"]["code"]) == (400, "invalid_request")
+    assert (plain[1]["remaining"], held) == (10, 0)
+
+
 async def test_a_reader_may_check_but_not_reserve(api):
     key_id, _, _ = await key_under_team(api)
 

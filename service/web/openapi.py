@@ -583,12 +583,7 @@ BODY_RULES: Mapping[str, Mapping[str, Any]] = {
                     "required": ["estimated_cost"],
                     "properties": {"estimated_cost": {"not": {"type": "null"}}},
                 },
-                "else": {
-                    "properties": {
-                        "ttl_s": {"type": "null"},
-                        "estimated_tokens": {"enum": [None, 0]},
-                    }
-                },
+                "else": {"properties": {"ttl_s": {"type": "null"}}},
             },
         ]
     },

@@ -110,12 +110,16 @@ def _validate(body: CheckRequest) -> None:
         raise Invalid(f"estimated_cost must be a finite number ≥ 0, got {cost}")
     if body.min_position is not None and not 0 <= body.min_position <= MAX_QUERY_INT:
         raise InvalidPosition(f"min_position must be from 0 to {MAX_QUERY_INT}")
+    tokens = body.estimated_tokens
+    if tokens is not None and not 0 <= tokens <= MAX_TOKENS:
+        raise Invalid(f"estimated_tokens must be from 0 to {MAX_TOKENS}")
     if not body.reserve:
+        # A plain check takes estimated_tokens too (a gateway may send it on every
+        # check) and, holding nothing, weighs it as a reserving check does: not at
+        # all (a rate limit blocks on what was used and is held).
         if body.ttl_s is not None:
             raise Invalid("ttl_s goes with reserve: true")
-        if body.estimated_tokens:
-            raise Invalid("estimated_tokens goes with reserve: true")
-        return  # estimated_tokens is absent or 0: in range
+        return
     if body.estimated_cost is None:
         raise Invalid("a reserving check needs estimated_cost (0 holds no money)")
     if cost_rejection(body.estimated_cost) is not None:  # a hold is kept exactly
@@ -123,10 +127,6 @@ def _validate(body: CheckRequest) -> None:
             "the estimated_cost of a reserving check must be below 10^12 with at"
             " most 9 fractional digits"
         )
-    if body.estimated_tokens is not None and not 0 <= body.estimated_tokens <= (
-        MAX_TOKENS
-    ):
-        raise Invalid(f"estimated_tokens must be from 0 to {MAX_TOKENS}")
     if body.ttl_s is not None and not 1 <= body.ttl_s <= MAX_TTL_S:
         raise Invalid(f"ttl_s must be from 1 to {MAX_TTL_S}")
 
