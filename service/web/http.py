@@ -427,10 +427,10 @@ async def expect_continue(request: web.Request) -> None:
 
 class EveryTarget(web.Resource):
     """The resource of `unmatched`, registered after every route: it matches every
-    request target, also one that is not a path (CONNECT's `host:port`, `OPTIONS
-    *`), which no path pattern matches and aiohttp would answer itself, in plain
-    text. The router tries it last: it is indexed under "/", where every lookup
-    ends."""
+    request target, also one that is not a path (`OPTIONS *`), which no path
+    pattern matches and aiohttp would answer itself, in plain text. The router
+    tries it last: it is indexed under "/", where every lookup ends (but for an
+    empty path, CONNECT's `host:port`, for which the router tries nothing)."""
 
     def __init__(self) -> None:
         super().__init__(name=None)
