@@ -62,17 +62,15 @@ Count = Annotated[
     Whole, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_COUNT})
 ]
 Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+# An amount that is kept (a usage cost, a hold's estimate) as the OpenAPI document
+# states it: `cost_rejection` refuses any other.
+KEPT_MONEY_SCHEMA = money_schema(
+    number={"minimum": 0, "exclusiveMaximum": 1e12, "multipleOf": 1e-9},
+    text="^(?:0*[0-9]{1,12}(?:\\.[0-9]{1,9}0*)?|-0+(?:\\.0+)?)$",
+    description="At least 0 and below 10^12, at most 9 fractional digits",
+)
 # Enforced by `_content`, which names the error (negative_cost, invalid_cost).
-Cost = Annotated[
-    Money,
-    msgspec.Meta(
-        extra_json_schema=money_schema(
-            number={"minimum": 0, "exclusiveMaximum": 1e12, "multipleOf": 1e-9},
-            text="^(?:0*[0-9]{1,12}(?:\\.[0-9]{1,9}0*)?|-0+(?:\\.0+)?)$",
-            description="At least 0 and below 10^12, at most 9 fractional digits",
-        )
-    ),
-]
+Cost = Annotated[Money, msgspec.Meta(extra_json_schema=KEPT_MONEY_SCHEMA)]
 # What a record's (or a check's) decoding cannot say and `validate` enforces: exactly
 # one of the secret and the key's id, the other absent or null.
 KEY_CHOICE_SCHEMA = {

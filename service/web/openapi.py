@@ -22,7 +22,7 @@ from service.domain.commands import (
     VirtualKeyChanges,
 )
 from service.domain.numbers import schema_hook
-from service.domain.usage import KEY_CHOICE_SCHEMA, UsageRecord
+from service.domain.usage import KEPT_MONEY_SCHEMA, KEY_CHOICE_SCHEMA, UsageRecord
 from service.idempotency import MAX_KEY_LENGTH
 from service.web.answers import (
     BatchAnswer,
@@ -581,7 +581,8 @@ BODY_RULES: Mapping[str, Mapping[str, Any]] = {
                 "if": _RESERVE,
                 "then": {
                     "required": ["estimated_cost"],
-                    "properties": {"estimated_cost": {"not": {"type": "null"}}},
+                    # Kept exactly while held: routes.check._validate (invalid_cost).
+                    "properties": {"estimated_cost": KEPT_MONEY_SCHEMA},
                 },
                 "else": {"properties": {"ttl_s": {"type": "null"}}},
             },
