@@ -11,7 +11,7 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from aiohttp import web
 
-from service.domain.bounds import ONE_OWNER_RULE, RATE_LIMIT_PAIRS
+from service.domain.bounds import NO_NUL_PATTERN, ONE_OWNER_RULE, RATE_LIMIT_PAIRS
 from service.domain.budgets import CALENDAR_ALIGNMENT_RULE
 from service.domain.commands import (
     CustomerBody,
@@ -109,7 +109,12 @@ LIMIT = Param(
     _count(1),
     "At most this many events (capped at 10000; default 1000)",
 )
-STREAM_ID = Param("stream_id", "query", {"type": "string"}, "Only this stream")
+STREAM_ID = Param(
+    "stream_id",
+    "query",
+    {"type": "string", "pattern": NO_NUL_PATTERN},  # routes.events refuses U+0000
+    "Only this stream",
+)
 # A list's page, in the list's order; without them, every match.
 PAGE = (
     Param("limit", "query", _count(1), "At most this many"),
