@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import compression_utils, web
 from structlog.testing import capture_logs
 
 from service.config import Settings
@@ -118,6 +118,44 @@ async def test_a_well_formed_request_on_the_same_runner_is_served(edge) -> None:
         200,
         "application/json",
         {"status": "ok"},
+    )
+
+
+# Codings aiohttp knows but cannot decode without a library that is not installed.
+UNDECODED = [
+    coding
+    for coding, decoded in (
+        ("br", compression_utils.HAS_BROTLI),
+        ("zstd", compression_utils.HAS_ZSTD),
+    )
+    if not decoded
+]
+
+
+@pytest.mark.skipif(not UNDECODED, reason="every coding aiohttp knows is decoded")
+@pytest.mark.parametrize("coding", UNDECODED)
+async def test_a_body_coding_not_decoded_here_is_a_415_naming_those_that_are(
+    edge, coding
+) -> None:
+    status, headers, body, closed = await exchange(
+        *edge,
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Encoding: "
+        + coding.encode()
+        + b"\r\nContent-Length: 2\r\n\r\n{}",
+    )
+
+    assert (status, headers["Accept-Encoding"], json.loads(body), closed) == (
+        415,
+        "gzip, deflate",
+        {
+            "error": {
+                "code": "unsupported_media_type",
+                "message": "the body's Content-Encoding is not one this service"
+                " decodes: send it as gzip or deflate, or without one",
+            }
+        },
+        True,
     )
 
 

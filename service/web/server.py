@@ -8,7 +8,9 @@ whose body echoes the offending bytes, and an error-level log line with a
 traceback. Here that answer is the one every other refusal gets: a JSON 400
 `invalid_request` with a sentence, an X-Request-Id, and one info line in the
 request log. The connection still closes after it (where the next request would
-start is unknown).
+start is unknown). A body coding aiohttp knows but cannot decode here (`br`, `zstd`
+without their libraries) is a 415 `unsupported_media_type` naming the codings that
+are (RFC 9110, 12.5.3), not a parse error.
 
 aiohttp builds that answer in its connection protocol (`RequestHandler.
 handle_error`), which only a runner can choose: `AppRunner` here makes the server
@@ -24,14 +26,17 @@ from typing import Any
 
 import structlog
 from aiohttp import web, web_protocol, web_server
+from aiohttp.http_exceptions import ContentEncodingError
 
-from service.errors import Invalid, ServiceError
+from service.errors import Invalid, ServiceError, UnsupportedMediaType
 from service.web import http
 
 log = structlog.get_logger()
 
 # Longest sentence taken from aiohttp's description of what it could not parse.
 _MAX_REASON = 200
+# The request body codings aiohttp decodes without optional libraries.
+DECODED = ("gzip", "deflate")
 
 
 def reason(description: str | None) -> str:
@@ -65,10 +70,24 @@ class _Connection(web_protocol.RequestHandler):
             # Part of an answer is out: nothing else can be sent (as aiohttp).
             return super().handle_error(request, status, exc, message)
         request_id = http.next_request_id()
-        if 400 <= status < 500:
-            error: ServiceError = Invalid(
+        headers = {}
+        if isinstance(exc, ContentEncodingError):
+            # A coding aiohttp knows but cannot decode here (br, zstd: their
+            # libraries are not installed); a body that does not decode is the
+            # route's 400. RFC 9110, 12.5.3: say which codings are taken.
+            error: ServiceError = UnsupportedMediaType(
+                "the body's Content-Encoding is not one this service decodes: send"
+                f" it as {' or '.join(DECODED)}, or without one"
+            )
+            status = http.status_of(UnsupportedMediaType)
+            headers["Accept-Encoding"] = ", ".join(DECODED)
+        elif 400 <= status < 500:
+            error = Invalid(
                 f"the request is not well-formed HTTP/1.1: {reason(message)}"
             )
+        else:  # a failure no guard caught: the guard answers every route's errors
+            error = ServiceError("the server failed on this request")
+        if status < 500:
             log.info(
                 "request_finished",
                 request_id=request_id,
@@ -76,10 +95,10 @@ class _Connection(web_protocol.RequestHandler):
                 code=error.code,
                 error=error.message,
             )
-        else:  # a failure no guard caught: the guard answers every route's errors
-            error = ServiceError("the server failed on this request")
+        else:
             log.error("request_failed", request_id=request_id, exc_info=exc)
         response = http.error_response(status, error.code, error.message)
+        response.headers.update(headers)
         response.headers["X-Request-Id"] = request_id
         response.force_close()
         return response
