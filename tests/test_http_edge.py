@@ -285,7 +285,8 @@ async def test_the_usage_stream_without_an_upgrade_says_what_it_takes(server) ->
             "error": {
                 "code": "invalid_request",
                 "message": "this endpoint takes a WebSocket: a GET with the headers"
-                " Connection: Upgrade, Upgrade: websocket and Sec-WebSocket-Key",
+                " Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13"
+                " and Sec-WebSocket-Key (16 bytes in base64)",
             }
         },
     )
@@ -636,4 +637,29 @@ async def test_a_target_that_is_not_a_path_is_answered_by_the_edge(server) -> No
         404,
         "application/json",
         {"error": {"code": "not_found", "message": "no such endpoint"}},
+    )
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        b"Sec-WebSocket-Version: 12\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n",
+    ],
+)
+async def test_a_websocket_handshake_of_another_version_or_key_says_what_it_takes(
+    server, handshake
+) -> None:
+    answer = await raw_request(
+        server,
+        b"GET /api/usage/stream HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer rec-secret\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n" + handshake,
+    )
+
+    assert (answer[0], json.loads(answer[2])["error"]["message"]) == (
+        400,
+        "this endpoint takes a WebSocket: a GET with the headers Connection: Upgrade,"
+        " Upgrade: websocket, Sec-WebSocket-Version: 13 and Sec-WebSocket-Key (16"
+        " bytes in base64)",
     )

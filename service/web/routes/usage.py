@@ -203,7 +203,8 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     if not ws.can_prepare(request).ok:
         raise Invalid(
             "this endpoint takes a WebSocket: a GET with the headers"
-            " Connection: Upgrade, Upgrade: websocket and Sec-WebSocket-Key"
+            " Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13 and"
+            " Sec-WebSocket-Key (16 bytes in base64)"
         )
     await ws.prepare(request)
     acks: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(MAX_PIPELINED)
