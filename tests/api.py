@@ -1,15 +1,17 @@
 """The one helper of the HTTP tests: the service on a real aiohttp server (`serve`),
-`Api.call()` answering `(status, body)`, WebSocket frames, the one wait for the
+`Api.call()` answering `(status, body)`, WebSocket frames, raw bytes on the wire
+(`exchange`), the one wait for the
 projections (`Api.caught_up`), and the conformance check every answer passes: each
 JSON answer must match the response schema the service's own `/api/openapi.json`
 gives its operation and status, with no property the schema does not declare."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -367,3 +369,31 @@ def bearer(token: str) -> dict[str, str]:
 
 def _loads(text: str, exact: bool) -> Any:
     return json.loads(text, parse_float=Decimal) if exact else json.loads(text)
+
+
+# --- raw bytes on the wire ---------------------------------------------------------
+
+
+async def exchange(
+    host: str, port: int, raw: bytes, *, close_within: float = 1.0
+) -> tuple[int, dict, bytes, bool]:
+    """Send `raw` (bytes as they go on the wire, well-formed or not) on a new
+    connection and read one answer: (status, headers, body, whether the server then
+    closed the connection within `close_within` seconds; 0: not waited for, False)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers.get("Content-Length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 10)
+        closed = False
+        if close_within > 0:
+            with suppress(TimeoutError):
+                closed = await asyncio.wait_for(reader.read(), close_within) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(lines[0].split()[1]), headers, body, closed

@@ -18,6 +18,7 @@ from service.config import Settings
 from service.domain import usage
 from service.web import http
 from service.web.app import create_app, keepalive_timeout
+from tests.api import exchange
 
 TOKENS = {
     "admin_tokens": frozenset({"adm-secret"}),
@@ -36,19 +37,11 @@ async def raw_request(
 ) -> tuple[int, dict, bytes]:
     """Send `head` (request line and headers, as bytes) and `body`, then read one
     answer: its status, headers and body (by its Content-Length)."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    try:
-        writer.write(head + b"Connection: close\r\n\r\n" + body)
-        await writer.drain()
-        raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        lines = raw_head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        length = int(headers.get("Content-Length", "0"))
-        answer = await asyncio.wait_for(reader.readexactly(length), 10)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return int(lines[0].split()[1]), headers, answer
+    raw = head + b"Connection: close\r\n\r\n" + body
+    status, headers, answer, _ = await exchange(
+        server.host, server.port, raw, close_within=0
+    )
+    return status, headers, answer
 
 
 def test_every_usage_rejection_code_has_its_status_in_the_one_table() -> None:

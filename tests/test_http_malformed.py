@@ -5,7 +5,6 @@ never echoing the bytes they carried, through the service's own runner
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ from structlog.testing import capture_logs
 from service.config import Settings
 from service.web.app import create_app
 from service.web.server import AppRunner, reason
+from tests.api import exchange
 from tests.served import Fleet
 
 SECRET = "sk-gl-Zm9yLXRoZS10ZXN0LW9ubHk"
@@ -33,26 +33,6 @@ async def edge(database: str) -> AsyncIterator[tuple[str, int]]:
         yield "127.0.0.1", runner.addresses[0][1]
     finally:
         await runner.cleanup()
-
-
-async def exchange(host: str, port: int, raw: bytes) -> tuple[int, dict, bytes, bool]:
-    """Send `raw`, read one answer; (status, headers, body, whether the server
-    then closed the connection)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        body = await asyncio.wait_for(
-            reader.readexactly(int(headers["Content-Length"])), 10
-        )
-        closed = await asyncio.wait_for(reader.read(), 10) == b""
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return int(lines[0].split()[1]), headers, body, closed
 
 
 MALFORMED = [
