@@ -45,6 +45,11 @@ MALFORMED = [
         b"zz\r\nabc\r\n0\r\n\r\n",
         "invalid character in chunk size",
     ),
+    (
+        b"POST /api/usage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 3\r\n\r\n0\r\n\r\n",
+        "Content-Length can't be present with Transfer-Encoding",
+    ),
     (b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n", "invalid header token"),
     (b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", "invalid method encountered"),
     (
@@ -155,6 +160,10 @@ async def test_a_body_coding_not_decoded_here_is_a_415_naming_those_that_are(
         (
             "Got more than 8190 bytes when reading: b'aaaa...'.",
             "got more than 8190 bytes when reading",
+        ),
+        (
+            "Content-Length can't be present with Transfer-Encoding",
+            "Content-Length can't be present with Transfer-Encoding",
         ),
         ("", "it cannot be parsed"),
         (None, "it cannot be parsed"),

@@ -51,7 +51,10 @@ def reason(description: str | None) -> str:
         line = line.rstrip(":. ")
         if not line or line.startswith(("b'", 'b"')) or not line.strip("^ "):
             continue
-        parts.append(line[:1].lower() + line[1:])
+        first = line.split(" ", 1)[0]
+        if first.isalpha() and first[1:].islower():  # "Invalid", not "Content-Length"
+            line = line[:1].lower() + line[1:]
+        parts.append(line)
     text = ": ".join(parts)[:_MAX_REASON]
     return text or "it cannot be parsed"
 
