@@ -222,16 +222,16 @@ async def _finish(
             )
         retired = f"replay_retired_{spec.name}"
         qualified = ", ".join(f"public.{_ident(t)}" for t in tables)
-        await conn.execute(f"LOCK TABLE {qualified} IN ACCESS EXCLUSIVE MODE")
-        await conn.execute(f"DROP SCHEMA IF EXISTS {retired} CASCADE")
-        await conn.execute(f"CREATE SCHEMA {retired}")
+        # One round trip: readers wait from the LOCK until the commit.
+        swap = [
+            f"LOCK TABLE {qualified} IN ACCESS EXCLUSIVE MODE",
+            f"DROP SCHEMA IF EXISTS {retired} CASCADE",
+            f"CREATE SCHEMA {retired}",
+        ]
         for table in tables:
-            await conn.execute(
-                f"ALTER TABLE public.{_ident(table)} SET SCHEMA {retired}"
-            )
-            await conn.execute(
-                f"ALTER TABLE {shadow}.{_ident(table)} SET SCHEMA public"
-            )
+            swap.append(f"ALTER TABLE public.{_ident(table)} SET SCHEMA {retired}")
+            swap.append(f"ALTER TABLE {shadow}.{_ident(table)} SET SCHEMA public")
+        await conn.execute(";\n".join(swap))
         await conn.execute(
             "INSERT INTO public.projection_checkpoints AS p"
             " (projection, last_tx_id, last_position) VALUES ($1, $2, $3)"

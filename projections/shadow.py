@@ -100,23 +100,24 @@ async def copy_tables(conn: Connection, prefix: str, schema: str) -> list[str]:
         options = {
             r["relname"]: r["reloptions"] for r in await conn.fetch(_OPTIONS, tables)
         }
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.execute(f"CREATE SCHEMA {schema}")
+        # One script, one round trip, run with the copy's schema first (see above).
         await use(conn, schema)
-        for table in tables:
-            await conn.execute(
-                f"CREATE TABLE {schema}.{_ident(table)} (LIKE public.{_ident(table)}"
-                " INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY"
-                f" INCLUDING STORAGE){_with(options.get(table))}"
-            )
-        for c in constraints:
-            await conn.execute(
-                f"ALTER TABLE {schema}.{_ident(c['relname'])}"
-                f" ADD CONSTRAINT {_ident(c['conname'])} {c['definition']}"
-            )
-        for i in indexes:
-            definition = _retarget_index(i["definition"], i["relname"], schema)
-            await conn.execute(definition)
+        script = [f"DROP SCHEMA IF EXISTS {schema} CASCADE", f"CREATE SCHEMA {schema}"]
+        script.extend(
+            f"CREATE TABLE {schema}.{_ident(table)} (LIKE public.{_ident(table)}"
+            " INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY"
+            f" INCLUDING STORAGE){_with(options.get(table))}"
+            for table in tables
+        )
+        script.extend(
+            f"ALTER TABLE {schema}.{_ident(c['relname'])}"
+            f" ADD CONSTRAINT {_ident(c['conname'])} {c['definition']}"
+            for c in constraints
+        )
+        script.extend(
+            _retarget_index(i["definition"], i["relname"], schema) for i in indexes
+        )
+        await conn.execute(";\n".join(script))
     return tables
 
 
