@@ -1,8 +1,9 @@
 """structlog configuration: JSON lines (or a console renderer on a TTY), with every
 secret masked before a line is written.
 
-No line may carry a virtual key secret, a bearer token, a configured token or the
-password of the database DSN, error lines included. Two rules hold that:
+No line may carry a virtual key secret, a bearer token, a configured token, the
+password of the database DSN or a model provider's `sk-` key, error lines included.
+Two rules hold that:
 - tracebacks never show frame locals (a request's locals hold the settings, with
   the DSN and every token);
 - `redact`, the last processor before rendering, masks secrets in every value, nested
@@ -35,6 +36,9 @@ _TOKEN_VARIABLES = (
 _PATTERNS = (
     # a virtual key secret (`sk-gl-` + url-safe characters), or a piece of one
     (re.compile(r"sk-gl-[A-Za-z0-9_\-]*"), "sk-gl-" + REDACTED),
+    # a model provider's API key that a gateway sent by mistake (OpenAI's `sk-…`
+    # and `sk-proj-…`, Anthropic's `sk-ant-…`): `sk-` and 20 or more such characters
+    (re.compile(r"\bsk-(?!gl-)[A-Za-z0-9_\-]{20,}"), "sk-" + REDACTED),
     # a bearer credential, wherever it was put (Authorization, a message, an id)
     (re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+"), rf"\1\2{REDACTED}"),
     # the password of a URL's user info: postgresql://user:PASSWORD@host/db

@@ -168,6 +168,12 @@ def test_every_kind_of_secret_is_masked_in_every_value(written):
         "header": "Bearer abc.def-ghi",
         "nested": {"list": [f"token {TOKENS['admin']}", ("sk-gl-" + "A" * 32,)]},
         "authorization": "Basic dXNlcjpwYXNz",
+        "providers": [
+            "key sk-proj-" + "B" * 48,
+            "sk-ant-api03-" + "C" * 40,
+            "sk-" + "D" * 48,
+            "sk-short and task-list-of-things",
+        ],
         "object": Settings(database_url=dsn, admin_tokens=frozenset({"other-tok"})),
         "count": 3,
     }
@@ -179,7 +185,7 @@ def test_every_kind_of_secret_is_masked_in_every_value(written):
 
     lines = written.getvalue().splitlines()
     assert leaks(lines, PASSWORD, TOKENS["admin"], "hunter2", "dXNlcjpwYXNz") == []
-    assert leaks(lines, "abc.def-ghi", "A" * 32) == []
+    assert leaks(lines, "abc.def-ghi", "A" * 32, "B" * 20, "C" * 20, "D" * 20) == []
     service, standard = (json.loads(line) for line in lines)
     assert {k: service[k] for k in values} == {
         "dsn": "postgresql://someone:[redacted]@elsewhere/db",
@@ -187,6 +193,12 @@ def test_every_kind_of_secret_is_masked_in_every_value(written):
         "header": "Bearer [redacted]",
         "nested": {"list": ["token [redacted]", ["sk-gl-[redacted]"]]},
         "authorization": "[redacted]",
+        "providers": [
+            "key sk-[redacted]",
+            "sk-[redacted]",
+            "sk-[redacted]",
+            "sk-short and task-list-of-things",
+        ],
         "object": service["object"],
         "count": 3,
     }
