@@ -1,11 +1,14 @@
 """Requests that are not HTTP: answered like every other refusal (a JSON 400
 `invalid_request` with a sentence and an X-Request-Id), logged as one info line,
 never echoing the bytes they carried, through the service's own runner
-(`service.web.server`) and through a real `govledger serve`."""
+(`service.web.server`) and through a real `govledger serve`. Beside them, what
+that runner alone routes: CONNECT, whose target aiohttp reads as no path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -104,6 +107,50 @@ async def test_a_well_formed_request_on_the_same_runner_is_served(edge) -> None:
         "application/json",
         {"status": "ok"},
     )
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "code", "allow"),
+    [
+        (b"example.com:443", 404, "not_found", None),
+        (b"/healthz", 405, "method_not_allowed", "GET,HEAD"),
+        (b"/api/governance/customers", 405, "method_not_allowed", "GET,HEAD,POST"),
+    ],
+)
+async def test_connect_is_routed_as_any_method_no_route_takes(
+    edge, target, status, code, allow
+) -> None:
+    answer, headers, body, _ = await exchange(
+        *edge, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", close_within=0
+    )
+
+    assert (answer, headers["Content-Type"], headers.get("Allow")) == (
+        status,
+        "application/json",
+        allow,
+    )
+    assert json.loads(body)["error"]["code"] == code
+
+
+async def test_after_a_refused_connect_the_connection_serves_the_next_request(
+    edge,
+) -> None:
+    reader, writer = await asyncio.open_connection(*edge)
+    try:
+        writer.write(
+            b"CONNECT /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answers = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", answers) == [
+        b"HTTP/1.1 405 Method Not Allowed",
+        b"HTTP/1.1 200 OK",
+    ]
+    assert answers.endswith(b'{"status":"ok"}')
 
 
 # Codings aiohttp knows but cannot decode without a library that is not installed.

@@ -429,8 +429,9 @@ class EveryTarget(web.Resource):
     """The resource of `unmatched`, registered after every route: it matches every
     request target, also one that is not a path (`OPTIONS *`), which no path
     pattern matches and aiohttp would answer itself, in plain text. The router
-    tries it last: it is indexed under "/", where every lookup ends (but for an
-    empty path, CONNECT's `host:port`, for which the router tries nothing)."""
+    tries it last: it is indexed under "/", where every lookup ends (CONNECT's
+    target, which aiohttp reads as an authority with an empty path, reaches it
+    through `service.web.server`, which reads that target as a path)."""
 
     def __init__(self) -> None:
         super().__init__(name=None)

@@ -25,8 +25,12 @@ import contextlib
 from typing import Any
 
 import structlog
-from aiohttp import web, web_protocol, web_server
+from aiohttp import hdrs, web, web_protocol, web_server
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from yarl import URL
 
 from service.errors import Invalid, ServiceError, UnsupportedMediaType
 from service.web import http
@@ -112,6 +116,31 @@ class _Server(web_server.Server):
         return _Connection(self, loop=self._loop, **self._kwargs)
 
 
+def _connect_as_path(
+    make: web_protocol._RequestFactory,
+) -> web_protocol._RequestFactory:
+    """`make` (the application's request factory), with a CONNECT request's
+    target read as a path. aiohttp reads CONNECT's target as an authority
+    (`host:port`), so its path is empty and the router tries no resource, not
+    even the catch-all: the answer was aiohttp's plain-text 404. Read as a path,
+    the target is routed as any other (`CONNECT /healthz` → 405 with `Allow`,
+    `CONNECT example.com:443` → 404, both in the error shape). This service is no
+    proxy: no route takes CONNECT."""
+
+    def make_request(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web_protocol.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if message.method == hdrs.METH_CONNECT:
+            message = message._replace(url=URL.build(path=message.path, encoded=True))
+        return make(message, payload, protocol, writer, task)
+
+    return make_request
+
+
 class AppRunner(web.AppRunner):
     """`web.AppRunner` whose connections answer unparsable requests as the service
     answers every refusal."""
@@ -120,7 +149,7 @@ class AppRunner(web.AppRunner):
         made = await super()._make_server()
         return _Server(
             made.request_handler,
-            request_factory=made.request_factory,
+            request_factory=_connect_as_path(made.request_factory),
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
             **made._kwargs,
