@@ -64,6 +64,15 @@ MALFORMED = [
         "got more than 8190 bytes when reading",
     ),
     (
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        "the request target is neither a path nor an absolute URL",
+    ),
+    (
+        b"GET http://[" + SECRET.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "the request target is neither a path nor an absolute URL",
+    ),
+    (b"GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n", "invalid char in url path"),
+    (
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
         + SECRET.encode()
         + b"\x01\r\n\r\n",

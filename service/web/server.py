@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any
 
 import structlog
 from aiohttp import hdrs, web, web_protocol, web_server
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, InvalidURLError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from yarl import URL
@@ -63,6 +64,19 @@ def reason(description: str | None) -> str:
     return text or "it cannot be parsed"
 
 
+# aiohttp's description quotes the bytes it could not read as b'…' or b"…".
+_QUOTES_BYTES = re.compile(r"""(^|\s)b['"]""")
+
+
+def _what(exc: BaseException | None, message: str | None) -> str:
+    """The sentence's account of what could not be read. A target that is no URL
+    (`GET *`, `http://[…`) is described by aiohttp with the target alone, which
+    the sentence never repeats (it could hold a secret)."""
+    if isinstance(exc, InvalidURLError) and not _QUOTES_BYTES.search(message or ""):
+        return "the request target is neither a path nor an absolute URL"
+    return reason(message)
+
+
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's HTTP/1.1 protocol; its own error answers in the service's shape."""
 
@@ -90,7 +104,7 @@ class _Connection(web_protocol.RequestHandler):
             headers["Accept-Encoding"] = ", ".join(DECODED)
         elif 400 <= status < 500:
             error = Invalid(
-                f"the request is not well-formed HTTP/1.1: {reason(message)}"
+                f"the request is not well-formed HTTP/1.1: {_what(exc, message)}"
             )
         else:  # a failure no guard caught: the guard answers every route's errors
             error = ServiceError("the server failed on this request")
