@@ -284,6 +284,57 @@ async def test_rebuild_swaps_in_a_replay_that_repairs_the_read_model(pool, proje
     assert schemas == 0
 
 
+async def test_a_swap_that_meets_a_reader_retries_and_swaps_once_it_has_gone(
+    pool, projector
+):
+    history = History(pool)
+    await history.first_part()
+    await projector.catch_up()
+    before = await live_snapshot(pool)
+    await pool.execute("UPDATE governance_teams SET name = 'tampered'")
+
+    async with pool.acquire() as reader:
+        # A reader in an open transaction holds its tables' ACCESS SHARE lock: the
+        # swap's exclusive lock waits 50 ms, gives up (its script rolls back) and
+        # tries again, while the read model stays as it is.
+        reading = reader.transaction()
+        await reading.start()
+        await reader.fetchval("SELECT count(*) FROM governance_budgets")
+        rebuild = asyncio.create_task(replay.rebuild(pool, lock_timeout_s=0.05))
+        await _until_a_lock_wait_ends(pool)
+        assert not rebuild.done()
+        assert (
+            await reader.fetchval(
+                "SELECT name FROM governance_teams WHERE id = $1", history.team
+            )
+            == "tampered"
+        )
+        await reading.rollback()
+
+    report = await rebuild
+    assert report.swapped is True
+    assert await live_snapshot(pool) == before
+    schemas = await pool.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'replay%'"
+    )
+    assert schemas == []
+
+
+async def _until_a_lock_wait_ends(pool, timeout_s: float = 10.0) -> None:
+    """Return once some backend has waited for a table lock and stopped waiting
+    (the swap's LOCK TABLE timed out), polling pg_stat_activity."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    seen = False
+    async with asyncio.timeout(timeout_s):
+        while True:
+            now = await pool.fetchval(waiting)
+            if now and not seen:
+                seen = True
+            elif seen and not now:
+                return
+            await asyncio.sleep(0.005)
+
+
 async def test_a_rebuild_whose_last_batch_ends_at_the_head_swaps_in_all_usage(
     pool, projector
 ):
