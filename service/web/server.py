@@ -15,7 +15,9 @@ are (RFC 9110, 12.5.3), not a parse error.
 aiohttp builds that answer in its connection protocol (`RequestHandler.
 handle_error`), which only a runner can choose: `AppRunner` here makes the server
 with this module's protocol, and `run` serves an application with it as
-`web.run_app` would.
+`web.run_app` would. The runner's request factory also reads a CONNECT target as
+a path, so the router answers it (aiohttp reads it as `host:port`, with no path
+for any route, the catch-all included, to match).
 """
 
 from __future__ import annotations
