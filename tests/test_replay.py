@@ -190,6 +190,14 @@ class History:
         )
 
 
+async def projected_first_part(pool, projector) -> History:
+    """A history whose first part is in the log and applied by the live projector."""
+    history = History(pool)
+    await history.first_part()
+    await projector.catch_up()
+    return history
+
+
 async def live_snapshot(pool) -> dict[str, list[str]]:
     async with pool.acquire() as conn:
         return await shadow.snapshot(conn, await replay.tables_of(conn), "public")
@@ -212,9 +220,7 @@ async def test_verify_finds_the_replay_identical_to_the_live_read_model(
 
 
 async def test_verify_reports_a_tampered_row_with_a_readable_diff(pool, projector):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     await pool.execute(
         "UPDATE governance_budgets SET max_limit = 99 WHERE id = $1",
         history.key_hourly,
@@ -262,9 +268,7 @@ async def test_verify_reports_rows_missing_from_the_live_tables(pool, projector)
 
 
 async def test_rebuild_swaps_in_a_replay_that_repairs_the_read_model(pool, projector):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     before = await live_snapshot(pool)
     await pool.execute("UPDATE governance_teams SET name = 'tampered'")
 
@@ -287,9 +291,7 @@ async def test_rebuild_swaps_in_a_replay_that_repairs_the_read_model(pool, proje
 async def test_a_swap_that_meets_a_reader_retries_and_swaps_once_it_has_gone(
     pool, projector
 ):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     before = await live_snapshot(pool)
     await pool.execute("UPDATE governance_teams SET name = 'tampered'")
 
@@ -341,9 +343,7 @@ async def test_a_rebuild_whose_last_batch_ends_at_the_head_swaps_in_all_usage(
     # Batches of exactly the log's length: the read after the last full batch finds
     # nothing, and the usage the books still hold is written in that last
     # transaction, into the rebuild (not into the live tables it replaces).
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     before = await live_snapshot(pool)
     events = await pool.fetchval("SELECT count(*) FROM events")
 
@@ -362,9 +362,7 @@ async def test_a_rebuild_whose_last_batch_ends_at_the_head_swaps_in_all_usage(
 async def test_a_rebuild_whose_read_ahead_fails_changes_nothing(
     pool, projector, monkeypatch
 ):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    await projected_first_part(pool, projector)
     before = await live_snapshot(pool)
     checkpoint = await load_checkpoint(pool, "governance")
     read_rows = eventstore.read_rows
@@ -417,9 +415,7 @@ async def _options(pool) -> dict[str, list[str] | None]:
 async def test_rebuild_swaps_in_tables_with_the_live_tables_storage_parameters(
     pool, projector
 ):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    await projected_first_part(pool, projector)
     assert await _options(pool) == {t: ["fillfactor=50"] for t in _HOT_TABLES}
     await pool.execute("ALTER TABLE governance_ledgers SET (fillfactor = 70)")
     try:
@@ -437,9 +433,7 @@ async def test_rebuild_swaps_in_tables_with_the_live_tables_storage_parameters(
 async def test_rebuild_is_safe_while_events_arrive_and_the_projector_runs(
     pool, projector
 ):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     stop = asyncio.Event()
 
     async def traffic() -> None:
@@ -482,9 +476,7 @@ async def test_replay_at_a_position_equals_the_state_captured_live_there(
 
 
 async def test_replay_at_a_time_takes_the_events_recorded_until_then(pool, projector):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
     then = await live_snapshot(pool)
     until = T0 + timedelta(minutes=history.minute, seconds=30)
     await history.second_part()
@@ -577,9 +569,7 @@ async def govledger(dsn: str, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 async def test_the_cli_verifies_then_fails_on_a_tampered_row(database, pool, projector):
-    history = History(pool)
-    await history.first_part()
-    await projector.catch_up()
+    history = await projected_first_part(pool, projector)
 
     clean = await govledger(database, "replay", "--verify")
     await pool.execute("UPDATE governance_customers SET name = 'x'")
