@@ -71,6 +71,10 @@ MALFORMED = [
         b"GET http://[" + SECRET.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         "the request target is neither a path nor an absolute URL",
     ),
+    (
+        b"CONNECT :: HTTP/1.1\r\nHost: x\r\n\r\n",
+        "the request target is neither a path nor an absolute URL",
+    ),
     (b"GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n", "invalid char in url path"),
     (
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
