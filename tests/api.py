@@ -1,9 +1,9 @@
 """The one helper of the HTTP tests: the service on a real aiohttp server (`serve`),
 `Api.call()` answering `(status, body)`, WebSocket frames, raw bytes on the wire
-(`exchange`), the one wait for the
-projections (`Api.caught_up`), and the conformance check every answer passes: each
-JSON answer must match the response schema the service's own `/api/openapi.json`
-gives its operation and status, with no property the schema does not declare."""
+(`exchange`), the one wait for the projections (`Api.caught_up`), and the
+conformance check every answer passes: each JSON answer must match the response
+schema the service's own `/api/openapi.json` gives its operation and status, with no
+property the schema does not declare."""
 
 from __future__ import annotations
 
