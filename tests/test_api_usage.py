@@ -235,6 +235,30 @@ async def test_a_rejected_record_is_a_400_with_its_code_and_stores_nothing(
     assert await usage_rows(pool) == []
 
 
+@pytest.mark.parametrize(
+    "occurred_at",
+    [
+        "2026-06-30T23:59:60Z",  # a leap second: RFC 3339 allows it, datetime cannot
+        "2026-02-30T10:00:00Z",
+        "2026-11-28T24:00:00Z",
+        "yesterday",
+    ],
+)
+async def test_an_unreadable_timestamp_is_refused_with_what_a_timestamp_must_be(
+    api, pool, occurred_at
+):
+    response = await api.request("POST", "/api/usage", record(occurred_at=occurred_at))
+
+    assert response.status == 400
+    assert (await response.json())["error"] == {
+        "code": "invalid_record",
+        "message": "the record is invalid: Expected an RFC 3339 timestamp such as"
+        " 2026-12-05T10:00:00Z, with a date that exists, an hour below 24 and seconds"
+        " below 60 (a leap second cannot be stored) - at `$.occurred_at`",
+    }
+    assert await usage_rows(pool) == []
+
+
 async def test_a_body_that_is_not_json_is_an_invalid_record(api):
     response = await api.request("POST", "/api/usage", data=b"{nope", content_type=JSON)
 

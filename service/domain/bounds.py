@@ -69,9 +69,20 @@ _PATTERN_MEANINGS = {
 }
 
 
+# msgspec says only "Invalid RFC3339 encoded datetime" of any timestamp it cannot
+# read: a wrong shape, a day or an hour that does not exist, or a leap second, which
+# RFC 3339 allows and Python's datetime cannot hold.
+_BAD_TIMESTAMP = "Invalid RFC3339 encoded datetime"
+_TIMESTAMP_MEANING = (
+    "Expected an RFC 3339 timestamp such as 2026-12-05T10:00:00Z, with a date that"
+    " exists, an hour below 24 and seconds below 60 (a leap second cannot be stored)"
+)
+
+
 def explained(error: Exception) -> str:
-    """msgspec's message of a decoding error, each known pattern said in words."""
-    message = str(error)
+    """msgspec's message of a decoding error, each known pattern and the timestamp
+    it could not read said in words."""
+    message = str(error).replace(_BAD_TIMESTAMP, _TIMESTAMP_MEANING)
     for pattern, meaning in _PATTERN_MEANINGS.items():
         message = message.replace(f"`str` matching regex {pattern!r}", meaning)
     return message
