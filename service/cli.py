@@ -527,7 +527,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging_setup.configure(cache=args.command in ("serve", "project"))
+    # A token given on the command line (`record --token`) is masked like one the
+    # environment gives.
+    token = getattr(args, "token", None)
+    logging_setup.configure(
+        cache=args.command in ("serve", "project"), secrets=[token] if token else ()
+    )
     try:
         return int(args.func(args))
     except ConfigError as exc:

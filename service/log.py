@@ -105,12 +105,6 @@ class Redactor:
 redact = Redactor()
 
 
-def add_secrets(secrets: Iterable[str]) -> None:
-    """Mask these values in every line from now on (the composition root passes the
-    tokens and DSN it was given, when they did not come from the environment)."""
-    redact.add(secrets)
-
-
 def dsn_secrets(dsn: str | None) -> list[str]:
     """The password of a DSN, as written and decoded (empty without one)."""
     if not dsn:

@@ -5,6 +5,7 @@ own JSON lines and in those of the standard library's loggers alike."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from service import cli
 from service import log as logging_setup
 from service.config import Settings
 from service.web.app import create_app
@@ -215,15 +217,29 @@ def test_every_kind_of_secret_is_masked_in_every_value(written):
     )
 
 
-def test_tokens_passed_by_the_composition_root_are_masked_too(written):
-    logging_setup.configure(json=True, env={}, file=written)
-    extra = "late-" + secrets.token_hex(8)
-    logging_setup.add_secrets([extra])
+def test_secrets_passed_to_configure_are_masked_too(written):
+    extra = "given-" + secrets.token_hex(8)
+    logging_setup.configure(json=True, env={}, file=written, secrets=[extra])
 
     structlog.get_logger().info("token_seen", where=f"header {extra}")
 
     [line] = written.getvalue().splitlines()
     assert json.loads(line)["where"] == "header [redacted]"
+
+
+def test_a_token_given_on_the_command_line_is_masked(written, monkeypatch, capsys):
+    token = "cli-" + secrets.token_hex(8)
+
+    def record(args: argparse.Namespace) -> int:
+        structlog.get_logger().warning("record_failed", sent=f"header {args.token}")
+        return 1
+
+    monkeypatch.setattr(cli, "cmd_record", record)
+    monkeypatch.delenv("GOVLEDGER_TOKEN", raising=False)
+
+    assert cli.main(["record", "--token", token, "usage.ndjson"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["sent"] == "header [redacted]"
 
 
 def test_a_console_traceback_shows_no_locals_and_no_secret(written):
