@@ -32,7 +32,6 @@ from projections.shadow import (
     _literal,
     compare,
     copy_tables,
-    live_tables,
     use,
 )
 from service import eventstore
@@ -511,8 +510,3 @@ async def _copy_tables(conn: Connection, spec: Projection, schema: str) -> list[
         return await copy_tables(conn, spec.prefix, schema)
     except ShadowError as exc:
         raise ReplayError(str(exc)) from exc
-
-
-async def tables_of(conn: Connection, name: str = "governance") -> list[str]:
-    """The live tables of a projection."""
-    return await live_tables(conn, projection(name).prefix)

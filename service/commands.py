@@ -162,6 +162,10 @@ async def _transact(
             raise failure
         attempt += 1
         try:
+            # REPEATABLE READ: a stream row changed by a concurrent commit fails the
+            # attempt (40001, retried on a fresh snapshot) instead of appending after
+            # it with an older tx_id than its events, which would break the
+            # per-stream delivery order that tailers read by tx_id.
             async with (
                 pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read"),

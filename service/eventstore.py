@@ -171,32 +171,6 @@ def _translate(exc: asyncpg.PostgresError, stream_id: str) -> Exception:
     return exc
 
 
-async def append_streams(
-    pool: asyncpg.Pool,
-    appends: Sequence[tuple[str, int | None, Sequence[NewEvent]]],
-    *,
-    recorded_at: datetime | None = None,
-) -> list[list[Appended]]:
-    """Append to several streams atomically (REPEATABLE READ, retried on 40001).
-
-    Several appends in one transaction would break the per-stream delivery order under
-    READ COMMITTED (a later append could carry an older tx_id than a commit it saw).
-    """
-    for _attempt in range(5):
-        try:
-            async with (
-                pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read"),
-            ):
-                return [
-                    await append(conn, s, v, evs, recorded_at=recorded_at)
-                    for s, v, evs in appends
-                ]
-        except asyncpg.SerializationError:
-            continue
-    raise VersionConflict("the streams kept changing under this command; retry it")
-
-
 # --- usage ingest: the group-commit writer's statements -------------------------
 
 # Usage streams are unversioned: a usage row's stream_version is its position.

@@ -230,9 +230,9 @@ async def import_lines(
 
 
 async def _write(conn: Connection, batch: list[Line]) -> tuple[int, int]:
-    # REPEATABLE READ, as in eventstore.append_streams: a stream row changed by a
-    # concurrent commit fails this batch (retried on a fresh snapshot) instead of
-    # appending after it with an older tx_id than its events.
+    # REPEATABLE READ, as a command's transaction (service/commands.py): a stream
+    # row changed by a concurrent commit fails this batch (retried on a fresh
+    # snapshot) instead of appending after it with an older tx_id than its events.
     for _attempt in range(5):
         try:
             async with conn.transaction(isolation="repeatable_read"):

@@ -201,13 +201,6 @@ def period_start(
     )[0]
 
 
-def counts_toward(occurred_at: datetime, *, usage_floor: datetime) -> bool:
-    """Whether usage at `occurred_at` counts: not before creation or the last reset."""
-    if occurred_at.tzinfo is None or usage_floor.tzinfo is None:
-        raise ValueError("occurred_at and usage_floor must be timezone-aware")
-    return occurred_at >= usage_floor
-
-
 @lru_cache(maxsize=256)
 def _fixed_step(count: int, unit: str) -> timedelta | None:
     """The length of a fixed-length period; None for months, quarters and years."""

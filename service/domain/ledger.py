@@ -49,7 +49,7 @@ it; every other record is filed at once, in every meter of the owner.
 
 Pure: no clock, no I/O; `now` and instants are parameters. Meters and ledgers are
 mutable (the cache folds in place on its hot path); the read model restores a ledger
-with `history=True`, folds a run and writes `take_cells` as increments.
+with `history=True`, folds a run and writes `take_filed` as increments.
 """
 
 from __future__ import annotations
@@ -803,18 +803,4 @@ def take_filed(ledger: Ledger) -> list[tuple[str, str, datetime, int]]:
         cells.clear()
         if meter.lo < meter.hi:
             cells[meter.key] = 0
-    return taken
-
-
-def take_cells(ledger: Ledger) -> list[tuple[str, str, datetime, int]]:
-    """(kind, meter id, key, amount) of every cell, emptied: what a ledger restored
-    without cells gathered while folding a run, for the read model to add."""
-    taken = [
-        (meter.kind, meter.id, key, amount)
-        for meter in meters(ledger)
-        for key, amount in sorted(meter.cells.items())
-    ]
-    for meter in meters(ledger):
-        meter.cells.clear()
-        meter.lo, meter.hi = FOREVER, EARLIEST
     return taken

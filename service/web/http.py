@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -19,7 +19,7 @@ from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from service.config import Settings
-from service.domain.bounds import explained, id_or_none
+from service.domain.bounds import id_or_none
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The one table from error to HTTP status: the most specific class in an error's MRO
@@ -141,10 +140,6 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return response
 
 
-def error_answer(error: ServiceError) -> web.Response:
-    return error_response(status_of(type(error)), error.code, error.message)
-
-
 # The key under which a response keeps its error code, for the request log line.
 ERROR_CODE = web.ResponseKey("error_code", str)
 
@@ -221,23 +216,6 @@ async def _read(request: web.Request, limit: int, declared: int | None) -> bytes
 
 def _too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"the request body is larger than the limit of {limit} bytes")
-
-
-def decode_bytes(body: bytes, type_: type[T]) -> T:
-    """Strict decoding at the edge: every failure is a 400 naming the JSON path."""
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
-        raise Invalid(f"the request body is invalid: {explained(exc)}") from None
-    except msgspec.DecodeError as exc:
-        raise Invalid(f"the request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 in a string
-        raise Invalid(f"the request body is not valid UTF-8: {exc}") from None
-
-
-async def decode(request: web.Request, type_: type[T]) -> T:
-    body = await read_body(request, request.app[settings_key].max_body_bytes)
-    return decode_bytes(body, type_)
 
 
 # Positions and counts are PostgreSQL bigints: a larger number can name nothing.

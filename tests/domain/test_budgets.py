@@ -11,7 +11,6 @@ import pytest
 from service.domain.budgets import (
     BudgetSpec,
     Duration,
-    counts_toward,
     new_budgets,
     parse_duration,
     period_bounds,
@@ -444,28 +443,6 @@ def test_period_start_is_the_start_of_the_period_bounds() -> None:
         calendar_aligned=False,
     )
     assert start == utc(2026, 10, 31)
-
-
-# --- usage floor -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("occurred_at", "counts"),
-    [
-        (utc(2026, 5, 1, 11, 59, 59, 999_999), False),
-        (utc(2026, 5, 1, 12), True),
-        (utc(2026, 5, 1, 12, 0, 0, 1), True),
-    ],
-)
-def test_usage_counts_from_the_usage_floor_on(
-    occurred_at: datetime, counts: bool
-) -> None:
-    assert counts_toward(occurred_at, usage_floor=utc(2026, 5, 1, 12)) is counts
-
-
-def test_counts_toward_rejects_naive_datetimes() -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
-        counts_toward(datetime(2026, 5, 1), usage_floor=datetime(2026, 4, 1))
 
 
 # --- reconciliation ----------------------------------------------------------------

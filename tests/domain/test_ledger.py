@@ -38,10 +38,10 @@ from service.domain.ledger import (
     reading,
     restore,
     stored,
-    take_cells,
     to_money,
     to_nanos,
 )
+from tests.domain.cells import take_cells
 
 NEW, KEPT, RESET = Transition.NEW, Transition.KEPT, Transition.RESET
 RESHAPED, UNALIGNED, DROPPED = (

@@ -24,9 +24,9 @@ from service.domain.ledger import (
     restore,
     run_of,
     stored,
-    take_cells,
     take_filed,
 )
+from tests.domain.cells import take_cells
 
 SECOND = timedelta(seconds=1)
 START = datetime(2026, 3, 9, 22, 30, tzinfo=UTC)
