@@ -858,6 +858,12 @@ async def test_an_id_in_the_path_that_is_not_a_uuid_is_a_404(api, path):
         (CUSTOMERS + "?min_position=1e3", "invalid_position"),
         (CUSTOMERS + "?min_position=" + "9" * 30, "invalid_position"),
         (CUSTOMERS + "?min_position=" + "9" * 5000, "invalid_position"),
+        # int() takes these spellings; the contract's integer is decimal digits.
+        (CUSTOMERS + "?min_position=1_000", "invalid_position"),
+        (CUSTOMERS + "?min_position=%20 7", "invalid_position"),
+        (CUSTOMERS + "?min_position=%2B7", "invalid_position"),
+        (CUSTOMERS + "?min_position=%EF%BC%97", "invalid_position"),  # fullwidth 7
+        ("/api/events?limit=%D9%A7", "invalid_request"),  # Arabic-Indic 7
         ("/api/events?after=" + "9" * 30, "invalid_request"),
         ("/api/events?after=NaN", "invalid_request"),
         ("/api/events?limit=0", "invalid_request"),

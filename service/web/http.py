@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import hmac
 import itertools
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
@@ -220,6 +221,7 @@ def _too_large(limit: int) -> BodyTooLarge:
 
 # Positions and counts are PostgreSQL bigints: a larger number can name nothing.
 MAX_QUERY_INT = 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,20}").fullmatch
 
 
 def query_int(
@@ -228,12 +230,14 @@ def query_int(
     raw = query_value(request, name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
+    # Decimal ASCII digits only: int() would also take "1_000", " 7", "+7" and other
+    # scripts' digits; more than 20 digits can name nothing.
+    if _INTEGER(raw) is None:
         raise Invalid(
-            f"query parameter {name} must be an integer, got {raw!r}"
-        ) from None
+            f"query parameter {name} must be an integer in decimal digits,"
+            f" got {raw[:40]!r}"
+        )
+    value = int(raw)
     if value < minimum:
         raise Invalid(f"query parameter {name} must be at least {minimum}")
     if value > MAX_QUERY_INT:
