@@ -51,7 +51,9 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     A blocked answer names the budget or rate limit that blocks; for a rate limit
     `budget_id` is absent and `rate_limit` says which half ("tokens" or "requests"),
-    with `current_usage` and `max_limit` in tokens or requests.
+    with `current_usage` and `max_limit` in tokens or requests. `held` is what open
+    reservations hold on it, when they hold anything: they count toward the block
+    but not in `current_usage`.
     """
 
     allowed: bool
@@ -64,6 +66,7 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     max_limit: Decimal | None = None
     remaining: Decimal | None = None
     rate_limit: RateHalf | None = None
+    held: Decimal | None = None
 
 
 ALLOWED = CheckResult(allowed=True, reason="ok", http_status=200)
@@ -295,6 +298,7 @@ def rate_limited(owner: Owner) -> CheckResult:
     meter = next(
         m for m in halves(owner.ledger) if m.used + rate_held(owner, m) >= m.limit
     )
+    held = rate_held(owner, meter)
     return CheckResult(
         allowed=False,
         reason="rate_limited",
@@ -304,6 +308,7 @@ def rate_limited(owner: Owner) -> CheckResult:
         current_usage=Decimal(meter.used),
         max_limit=Decimal(meter.limit),
         rate_limit="tokens" if meter.kind == TOKENS else "requests",
+        held=Decimal(held) if held else None,
     )
 
 
@@ -317,9 +322,10 @@ def budget_exceeded(
         (owner, meter)
         for owner in chain
         for meter in owner.ledger.budgets
-        if (held := meter.used + budget_held(owner, meter)) >= meter.limit
-        or estimate > meter.limit - held
+        if (taken := meter.used + budget_held(owner, meter)) >= meter.limit
+        or estimate > meter.limit - taken
     )
+    held = budget_held(owner, meter)
     return CheckResult(
         allowed=False,
         reason="budget_exceeded",
@@ -329,4 +335,5 @@ def budget_exceeded(
         owner_id=owner.id,
         current_usage=to_money(meter.used),
         max_limit=to_money(meter.limit),
+        held=to_money(held) if held else None,
     )

@@ -419,6 +419,42 @@ async def test_rejected_records_are_reported_with_their_codes_and_not_retried(
     assert await stored(pool) == [good]
 
 
+async def test_a_blocked_answer_explains_what_blocks_it_with_what_is_held(server):
+    key = await create_key(
+        server.url,
+        budgets=[{"max_limit": "1", "reset_duration": "1d"}],
+        rate_limit={"token_max_limit": 50, "token_reset_duration": "1h"},
+    )
+    async with Recorder(server.url, token=RECORDER) as recorder:
+        held = await recorder.check(
+            virtual_key=key.value, estimated_cost="0.75", reserve=True, within=5
+        )
+        over_budget = await recorder.check(
+            virtual_key=key.value, estimated_cost="0.5", min_position=held.position
+        )
+        tokens = await recorder.check(
+            virtual_key=key.value,
+            estimated_cost="0",
+            estimated_tokens=50,
+            reserve=True,
+            within=5,
+        )
+        rate_limited = await recorder.check(
+            virtual_key=key.value, min_position=tokens.position
+        )
+
+    assert (held.allowed, tokens.allowed) == (True, True)
+    assert over_budget.explanation == (
+        f"govledger: budget exceeded (budget {over_budget.budget_id} of virtual_key"
+        f" {key.id}: 0, 0.75 held of 1)"
+    )
+    assert rate_limited.explanation == (
+        "govledger: rate limited (tokens: 0, 50 held of 50)"
+    )
+    unheld = msgspec.structs.replace(rate_limited, held=None)
+    assert unheld.explanation == "govledger: rate limited (tokens: 0 of 50)"
+
+
 async def test_a_token_is_sent_as_bearer_and_a_wrong_one_rejects_records_and_checks(
     server, pool
 ):

@@ -76,6 +76,69 @@ async def test_a_hold_counts_until_usage_settles_it(api):
     assert after["remaining"] == 3
 
 
+async def test_a_check_blocked_by_holds_says_what_they_hold(api):
+    key_id, _, budget_id = await key_under_team(api, limit=10)
+    await reserve(api, key_id, "6.5")
+    _, last = await reserve(api, key_id, "3.5")
+    team_id = (await budget(api, budget_id, last["position"]))["owner_id"]
+
+    status, blocked = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "min_position": last["position"]},
+        headers=bearer("rec"),
+        exact=True,
+    )
+
+    assert status == 200
+    assert blocked == {
+        "allowed": False,
+        "reason": "budget_exceeded",
+        "http_status": 402,
+        "budget_id": budget_id,
+        "owner_type": "team",
+        "owner_id": team_id,
+        "current_usage": 0,
+        "max_limit": 10,
+        "held": Decimal(10),
+        "position": blocked["position"],
+    }
+
+
+async def test_a_check_blocked_by_held_tokens_says_how_many_are_held(api):
+    key = await api.create(
+        KEYS,
+        {
+            "name": "k",
+            "rate_limit": {"token_max_limit": 100, "token_reset_duration": "1h"},
+        },
+    )
+    key_id = key["virtual_key"]["id"]
+    await api.caught_up(key["position"])
+    _, held = await reserve(api, key_id, "0", estimated_tokens=100)
+
+    _, blocked = await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "min_position": held["position"]},
+        headers=bearer("rec"),
+    )
+
+    assert held["allowed"] is True
+    assert blocked == {
+        "allowed": False,
+        "reason": "rate_limited",
+        "http_status": 429,
+        "owner_type": "virtual_key",
+        "owner_id": key_id,
+        "current_usage": 0,
+        "max_limit": 100,
+        "rate_limit": "tokens",
+        "held": 100,
+        "position": blocked["position"],
+    }
+
+
 async def test_concurrent_reserving_checks_admit_exactly_what_fits(api):
     key_id, _, budget_id = await key_under_team(api, limit=10)
 

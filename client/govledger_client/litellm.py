@@ -428,7 +428,9 @@ class GovledgerCallback(CustomLogger):  # type: ignore[misc, unused-ignore]
                 " (GOVLEDGER_FAIL_OPEN=false)",
             )
         if not result.allowed:
-            raise _Refused(result.http_status, result.reason, _explain(result), result)
+            raise _Refused(
+                result.http_status, result.reason, result.explanation, result
+            )
         return _Call(key, result.reservation, time.monotonic())
 
     def _admitted(self, call_id: str, call: _Call) -> None:
@@ -653,21 +655,6 @@ def _max_output(request: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def _explain(result: CheckResult) -> str:
-    what = result.reason.replace("_", " ")
-    if result.rate_limit is not None:
-        return (
-            f"govledger: {what} ({result.rate_limit}: {result.current_usage}"
-            f" of {result.max_limit})"
-        )
-    if result.budget_id is not None:
-        return (
-            f"govledger: {what} (budget {result.budget_id} of {result.owner_type}"
-            f" {result.owner_id}: {result.current_usage} of {result.max_limit})"
-        )
-    return f"govledger: {what}"
 
 
 def _raise_http(refused: _Refused) -> NoReturn:

@@ -95,12 +95,13 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
 
     A blocked answer names what blocks: a budget (`budget_id`), or a rate limit
     (`rate_limit` is "tokens" or "requests", and `current_usage` and `max_limit`
-    count tokens or requests). An allowed answer carries `remaining` when the key's
-    chain has a budget; an allowed reserving check also `reservation_id` and
-    `expires_at` (see `reservation`). `position` is the log position the server's
-    cache has applied (a reserving check: its hold's); `stale` is true when the
-    server cannot read its log right now, so the answer is as of `position`.
-    `fallback` is the client's own, never sent.
+    count tokens or requests), with `held` when open reservations hold part of it.
+    An allowed answer carries `remaining` when the key's chain has a budget; an
+    allowed reserving check also `reservation_id` and `expires_at` (see
+    `reservation`). `position` is the log position the server's cache has applied
+    (a reserving check: its hold's); `stale` is true when the server cannot read its
+    log right now, so the answer is as of `position`. `fallback` is the client's
+    own, never sent.
     """
 
     allowed: bool
@@ -113,6 +114,7 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     max_limit: Decimal | None = None
     remaining: Decimal | None = None
     rate_limit: str | None = None
+    held: Decimal | None = None
     position: int | None = None
     stale: bool = False
     reservation_id: str | None = None
@@ -125,6 +127,21 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
         if self.reservation_id is None or self.expires_at is None:
             return None
         return Reservation(id=self.reservation_id, expires_at=self.expires_at)
+
+    @property
+    def explanation(self) -> str:
+        """One sentence for a caller: the decision, and for a blocked one what blocks
+        it, with what open reservations hold of it."""
+        what = "govledger: " + self.reason.replace("_", " ")
+        held = "" if self.held is None else f", {self.held} held"
+        if self.rate_limit is not None:
+            used = f"{self.current_usage}{held} of {self.max_limit}"
+            return f"{what} ({self.rate_limit}: {used})"
+        if self.budget_id is not None:
+            owner = f"{self.owner_type} {self.owner_id}"
+            used = f"{self.current_usage}{held} of {self.max_limit}"
+            return f"{what} (budget {self.budget_id} of {owner}: {used})"
+        return what
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):

@@ -144,9 +144,10 @@ class Error(msgspec.Struct, frozen=True, kw_only=True):
 
 class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
     """A blocked answer names the blocking budget or rate limit (`rate_limit` says
-    which half, `tokens` or `requests`, and then has no `budget_id`); an allowed one
-    carries `remaining` whenever the chain has a budget. `position` is the cache's;
-    `stale` is true while this replica's cache cannot read the log."""
+    which half, `tokens` or `requests`, and then has no `budget_id`), with `held`
+    when open reservations hold part of it; an allowed one carries `remaining`
+    whenever the chain has a budget. `position` is the cache's; `stale` is true while
+    this replica's cache cannot read the log."""
 
     allowed: bool
     reason: CheckReason
@@ -158,6 +159,7 @@ class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
     max_limit: Money | UnsetType = UNSET
     remaining: Money | UnsetType = UNSET
     rate_limit: RateHalf | UnsetType = UNSET
+    held: Money | UnsetType = UNSET
     position: Position
     stale: bool | UnsetType = UNSET
     # A reserving check that was allowed: the hold, and when it lapses by itself.

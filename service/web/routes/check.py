@@ -404,6 +404,7 @@ def answer(result: CheckResult, position: int, stale: bool) -> CheckAnswer:
         max_limit=_given(result.max_limit),
         remaining=_given(result.remaining),
         rate_limit=_given(result.rate_limit),
+        held=_given(result.held),
         position=position,
         stale=True if stale else UNSET,
     )
