@@ -53,6 +53,20 @@ async def reserve(api: Api, key_id: str, cost: Any, **extra: Any) -> tuple[int, 
     )
 
 
+async def check_at(
+    api: Api, key_id: str, position: int, *, exact: bool = False
+) -> tuple[int, Any]:
+    """A recorder's plain check of the key once the cache has applied `position`:
+    (status, answer), money exact when `exact`."""
+    return await api.call(
+        "POST",
+        CHECK,
+        {"virtual_key_id": key_id, "min_position": position},
+        headers=bearer("rec"),
+        exact=exact,
+    )
+
+
 async def budget(api: Api, budget_id: str, position: int) -> dict[str, Any]:
     """A budget as GET answers it once the read model has applied `position`
     (money exact)."""

@@ -21,7 +21,14 @@ from service.errors import InvalidCost
 from service.web.routes.usage import MAX_FRAME_BYTES
 from tests.api import Api, bearer, serve
 from tests.builders import append
-from tests.reserving import CHECK, TOKENS, budget, key_under_team, reserve, usage_record
+from tests.reserving import (
+    TOKENS,
+    budget,
+    check_at,
+    key_under_team,
+    reserve,
+    usage_record,
+)
 
 
 @pytest.fixture
@@ -77,13 +84,7 @@ async def test_a_hold_is_logged_in_nanos_and_every_reader_agrees(api, pool, cost
         "SELECT data ->> 'amount' FROM events WHERE type = 'ReservationHeld'"
     )
     shown = await held(api, budget_id, answer["position"])
-    _, check = await api.call(
-        "POST",
-        CHECK,
-        {"virtual_key_id": key_id, "min_position": answer["position"]},
-        headers=bearer("rec"),
-        exact=True,
-    )
+    _, check = await check_at(api, key_id, answer["position"], exact=True)
 
     assert (status, answer["allowed"]) == (200, True)
     assert logged == kept

@@ -26,6 +26,7 @@ from tests.reserving import (
     TEAMS,
     TOKENS,
     budget,
+    check_at,
     key_under_team,
     reserve,
 )
@@ -65,12 +66,7 @@ async def test_a_hold_counts_until_usage_settles_it(api):
         headers=bearer("rec"),
     )
     settled = await budget(api, budget_id, recorded["position"])
-    _, after = await api.call(
-        "POST",
-        CHECK,
-        {"virtual_key_id": key_id, "min_position": recorded["position"]},
-        headers=bearer("rec"),
-    )
+    _, after = await check_at(api, key_id, recorded["position"])
 
     assert (settled["held"], settled["current_usage"]) == (Decimal(4), Decimal(3))
     assert after["remaining"] == 3
@@ -82,13 +78,7 @@ async def test_a_check_blocked_by_holds_says_what_they_hold(api):
     _, last = await reserve(api, key_id, "3.5")
     team_id = (await budget(api, budget_id, last["position"]))["owner_id"]
 
-    status, blocked = await api.call(
-        "POST",
-        CHECK,
-        {"virtual_key_id": key_id, "min_position": last["position"]},
-        headers=bearer("rec"),
-        exact=True,
-    )
+    status, blocked = await check_at(api, key_id, last["position"], exact=True)
 
     assert status == 200
     assert blocked == {
@@ -117,12 +107,7 @@ async def test_a_check_blocked_by_held_tokens_says_how_many_are_held(api):
     await api.caught_up(key["position"])
     _, held = await reserve(api, key_id, "0", estimated_tokens=100)
 
-    _, blocked = await api.call(
-        "POST",
-        CHECK,
-        {"virtual_key_id": key_id, "min_position": held["position"]},
-        headers=bearer("rec"),
-    )
+    _, blocked = await check_at(api, key_id, held["position"])
 
     assert held["allowed"] is True
     assert blocked == {
