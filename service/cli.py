@@ -61,31 +61,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = not settings.database_url
     started_here = embedded and _embedded_status(settings) is None
     dsn = database_url(settings)
-    asyncio.run(migrate(dsn))
-    app = create_app(settings, dsn)
-    app.on_startup.append(_freeze_heap)
-    new_loop, loop_name = event_loop.factory(settings.event_loop)
-    log.info(
-        "serving",
-        host=settings.host,
-        port=settings.port,
-        projector=settings.projector,
-        event_loop=loop_name,
-    )
-    server.run(
-        app,
-        loop=new_loop(),
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=10,
-        reuse_port=args.reuse_port,
-        keepalive_timeout=keepalive_timeout(settings),
-    )
-    if started_here:
-        # Leave the machine as we found it: a cluster this serve started stops with it.
-        from service import pgcluster
+    try:
+        asyncio.run(migrate(dsn))
+        app = create_app(settings, dsn)
+        app.on_startup.append(_freeze_heap)
+        new_loop, loop_name = event_loop.factory(settings.event_loop)
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            projector=settings.projector,
+            event_loop=loop_name,
+        )
+        server.run(
+            app,
+            loop=new_loop(),
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=10,
+            reuse_port=args.reuse_port,
+            keepalive_timeout=keepalive_timeout(settings),
+        )
+    finally:
+        if started_here:
+            # Leave the machine as we found it: a cluster this serve started stops
+            # with it, also when serving failed (the port taken, say).
+            from service import pgcluster
 
-        pgcluster.stop(Path(settings.data_dir))
+            pgcluster.stop(Path(settings.data_dir))
     return 0
 
 

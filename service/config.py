@@ -65,14 +65,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        try:
-            port = int(env.get("GOVLEDGER_PORT", "8080"))
-        except ValueError:
-            raise ConfigError("GOVLEDGER_PORT must be a port number") from None
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             host=env.get("GOVLEDGER_HOST", "127.0.0.1"),
-            port=port,
+            port=_port(env.get("GOVLEDGER_PORT") or "8080"),
             admin_tokens=_tokens(env, "GOVLEDGER_ADMIN_TOKENS"),
             recorder_tokens=_tokens(env, "GOVLEDGER_RECORDER_TOKENS"),
             reader_tokens=_tokens(env, "GOVLEDGER_READER_TOKENS"),
@@ -94,6 +90,15 @@ _PLACEMENTS: dict[str, ProjectorPlacement] = {
 _LOOPS: dict[str, EventLoop] = {name: name for name in get_args(EventLoop)}
 
 C = TypeVar("C", bound=str)
+
+
+def _port(raw: str) -> int:
+    """A TCP port: 1 to 65535, in decimal digits (int() would also take " 80")."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 5 and 0 < int(raw) < 65536):
+        raise ConfigError(
+            f"GOVLEDGER_PORT must be a port number from 1 to 65535, not {raw!r}"
+        )
+    return int(raw)
 
 
 def _one_of(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from typing import Any
 
@@ -35,6 +36,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from yarl import URL
 
+from service.config import ConfigError
 from service.errors import Invalid, ServiceError, UnsupportedMediaType
 from service.web import http
 
@@ -198,7 +200,13 @@ def run(
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # in use, not this machine's, not permitted
+                raise ConfigError(
+                    f"cannot listen on {host}:{port} ({_reason(exc)}): free that"
+                    " port or set GOVLEDGER_HOST and GOVLEDGER_PORT"
+                ) from None
             await asyncio.Event().wait()  # until a signal ends the loop's run
         finally:
             await runner.cleanup()
@@ -219,6 +227,14 @@ def run(
             _cancel_rest(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+
+def _reason(error: OSError) -> str:
+    """The system's words for a failed bind ("Address already in use"), without the
+    loop's wrapping of them; a resolver's error as it says it."""
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)
+    return str(error.strerror or error)
 
 
 def _cancel_rest(loop: asyncio.AbstractEventLoop) -> None:
