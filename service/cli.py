@@ -28,9 +28,51 @@ from service.pgcluster import ClusterError
 log = structlog.get_logger()
 
 
+MAX_BATCH = 10_000
+REACH_TIMEOUT_S = 10.0
+
+
+async def _reach(dsn: str) -> None:
+    """Connect once to `dsn` and close, or raise ConfigError (not a PostgreSQL URL)
+    or DatabaseUnreachable (no server there, or it refused us), one sentence each
+    that names no password."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=REACH_TIMEOUT_S)
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:  # a bad port too
+        raise ConfigError(f"DATABASE_URL is not a PostgreSQL URL: {exc}") from None
+    except (OSError, TimeoutError) as exc:  # refused, no such host, no answer
+        reason = exc.strerror or str(exc) or "no answer in time"
+        raise DatabaseUnreachable(
+            f"cannot connect to the PostgreSQL of DATABASE_URL ({reason}):"
+            " start it, or correct DATABASE_URL"
+        ) from None
+    except asyncpg.PostgresError as exc:  # a wrong password, database or role
+        raise DatabaseUnreachable(
+            f"the PostgreSQL of DATABASE_URL refused the connection: {exc}"
+        ) from None
+    await conn.close()
+
+
+def batch_size(raw: str) -> int:
+    """A --batch-size: a whole number from 1 to MAX_BATCH (0 would read nothing and
+    end a replay at once; a larger one holds a transaction open too long)."""
+    if not (raw.isascii() and raw.isdigit() and 0 < int(raw) <= MAX_BATCH):
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_BATCH:,}, not {raw!r}"
+        )
+    return int(raw)
+
+
+class DatabaseUnreachable(Exception):
+    """DATABASE_URL names no PostgreSQL this process can use; `str()` is one
+    sentence to print as it is."""
+
+
 def database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded cluster under the data dir (started if needed)."""
+    """DATABASE_URL, or the embedded cluster under the data dir (started if needed).
+    A DATABASE_URL is tried once first, so that a wrong one is one sentence."""
     if settings.database_url:
+        asyncio.run(_reach(settings.database_url))
         return settings.database_url
     from service import pgcluster
 
@@ -472,7 +514,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--dry-run", action="store_true", help="change nothing; counts and a diff"
     )
-    up.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
+    up.add_argument(
+        "--batch-size", type=batch_size, default=500, help="rows per transaction"
+    )
     up.set_defaults(func=cmd_upcast)
     export = sub.add_parser("export", help="write the log as JSONL envelopes")
     export.add_argument("file", nargs="?", help="output file (default: stdout)")
@@ -480,7 +524,7 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="append JSONL envelopes to the log")
     imp.add_argument("file", help="a JSONL file of event envelopes")
     imp.add_argument(
-        "--batch-size", type=int, default=1000, help="lines per transaction"
+        "--batch-size", type=batch_size, default=1000, help="lines per transaction"
     )
     imp.set_defaults(func=cmd_import)
     rep = sub.add_parser(
@@ -504,7 +548,7 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--batch-size",
-        type=int,
+        type=batch_size,
         default=replay_module.BULK_BATCH,
         help="events per batch (one short transaction each)",
     )
@@ -539,10 +583,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"govledger: {exc}", file=sys.stderr)
+        print(f"govledger: {logging_setup.redact.mask_text(str(exc))}", file=sys.stderr)
         return 2
-    except ClusterError as exc:  # the embedded PostgreSQL: one sentence, no traceback
-        print(f"govledger: {exc}", file=sys.stderr)
+    except (ClusterError, DatabaseUnreachable) as exc:  # one sentence, no traceback
+        print(f"govledger: {logging_setup.redact.mask_text(str(exc))}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.filename is None:  # not a file the command was given: a defect
+            raise
+        print(
+            f"govledger {args.command}: {exc.filename}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
 
 

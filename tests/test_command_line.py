@@ -1,0 +1,191 @@
+"""The `govledger` command when it cannot do what it is asked: a bad port, a port in
+use, a DATABASE_URL that reaches no usable PostgreSQL, a batch size out of range, a
+file that cannot be opened. Each is one sentence and an exit status, never a
+traceback; a serve that fails stops the embedded PostgreSQL it started (real
+processes, a real embedded cluster, the test database)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from service import pgcluster
+from service.config import ConfigError, Settings
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "99999", "-1", " 80", "8o", "٨٠"])
+def test_a_port_that_is_no_tcp_port_is_refused_by_name(raw):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"GOVLEDGER_PORT": raw})
+
+    assert str(refused.value) == (
+        f"GOVLEDGER_PORT must be a port number from 1 to 65535, not {raw!r}"
+    )
+
+
+def test_a_port_is_taken_from_1_to_65535():
+    assert [Settings.from_env({"GOVLEDGER_PORT": p}).port for p in ("1", "65535")] == [
+        1,
+        65535,
+    ]
+    assert Settings.from_env({}).port == Settings.from_env({"GOVLEDGER_PORT": ""}).port
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    parent = Path(tempfile.mkdtemp(prefix="govledger-serve-startup-"))
+    try:
+        yield parent / "data"
+    finally:
+        pgcluster.remove(parent / "data")
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_port_in_use_is_one_sentence_and_stops_the_cluster_serve_started(data_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GOVLEDGER_")},
+            "GOVLEDGER_DATA_DIR": str(data_dir),
+            "GOVLEDGER_PORT": str(port),
+        }
+        env.pop("DATABASE_URL", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=80,
+        )
+
+    plain = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert done.returncode == 2
+    assert plain == [
+        f"govledger: cannot listen on 127.0.0.1:{port} (Address already in use):"
+        " free that port or set GOVLEDGER_HOST and GOVLEDGER_PORT"
+    ]
+    assert '"event": "cluster_stopped"' in done.stderr
+    assert pgcluster.status(data_dir) is None
+
+
+def govledger(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGS` with only `env` of the service's own settings."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GOVLEDGER_") and k != "DATABASE_URL"
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def said(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """What a command wrote to stderr besides its JSON log lines."""
+    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once it is closed
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve", "export"])
+def test_a_database_url_with_no_postgresql_behind_it_is_one_sentence(command):
+    port = closed_port()
+
+    done = govledger(
+        command, DATABASE_URL=f"postgresql://app:hunter2-secret@127.0.0.1:{port}/x"
+    )
+
+    assert done.returncode == 1
+    assert said(done) == [
+        "govledger: cannot connect to the PostgreSQL of DATABASE_URL (Connect call"
+        f" failed ('127.0.0.1', {port})): start it, or correct DATABASE_URL"
+    ]
+    assert "hunter2-secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (
+            "not a url",
+            'invalid DSN: scheme is expected to be either "postgresql" or'
+            " \"postgres\", got ''",
+        ),
+        (
+            "postgresql://app:hunter2-secret@127.0.0.1:port/x",
+            "invalid literal for int() with base 10: 'port'",
+        ),
+    ],
+)
+def test_a_database_url_that_is_no_postgresql_url_is_a_configuration_error(url, reason):
+    done = govledger("migrate", DATABASE_URL=url)
+
+    assert done.returncode == 2
+    assert said(done) == [f"govledger: DATABASE_URL is not a PostgreSQL URL: {reason}"]
+    assert "hunter2-secret" not in done.stderr
+
+
+def test_a_database_the_server_does_not_have_is_one_sentence(database):
+    parts = urlsplit(database)
+    missing = urlunsplit(parts._replace(path="/no_such_database"))
+
+    done = govledger("migrate", DATABASE_URL=missing)
+
+    assert done.returncode == 1
+    assert said(done) == [
+        "govledger: the PostgreSQL of DATABASE_URL refused the connection:"
+        ' database "no_such_database" does not exist'
+    ]
+
+
+@pytest.mark.parametrize(
+    "command", [["replay"], ["upcast"], ["import", "events.jsonl"]]
+)
+@pytest.mark.parametrize("raw", ["0", "-1", "10001", "5x"])
+def test_a_batch_size_outside_1_to_10000_is_refused_before_anything_runs(command, raw):
+    done = govledger(
+        *command, "--batch-size", raw, DATABASE_URL="postgresql://nobody@/nowhere"
+    )
+
+    assert done.returncode == 2
+    assert said(done)[-1] == (
+        f"govledger {command[0]}: error: argument --batch-size: must be a whole"
+        f" number from 1 to 10,000, not {raw!r}"
+    )
+
+
+def test_a_file_that_cannot_be_opened_is_one_sentence(database, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    nowhere = tmp_path / "no-such-folder" / "events.jsonl"
+
+    imported = govledger("import", str(missing), DATABASE_URL=database)
+    exported = govledger("export", str(nowhere), DATABASE_URL=database)
+
+    assert (imported.returncode, said(imported)) == (
+        1,
+        [f"govledger import: {missing}: No such file or directory"],
+    )
+    assert (exported.returncode, said(exported)) == (
+        1,
+        [f"govledger export: {nowhere}: No such file or directory"],
+    )
