@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from govledger_client import (
+    Checker,
     CheckRequest,
     CheckResult,
     Recorder,
@@ -453,6 +454,57 @@ async def test_a_blocked_answer_explains_what_blocks_it_with_what_is_held(server
     )
     unheld = msgspec.structs.replace(rate_limited, held=None)
     assert unheld.explanation == "govledger: rate limited (tokens: 0 of 50)"
+
+
+NOT_A_SERVICE_URL = (
+    "the service URL must be http:// or https:// with a host and at most a path"
+)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "notaurl",
+        "127.0.0.1:8080",
+        "ftp://gov",
+        "http://",
+        "http://gov:port",
+        "http://gov?x=1",
+    ],
+)
+def test_a_service_url_no_request_could_reach_is_refused_at_once(url):
+    for client in (Recorder, Checker):
+        with pytest.raises(ValueError, match=r"^the service URL must be") as refused:
+            client(url)
+        assert str(refused.value) == NOT_A_SERVICE_URL
+
+
+def test_a_service_url_keeps_its_path_without_the_trailing_slash():
+    assert [
+        Recorder(url).url
+        for url in ("http://127.0.0.1:8080/", "https://gw.example/govledger/")
+    ] == ["http://127.0.0.1:8080", "https://gw.example/govledger"]
+
+
+async def test_the_record_command_refuses_a_url_that_is_none_without_retrying(
+    tmp_path,
+):
+    path = tmp_path / "usage.ndjson"
+    path.write_bytes(b'{"virtual_key": "sk-gl-x", "provider": "o", "model": "m"}\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "record",
+        str(path),
+        "--url",
+        "user:secret@gov",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+
+    assert process.returncode == 2
+    assert err.decode().splitlines() == [f"govledger record: {NOT_A_SERVICE_URL}"]
 
 
 async def test_a_token_is_sent_as_bearer_and_a_wrong_one_rejects_records_and_checks(

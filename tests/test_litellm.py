@@ -864,6 +864,12 @@ def test_the_environment_configures_the_integration_and_a_bad_value_is_named():
         Settings.from_env({"GOVLEDGER_RESERVE": "maybe"})
     with pytest.raises(ConfigError, match="GOVLEDGER_UNPRICED must be refuse or allow"):
         Settings.from_env({"GOVLEDGER_UNPRICED": "free"})
+    with pytest.raises(ConfigError) as no_url:
+        Settings.from_env({"GOVLEDGER_URL": "gov:9000"})
+    assert str(no_url.value) == (
+        "GOVLEDGER_URL: the service URL must be http:// or https:// with a host and at"
+        " most a path"
+    )
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from .wire import (
     encode,
     error_of,
     money,
+    service_url,
 )
 
 __all__ = ["Checker"]
@@ -58,7 +59,7 @@ class Checker:
         fail_open: bool = True,
         session: Callable[[], aiohttp.ClientSession] | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = service_url(url)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
         self._fail_open = fail_open

@@ -14,7 +14,7 @@ from typing import IO, Any
 import msgspec
 
 from .recorder import Recorder, RejectedRecord
-from .wire import encode
+from .wire import encode, service_url
 
 __all__ = ["RecordReport", "record_file", "send_ndjson"]
 
@@ -87,7 +87,12 @@ async def _lines(source: IO[bytes]) -> AsyncIterator[list[bytes]]:
 def record_file(path: str, *, url: str, token: str | None) -> int:
     """`govledger record FILE|-`: progress on stderr, one JSON line per rejected
     record on stdout, the summary line last. Exit status 1 if any record was
-    rejected, 2 if the file cannot be opened."""
+    rejected, 2 if the URL is none or the file cannot be opened."""
+    try:
+        service_url(url)
+    except ValueError as exc:
+        print(f"govledger record: {exc}", file=sys.stderr)
+        return 2
     if path == "-":
         return asyncio.run(_record_file(sys.stdin.buffer, url, token))
     try:

@@ -44,6 +44,7 @@ from .wire import (
     encode,
     error_of,
     money,
+    service_url,
 )
 
 __all__ = ["Recorder", "RecorderStats", "RejectedRecord"]
@@ -152,7 +153,7 @@ class Recorder:
             raise ValueError("max_in_flight must be at least 1")
         if not 0 < min_backoff <= max_backoff:
             raise ValueError("need 0 < min_backoff <= max_backoff")
-        self.url = url.rstrip("/")
+        self.url = service_url(url)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._batch_size = batch_size
         self._flush_interval = flush_interval

@@ -9,6 +9,8 @@ from typing import Final, Literal, TypeVar
 
 import msgspec
 
+from .wire import service_url
+
 __all__ = ["ConfigError", "Settings"]
 
 _N = TypeVar("_N", int, float)
@@ -62,7 +64,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             return value or default
 
         return cls(
-            url=text("GOVLEDGER_URL", d.url).rstrip("/"),
+            url=_url(text("GOVLEDGER_URL", d.url)),
             token=text("GOVLEDGER_TOKEN", "") or None,
             key_header=text("GOVLEDGER_KEY_HEADER", d.key_header).lower(),
             fail_open=_boolean(environ, "GOVLEDGER_FAIL_OPEN", d.fail_open),
@@ -87,6 +89,13 @@ def _boolean(environ: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in _FALSE:
         return False
     raise ConfigError(f"{name} must be true/false, 1/0 or yes/no, not {raw!r}")
+
+
+def _url(raw: str) -> str:
+    try:
+        return service_url(raw)
+    except ValueError as exc:
+        raise ConfigError(f"GOVLEDGER_URL: {exc}") from None
 
 
 def _unpriced(raw: str) -> Literal["refuse", "allow"]:

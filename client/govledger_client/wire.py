@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -36,6 +37,7 @@ __all__ = [
     "encode",
     "error_of",
     "money",
+    "service_url",
 ]
 
 STREAM_PATH: Final = "/api/usage/stream"
@@ -43,6 +45,31 @@ BATCH_PATH: Final = "/api/usage/batch"
 CHECK_PATH: Final = "/api/governance/check"
 # POST: drops a reservation's hold (format with the reservation id).
 RELEASE_PATH: Final = "/api/governance/reservations/{}/release"
+
+
+def service_url(url: str) -> str:
+    """The service's base URL without its trailing slash: http or https, a host, and
+    at most a path (a service behind a prefix); ValueError for anything else, which
+    no retry could ever reach."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+    ):
+        # Not repeated: a URL that is wrong may still hold a secret (user:password@).
+        raise ValueError(
+            "the service URL must be http:// or https:// with a host and at most a path"
+        )
+    return url.strip().rstrip("/")
+
+
 # Error codes (frames and answers) that another attempt may not get: send again.
 TRANSIENT_CODES: Final = frozenset(
     {"database_unavailable", "internal_error", "projection_lag"}
