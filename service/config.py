@@ -6,6 +6,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -67,7 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         env = os.environ if env is None else env
         return cls(
             database_url=env.get("DATABASE_URL") or None,
-            host=env.get("GOVLEDGER_HOST", "127.0.0.1"),
+            host=env.get("GOVLEDGER_HOST") or "127.0.0.1",
             port=_port(env.get("GOVLEDGER_PORT") or "8080"),
             admin_tokens=_tokens(env, "GOVLEDGER_ADMIN_TOKENS"),
             recorder_tokens=_tokens(env, "GOVLEDGER_RECORDER_TOKENS"),
@@ -76,7 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             header_timeout_s=_seconds(env, "GOVLEDGER_HEADER_TIMEOUT_S", 10.0),
             body_timeout_s=_seconds(env, "GOVLEDGER_BODY_TIMEOUT_S", 30.0),
             allowed_origins=frozenset(
-                o.rstrip("/").lower() for o in _tokens(env, "GOVLEDGER_ALLOWED_ORIGINS")
+                _origin(o) for o in _tokens(env, "GOVLEDGER_ALLOWED_ORIGINS")
             ),
             projector=_one_of(env, "GOVLEDGER_PROJECTOR", _PLACEMENTS, default="child"),
             event_loop=_one_of(env, "GOVLEDGER_EVENT_LOOP", _LOOPS, default="uvloop"),
@@ -99,6 +100,31 @@ def _port(raw: str) -> int:
             f"GOVLEDGER_PORT must be a port number from 1 to 65535, not {raw!r}"
         )
     return int(raw)
+
+
+def _origin(raw: str) -> str:
+    """An allowed origin as browsers send it (scheme://host[:port], lower case): an
+    entry that is none could never match, so it is refused rather than ignored."""
+    origin = raw.rstrip("/").lower()
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or not parts.scheme  # any scheme: an extension's origin is one too
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            f"GOVLEDGER_ALLOWED_ORIGINS: {raw!r} is not an origin; give each as"
+            " scheme://host[:port], e.g. http://localhost:3000"
+        )
+    return origin
 
 
 def _one_of(

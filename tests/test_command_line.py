@@ -40,6 +40,34 @@ def test_a_port_is_taken_from_1_to_65535():
     assert Settings.from_env({}).port == Settings.from_env({"GOVLEDGER_PORT": ""}).port
 
 
+@pytest.mark.parametrize(
+    "raw", ["*", "null", "console.example", "http://console.example/app", "http://u@h"]
+)
+def test_an_allowed_origin_that_is_no_origin_is_refused_by_name(raw):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"GOVLEDGER_ALLOWED_ORIGINS": f"http://ok.example,{raw}"})
+
+    assert str(refused.value) == (
+        f"GOVLEDGER_ALLOWED_ORIGINS: {raw!r} is not an origin; give each as"
+        " scheme://host[:port], e.g. http://localhost:3000"
+    )
+
+
+def test_allowed_origins_are_kept_as_browsers_send_them():
+    allowed = "HTTP://Console.Example:3000/, chrome-extension://abcdef"
+
+    settings = Settings.from_env({"GOVLEDGER_ALLOWED_ORIGINS": allowed})
+
+    assert settings.allowed_origins == {
+        "http://console.example:3000",
+        "chrome-extension://abcdef",
+    }
+
+
+def test_an_empty_host_keeps_the_loopback_default():
+    assert Settings.from_env({"GOVLEDGER_HOST": ""}).host == "127.0.0.1"
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     parent = Path(tempfile.mkdtemp(prefix="govledger-serve-startup-"))
