@@ -20,6 +20,7 @@ import pytest
 
 from service import pgcluster
 from service.config import ConfigError, Settings
+from tests.commands import govledger, said
 
 
 @pytest.mark.parametrize("raw", ["0", "65536", "99999", "-1", " 80", "8o", "٨٠"])
@@ -106,27 +107,6 @@ def test_a_port_in_use_is_one_sentence_and_stops_the_cluster_serve_started(data_
     ]
     assert '"event": "cluster_stopped"' in done.stderr
     assert pgcluster.status(data_dir) is None
-
-
-def govledger(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m service ARGS` with only `env` of the service's own settings."""
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("GOVLEDGER_") and k != "DATABASE_URL"
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def said(done: subprocess.CompletedProcess[str]) -> list[str]:
-    """What a command wrote to stderr besides its JSON log lines."""
-    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
 
 
 def closed_port() -> int:

@@ -10,10 +10,7 @@ import ast
 import asyncio
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +25,7 @@ from service.web.app import create_app
 from service.web.http import ROLE_RIGHTS, Right
 from service.web.keys import rights_key
 from tests.api import Api, conformance
+from tests.commands import govledger, said
 from tests.served import CHECK, CUSTOMERS, KEYS, TEAMS, Fleet, Served, hierarchy, ndjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -407,20 +405,17 @@ def test_the_quoting_functions_double_what_would_end_the_quote():
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
 def test_serve_refuses_to_run_without_tokens_on_a_non_loopback_address(host):
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GOVLEDGER_")},
-        "GOVLEDGER_HOST": host,
-        "DATABASE_URL": "postgresql://nobody@/nowhere?host=/nonexistent",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = govledger(
+        "serve",
+        GOVLEDGER_HOST=host,
+        DATABASE_URL="postgresql://nobody@/nowhere?host=/nonexistent",
     )
+
     assert done.returncode == 2
-    assert f"refusing to serve on {host} without tokens" in done.stderr
+    assert said(done) == [
+        f"govledger: refusing to serve on {host} without tokens: set"
+        " GOVLEDGER_ADMIN_TOKENS (and recorder/reader tokens) or bind to 127.0.0.1"
+    ]
 
 
 # --- append-only ------------------------------------------------------------------
