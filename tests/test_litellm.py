@@ -549,6 +549,10 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "estimate within": await chat(
             session, proxy, "cheap", key=tight.value, max_tokens=100
         ),
+        # Past what a check takes (2^31 - 1 tokens): held at the cap, still over.
+        "estimate past any": await chat(
+            session, proxy, "cheap", key=tight.value, max_tokens=2**40
+        ),
     }
     allowed = await recorded(pool, tight, 1)
 
@@ -561,6 +565,7 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "unpriced": 403,
         "estimate over": 402,
         "estimate within": 200,
+        "estimate past any": 402,
     }, answers
     assert "budget exceeded" in answers["over budget"]["error"]
     assert "no price for 'unpriced'" in answers["unpriced"]["error"]

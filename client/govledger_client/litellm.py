@@ -34,7 +34,13 @@ from litellm.integrations.custom_logger import CustomLogger  # type: ignore[impo
 from .errors import RecorderError
 from .recorder import Recorder
 from .settings import ConfigError, Settings
-from .wire import CheckResult, Reservation, money
+from .wire import (
+    MAX_ESTIMATED_COST,
+    MAX_ESTIMATED_TOKENS,
+    CheckResult,
+    Reservation,
+    money,
+)
 
 __all__ = [
     "ConfigError",
@@ -375,9 +381,14 @@ class GovledgerCallback(CustomLogger):  # type: ignore[misc, unused-ignore]
         self, model: str, request: dict[str, Any], price: _Price | None
     ) -> _Estimate:
         """The prompt's tokens at the input price plus the output allowed at the
-        output price; a model without a price is refused or held at 0."""
+        output price; a model without a price is refused or held at 0. An estimate
+        past what a check takes (a request asking for 2^40 output tokens) is capped
+        there: still over any budget or limit below the cap, and never a check the
+        service refuses as malformed, which would fail the call closed or let it
+        through ungoverned."""
         prompt = _prompt_tokens(model, request)
         output = _max_output(request) or self.settings.default_max_tokens
+        tokens = min(prompt + output, MAX_ESTIMATED_TOKENS)
         if price is None:
             if self.settings.unpriced == "refuse":
                 raise _Refused(
@@ -386,9 +397,11 @@ class GovledgerCallback(CustomLogger):  # type: ignore[misc, unused-ignore]
                     f"govledger: LiteLLM has no price for {model!r}, so its cost "
                     "cannot be held (GOVLEDGER_UNPRICED=refuse)",
                 )
-            return _Estimate(Decimal(0), prompt + output)
+            return _Estimate(Decimal(0), tokens)
         cost = price.input * prompt + price.output * output
-        return _Estimate(cost.quantize(_NANO, rounding=ROUND_CEILING), prompt + output)
+        # Capped first: 2^100 tokens priced has more digits than a quantize may make.
+        cost = min(cost, MAX_ESTIMATED_COST).quantize(_NANO, rounding=ROUND_CEILING)
+        return _Estimate(cost, tokens)
 
     async def _admit(
         self,

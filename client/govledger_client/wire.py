@@ -17,6 +17,8 @@ import msgspec
 __all__ = [
     "BATCH_PATH",
     "CHECK_PATH",
+    "MAX_ESTIMATED_COST",
+    "MAX_ESTIMATED_TOKENS",
     "RELEASE_PATH",
     "STREAM_PATH",
     "TRANSIENT_CODES",
@@ -70,6 +72,12 @@ def service_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
+# The largest estimates a check takes: estimated_tokens, and a reserving check's
+# estimated_cost (below 10^12, to the nano). A larger estimate is refused as a bad
+# request, so a gateway caps what it sends here; the capped one still exceeds any
+# budget or rate limit below it.
+MAX_ESTIMATED_TOKENS: Final = 2**31 - 1
+MAX_ESTIMATED_COST: Final = Decimal("999999999999.999999999")
 # Error codes (frames and answers) that another attempt may not get: send again.
 TRANSIENT_CODES: Final = frozenset(
     {"database_unavailable", "internal_error", "projection_lag"}
