@@ -553,6 +553,9 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "estimate past any": await chat(
             session, proxy, "cheap", key=tight.value, max_tokens=2**40
         ),
+        # No key is this long: the check is refused as a bad request, and so is
+        # the call, whatever GOVLEDGER_FAIL_OPEN says.
+        "key past any": await chat(session, proxy, "cheap", key="sk-gl-" + "k" * 300),
     }
     allowed = await recorded(pool, tight, 1)
 
@@ -566,10 +569,12 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "estimate over": 402,
         "estimate within": 200,
         "estimate past any": 402,
+        "key past any": 400,
     }, answers
     assert "budget exceeded" in answers["over budget"]["error"]
     assert "no price for 'unpriced'" in answers["unpriced"]["error"]
     assert "x-govledger-key" in answers["no key"]["error"]
+    assert "govledger cannot check this call" in answers["key past any"]["error"]
     assert records_of(allowed) == as_records([answers["estimate within"]])
     assert [len(await usage_of(pool, k)) for k in (spent, limited, restricted)] == [
         1,

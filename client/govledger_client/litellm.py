@@ -424,6 +424,13 @@ class GovledgerCallback(CustomLogger):  # type: ignore[misc, unused-ignore]
                 ttl_s=s.ttl_s if s.reserve else None,
             )
         except RecorderError as exc:  # the check itself refused: a token, a version
+            if exc.status == 400:
+                # This call made a check the service cannot read (a key header of
+                # 300 characters, a model name past 256): an answer about the call,
+                # not govledger being unable to answer, so no policy lets it pass.
+                raise _Refused(
+                    400, exc.code, f"govledger cannot check this call: {exc}"
+                ) from None
             log.error("govledger refused the check: %s (%s)", exc, exc.code)
             if s.fail_open:
                 return _Call(key, None, time.monotonic())
