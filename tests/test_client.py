@@ -682,6 +682,34 @@ async def test_the_record_command_sends_a_file_or_stdin_and_ends_with_a_summary(
     assert await stored_cost(pool) == Decimal("0.000000020")
 
 
+async def test_the_record_command_takes_a_file_with_a_byte_order_mark_and_crlf(
+    server, pool, tmp_path
+):
+    key = await create_key(server.url)
+    records = [
+        {
+            "event_id": str(uuid.uuid4()),
+            "virtual_key": key.value,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "cost": "0.000000001",
+        }
+        for _ in range(3)
+    ]
+    path = tmp_path / "usage.ndjson"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + b"\r\n".join(msgspec.json.encode(r) for r in records)
+        + b"\r\n"
+    )
+
+    status, rejected, summary = await govledger_record(server, str(path))
+
+    assert (status, rejected) == (0, [])
+    assert summary_counts(summary) == ("3", "3", "0", "0")
+    assert await stored(pool) == sorted(r["event_id"] for r in records)
+
+
 # --- the client's structs against the server's contract ------------------------------
 #
 # The client is a separate distribution that imports nothing of the server, so its

@@ -41,6 +41,7 @@ class RecordReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _decode_line = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode
+_BOM = b"\xef\xbb\xbf"
 
 
 async def send_ndjson(
@@ -49,12 +50,16 @@ async def send_ndjson(
     on_invalid: Callable[[int, str], object],
 ) -> int:
     """Send each line of `source` (a JSON object) through the recorder. Blank lines
-    are skipped; a line that is not a JSON object goes to `on_invalid(line_number,
-    message)`. Returns the number of records (non-blank lines)."""
+    are skipped, and a byte order mark before the first (as some editors and shells
+    write UTF-8) is ignored, as RFC 8259 allows; a line that is not a JSON object
+    goes to `on_invalid(line_number, message)`. Returns the number of records
+    (non-blank lines)."""
     number = records = 0
     async for lines in _lines(source):
         for line in lines:
             number += 1
+            if number == 1:
+                line = line.removeprefix(_BOM)
             if not line.strip():
                 continue
             records += 1
