@@ -193,6 +193,9 @@ def owner_stream(event: AnyEvent) -> str:
     return f"virtual_key-{event.virtual_key_id}"
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors write
+
+
 async def import_lines(
     pool: asyncpg.Pool,
     lines: Iterable[bytes],
@@ -200,7 +203,8 @@ async def import_lines(
     batch_size: int = 1000,
     on_progress: ProgressFn | None = None,
 ) -> ImportReport:
-    """Append the envelopes of `lines` (blank lines skipped), a batch per transaction.
+    """Append the envelopes of `lines` (blank lines skipped, and a byte order mark
+    before the first ignored, as RFC 8259 allows), a batch per transaction.
 
     An event_id already in the log with the same content is skipped (a second import
     appends nothing); with other content, or any invalid line, the import stops with
@@ -211,6 +215,8 @@ async def import_lines(
     now = datetime.now(UTC)
     async with pool.acquire() as conn:
         for number, raw in enumerate(lines, start=1):
+            if number == 1:
+                raw = raw.removeprefix(_BOM)
             if not raw.strip():
                 continue
             batch.append(parse_line(number, raw, now))

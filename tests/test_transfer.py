@@ -256,6 +256,14 @@ async def test_a_file_without_global_positions_imports(copy_pool):
     assert record.metadata == {}
 
 
+async def test_a_byte_order_mark_before_the_first_line_is_ignored(copy_pool):
+    lines = [b"\xef\xbb\xbf" + envelope_line(1) + b"\r", envelope_line(2) + b"\r"]
+
+    report = await transfer.import_lines(copy_pool, lines)
+
+    assert (report.lines, report.appended) == (2, 2)
+
+
 def envelope_line(n: int, **changes: Any) -> bytes:
     line = {
         "event_id": f"00000000-0000-4000-8000-{n:012d}",
