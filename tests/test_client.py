@@ -710,6 +710,35 @@ async def test_the_record_command_takes_a_file_with_a_byte_order_mark_and_crlf(
     assert await stored(pool) == sorted(r["event_id"] for r in records)
 
 
+async def test_the_record_command_refuses_a_line_past_1_mib_and_goes_on(
+    server, pool, tmp_path
+):
+    key = await create_key(server.url)
+    good = {
+        "event_id": str(uuid.uuid4()),
+        "virtual_key": key.value,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "cost": "0.000000001",
+    }
+    path = tmp_path / "usage.ndjson"
+    path.write_bytes(b"x" * (3 << 20) + b"\n" + msgspec.json.encode(good) + b"\n")
+
+    status, rejected, summary = await govledger_record(server, str(path))
+
+    assert status == 1
+    assert rejected == [
+        {
+            "line": 1,
+            "code": "invalid_record",
+            "message": "line 1 is not a usage record: a line takes at most 1048576"
+            " bytes",
+        }
+    ]
+    assert summary_counts(summary) == ("2", "1", "0", "1")
+    assert await stored(pool) == [good["event_id"]]
+
+
 # --- the client's structs against the server's contract ------------------------------
 #
 # The client is a separate distribution that imports nothing of the server, so its

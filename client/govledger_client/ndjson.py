@@ -42,6 +42,10 @@ class RecordReport(msgspec.Struct, frozen=True, kw_only=True):
 
 _decode_line = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode
 _BOM = b"\xef\xbb\xbf"
+# The longest line read whole: a record takes at most 64 KiB once encoded, so a line
+# past this (whitespace aside) is none, and reading no further bounds the memory a
+# file without line ends (or /dev/zero) can take.
+MAX_LINE_BYTES = 1 << 20
 
 
 async def send_ndjson(
@@ -63,6 +67,13 @@ async def send_ndjson(
             if not line.strip():
                 continue
             records += 1
+            if len(line) > MAX_LINE_BYTES:
+                on_invalid(
+                    number,
+                    f"line {number} is not a usage record: a line takes at most"
+                    f" {MAX_LINE_BYTES} bytes",
+                )
+                continue
             try:
                 await recorder.record_raw(_decode_line(line))
             except (msgspec.MsgspecError, ValueError) as exc:
@@ -79,12 +90,15 @@ async def _lines(source: IO[bytes]) -> AsyncIterator[list[bytes]]:
     while chunk := await asyncio.to_thread(os.read, fd, 1 << 20):
         buffer += chunk
         end = chunk.rfind(b"\n")
-        if end < 0:
-            continue
-        end += len(buffer) - len(chunk)
-        lines = bytes(buffer[:end]).split(b"\n")
-        del buffer[: end + 1]
-        yield lines
+        if end >= 0:
+            end += len(buffer) - len(chunk)
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[: end + 1]
+            yield lines
+        if len(buffer) > MAX_LINE_BYTES:
+            # The line in progress is already too long to be a record: keep only
+            # enough of it to say so when its end comes.
+            del buffer[MAX_LINE_BYTES + 1 :]
     if buffer:
         yield [bytes(buffer)]
 
