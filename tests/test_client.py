@@ -638,11 +638,10 @@ async def govledger_record(
     return process.returncode, lines, err.decode().splitlines()[-1]
 
 
-async def test_the_record_command_sends_a_file_or_stdin_and_ends_with_a_summary(
-    server, pool, tmp_path
-):
-    key = await create_key(server.url)
-    good = [
+def records_of_key(key: Key, count: int) -> list[dict[str, Any]]:
+    """`count` usage records of the key for a file, each with a fresh event id
+    and costing one nano; the n-th has n input tokens."""
+    return [
         {
             "event_id": str(uuid.uuid4()),
             "virtual_key": key.value,
@@ -651,8 +650,15 @@ async def test_the_record_command_sends_a_file_or_stdin_and_ends_with_a_summary(
             "cost": "0.000000001",
             "input_tokens": n,
         }
-        for n in range(20)
+        for n in range(count)
     ]
+
+
+async def test_the_record_command_sends_a_file_or_stdin_and_ends_with_a_summary(
+    server, pool, tmp_path
+):
+    key = await create_key(server.url)
+    good = records_of_key(key, 20)
     unknown = {**good[0], "event_id": str(uuid.uuid4()), "virtual_key": "sk-gl-nope"}
     lines = [msgspec.json.encode(r) for r in good] + [
         b"",
@@ -686,16 +692,7 @@ async def test_the_record_command_takes_a_file_with_a_byte_order_mark_and_crlf(
     server, pool, tmp_path
 ):
     key = await create_key(server.url)
-    records = [
-        {
-            "event_id": str(uuid.uuid4()),
-            "virtual_key": key.value,
-            "provider": "openai",
-            "model": "gpt-4o",
-            "cost": "0.000000001",
-        }
-        for _ in range(3)
-    ]
+    records = records_of_key(key, 3)
     path = tmp_path / "usage.ndjson"
     path.write_bytes(
         b"\xef\xbb\xbf"
@@ -714,13 +711,7 @@ async def test_the_record_command_refuses_a_line_past_1_mib_and_goes_on(
     server, pool, tmp_path
 ):
     key = await create_key(server.url)
-    good = {
-        "event_id": str(uuid.uuid4()),
-        "virtual_key": key.value,
-        "provider": "openai",
-        "model": "gpt-4o",
-        "cost": "0.000000001",
-    }
+    [good] = records_of_key(key, 1)
     path = tmp_path / "usage.ndjson"
     path.write_bytes(b"x" * (3 << 20) + b"\n" + msgspec.json.encode(good) + b"\n")
 
