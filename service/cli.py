@@ -588,6 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClusterError, DatabaseUnreachable) as exc:  # one sentence, no traceback
         print(f"govledger: {logging_setup.redact.mask_text(str(exc))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of stdout left (`govledger export | head`): stop quietly, as
+        # a command killed by SIGPIPE would, and let nothing flush into the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         if exc.filename is None:  # not a file the command was given: a defect
             raise

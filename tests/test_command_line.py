@@ -6,12 +6,13 @@ processes, a real embedded cluster, the test database)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 import socket
-import subprocess
-import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -20,7 +21,9 @@ import pytest
 
 from service import pgcluster
 from service.config import ConfigError, Settings
-from tests.commands import govledger, said
+from service.domain.events import TeamCreated
+from tests.builders import append
+from tests.commands import COMMAND, environment, govledger, said
 
 
 @pytest.mark.parametrize("raw", ["0", "65536", "99999", "-1", " 80", "8o", "٨٠"])
@@ -85,23 +88,12 @@ def test_a_port_in_use_is_one_sentence_and_stops_the_cluster_serve_started(data_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("GOVLEDGER_")},
-            "GOVLEDGER_DATA_DIR": str(data_dir),
-            "GOVLEDGER_PORT": str(port),
-        }
-        env.pop("DATABASE_URL", None)
-        done = subprocess.run(
-            [sys.executable, "-m", "service", "serve"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=80,
+        done = govledger(
+            "serve", GOVLEDGER_DATA_DIR=str(data_dir), GOVLEDGER_PORT=str(port)
         )
 
-    plain = [line for line in done.stderr.splitlines() if not line.startswith("{")]
     assert done.returncode == 2
-    assert plain == [
+    assert said(done.stderr) == [
         f"govledger: cannot listen on 127.0.0.1:{port} (Address already in use):"
         " free that port or set GOVLEDGER_HOST and GOVLEDGER_PORT"
     ]
@@ -124,7 +116,7 @@ def test_a_database_url_with_no_postgresql_behind_it_is_one_sentence(command):
     )
 
     assert done.returncode == 1
-    assert said(done) == [
+    assert said(done.stderr) == [
         "govledger: cannot connect to the PostgreSQL of DATABASE_URL (Connect call"
         f" failed ('127.0.0.1', {port})): start it, or correct DATABASE_URL"
     ]
@@ -149,7 +141,9 @@ def test_a_database_url_that_is_no_postgresql_url_is_a_configuration_error(url, 
     done = govledger("migrate", DATABASE_URL=url)
 
     assert done.returncode == 2
-    assert said(done) == [f"govledger: DATABASE_URL is not a PostgreSQL URL: {reason}"]
+    assert said(done.stderr) == [
+        f"govledger: DATABASE_URL is not a PostgreSQL URL: {reason}"
+    ]
     assert "hunter2-secret" not in done.stderr
 
 
@@ -160,7 +154,7 @@ def test_a_database_the_server_does_not_have_is_one_sentence(database):
     done = govledger("migrate", DATABASE_URL=missing)
 
     assert done.returncode == 1
-    assert said(done) == [
+    assert said(done.stderr) == [
         "govledger: the PostgreSQL of DATABASE_URL refused the connection:"
         ' database "no_such_database" does not exist'
     ]
@@ -176,7 +170,7 @@ def test_a_batch_size_outside_1_to_10000_is_refused_before_anything_runs(command
     )
 
     assert done.returncode == 2
-    assert said(done)[-1] == (
+    assert said(done.stderr)[-1] == (
         f"govledger {command[0]}: error: argument --batch-size: must be a whole"
         f" number from 1 to 10,000, not {raw!r}"
     )
@@ -189,11 +183,34 @@ def test_a_file_that_cannot_be_opened_is_one_sentence(database, tmp_path):
     imported = govledger("import", str(missing), DATABASE_URL=database)
     exported = govledger("export", str(nowhere), DATABASE_URL=database)
 
-    assert (imported.returncode, said(imported)) == (
+    assert (imported.returncode, said(imported.stderr)) == (
         1,
         [f"govledger import: {missing}: No such file or directory"],
     )
-    assert (exported.returncode, said(exported)) == (
+    assert (exported.returncode, said(exported.stderr)) == (
         1,
         [f"govledger export: {nowhere}: No such file or directory"],
     )
+
+
+async def test_an_export_whose_reader_left_stops_quietly_as_sigpipe_would(
+    database, pool
+):
+    team_id = str(uuid.uuid4())
+    await append(pool, f"team-{team_id}", TeamCreated(team_id=team_id, name="t"))
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line is written
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND,
+            "export",
+            env=environment(DATABASE_URL=database),
+            stdout=write,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        os.close(write)
+
+    assert process.returncode == 128 + signal.SIGPIPE
+    assert said(err.decode()) == []

@@ -412,7 +412,7 @@ def test_serve_refuses_to_run_without_tokens_on_a_non_loopback_address(host):
     )
 
     assert done.returncode == 2
-    assert said(done) == [
+    assert said(done.stderr) == [
         f"govledger: refusing to serve on {host} without tokens: set"
         " GOVLEDGER_ADMIN_TOKENS (and recorder/reader tokens) or bind to 127.0.0.1"
     ]
