@@ -182,6 +182,7 @@ def test_a_file_that_cannot_be_opened_is_one_sentence(database, tmp_path):
 
     imported = govledger("import", str(missing), DATABASE_URL=database)
     exported = govledger("export", str(nowhere), DATABASE_URL=database)
+    recorded = govledger("record", str(missing))
 
     assert (imported.returncode, said(imported.stderr)) == (
         1,
@@ -190,6 +191,10 @@ def test_a_file_that_cannot_be_opened_is_one_sentence(database, tmp_path):
     assert (exported.returncode, said(exported.stderr)) == (
         1,
         [f"govledger export: {nowhere}: No such file or directory"],
+    )
+    assert (recorded.returncode, said(recorded.stderr)) == (
+        1,
+        [f"govledger record: {missing}: No such file or directory"],
     )
 
 

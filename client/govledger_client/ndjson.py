@@ -106,7 +106,8 @@ async def _lines(source: IO[bytes]) -> AsyncIterator[list[bytes]]:
 def record_file(path: str, *, url: str, token: str | None) -> int:
     """`govledger record FILE|-`: progress on stderr, one JSON line per rejected
     record on stdout, the summary line last. Exit status 1 if any record was
-    rejected, 2 if the URL is none or the file cannot be opened."""
+    rejected or the file cannot be opened, 2 if the URL is none (as the other
+    govledger commands)."""
     try:
         service_url(url)
     except ValueError as exc:
@@ -117,8 +118,8 @@ def record_file(path: str, *, url: str, token: str | None) -> int:
     try:
         source = open(path, "rb")  # noqa: SIM115 -- closed by the with below
     except OSError as exc:
-        print(f"govledger record: {exc}", file=sys.stderr)
-        return 2
+        print(f"govledger record: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
     with source:
         return asyncio.run(_record_file(source, url, token))
 
