@@ -108,7 +108,7 @@ MAX_POSITION = 2**63 - 1
 def parse_at(text: str, now: datetime) -> int | datetime:
     """A position (digits) or an RFC 3339 time (UTC when it names no offset) between
     2000-01-01 and 5 minutes after `now`."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         if len(text) > 19 or int(text) > MAX_POSITION:
             raise ReplayError(f"--at is past the largest position: {text[:30]!r}")
         return int(text)

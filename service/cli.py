@@ -309,9 +309,9 @@ def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def _fail(command: str, exc: Exception) -> int:
+def _fail(command: str, exc: Exception, *, status: int = 1) -> int:
     print(f"govledger {command}: {exc}", file=sys.stderr)
-    return 1
+    return status
 
 
 def cmd_upcast(args: argparse.Namespace) -> int:
@@ -391,14 +391,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from projections import replay, shadow
 
     progress = Progress("replay")
-    try:
+    try:  # what the arguments say wrong, before anything runs: a usage error
+        replay.projection(args.projection)
         if args.at is not None and args.verify:
             raise replay.ReplayError("--verify compares with the live tables; not --at")
-        if args.at is not None:
-            at = replay.parse_at(args.at, datetime.now(UTC))
-            return _with_pool(lambda pool: _replay_at(pool, args, at, progress))
-        if args.print:
+        if args.print and args.at is None:
             raise replay.ReplayError("--print needs --at")
+        at = None if args.at is None else replay.parse_at(args.at, datetime.now(UTC))
+    except replay.ReplayError as exc:
+        return _fail("replay", exc, status=2)
+    try:
+        if at is not None:
+            return _with_pool(lambda pool: _replay_at(pool, args, at, progress))
         report = _with_pool(
             lambda pool: replay.rebuild(
                 pool,

@@ -176,6 +176,26 @@ def test_a_batch_size_outside_1_to_10000_is_refused_before_anything_runs(command
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (
+            ["--at", "yesterday"],
+            "--at takes a position or an RFC 3339 time: 'yesterday'",
+        ),
+        (["--at", "\u0663"], "--at takes a position or an RFC 3339 time: '\u0663'"),
+        (["--at", "7", "--verify"], "--verify compares with the live tables; not --at"),
+        (["--print"], "--print needs --at"),
+        (["--projection", "nope"], "unknown projection 'nope' (known: governance)"),
+    ],
+)
+def test_replay_arguments_that_say_nothing_runnable_are_a_usage_error(args, sentence):
+    done = govledger("replay", *args, DATABASE_URL="postgresql://nobody@/nowhere")
+
+    assert done.returncode == 2
+    assert said(done.stderr) == [f"govledger replay: {sentence}"]
+
+
 def test_a_file_that_cannot_be_opened_is_one_sentence(database, tmp_path):
     missing = tmp_path / "missing.jsonl"
     nowhere = tmp_path / "no-such-folder" / "events.jsonl"
