@@ -28,8 +28,12 @@ from service.pgcluster import ClusterError
 log = structlog.get_logger()
 
 
-MAX_BATCH = 10_000
 REACH_TIMEOUT_S = 10.0
+
+
+class DatabaseUnreachable(Exception):
+    """DATABASE_URL names no PostgreSQL this process can use; `str()` is one
+    sentence to print as it is."""
 
 
 async def _reach(dsn: str) -> None:
@@ -51,21 +55,6 @@ async def _reach(dsn: str) -> None:
             f"the PostgreSQL of DATABASE_URL refused the connection: {exc}"
         ) from None
     await conn.close()
-
-
-def batch_size(raw: str) -> int:
-    """A --batch-size: a whole number from 1 to MAX_BATCH (0 would read nothing and
-    end a replay at once; a larger one holds a transaction open too long)."""
-    if not (raw.isascii() and raw.isdigit() and 0 < int(raw) <= MAX_BATCH):
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number from 1 to {MAX_BATCH:,}, not {raw!r}"
-        )
-    return int(raw)
-
-
-class DatabaseUnreachable(Exception):
-    """DATABASE_URL names no PostgreSQL this process can use; `str()` is one
-    sentence to print as it is."""
 
 
 def database_url(settings: Settings) -> str:
@@ -483,6 +472,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "tools.bench", *args.argv], env)
+
+
+MAX_BATCH = 10_000
+
+
+def batch_size(raw: str) -> int:
+    """A --batch-size: a whole number from 1 to MAX_BATCH (0 would read nothing and
+    end a replay at once; a larger one holds a transaction open too long)."""
+    if not (raw.isascii() and raw.isdigit() and 0 < int(raw) <= MAX_BATCH):
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_BATCH:,}, not {raw!r}"
+        )
+    return int(raw)
 
 
 def parser() -> argparse.ArgumentParser:
