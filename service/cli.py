@@ -361,7 +361,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from service import transfer
 
     progress = Progress("import", detail="appended")
-    with open(args.file, "rb") as lines:
+    with open(args.file, "rb") as source:
+        lines = transfer.bounded_lines(source)
         try:
             report = _with_pool(
                 lambda pool: transfer.import_lines(

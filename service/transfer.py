@@ -14,7 +14,7 @@ in range (`recorded_at`, a usage event's `occurred_at`).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any
 
@@ -194,6 +194,19 @@ def owner_stream(event: AnyEvent) -> str:
 
 
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors write
+# The longest envelope line read: the largest event a command can write (a key with
+# 64 provider configs of 256 models of 256 characters) is about 4 MiB of JSON.
+MAX_LINE_BYTES = 16 << 20
+
+
+def bounded_lines(source: IO[bytes]) -> Iterator[bytes]:
+    """The lines of `source`, each read with at most MAX_LINE_BYTES + 1 bytes held:
+    a longer line comes cut there (and `import_lines` refuses it by its number), so a
+    file without line ends cannot take the process's memory."""
+    while line := source.readline(MAX_LINE_BYTES + 1):
+        yield line
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            return  # refused at this line: nothing after it is read
 
 
 async def import_lines(
@@ -217,6 +230,10 @@ async def import_lines(
         for number, raw in enumerate(lines, start=1):
             if number == 1:
                 raw = raw.removeprefix(_BOM)
+            if len(raw) > MAX_LINE_BYTES:
+                raise ImportFailed(
+                    number, f"a line takes at most {MAX_LINE_BYTES:,} bytes"
+                )
             if not raw.strip():
                 continue
             batch.append(parse_line(number, raw, now))

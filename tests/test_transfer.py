@@ -264,6 +264,20 @@ async def test_a_byte_order_mark_before_the_first_line_is_ignored(copy_pool):
     assert (report.lines, report.appended) == (2, 2)
 
 
+async def test_a_line_past_16_mib_is_refused_by_its_number_without_reading_on(
+    copy_pool,
+):
+    first = envelope_line(1) + b"\n"
+    source = io.BytesIO(first + b"x" * (transfer.MAX_LINE_BYTES * 2))
+
+    with pytest.raises(transfer.ImportFailed) as refused:
+        await transfer.import_lines(copy_pool, transfer.bounded_lines(source))
+
+    assert str(refused.value) == "line 2: a line takes at most 16,777,216 bytes"
+    assert source.tell() == len(first) + transfer.MAX_LINE_BYTES + 1
+    assert await eventstore.read_all(copy_pool, eventstore.Checkpoint()) == []
+
+
 def envelope_line(n: int, **changes: Any) -> bytes:
     line = {
         "event_id": f"00000000-0000-4000-8000-{n:012d}",
