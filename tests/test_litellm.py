@@ -543,6 +543,7 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "unknown key": await chat(session, proxy, "cheap", key="sk-gl-" + "x" * 32),
         "no key": await chat(session, proxy, "cheap"),
         "unpriced": await chat(session, proxy, "unpriced", key=tight.value),
+        "priced at NaN": await chat(session, proxy, "nan-priced", key=tight.value),
         "estimate over": await chat(
             session, proxy, "mixed", key=tight.value, max_tokens=100
         ),
@@ -566,6 +567,7 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
         "unknown key": 401,
         "no key": 401,
         "unpriced": 403,
+        "priced at NaN": 403,
         "estimate over": 402,
         "estimate within": 200,
         "estimate past any": 402,
@@ -573,6 +575,7 @@ async def test_refused_calls_get_govledgers_status_and_record_nothing(
     }, answers
     assert "budget exceeded" in answers["over budget"]["error"]
     assert "no price for 'unpriced'" in answers["unpriced"]["error"]
+    assert "no price for 'nan-priced'" in answers["priced at NaN"]["error"]
     assert "x-govledger-key" in answers["no key"]["error"]
     assert "govledger cannot check this call" in answers["key past any"]["error"]
     assert records_of(allowed) == as_records([answers["estimate within"]])

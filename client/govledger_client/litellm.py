@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -647,11 +648,15 @@ def _deployment_price(
 
 
 def _price(input_cost: object, output_cost: object) -> _Price | None:
-    if not isinstance(input_cost, int | float) or not isinstance(
-        output_cost, int | float
-    ):
-        return None
-    return _Price(money(float(input_cost)), money(float(output_cost)))
+    """A deployment's prices per token; None unless both are numbers that can be a
+    price (a NaN, an infinity or a negative one in a config is no price, and is
+    treated as GOVLEDGER_UNPRICED says, not carried into an estimate)."""
+    prices = [
+        money(float(c))
+        for c in (input_cost, output_cost)
+        if isinstance(c, int | float) and math.isfinite(c) and c >= 0
+    ]
+    return _Price(*prices) if len(prices) == 2 else None
 
 
 def _prompt_tokens(model: str, request: dict[str, Any]) -> int:
