@@ -47,6 +47,18 @@ BATCH_PATH: Final = "/api/usage/batch"
 CHECK_PATH: Final = "/api/governance/check"
 # POST: drops a reservation's hold (format with the reservation id).
 RELEASE_PATH: Final = "/api/governance/reservations/{}/release"
+# The largest estimates a check takes: estimated_tokens, and a reserving check's
+# estimated_cost (below 10^12, to the nano). A larger estimate is refused as a bad
+# request, so a gateway caps what it sends here; the capped one still exceeds any
+# budget or rate limit below it.
+MAX_ESTIMATED_TOKENS: Final = 2**31 - 1
+MAX_ESTIMATED_COST: Final = Decimal("999999999999.999999999")
+
+# Error codes (frames and answers) that another attempt may not get: send again.
+TRANSIENT_CODES: Final = frozenset(
+    {"database_unavailable", "internal_error", "projection_lag"}
+)
+_NANO = Decimal("1e-9")
 
 
 def service_url(url: str) -> str:
@@ -70,19 +82,6 @@ def service_url(url: str) -> str:
             "the service URL must be http:// or https:// with a host and at most a path"
         )
     return url.strip().rstrip("/")
-
-
-# The largest estimates a check takes: estimated_tokens, and a reserving check's
-# estimated_cost (below 10^12, to the nano). A larger estimate is refused as a bad
-# request, so a gateway caps what it sends here; the capped one still exceeds any
-# budget or rate limit below it.
-MAX_ESTIMATED_TOKENS: Final = 2**31 - 1
-MAX_ESTIMATED_COST: Final = Decimal("999999999999.999999999")
-# Error codes (frames and answers) that another attempt may not get: send again.
-TRANSIENT_CODES: Final = frozenset(
-    {"database_unavailable", "internal_error", "projection_lag"}
-)
-_NANO = Decimal("1e-9")
 
 
 # --- sent ----------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def run(
                 await site.start()
             except OSError as exc:  # in use, not this machine's, not permitted
                 raise ConfigError(
-                    f"cannot listen on {host}:{port} ({_reason(exc)}): free that"
+                    f"cannot listen on {host}:{port} ({_bind_failure(exc)}): free that"
                     " port or set GOVLEDGER_HOST and GOVLEDGER_PORT"
                 ) from None
             await asyncio.Event().wait()  # until a signal ends the loop's run
@@ -229,7 +229,7 @@ def run(
             loop.close()
 
 
-def _reason(error: OSError) -> str:
+def _bind_failure(error: OSError) -> str:
     """The system's words for a failed bind ("Address already in use"), without the
     loop's wrapping of them; a resolver's error as it says it."""
     if error.errno is not None and error.errno > 0:
