@@ -157,7 +157,12 @@ class Proxies:
         self.auth = Proxy(
             "auth",
             auth_config,
-            {**common, "GOVLEDGER_RESERVE": "no", "GOVLEDGER_FAIL_OPEN": "yes"},
+            {
+                **common,
+                "GOVLEDGER_RESERVE": "no",
+                "GOVLEDGER_FAIL_OPEN": "yes",
+                "GOVLEDGER_UNPRICED": "allow",
+            },
         )
         self.all = [self.reserve, self.plain, self.auth]
 
@@ -682,6 +687,21 @@ async def test_custom_auth_takes_the_govledger_key_as_bearer_and_passes_the_mast
     # The master key's call went ungoverned: recorded for no key.
     everything = "SELECT count(*) FROM events WHERE type = 'UsageRecorded'"
     assert await pool.fetchval(everything) == 1
+
+
+@pytest.mark.slow
+@with_litellm
+async def test_a_call_priced_at_nan_under_unpriced_allow_is_recorded_at_cost_0(
+    proxies, govledger, session, pool
+):
+    key = await create_key(session, govledger.url)
+
+    answer = await chat(session, proxies.auth, "nan-priced", bearer=key.value)
+    [usage] = await recorded(pool, key, 1)
+
+    assert answer["status"] == 200, answer
+    assert (usage["model"], Decimal(str(usage["cost"]))) == ("nan-priced-model", 0)
+    assert (usage["input_tokens"], usage["output_tokens"]) == tuple(answer["usage"])
 
 
 @pytest.mark.slow

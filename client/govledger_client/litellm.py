@@ -24,7 +24,7 @@ import uuid
 from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeGuard
 
 # The extra's imports; mypy runs without the extra installed.
 import litellm  # type: ignore[import-not-found, unused-ignore]
@@ -348,7 +348,7 @@ class GovledgerCallback(CustomLogger):  # type: ignore[misc, unused-ignore]
         )
         model = str(kwargs.get("model") or logged.get("model") or "unknown")
         cost = logged.get("response_cost") or 0
-        if kwargs.get("response_cost") is None:
+        if kwargs.get("response_cost") is None or not _is_amount(cost):
             log.warning(
                 "govledger: LiteLLM has no price for %s/%s: usage recorded at cost 0",
                 provider,
@@ -651,12 +651,14 @@ def _price(input_cost: object, output_cost: object) -> _Price | None:
     """A deployment's prices per token; None unless both are numbers that can be a
     price (a NaN, an infinity or a negative one in a config is no price, and is
     treated as GOVLEDGER_UNPRICED says, not carried into an estimate)."""
-    prices = [
-        money(float(c))
-        for c in (input_cost, output_cost)
-        if isinstance(c, int | float) and math.isfinite(c) and c >= 0
-    ]
+    prices = [money(float(c)) for c in (input_cost, output_cost) if _is_amount(c)]
     return _Price(*prices) if len(prices) == 2 else None
+
+
+def _is_amount(value: object) -> TypeGuard[int | float]:
+    """Whether LiteLLM's number can be money: a price or a cost that is NaN,
+    infinite or negative (a mistyped config) is treated as none."""
+    return isinstance(value, int | float) and math.isfinite(value) and value >= 0
 
 
 def _prompt_tokens(model: str, request: dict[str, Any]) -> int:
