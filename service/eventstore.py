@@ -439,18 +439,16 @@ async def head(conn: Queryable) -> Checkpoint:
     return Checkpoint(row["tx_id"], row["global_position"]) if row else Checkpoint()
 
 
-async def position_of(conn: Queryable, event_id: str) -> int | None:
-    """The position of the event stored under `event_id`, if any."""
-    position: int | None = await conn.fetchval(
-        "SELECT global_position FROM events WHERE event_id = $1::uuid", event_id
-    )
-    return position
-
-
-async def read_event(conn: Queryable, event_id: str) -> RecordedEvent | None:
-    """The event stored under `event_id`, if any."""
+async def read_event_of(
+    conn: Queryable, type_: str, event_ids: Sequence[str]
+) -> RecordedEvent | None:
+    """The first event of type `type_` stored under one of `event_ids`, if any (an
+    event of another type under such an id is not it)."""
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM events WHERE event_id = $1::uuid", event_id
+        f"SELECT {_COLUMNS} FROM events WHERE event_id = ANY($1::uuid[])"
+        " AND type = $2 ORDER BY global_position LIMIT 1",
+        list(event_ids),
+        type_,
     )
     return None if row is None else record_of(row)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -103,8 +102,9 @@ class UsageRecord(
     output_tokens: Count = 0
     requests: Count = 1
     occurred_at: Instant | None = None
-    # The hold this spend settles (a check with "reserve": true answered it).
-    reservation_id: uuid.UUID | None = None
+    # The hold this spend settles (a check with "reserve": true answered it); the
+    # 36-character form only, in any letter case, as every id here.
+    reservation_id: EventId | None = None
 
 
 class UsageChain(msgspec.Struct, frozen=True):
@@ -278,7 +278,7 @@ def to_event(record: UsageRecord, chain: UsageChain, now: datetime) -> UsageReco
         team_id=chain.team_id,
         customer_id=chain.customer_id,
         reservation_id=(
-            None if record.reservation_id is None else str(record.reservation_id)
+            None if record.reservation_id is None else record.reservation_id.lower()
         ),
     )
 
@@ -364,7 +364,9 @@ class _Line(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     output_tokens: int = 0
     requests: int = 1
     occurred_at: Instant | None = None
-    reservation_id: uuid.UUID | None = None
+    reservation_id: (
+        Annotated[str, msgspec.Meta(min_length=36, max_length=36)] | None
+    ) = None
 
 
 _decode_fast = msgspec.json.Decoder(_Line).decode_lines
@@ -377,12 +379,13 @@ def _exact(lines: list[_Line]) -> list[UsageRecord] | None:
     them needs it (a pattern not matched, money or a count it may refuse)."""
     records = []
     for line in lines:
-        key_id = line.virtual_key_id
+        key_id, held = line.virtual_key_id, line.reservation_id
         if (
             _IS_UUID(line.event_id) is None
             or "\x00" in line.provider
             or "\x00" in line.model
             or (key_id is not None and _IS_UUID(key_id) is None)
+            or (held is not None and _IS_UUID(held) is None)
         ):
             return None
         try:

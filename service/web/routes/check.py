@@ -23,8 +23,9 @@ from service.domain.events import ReservationHeld, ReservationReleased
 from service.domain.numbers import Money, Whole, decode_hook, money_schema
 from service.domain.usage import Name, Row, Secret, cost_rejection, kept_money
 from service.errors import Forbidden, Invalid, InvalidCost, InvalidPosition, NotFound
-from service.eventstore import encode_event
+from service.eventstore import Queryable, encode_event
 from service.ingest import reach_head
+from service.records import RecordedEvent
 from service.web import keyed
 from service.web.answers import CheckAnswer, Released
 from service.web.encoded import check_body
@@ -98,8 +99,24 @@ class CheckRequest(
 
 DEFAULT_TTL_S = 600
 # A reservation id made from the key and the client's Idempotency-Key: a retry of a
-# reserving check names the same reservation.
+# reserving check names the same reservation. Its events' ids are made from it too.
 _RESERVATIONS = uuid.UUID("5c6f0e1a-9a53-4d0e-8f0b-7a0c2f3b8e11")
+
+
+def held_event_id(reservation_id: str) -> uuid.UUID:
+    """The event id of a reservation's ReservationHeld: made from the reservation
+    id, never that id itself, so a gateway may give the call's usage record the
+    reservation's id as its event_id (the log's event ids are unique: a record
+    under the hold's own id would be taken for a repeat of it)."""
+    return uuid.uuid5(_RESERVATIONS, f"{reservation_id}:held")
+
+
+async def _stored_hold(pool: Queryable, reservation_id: str) -> RecordedEvent | None:
+    """The ReservationHeld of `reservation_id` in the log, under its own event id
+    or, held before the two ids differed, under the reservation id."""
+    return await eventstore.read_event_of(
+        pool, "ReservationHeld", [str(held_event_id(reservation_id)), reservation_id]
+    )
 
 
 def _validate(body: CheckRequest) -> None:
@@ -291,7 +308,7 @@ async def _reserve(
             return json_response(
                 _same_reservation(reservation_id, cache.position, open_hold.expires_at)
             )
-        stored = await eventstore.read_event(app[pool_key], reservation_id)
+        stored = await _stored_hold(app[pool_key], reservation_id)
         if stored is not None and isinstance(stored.event, ReservationHeld):
             return json_response(
                 _same_reservation(
@@ -313,9 +330,10 @@ async def _reserve(
     stale = app[cache_projector_key].failing
     if event is None:
         return json_response(answer(result, cache.position, stale))
+    held_id = held_event_id(reservation_id)
     row = Row(
-        key=uuid.UUID(reservation_id).int,
-        event_id=reservation_id,
+        key=held_id.int,
+        event_id=str(held_id),
         stream_id="usage-" + event.virtual_key_id,
         data=encode_event(event),
         type="ReservationHeld",
@@ -363,12 +381,12 @@ async def _release(request: web.Request, reservation_id: str) -> web.Response:
     cache = app[cache_key]
     hold = cache.holds.get(reservation_id)
     if hold is None:
-        stored = await eventstore.position_of(app[pool_key], reservation_id)
+        stored = await _stored_hold(app[pool_key], reservation_id)
         if stored is None:
             raise NotFound(f"reservation {reservation_id} does not exist")
         # Held through another replica: wait until this cache has seen it.
         await app[cache_projector_key].wait_for(
-            stored, app[settings_key].min_position_wait_s
+            stored.global_position, app[settings_key].min_position_wait_s
         )
         hold = cache.holds.get(reservation_id)
     if hold is None or hold.expires_at <= datetime.now(UTC):
