@@ -16,6 +16,7 @@ from projections.governance_usage import Owner, create_ledger
 from service.domain.events import Budget, RateLimit
 from service.domain.ledger import (
     Ledger,
+    Transition,
     define_budgets,
     define_rate_limit,
     open_ledger,
@@ -51,7 +52,12 @@ async def define(
         if meters:
             upsert = _budget_rows(owner, ledger, version, at)
     if not isinstance(rate_limit, UnsetType):
-        define_rate_limit(ledger, rate_limit, at)
+        changes = define_rate_limit(ledger, rate_limit, at)
+        dropped = [k for k, t in changes.items() if t is Transition.DROPPED]
+        if dropped and rate_limit is not None and entry.rate_limit_id is not None:
+            # The ledger forgot the half's cells; the rows written before go too
+            # (without the row's halves, its delete takes them all).
+            await conn.execute(_DROP_HALVES, entry.rate_limit_id, dropped)
         if upsert and rate_limit is not None:
             # One round trip for both (a created key: the common case).
             found = await conn.fetchval(
@@ -115,6 +121,10 @@ def _budget_rows(
     )
 
 
+_DROP_HALVES = """
+DELETE FROM governance_rate_limit_usage
+WHERE rate_limit_id = $1 AND kind = ANY($2::text[])
+"""
 _DELETE_RATE_LIMIT = (
     "DELETE FROM governance_rate_limits WHERE owner_type = $1 AND owner_id = $2"
 )

@@ -12,6 +12,7 @@ import pytest
 
 from projections import governance, governance_books, replay
 from projections.runner import Projector
+from service.domain.events import RateLimit, VirtualKeyUpdated
 from service.records import RecordedEvent
 from tests.builders import append, budget, key_created, uid, usage_event
 
@@ -209,3 +210,48 @@ async def test_ledgers_kept_are_bounded_and_a_forgotten_one_is_read_again(
     assert [await spend_of(pool, budget_id) for _, budget_id in keys] == [
         Decimal(3)
     ] * 4
+
+
+@pytest.mark.parametrize("kept", ["requests", "tokens"])
+async def test_a_rate_limit_half_removed_takes_its_usage_along(pool, kept):
+    """The live read model forgets a dropped half's usage as a replay never has it:
+    the live tables kept the cells written before the half went, so `replay
+    --verify` found rows only live."""
+    key_id = uid()
+    both = RateLimit(
+        token_max_limit=1000,
+        token_reset_duration="1h",
+        request_max_limit=100,
+        request_reset_duration="1h",
+    )
+    one = (
+        RateLimit(request_max_limit=100, request_reset_duration="1h")
+        if kept == "requests"
+        else RateLimit(token_max_limit=1000, token_reset_duration="1h")
+    )
+    stream = f"virtual_key-{key_id}"
+    await append(pool, stream, key_created(key_id, rate_limit=both), at=T0)
+    usage = usage_event(key_id, "1", T0, input_tokens=10)  # filed at once
+    await append(pool, f"usage-{key_id}", usage, at=T0 + SECOND)
+    live = Projector(pool, "governance", governance.apply)
+    await live.catch_up()
+    updated = VirtualKeyUpdated(
+        virtual_key_id=key_id,
+        name="ci",
+        value_sha256=f"sha-{key_id}",
+        value_hint="abcd",
+        rate_limit=one,
+    )
+    await append(pool, stream, updated, at=T0 + 2 * SECOND)
+    await live.catch_up()
+
+    kinds = await pool.fetch(
+        "SELECT u.kind, u.used FROM governance_rate_limit_usage u"
+        " JOIN governance_rate_limits r ON r.id = u.rate_limit_id"
+        " WHERE r.virtual_key_id = $1",
+        key_id,
+    )
+    assert [(r["kind"], r["used"]) for r in kinds] == [
+        (kept, 10 if kept == "tokens" else 1)
+    ]
+    assert (await replay.rebuild(pool, verify=True)).differences == []
