@@ -1210,3 +1210,28 @@ async def test_a_key_that_does_not_exist_is_final_once_the_cache_is_at_the_head(
 
     assert (status, checked["reason"]) == (200, "unknown_virtual_key")
     assert_error(*one, 400, "unknown_virtual_key")
+
+
+@pytest.mark.parametrize("quote", [b'"', b""])
+async def test_money_spelled_in_half_a_megabyte_is_a_400_that_stores_nothing(
+    api, quote
+):
+    """Every number a request carries has a bound on its spelling (64 characters):
+    1 followed by 500,000 zeros after the point was taken whole into the log."""
+    key = await seed(api)
+    before = await event_count(api)
+    long = quote + b"1." + b"0" * 500_000 + quote
+    limit = b'{"name": "big", "budgets": [{"max_limit": %s, "reset_duration": "1d"}]}'
+    record = json.dumps(usage_record(key, cost="COST")).encode()
+    line = record.replace(b'"COST"', long)
+
+    created = await send(api, "POST", CUSTOMERS, limit % long)
+    single = await send(api, "POST", "/api/usage", line)
+    batch = await send(api, "POST", "/api/usage/batch", line, NDJSON)
+
+    assert_error(*created, 400, "invalid_request")
+    assert "at most 64 characters, got 500,002" in created[1]["error"]["message"]
+    assert_error(*single, 400, "invalid_record")
+    assert batch[0] == 200
+    assert [r["code"] for r in batch[1]["rejected"]] == ["invalid_record"]
+    assert await event_count(api) == before

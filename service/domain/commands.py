@@ -4,7 +4,6 @@ checks the customer, team and virtual-key decisions share."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from decimal import Decimal
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -27,7 +26,7 @@ from service.domain.budgets import (
     validate_rate_limit,
 )
 from service.domain.events import Budget, RateLimit
-from service.domain.numbers import decode_hook
+from service.domain.numbers import decimal_number, decode_hook
 from service.errors import Invalid, UnknownReference
 
 # --- request bodies ----------------------------------------------------------------
@@ -199,7 +198,7 @@ B = TypeVar("B", bound=AnyBody)
 
 def body_decoder(type_: type[B]) -> msgspec.json.Decoder[B]:
     """The strict decoder of a body: money exact (see budgets.Money)."""
-    return msgspec.json.Decoder(type_, dec_hook=decode_hook, float_hook=Decimal)
+    return msgspec.json.Decoder(type_, dec_hook=decode_hook, float_hook=decimal_number)
 
 
 T = TypeVar("T")

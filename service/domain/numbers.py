@@ -4,9 +4,9 @@ Schema's `integer` both admits.
 
 Money is ASCII digits with an optional minus sign and fraction when it is a string:
 no spaces, exponent, underscores or other digits, which Decimal() would also take.
-Fields of type Money and Whole decode through `decode_hook` (with float_hook=Decimal)
-into a Decimal and an int; each field states its range in the OpenAPI document
-(`money_schema`), and the code that takes the field enforces that range.
+Fields of type Money and Whole decode through `decode_hook` (with float_hook
+`decimal_number`) into a Decimal and an int; each field states its range in the
+OpenAPI document (`money_schema`), and the code that takes the field enforces it.
 """
 
 from __future__ import annotations
@@ -54,6 +54,20 @@ _MONEY_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?|[+-]?(?i:s?nan|inf|infinity)")
 # Digits of the largest whole number a float spelling may stand for (far past any
 # bound a field has): int() of 1e400000 would take its time.
 _WHOLE_DIGITS = 20
+# The longest spelling of a number a request may use, as a JSON number or a money
+# string: no field takes that many digits (a limit has at most 18 + 9), and Decimal
+# would keep every one of them, into the log's event and back out in answers.
+MAX_NUMBER_CHARS = 64
+
+
+def decimal_number(text: str) -> Decimal:
+    """msgspec's float_hook for request bodies: a JSON number with a fraction or an
+    exponent, exactly, spelled in at most MAX_NUMBER_CHARS characters."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(
+            f"a number takes at most {MAX_NUMBER_CHARS} characters, got {len(text):,}"
+        )
+    return Decimal(text)
 
 
 def decode_hook(type_: type, value: object) -> object:
@@ -67,6 +81,11 @@ def decode_hook(type_: type, value: object) -> object:
 
 def _money(value: object) -> Decimal:
     if isinstance(value, str):
+        if len(value) > MAX_NUMBER_CHARS:
+            raise ValueError(
+                f"Expected a decimal string of at most {MAX_NUMBER_CHARS} characters,"
+                f" got {len(value):,}"
+            )
         if _MONEY_TEXT.fullmatch(value) is None:
             raise ValueError(
                 "Expected a number or a decimal string of ASCII digits, like"
@@ -111,6 +130,9 @@ def money_schema(
     """A money field as the OpenAPI document states it: a number within `number`'s
     bounds, or a decimal string matching `text`."""
     return {
-        "anyOf": [{"type": "number", **number}, {"type": "string", "pattern": text}],
+        "anyOf": [
+            {"type": "number", **number},
+            {"type": "string", "pattern": text, "maxLength": MAX_NUMBER_CHARS},
+        ],
         "description": description,
     }

@@ -30,7 +30,13 @@ import msgspec
 
 from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id, explained
 from service.domain.events import UsageRecorded
-from service.domain.numbers import Money, Whole, decode_hook, money_schema
+from service.domain.numbers import (
+    Money,
+    Whole,
+    decimal_number,
+    decode_hook,
+    money_schema,
+)
 
 MAX_FUTURE = timedelta(minutes=5)
 # The instants a record may carry: from 2000-01-01 to MAX_FUTURE after the receive
@@ -319,7 +325,7 @@ class Rejected(NamedTuple):
 _encode = msgspec.json.Encoder().encode
 # Money exact (budgets.Money): a hook call per record, about a microsecond.
 _record_decoder = msgspec.json.Decoder(
-    UsageRecord, dec_hook=decode_hook, float_hook=Decimal
+    UsageRecord, dec_hook=decode_hook, float_hook=decimal_number
 )
 _decode_record = _record_decoder.decode
 _decode_records = _record_decoder.decode_lines

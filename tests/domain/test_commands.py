@@ -46,7 +46,13 @@ from service.domain.events import (
     TeamCreated,
     VirtualKeyCreated,
 )
-from service.domain.numbers import Money, Whole, decode_hook, schema_hook
+from service.domain.numbers import (
+    Money,
+    Whole,
+    decimal_number,
+    decode_hook,
+    schema_hook,
+)
 from service.domain.upcast import check_values
 from service.errors import Invalid, InvalidRateLimit
 
@@ -56,7 +62,9 @@ LOWER = UPPER.lower()
 
 def decode(type_, body):
     """Decode as the edge does (commands.body_decoder), any request struct."""
-    decoder = msgspec.json.Decoder(type_, dec_hook=decode_hook, float_hook=Decimal)
+    decoder = msgspec.json.Decoder(
+        type_, dec_hook=decode_hook, float_hook=decimal_number
+    )
     return decoder.decode(json.dumps(body))
 
 
@@ -219,6 +227,29 @@ def test_a_money_string_that_is_not_plain_decimal_digits_is_refused(text):
     message = refusal(CustomerBody, {"name": "a", "budgets": [budget(text)]})
 
     assert message.endswith("- at `$.budgets[0].max_limit`")
+
+
+@pytest.mark.parametrize("quote", ['"', ""])
+def test_a_money_value_is_spelled_in_at_most_64_characters(quote):
+    """A number or a money string of 500,000 zeros was exact, so it was taken,
+    kept whole in the log's event and echoed back (the limit is 1)."""
+
+    def body(zeros: int) -> str:
+        limit = f"{quote}1.{'0' * zeros}{quote}"
+        spec = f'{{"max_limit": {limit}, "reset_duration": "1d"}}'
+        return f'{{"name": "a", "budgets": [{spec}]}}'
+
+    fits, over = body(62), body(63)  # 64 and 65 characters
+    decoder = body_decoder(CustomerBody)
+
+    [spec] = decoder.decode(fits).budgets
+    with pytest.raises(msgspec.ValidationError) as caught:
+        decoder.decode(over)
+
+    assert spec.max_limit == 1
+    assert str(caught.value).startswith(("a number takes", "Expected a decimal"))
+    assert "at most 64 characters, got 65" in str(caught.value)
+    assert str(caught.value).endswith("- at `$.budgets[0].max_limit`")
 
 
 @pytest.mark.parametrize("value", [True, None, [], {}])

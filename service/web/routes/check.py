@@ -20,7 +20,13 @@ from service import eventstore, idempotency, metrics
 from service.domain.bounds import MAX_NAME, NO_NUL_PATTERN, Id
 from service.domain.commands import strict_decode
 from service.domain.events import ReservationHeld, ReservationReleased
-from service.domain.numbers import Money, Whole, decode_hook, money_schema
+from service.domain.numbers import (
+    Money,
+    Whole,
+    decimal_number,
+    decode_hook,
+    money_schema,
+)
 from service.domain.usage import Name, Row, Secret, cost_rejection, kept_money
 from service.errors import Forbidden, Invalid, InvalidCost, InvalidPosition, NotFound
 from service.eventstore import Queryable, encode_event
@@ -149,7 +155,7 @@ def _validate(body: CheckRequest) -> None:
 
 
 _decode_check = msgspec.json.Decoder(
-    CheckRequest, dec_hook=decode_hook, float_hook=Decimal
+    CheckRequest, dec_hook=decode_hook, float_hook=decimal_number
 )
 
 # The same bounds on a name but its pattern (no U+0000), which msgspec checks with a
@@ -188,7 +194,7 @@ def _check_hook(type_: type, value: object) -> object:
 
 
 _decode_lenient = msgspec.json.Decoder(
-    _LenientCheckRequest, dec_hook=_check_hook, float_hook=Decimal
+    _LenientCheckRequest, dec_hook=_check_hook, float_hook=decimal_number
 )
 
 

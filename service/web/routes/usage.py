@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import msgspec
 import structlog
@@ -14,7 +13,7 @@ from msgspec import UNSET
 
 from service import eventstore, metrics
 from service.domain.bounds import explained
-from service.domain.numbers import decode_hook
+from service.domain.numbers import decimal_number, decode_hook
 from service.domain.usage import (
     Rejected,
     UsageRecord,
@@ -76,7 +75,7 @@ class _Seq(msgspec.Struct, frozen=True):
 
 
 _decode_frame = msgspec.json.Decoder(
-    UsageFrame, dec_hook=decode_hook, float_hook=Decimal
+    UsageFrame, dec_hook=decode_hook, float_hook=decimal_number
 ).decode
 _decode_raw_frame = msgspec.json.Decoder(_RawFrame).decode
 _decode_seq = msgspec.json.Decoder(_Seq).decode
