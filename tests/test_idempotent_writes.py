@@ -7,6 +7,7 @@ key is a 400 (real PostgreSQL, real aiohttp server)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from typing import Any
@@ -201,3 +202,40 @@ async def test_a_retried_usage_record_and_batch_answer_as_they_first_did(api, po
     assert many_again.headers.get("Idempotent-Replayed") == "true"
     assert await many_again.read() == await many.read()
     assert await count(pool, "UsageRecorded") == 4
+
+
+@pytest.mark.parametrize("path", [CUSTOMERS, "/api/usage"])
+async def test_a_body_refused_unread_is_an_answer_kept_for_its_key(api, pool, path):
+    """A 413 (too large) or a 415 (a form or plain text) is an answer like any
+    other: the key used again for another request is a 422, not a first answer."""
+    valid = (
+        {"name": "c"} if path == CUSTOMERS else usage_record((await a_key(api)).key_id)
+    )
+    large = json.dumps({**valid, "pad": "x" * (1 << 20)}).encode()
+    before = await pool.fetchval("SELECT count(*) FROM events")
+
+    async def post(key: str, data: bytes, content_type: str) -> tuple[int, bytes]:
+        response = await api.request(
+            "POST",
+            path,
+            data=io.BytesIO(data),  # aiohttp warns about large bytes bodies
+            content_type=content_type,
+            headers={"Idempotency-Key": key, **bearer("adm")},
+        )
+        return response.status, await response.read()
+
+    too_large = await post("large", large, "application/json")
+    again = await post("large", large, "application/json")
+    after_large = await post("large", json.dumps(valid).encode(), "application/json")
+    plain = await post("plain", json.dumps(valid).encode(), "text/plain")
+    after_plain = await post("plain", json.dumps(valid).encode(), "application/json")
+
+    assert too_large[0] == 413
+    assert again == too_large
+    assert plain[0] == 415
+    for status, body in (after_large, after_plain):
+        assert (status, json.loads(body)["error"]["code"]) == (
+            422,
+            "idempotency_conflict",
+        )
+    assert await pool.fetchval("SELECT count(*) FROM events") == before

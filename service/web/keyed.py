@@ -16,8 +16,9 @@ import msgspec
 from aiohttp import web
 
 from service import commands, idempotency
-from service.errors import ServiceError
+from service.errors import BodyTooLarge, ServiceError, UnsupportedMediaType
 from service.idempotency import Idempotency, Reply
+from service.web import http
 from service.web.answers import Error, ErrorDetail, encode
 from service.web.http import ERROR_CODE, header, status_of
 from service.web.keys import in_flight_key, pool_key, settings_key
@@ -38,6 +39,25 @@ def request_key(request: web.Request, raw: bytes) -> Idempotency | None:
         body=raw,
         sealer=idempotency.sealer(settings.secret_key, settings.data_dir),
     )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """`http.read_body`, whose refusals of the body itself (413: too large, 415: not
+    JSON) are answers like any other: kept under the request's Idempotency-Key, its
+    fingerprint naming the refusal where the body would be (none was read), so the
+    key used again for another request is a 422 and the same request gets the same
+    answer. A 408 or a body cut short is not kept: a retry may well get through."""
+    try:
+        return await http.read_body(request, limit)
+    except (BodyTooLarge, UnsupportedMediaType) as exc:
+        key = request_key(request, b"\x00refused " + exc.message.encode())
+        if key is not None:
+            pool = request.app[pool_key]
+            if await idempotency.replay(pool, key) is None:  # 422 for another
+                answer = refusal(exc)
+                assert answer is not None  # a 4xx
+                await commands.keep(pool, key, answer)
+        raise
 
 
 def respond(reply: Reply) -> web.Response:

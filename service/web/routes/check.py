@@ -223,6 +223,7 @@ def _decoded(raw: bytes) -> CheckRequest:
 async def check(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[settings_key]
+    # Not kept for a key: whether the check is a command shows only in its body.
     raw = await read_body(request, settings.max_body_bytes)
     body = _decoded(raw)
     if body.reserve:
@@ -378,7 +379,7 @@ async def release(request: web.Request) -> web.Response:
     no check ever answered is a 404. It takes no body: one declared as a form or,
     in open mode, as anything but JSON is refused (415) as on every command."""
     reservation_id = path_id(request, "reservation")
-    raw = await read_body(request, request.app[settings_key].max_body_bytes)
+    raw = await keyed.read_body(request, request.app[settings_key].max_body_bytes)
     return await keyed.once(request, raw, lambda: _release(request, reservation_id))
 
 

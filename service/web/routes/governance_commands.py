@@ -55,7 +55,6 @@ from service.web.http import (
     Right,
     header,
     path_id,
-    read_body,
 )
 from service.web.keys import pool_key, settings_key
 from service.web.routes.governance_answers import (
@@ -98,7 +97,7 @@ async def _command(
     one, else `run` it; whatever it answers but a 5xx is kept for the key."""
     app = request.app
     settings = app[settings_key]
-    raw = await read_body(request, settings.max_body_bytes)
+    raw = await keyed.read_body(request, settings.max_body_bytes)
     if not body:
         # A DELETE takes no body: one sent is read only to refuse a form (415), and
         # is no part of the request a retry must repeat.

@@ -37,7 +37,6 @@ from service.web.http import (
     Right,
     error_response,
     json_response,
-    read_body,
     status_of_code,
 )
 from service.web.keys import (
@@ -125,7 +124,7 @@ def _summary(outcomes: Iterable[Outcome]) -> tuple[int, int, int]:
 
 
 async def record_one(request: web.Request) -> web.Response:
-    body = await read_body(request, request.app[settings_key].max_body_bytes)
+    body = await keyed.read_body(request, request.app[settings_key].max_body_bytes)
     return await keyed.once(request, body, lambda: _record_one(request, body))
 
 
@@ -158,7 +157,8 @@ async def _record_one(request: web.Request, body: bytes) -> web.Response:
 
 
 async def record_batch(request: web.Request) -> web.Response:
-    body = await read_body(request, request.app[settings_key].max_batch_body_bytes)
+    limit = request.app[settings_key].max_batch_body_bytes
+    body = await keyed.read_body(request, limit)
     return await keyed.once(request, body, lambda: _record_batch(request, body))
 
 
