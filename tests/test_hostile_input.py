@@ -202,6 +202,7 @@ async def test_the_document_describes_every_endpoint_with_rights_and_bodies(api)
             {
                 "type": "string",
                 "pattern": r"^(?:0*[0-9]{1,12}(?:\.[0-9]{1,9}0*)?|-0+(?:\.0+)?)$",
+                "maxLength": 64,
             },
         ],
         "description": "At least 0 and below 10^12, at most 9 fractional digits",
