@@ -261,3 +261,40 @@ async def test_govledger_serve_answers_a_request_that_is_not_http_in_json(
         if line.get("request_id") == headers["X-Request-Id"]
     ] == [("info", "invalid_request")]
     assert [line for line in lines if line["level"] == "error"] == []
+
+
+@pytest.mark.parametrize(
+    ("declared", "sentence"),
+    [
+        (
+            b"Content-Type: application/json; charset=\xff\r\n",
+            "the Content-Type header is not well-formed UTF-8 text",
+        ),
+        (
+            b"Content-Type: ;;;===\r\n",
+            "the Content-Type header is not a media type: send type/subtype,"
+            " e.g. application/json, then any parameters",
+        ),
+    ],
+)
+async def test_a_content_type_that_is_no_media_type_is_a_400(
+    edge, pool, declared, sentence
+) -> None:
+    """Like every header: not UTF-8 text, or not what it must be, is a 400 (a
+    charset of \\xff was read past and the body taken; ;;;=== was a 415 that named
+    application/octet-stream). aiohttp refuses it sent twice itself."""
+    before = await pool.fetchval("SELECT count(*) FROM events")
+
+    status, _, body, _ = await exchange(
+        *edge,
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        + declared
+        + b'Content-Length: 12\r\nConnection: close\r\n\r\n{"name":"a"}',
+        close_within=0,
+    )
+
+    assert (status, json.loads(body)) == (
+        400,
+        {"error": {"code": "invalid_request", "message": sentence}},
+    )
+    assert await pool.fetchval("SELECT count(*) FROM events") == before

@@ -157,6 +157,11 @@ FORM_TYPES = frozenset(
 JSON_TYPES = frozenset({"application/json", "application/x-ndjson"})
 
 
+# RFC 9110, 8.3.1: type "/" subtype, each a token, then parameters (not read here).
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"[ \t]*{_TOKEN}/{_TOKEN}[ \t]*(?:;|$)")
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body: a 415 for a body declared as a form or plain text (and, in
     open mode, for any body not declared as JSON), a 413 once it passes `limit`
@@ -164,6 +169,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     settings = request.app[settings_key]
     content_type = request.headers.get("Content-Type")
     if content_type != "application/json":  # else no parameters to parse away
+        declared_type = header(request, "Content-Type")  # UTF-8 text, sent once
+        if declared_type is not None and _MEDIA_TYPE.match(declared_type) is None:
+            raise Invalid(
+                "the Content-Type header is not a media type: send type/subtype,"
+                " e.g. application/json, then any parameters"
+            )
         content_type = request.content_type
     if content_type in FORM_TYPES or (
         settings.is_open and content_type not in JSON_TYPES and request.body_exists
