@@ -192,3 +192,21 @@ def test_the_service_refuses_to_start_open_on_a_non_loopback_address(host):
 def test_the_service_may_start_open_on_loopback(host):
     check_exposure(Settings(host=host))
     check_exposure(Settings(host="0.0.0.0", admin_tokens=frozenset({"t"})))
+
+
+async def test_events_take_min_position_as_every_read(database):
+    """The log holds a position once the cache (which applies every event) has
+    it; a bad value is a 400 and one past the head a 503, as on every read."""
+    async with serve(database) as api:
+        created = await api.create("/api/governance/customers", {"name": "c"})
+        head = created["position"]
+        reached = await api.call(
+            "GET", f"/api/events?min_position={head}&after={head - 1}"
+        )
+        bad = await api.call("GET", "/api/events?min_position=abc")
+        beyond = await api.call("GET", f"/api/events?min_position={head + 1000}")
+
+    assert reached[0] == 200
+    assert [e["global_position"] for e in reached[1]["events"]] == [head]
+    assert (bad[0], bad[1]["error"]["code"]) == (400, "invalid_position")
+    assert (beyond[0], beyond[1]["error"]["code"]) == (503, "projection_lag")

@@ -102,6 +102,12 @@ MIN_POSITION = Param(
     _count(0),
     "Wait up to 2 s for the read model to reach this position, else 503 projection_lag",
 )
+LOG_POSITION = Param(
+    "min_position",
+    "query",
+    _count(0),
+    "Wait up to 2 s for the log to hold this position, else 503 projection_lag",
+)
 AFTER = Param("after", "query", _count(0), "Events after this position")
 LIMIT = Param(
     "limit",
@@ -283,7 +289,7 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
         "list_events",
         "The event log, upcast on read",
         Documented(200, EventPage),
-        parameters=(AFTER, LIMIT, STREAM_ID),
+        parameters=(AFTER, LIMIT, STREAM_ID, LOG_POSITION),
         errors=READ_ERRORS,
         tags=("events",),
     ),

@@ -8,12 +8,17 @@ from service import eventstore
 from service.errors import Invalid
 from service.web.answers import EventPage
 from service.web.http import Right, json_response, query_int, query_value
-from service.web.keys import pool_key
+from service.web.keys import cache_projector_key, pool_key
+from service.web.routes.governance_reads import wait_for_min_position
 
 MAX_LIMIT = 10_000
 
 
 async def list_events(request: web.Request) -> web.Response:
+    """A page of the log; with ?min_position=, once the log holds that position
+    (the cache, which applies every event, has: 503 projection_lag after the wait,
+    as every read)."""
+    await wait_for_min_position(request, cache_projector_key)
     after = query_int(request, "after", 0) or 0
     limit = min(query_int(request, "limit", 1000, minimum=1) or 1000, MAX_LIMIT)
     stream_id = query_value(request, "stream_id") or None

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from projections import governance_reads as read_model
 from projections.governance_usage import OWNER_TYPES, Owner
+from projections.runner import Projector
 from service.domain.bounds import id_or_none
 from service.errors import Invalid, InvalidPosition
 from service.eventstore import Connection
@@ -35,14 +36,18 @@ from service.web.keys import (
 T = TypeVar("T")
 
 
-async def wait_for_min_position(request: web.Request) -> None:
-    """Return once the read model has applied ?min_position= (at once without it)."""
+async def wait_for_min_position(
+    request: web.Request,
+    follower: web.AppKey[Projector] = governance_projector_key,
+) -> None:
+    """Return once the projection `follower` names (by default the read model's)
+    has applied ?min_position= (at once without it)."""
     try:
         position = query_int(request, "min_position")
     except Invalid as exc:
         raise InvalidPosition(exc.message) from None
     if position is not None:
-        await request.app[governance_projector_key].wait_for(
+        await request.app[follower].wait_for(
             position, request.app[settings_key].min_position_wait_s
         )
 
