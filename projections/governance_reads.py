@@ -39,7 +39,7 @@ from projections.governance_views import (
     VirtualKeyView,
 )
 from service.domain.events import Budget, RateLimit
-from service.domain.ledger import Ledger, Meter, reading, to_money
+from service.domain.ledger import Ledger, Meter, plain_money, reading, to_money
 from service.errors import NotFound
 from service.eventstore import Connection
 
@@ -304,14 +304,14 @@ def budget_view(
     used, start = _reading(ledger, meter, now)
     return BudgetView(
         id=budget.budget_id,
-        max_limit=budget.max_limit,
+        max_limit=plain_money(budget.max_limit),
         reset_duration=budget.reset_duration,
         calendar_aligned=budget.calendar_aligned,
         current_usage=to_money(used),
         last_reset=start,
         owner_type=cast(OwnerType, owner.type),
         owner_id=owner.id,
-        held=held.of_budget(budget.budget_id),
+        held=plain_money(held.of_budget(budget.budget_id)),
     )
 
 

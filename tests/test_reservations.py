@@ -572,3 +572,29 @@ def test_a_checkpoint_is_unchanged_by_holding_in_memory():
     )
 
     assert cache.checkpoint == before == Checkpoint(1, 1)
+
+
+async def test_money_in_answers_is_spelled_one_way(api):
+    """A limit is answered as it reads, whoever spelled it (1E+2, 15.00) and
+    however PostgreSQL hands it back (100000000000 came back as 1.000E+11), and a
+    sum of holds without trailing zeros (4.25 + 10.75 held was 15.00)."""
+    body = (
+        b'{"name": "k", "budgets": [{"max_limit": 1E+2, "reset_duration": "1d"},'
+        b' {"max_limit": "100000000000", "reset_duration": "1M"},'
+        b' {"max_limit": "15.00", "reset_duration": "1w"}]}'
+    )
+    response = await api.request(
+        "POST", KEYS, data=body, content_type="application/json"
+    )
+    created = await response.read()
+    key = json.loads(created)
+    key_id = key["virtual_key"]["id"]
+    await reserve(api, key_id, "4.25")
+    _, last = await reserve(api, key_id, "10.75")
+    read = await api.request("GET", f"{KEYS}/{key_id}?min_position={last['position']}")
+    shown = await read.read()
+
+    limits = [b'"max_limit":100,', b'"max_limit":100000000000,', b'"max_limit":15,']
+    assert [limit in created for limit in limits] == [True] * 3
+    assert [limit in shown for limit in limits] == [True] * 3
+    assert shown.count(b'"held":15}') == 3  # the key's three budgets

@@ -96,6 +96,13 @@ def to_money(nanos: int) -> Decimal:
     return Decimal(whole) if not fraction else Decimal(nanos).scaleb(-9).normalize()
 
 
+def plain_money(amount: Decimal) -> Decimal:
+    """An amount exact to the nano in the one spelling answers use (`to_money`'s),
+    whatever spelled it: a request (1E+2, 15.00), PostgreSQL's sums or asyncpg's
+    numeric decoding (100000000000 read back as 1.000E+11)."""
+    return to_money(to_nanos(amount))
+
+
 class Transition(StrEnum):
     NEW = "new"
     KEPT = "kept"
