@@ -8,7 +8,7 @@ const TOKEN_KEY = "govledger.token";
 const LAST_POSITION = "9223372036854775807";
 // Money stays as the service wrote it (exact decimal text) where the reviver can
 // see the source; display code turns it into a number itself.
-const MONEY_FIELDS = new Set(["max_limit", "current_usage", "held"]);
+const MONEY_FIELDS = new Set(["max_limit", "current_usage", "held", "spend"]);
 
 /** The highest log position the page has seen, in a snapshot or a command answer. */
 export const seen = { position: 0 };
@@ -41,6 +41,12 @@ function exactMoney(key, value, context) {
   return value;
 }
 
+/** JSON as the service wrote it, money fields as their exact text: every answer and
+ * every snapshot of the stream goes through this. */
+export function parseExact(text) {
+  return JSON.parse(text, exactMoney);
+}
+
 /** `{status, body, error}`; `error` is the answer's `{code, message}` when it
  * failed, `network` is true when no answer came at all. */
 async function answer(response) {
@@ -49,7 +55,7 @@ async function answer(response) {
   try {
     const text = await response.text();
     if ((response.headers.get("Content-Type") || "").startsWith("application/json")) {
-      body = JSON.parse(text, exactMoney);
+      body = parseExact(text);
     }
   } catch (err) {
     return { status: 0, network: true, body: null, error: networkError() };

@@ -89,7 +89,9 @@ function drawChart(box, budget) {
   chart.setAttribute("aria-label", caption.textContent);
   chart.append(svg("line", { class: "axis", x1: left, x2: W, y1: top + plotH, y2: top + plotH }));
   chart.append(svg("line", { class: "limit", x1: left, x2: W, y1: y(max), y2: y(max) }));
-  chart.append(svg("text", { x: left - 6, y: y(max) + 3.5, "text-anchor": "end" }, money(max)));
+  chart.append(
+    svg("text", { x: left - 6, y: y(max) + 3.5, "text-anchor": "end" }, money(budget.max_limit)),
+  );
   chart.append(svg("text", { x: left - 6, y: top + plotH + 3.5, "text-anchor": "end" }, "0"));
   shown.forEach((p, i) => {
     const spend = Number(p.spend);
@@ -104,7 +106,7 @@ function drawChart(box, budget) {
       rx: 2,
     });
     const start = new Date(p.period_start);
-    rect.append(svg("title", {}, `${start.toISOString()}: ${money(spend)}`));
+    rect.append(svg("title", {}, `${start.toISOString()}: ${money(p.spend)}`));
     chart.append(rect);
     // Every bar labelled when they fit, else every other one, ending on the latest.
     if (shown.length <= 8 || (shown.length - 1 - i) % 2 === 0) {

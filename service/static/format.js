@@ -2,15 +2,54 @@
 // entities in, and el(), its one DOM builder. Pure but for el(), which needs a
 // document only when called.
 
-const moneyFormats = {
-  small: new Intl.NumberFormat("en-US", { maximumFractionDigits: 4 }),
-  large: new Intl.NumberFormat("en-US", { maximumFractionDigits: 2 }),
-};
 export const intFormat = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
 
+/** An amount as the service wrote it (exact decimal text; a number only where no
+ * text was kept), every digit shown: the integer part grouped by thousands, the
+ * fraction without trailing zeros. Money is exact to the nano; a display that
+ * rounds shows 0.999999999 of 1 as "1 / 1" and a limit of 0.000000001 as 0. */
 export function money(value) {
-  const n = Number(value);
-  return (n !== 0 && Math.abs(n) < 1 ? moneyFormats.small : moneyFormats.large).format(n);
+  const [sign, whole, fraction] = decimalParts(value);
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return `${sign}${grouped}${fraction ? `.${fraction}` : ""}`;
+}
+
+/** [sign, integer digits, fraction digits without trailing zeros] of a decimal. */
+function decimalParts(value) {
+  const text = plainDecimal(typeof value === "number" ? numberText(value) : String(value));
+  const match = /^(-?)([0-9]+)(?:\.([0-9]*))?$/.exec(text);
+  if (!match) return ["", text, ""];
+  const whole = match[2].replace(/^0+(?=[0-9])/, "");
+  const fraction = (match[3] || "").replace(/0+$/, "");
+  const zero = /^0*$/.test(whole) && !fraction;
+  return [zero ? "" : match[1], whole, fraction];
+}
+
+function numberText(n) {
+  // Up to 9 fractional digits: the finest amount the service keeps.
+  return Number.isInteger(n) ? String(n) : n.toFixed(9);
+}
+
+/** -1, 0 or 1 as decimal a is below, equal to or above b, exactly. */
+export function compareDecimal(a, b) {
+  const [sa, wa, fa] = decimalParts(a);
+  const [sb, wb, fb] = decimalParts(b);
+  const signA = sa ? -1 : 1;
+  const signB = sb ? -1 : 1;
+  const zeroA = wa === "0" && !fa;
+  const zeroB = wb === "0" && !fb;
+  if (zeroA && zeroB) return 0;
+  if (signA !== signB) return signA < signB ? -1 : 1;
+  let order = 0;
+  if (wa.length !== wb.length) order = wa.length < wb.length ? -1 : 1;
+  else if (wa !== wb) order = wa < wb ? -1 : 1;
+  else {
+    const width = Math.max(fa.length, fb.length);
+    const x = fa.padEnd(width, "0");
+    const y = fb.padEnd(width, "0");
+    if (x !== y) order = x < y ? -1 : 1;
+  }
+  return signA * order;
 }
 
 /** A decimal as plain digits ("1E-9" → "0.000000001"): how the service takes money
@@ -36,10 +75,19 @@ export function count(value) {
   return intFormat.format(Number(value));
 }
 
+/** The share of `max` that `used` is, as a number for bars and levels and as the
+ * text shown: 100% and the "full" level exactly when used reaches max (compared
+ * as decimals, so 0.999999999 of 1 is 99.9%, not 100%), and past 1,000% only
+ * ">1000%", which fits the column. */
 export function percent(used, max) {
-  const p = max > 0 ? (Number(used) / Number(max)) * 100 : 0;
+  if (!(Number(max) > 0)) return { p: 0, text: "0%" };
+  const reached = compareDecimal(used, max) >= 0;
+  let p = (Number(used) / Number(max)) * 100;
+  if (reached) p = Math.max(p, 100);
+  else p = Math.min(p, 99.9); // below max, however close: not shown as 100%
   if (p === 0) return { p, text: "0%" };
   if (p < 0.1) return { p, text: "<0.1%" };
+  if (p > 1000) return { p, text: ">1000%" };
   return { p, text: `${Math.round(p * 10) / 10}%` };
 }
 

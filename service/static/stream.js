@@ -1,7 +1,7 @@
 // The live feed: GET /api/dashboard/events read as Server-Sent Events over fetch
 // (so the bearer token can be sent), reconnecting with a growing pause.
 
-import { authHeaders } from "./api.js";
+import { authHeaders, parseExact } from "./api.js";
 
 /**
  * Follow the feed: `onSnapshot(snapshot)` for each snapshot, `onStatus(kind, text)`
@@ -32,7 +32,7 @@ export function follow({ onSnapshot, onStatus, onRefused }) {
       if (field === "event") event = value;
       else if (field === "data") data.push(value);
     }
-    if (event === "snapshot" && data.length) onSnapshot(JSON.parse(data.join("\n")));
+    if (event === "snapshot" && data.length) onSnapshot(parseExact(data.join("\n")));
   }
 
   async function connect() {
