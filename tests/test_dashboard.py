@@ -1117,6 +1117,21 @@ async def test_a_key_is_deactivated_rotated_given_a_provider_and_deleted(api, ch
             None,
         )
 
+        # Left out of the list, or renamed, a provider config goes with its budgets
+        # and their usage: the form says so before anything is saved.
+        await tab.action("edit", key["id"]).click()
+        await tab.field("$.provider_configs[0].provider").fill("azure")
+        removed = tab.editor.locator(".providers > .dropped li")
+        await expect(removed).to_have_text(
+            "Provider openai is removed: its 1d budget (usage 0) and its rate limit"
+            " are deleted with their usage."
+        )
+        await tab.field("$.provider_configs[0].provider").fill("openai")
+        await expect(removed).to_have_count(0)
+        await tab.editor.get_by_role("button", name="Remove provider openai").click()
+        await expect(removed).to_have_count(1)
+        await tab.editor.get_by_role("button", name="Cancel").click()
+
         await tab.action("delete", key["id"]).click()
         await expect(tab.confirm.locator("h2")).to_have_text("Delete virtual key ci?")
         await confirm.filter(has_text="Delete").click()

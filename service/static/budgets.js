@@ -91,3 +91,18 @@ export function describeDropped(budget, money = String) {
   const usage = money(budget.current_usage);
   return `The ${budget.reset_duration} budget is deleted, with its usage (${usage}).`;
 }
+
+/** One sentence for a provider config the save removes (left out of the list, or
+ * renamed): its budgets and rate limit go with it, their usage too. */
+export function describeRemovedProvider(config, money = String) {
+  const parts = config.budgets.map(
+    (b) => `its ${b.reset_duration} budget (usage ${money(b.current_usage)})`,
+  );
+  if (config.rate_limit) parts.push("its rate limit");
+  if (!parts.length) return `Provider ${config.provider} is removed.`;
+  const list = parts.length === 1
+    ? parts[0]
+    : `${parts.slice(0, -1).join(", ")} and ${parts[parts.length - 1]}`;
+  const deleted = parts.length === 1 ? "is deleted with its usage" : "are deleted with their usage";
+  return `Provider ${config.provider} is removed: ${list} ${deleted}.`;
+}

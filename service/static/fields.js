@@ -4,7 +4,7 @@
 // learns the JSON path of its value in the request body when the form is read
 // (`data-path`), which is how an error answer finds the field it concerns.
 
-import { describe, describeDropped, reconcile } from "./budgets.js";
+import { describe, describeDropped, describeRemovedProvider, reconcile } from "./budgets.js";
 import { el, money, plainDecimal } from "./format.js";
 
 let lastId = 0;
@@ -292,6 +292,8 @@ export function rateLimitEditor(rateLimit) {
  * rate limit. `current` are the key's configs as the form was opened. */
 export function providersEditor(configs, current) {
   const list = el("div", "provider-list");
+  const removed = el("ul", "dropped");
+  removed.setAttribute("aria-live", "polite");
   const add = el("button", "secondary small", "Add provider");
   add.type = "button";
   const box = el(
@@ -300,9 +302,28 @@ export function providersEditor(configs, current) {
     el("legend", null, "Provider configs"),
     el("p", "muted hint", "Without any, the key may use every provider; with some, only those."),
     list,
+    removed,
     add,
   );
   const entries = [];
+
+  // The configs the save removes: those whose provider no entry names any more.
+  function refreshRemoved() {
+    const named = new Set(entries.map((e) => e.provider.input.value.trim()));
+    const texts = current
+      .filter((c) => !named.has(c.provider))
+      .map((c) => describeRemovedProvider(c, money));
+    if ([...removed.children].map((item) => item.textContent).join("\n") === texts.join("\n")) {
+      return;
+    }
+    removed.replaceChildren(
+      ...texts.map((text) => {
+        const item = el("li", "preview", text);
+        item.dataset.kind = "dropped";
+        return item;
+      }),
+    );
+  }
 
   function addEntry(config) {
     const provider = textField("Provider", {
@@ -328,7 +349,10 @@ export function providersEditor(configs, current) {
       const found = currentConfig();
       return found ? found.budgets : [];
     });
-    provider.input.addEventListener("input", () => budgets.refresh());
+    provider.input.addEventListener("input", () => {
+      budgets.refresh();
+      refreshRemoved();
+    });
     const rate = rateLimitEditor(config ? config.rate_limit : null);
     const remove = el("button", "link remove", "Remove provider");
     remove.type = "button";
@@ -345,6 +369,7 @@ export function providersEditor(configs, current) {
     remove.addEventListener("click", () => {
       entries.splice(entries.indexOf(entry), 1);
       node.remove();
+      refreshRemoved();
       add.focus();
     });
     entries.push(entry);

@@ -3,7 +3,12 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 
-import { describe, describeDropped, reconcile } from "../../service/static/budgets.js";
+import {
+  describe,
+  describeDropped,
+  describeRemovedProvider,
+  reconcile,
+} from "../../service/static/budgets.js";
 
 const day = {
   id: "b-day",
@@ -103,5 +108,26 @@ test("amounts go through the formatter given", () => {
   assert.equal(
     describe(rows[0], (v) => `$${v}`),
     "Usage kept: the current usage ($2.5) stays; the limit changes from $10 to $12.5.",
+  );
+});
+
+test("a provider config left out or renamed is removed with its budgets and usage", () => {
+  const openai = {
+    provider: "openai",
+    budgets: [day, month],
+    rate_limit: { token_max_limit: 100, token_reset_duration: "1h" },
+  };
+  assert.equal(
+    describeRemovedProvider(openai),
+    "Provider openai is removed: its 1d budget (usage 2.5), its 1M budget (usage 40)" +
+      " and its rate limit are deleted with their usage.",
+  );
+  assert.equal(
+    describeRemovedProvider({ provider: "azure", budgets: [day], rate_limit: null }),
+    "Provider azure is removed: its 1d budget (usage 2.5) is deleted with its usage.",
+  );
+  assert.equal(
+    describeRemovedProvider({ provider: "local", budgets: [], rate_limit: null }),
+    "Provider local is removed.",
   );
 });
