@@ -904,6 +904,12 @@ async def test_a_reader_sees_no_edit_controls_and_the_service_refuses_it_anyway(
         await expect(reader.row(key["id"])).to_be_visible()
         await expect(reader.page.locator("button[data-action]")).to_have_count(0)
         await expect(reader.page.get_by_role("button", name=editing)).to_have_count(0)
+        # Signed out, the header keeps nothing of the session: no role, no time.
+        await expect(reader.page.locator("#role")).to_have_text("Read-only")
+        await reader.page.locator("#signout").click()
+        await expect(reader.page.locator("#login")).to_be_visible()
+        await expect(reader.page.locator("#role")).to_be_hidden()
+        await expect(reader.page.locator("#updated")).to_have_text("")
         # The same board for an admin: the new buttons, then Edit and Delete for
         # the team, Edit, Deactivate, Rotate and Delete for the key.
         admin = await signed_in(browser, api, ADMIN)
@@ -1064,6 +1070,13 @@ async def test_a_key_is_deactivated_rotated_given_a_provider_and_deleted(api, ch
             "New secret of key ci"
         )
         rotated = await tab.page.locator("#secret-value").input_value()
+        # Shown only this once: Escape does not throw it away.
+        await tab.page.keyboard.press("Escape")
+        await expect(secret).to_be_visible()
+        await expect(secret.locator("#secret-status")).to_contain_text(
+            "Store the secret first"
+        )
+        assert await tab.page.locator("#secret-value").input_value() == rotated
         await secret.get_by_role("button", name="Done, I have stored it").click()
         await tab.announced("Virtual key ci rotated.")
         assert re.fullmatch(r"sk-gl-[A-Za-z0-9_-]{32}", rotated)

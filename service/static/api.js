@@ -89,16 +89,24 @@ export async function read(path) {
 
 /** "admin" when the token may write, else "reader". /api/events needs the admin
  * right, so a reader's token gets 403 there; `after` past the log reads nothing. */
-export async function probeRole() {
-  try {
-    const response = await fetch(`/api/events?after=${LAST_POSITION}&limit=1`, {
-      headers: authHeaders(),
-      cache: "no-store",
-    });
-    await response.arrayBuffer();
-    return response.ok ? "admin" : "reader";
-  } catch (err) {
-    return "reader";
+export async function probeRole({ tries = 5, pauseMs = 1000 } = {}) {
+  // Only a refusal says "reader": a 503 or a network error says nothing about the
+  // token, so the probe asks again (1, 2, 4, 8 s apart) before it settles on the
+  // reader's view, the one that can do no harm.
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      const response = await fetch(`/api/events?after=${LAST_POSITION}&limit=1`, {
+        headers: authHeaders(),
+        cache: "no-store",
+      });
+      await response.arrayBuffer();
+      if (response.ok) return "admin";
+      if (response.status === 401 || response.status === 403) return "reader";
+    } catch (err) {
+      // no answer: ask again
+    }
+    if (attempt >= tries) return "reader";
+    await new Promise((resolve) => setTimeout(resolve, pauseMs * 2 ** (attempt - 1)));
   }
 }
 

@@ -69,6 +69,8 @@ function showLogin(message) {
   $("board").hidden = true;
   $("signout").hidden = true;
   $("role").hidden = true;
+  $("role").textContent = "";
+  $("updated").textContent = ""; // the last session's, not this one's
   $("login-error").textContent = message || "";
   setLive("idle", "Not connected");
   $("token").focus();

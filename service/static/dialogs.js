@@ -94,8 +94,15 @@ export function showSecret({ keyName, secret, rotated, returnFocus, onClose }) {
       : "Could not copy: select the secret and copy it by hand.";
   };
   const onDone = () => dialog.close();
+  // Shown only this once: Escape does not throw it away, only "Done" does.
+  const onCancel = (event) => {
+    event.preventDefault();
+    status.textContent =
+      'Store the secret first, then choose "Done, I have stored it": it is not shown again.';
+  };
   copy.addEventListener("click", onCopy);
   done.addEventListener("click", onDone);
+  dialog.addEventListener("cancel", onCancel);
   openModal(dialog, {
     focus: copy,
     returnFocus,
@@ -104,6 +111,7 @@ export function showSecret({ keyName, secret, rotated, returnFocus, onClose }) {
       status.textContent = "";
       copy.removeEventListener("click", onCopy);
       done.removeEventListener("click", onDone);
+      dialog.removeEventListener("cancel", onCancel);
       if (onClose) onClose();
     },
   });
