@@ -171,6 +171,26 @@ async def expect_unavailable(
     assert time.monotonic() - started < ANSWER_BOUND_S
 
 
+async def expect_stream_unavailable(
+    session: aiohttp.ClientSession, url: str, record: dict[str, Any]
+) -> None:
+    """On the usage WebSocket a frame that cannot be taken while the database is
+    down is an error frame naming it, with its seq, and the socket stays open: a
+    frame whose key the cache does not know (the refresh cannot reach the log) and
+    one whose records are all rejected (its ack's position cannot be read). An HTTP
+    503 used to be written into the upgraded socket."""
+    unknown = {**record, "virtual_key": "sk-gl-no-such-key-while-down"}
+    unknown.pop("virtual_key_id", None)
+    refused = {**record, "cost": "-1"}
+    async with session.ws_connect(url + "/api/usage/stream") as ws:
+        for seq, element in ((1, unknown), (2, refused)):
+            await ws.send_json({"seq": seq, "records": [element]})
+            answer = await ws.receive_json(timeout=ANSWER_BOUND_S)
+            assert answer["seq"] == seq, answer
+            assert answer["error"]["code"] == UNAVAILABLE, answer
+        assert not ws.closed
+
+
 async def stored_ids(dsn: str) -> set[str]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -216,6 +236,9 @@ async def outages(
             record = load.new()
             await expect_unavailable(session, "POST", url + "/api/usage", record)
             load.refused.add(record["event_id"])
+            await expect_stream_unavailable(
+                session, url, usage(key, "0.5", occurred_at)
+            )
             await expect_unavailable(session, "POST", url + TEAMS, {"name": "down"})
             await expect_unavailable(session, "GET", url + TEAMS)
             # A check that must wait for a position cannot look it up: 503 too.

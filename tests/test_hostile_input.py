@@ -1035,23 +1035,30 @@ async def test_bad_websocket_frames_get_error_frames_and_the_socket_stays_usable
 ):
     known = await seed(api)
 
+    # Each frame with the seq its error frame carries: a client matches an error to
+    # its frame by it (without it, the client took it for a passing failure and
+    # sent the same frame again and again).
+    deep = "[" * 990 + "]" * 990
     async with api.socket() as ws:
-        for frame in (
-            "not json",
-            "",
-            "\u0000",
-            "[" * 100_000,
-            '{"seq": 1, "records": [' + "[" * 100_000 + "]}",
-            '{"seq": ' + "9" * 5000 + ', "records": []}',
-            '{"seq": 2, "records": {}}',
-            '{"seq": 3}',
-            '{"seq": 4, "deep": ' + "[" * 100_000 + "}",
-            "[]",
+        for frame, seq in (
+            ("not json", None),
+            ("", None),
+            ("\u0000", None),
+            ("[" * 100_000, None),
+            ('{"seq": 1, "records": [' + "[" * 100_000 + "]}", 1),
+            ('{"seq": ' + "9" * 5000 + ', "records": []}', None),
+            ('{"seq": 2, "records": {}}', 2),
+            ('{"seq": 3}', 3),
+            ('{"seq": 4, "deep": ' + "[" * 100_000 + "}", 4),
+            ('{"seq": 6, "records": [{"x": ' + deep + "}]}", 6),
+            ('{"seq": 7, "deep": ' + deep + ', "records": []}', 7),
+            ("[]", None),
         ):
             await ws.send_str(frame)
             answer = await ws.receive_json(timeout=10)
             assert_error(400, {"error": answer["error"]}, 400, "invalid_frame")
             assert set(answer) <= {"seq", "error"}
+            assert answer.get("seq") == seq, (frame[:40], answer)
         for data in (b"\x00\xff", b'{"seq": 4, "records": []}'):
             await ws.send_bytes(data)
             answer = await ws.receive_json(timeout=10)

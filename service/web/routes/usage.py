@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
@@ -35,6 +36,7 @@ from service.web.answers import (
 )
 from service.web.http import (
     Right,
+    as_service_error,
     error_response,
     json_response,
     status_of_code,
@@ -239,7 +241,7 @@ async def _accept_frame(
             return _ready(_frame_error(data, exc))
         except RecursionError:  # msgspec.Raw skips nested values recursively
             message = "the frame is not valid JSON: it is nested too deeply"
-            return _ready(_error_frame("invalid_frame", message))
+            return _ready(_error_frame("invalid_frame", message, _leading_seq(data)))
         frame = UsageFrame(raw.seq, [])
         records, bad = _decode_elements(raw.records)
     if len(records) + len(bad) > MAX_FRAME_RECORDS:
@@ -259,8 +261,8 @@ async def _accept_frame(
             metadata,
             _refresher(request),
         )
-    except ServiceError as exc:
-        return _ready(_error_frame(exc.code, exc.message, frame.seq))
+    except Exception as exc:  # the socket is upgraded: no HTTP answer can follow
+        return _ready(_failed_frame(exc, frame.seq))
     rejected = _merge(bad, rejected)
     if rejected:
         metrics.count_records(rejected=len(rejected))
@@ -288,11 +290,11 @@ async def _ack(
 ) -> bytes:
     try:
         outcomes = await submitted.outcomes()
-    except ServiceError as exc:
-        return _error_frame(exc.code, exc.message, seq)
-    accepted, duplicates, position = _summary(outcomes)
-    if not outcomes:
-        position = await _head(request)
+        accepted, duplicates, position = _summary(outcomes)
+        if not outcomes:
+            position = await _head(request)
+    except Exception as exc:
+        return _failed_frame(exc, seq)
     return _encode(
         UsageFrameAck(
             seq=seq,
@@ -326,11 +328,30 @@ async def _send_acks(
             continue
 
 
+def _failed_frame(exc: Exception, seq: int) -> bytes:
+    """A frame whose records could not be taken, as the HTTP paths would answer it
+    (a lost database is a retryable `database_unavailable`), in an error frame."""
+    error = as_service_error(exc)
+    if type(error) is ServiceError:
+        log.error("usage_stream_frame_failed", error=repr(exc))
+    return _error_frame(error.code, error.message, seq)
+
+
+# A frame that starts with its seq, as every client writes it: read even when the
+# rest is past what the decoder takes (nested too deeply).
+_SEQ_FIRST = re.compile(r'\s*\{\s*"seq"\s*:\s*(-?[0-9]{1,19})\s*[,}]')
+
+
+def _leading_seq(data: str) -> int | None:
+    found = _SEQ_FIRST.match(data)
+    return None if found is None else int(found.group(1))
+
+
 def _frame_error(data: str, exc: msgspec.MsgspecError) -> bytes:
     try:
         seq: int | None = _decode_seq(data).seq
     except (msgspec.MsgspecError, RecursionError):  # deep unknown fields are skipped
-        seq = None
+        seq = _leading_seq(data)
     if isinstance(exc, msgspec.ValidationError):
         message = f'the frame must be {{"seq": n, "records": [...]}}: {explained(exc)}'
     else:
