@@ -517,9 +517,10 @@ async def test_the_page_shows_budget_bars_and_follows_usage_live(database, chrom
                 await expect(pct(day)).to_have_text("25%", timeout=10_000)
                 await expect(pct(month)).to_have_text("2.5%", timeout=10_000)
                 await expect(key_row).to_have_attribute("data-status", "ok")
-                # The key has no budget of its own: "Unlimited", never a 0% bar.
+                # The key has no budget of its own (its team's still apply), never a
+                # 0% bar.
                 await expect(key_row.locator(".unlimited")).to_have_text(
-                    "Unlimited · no budget"
+                    "No budget of its own"
                 )
                 await expect(key_row.locator(".meter")).to_have_count(0)
 

@@ -107,11 +107,16 @@ export function shares(used, held, max) {
   return { spent, held: Math.min(heldShare, 100 - spent) };
 }
 
-export function utcLabel(date) {
+/** "Dec 7, 00:00 UTC": the year when it is not the current one (a 1Y budget's
+ * reset is next year's), the seconds when they are not 0 (a 15s window's). */
+export function utcLabel(date, now = new Date()) {
   const month = date.toLocaleString("en-US", { month: "short", timeZone: "UTC" });
+  const year = date.getUTCFullYear() === now.getUTCFullYear() ? "" : ` ${date.getUTCFullYear()}`;
   const hh = String(date.getUTCHours()).padStart(2, "0");
   const mm = String(date.getUTCMinutes()).padStart(2, "0");
-  return `${month} ${date.getUTCDate()}, ${hh}:${mm} UTC`;
+  const seconds = date.getUTCSeconds();
+  const ss = seconds ? `:${String(seconds).padStart(2, "0")}` : "";
+  return `${month} ${date.getUTCDate()}${year}, ${hh}:${mm}${ss} UTC`;
 }
 
 export function until(date, now = Date.now()) {

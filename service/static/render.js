@@ -134,7 +134,10 @@ function rateMeters(rateLimit) {
 function limits(owner, onToggle) {
   const nodes = [...budgetMeters(owner.budgets, onToggle), ...rateMeters(owner.rate_limit)];
   if (owner.budgets.length === 0) {
-    nodes.unshift(el("span", "unlimited", "Unlimited · no budget"));
+    // Under a team or customer its budgets still apply (the reason says which).
+    const above = owner.team_id || owner.customer_id;
+    const text = above ? "No budget of its own" : "Unlimited · no budget";
+    nodes.unshift(el("span", "unlimited", text));
   }
   return nodes;
 }

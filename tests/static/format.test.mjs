@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 
-import { compareDecimal, money, percent } from "../../service/static/format.js";
+import { compareDecimal, money, percent, utcLabel } from "../../service/static/format.js";
 
 test("money shows every digit the service wrote, grouped by thousands", () => {
   assert.equal(money("0.000000001"), "0.000000001");
@@ -36,4 +36,11 @@ test("a share is 100% and full only when the limit is reached", () => {
   assert.equal(percent("0.0001", "10").text, "<0.1%");
   assert.equal(percent("0", "10").text, "0%");
   assert.equal(percent("3", "0").text, "0%");
+});
+
+test("a reset instant names its year when not this one, its seconds when not 0", () => {
+  const now = new Date("2026-12-05T05:00:00Z");
+  assert.equal(utcLabel(new Date("2026-12-07T00:00:00Z"), now), "Dec 7, 00:00 UTC");
+  assert.equal(utcLabel(new Date("2027-12-05T05:02:00Z"), now), "Dec 5 2027, 05:02 UTC");
+  assert.equal(utcLabel(new Date("2026-12-05T05:00:15Z"), now), "Dec 5, 05:00:15 UTC");
 });
