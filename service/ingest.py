@@ -34,6 +34,7 @@ from service.domain.usage import (
     Rejected,
     Row,
     UsageRecord,
+    event_key,
     screen,
 )
 from service.errors import Unavailable
@@ -62,6 +63,7 @@ async def queue_records(
     now: datetime,
     metadata: bytes,
     refresh: Callable[[], Awaitable[None]] | None = None,
+    log: Queryable | None = None,
 ) -> tuple[Submitted, list[Rejected]]:
     """Screen records and queue the valid ones, a slice at a time.
 
@@ -73,7 +75,9 @@ async def queue_records(
     is rejected as `unknown_virtual_key` only once the cache has seen every event
     committed before the request asked. When the cache cannot get there in time,
     the call raises ProjectionLag (a 503: retry), once what it already queued has
-    committed (a retry finds those as duplicates).
+    committed (a retry finds those as duplicates). With `log`, a record refused
+    for an unknown key whose event_id the log holds already is answered as the
+    duplicate it is (`_repeats`).
     """
     submitted = Submitted()
     rejected: list[Rejected] = []
@@ -94,10 +98,36 @@ async def queue_records(
             again = screen([(at, r) for at, r in part if at in unknown], resolver, now)
             rows += again.rows
             refused = [r for r in refused if r.where not in unknown] + again.rejected
+        if log is not None and refused:
+            refused = await _repeats(writer, log, part, refused, submitted)
         rejected.extend(refused)
         await writer.submit(rows, metadata, submitted)
     rejected.sort(key=lambda r: r.where)
     return submitted, rejected
+
+
+async def _repeats(
+    writer: Writer,
+    log: Queryable,
+    part: Sequence[tuple[int, UsageRecord]],
+    refused: list[Rejected],
+    into: Submitted,
+) -> list[Rejected]:
+    """`refused` but the repeats: a record refused for a key no longer known (deleted,
+    or its secret rotated, since it was first sent) whose event_id is stored already
+    is a repeat of a record that was taken, and a repeat is answered as a duplicate
+    (API.md), not refused. Only refused records are looked up: not the hot path."""
+    unknown = [r for r in refused if r.why is UNKNOWN_VIRTUAL_KEY]
+    if not unknown:
+        return refused
+    by_at = dict(part)
+    keys = {r.where: event_key(by_at[r.where]) for r in unknown}
+    stored = await writer.stored(log, [by_at[r.where] for r in unknown])
+    repeats = [r for r in unknown if keys[r.where] in stored]
+    if not repeats:
+        return refused
+    writer.answered(into, [stored[keys[r.where]] for r in repeats])
+    return [r for r in refused if r not in repeats]
 
 
 # A bounded wait is the contract (API.md: 2 s), so its budget is a parameter rather
@@ -274,6 +304,31 @@ class Writer:
                 # Queued after the writer stopped and drained: nobody will take it.
                 future.set_exception(_shutting_down())
         return submitted
+
+    async def stored(
+        self, log: Queryable, records: Sequence[UsageRecord]
+    ) -> dict[int, int]:
+        """The positions of those records' events already stored, by event key:
+        from this writer's memory of recent rows, else from `log`."""
+        found: dict[int, int] = {}
+        missing: list[str] = []
+        for record in records:
+            key = event_key(record)
+            position = self._recent.get(key, self._older.get(key))
+            if position is None:
+                missing.append(record.event_id)
+            else:
+                found[key] = position
+        if missing:
+            found.update(await eventstore.stored_positions(log, missing))
+        return found
+
+    def answered(self, into: Submitted, positions: Sequence[int]) -> None:
+        """Outcomes of rows stored already, answered without a row (duplicates)."""
+        for position in positions:
+            into._known[into.size] = Outcome(position, True)
+            into.size += 1
+        metrics.count_records(duplicates=len(positions))
 
     # --- lifetime ---
 

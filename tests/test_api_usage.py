@@ -673,3 +673,57 @@ async def test_usage_for_a_key_created_a_moment_ago_is_accepted_on_every_path(
                 accepted.append((ack["seq"], ack["accepted"], ack["rejected"]))
 
     assert accepted == [(202, False), (200, 1, []), (1, 1, [])]
+
+
+async def test_a_repeat_is_a_duplicate_after_its_key_was_rotated_or_deleted(database):
+    """A gateway whose ack was lost sends the record again; if the key's secret was
+    rotated (or the key deleted) meanwhile, the repeat is still the duplicate it
+    is, on every path, while a new record with the old secret is refused."""
+    keys = "/api/governance/virtual-keys"
+    async with serve(database) as api:
+        created = await api.create(keys, {"name": "rotated"})
+        key = created["virtual_key"]
+        await api.caught_up(created["position"])
+        first = record(virtual_key=key["value"])
+        by_id = record(virtual_key=None, virtual_key_id=key["id"])
+        taken = await api.call("POST", "/api/usage", first)
+        taken_by_id = await api.call("POST", "/api/usage", by_id)
+        status, rotated = await api.call(
+            "PUT", f"{keys}/{key['id']}", {"rotate_value": True}
+        )
+        assert status == 200, rotated
+        await api.caught_up(rotated["position"])
+
+        single = await api.call("POST", "/api/usage", first)
+        batch = await api.call(
+            "POST", "/api/usage/batch", data=ndjson(first), content_type=NDJSON
+        )
+        async with api.socket() as ws:
+            await ws.send_str(
+                msgspec.json.encode({"seq": 1, "records": [first]}).decode()
+            )
+            frame = await ws.receive_json()
+        new = await api.call("POST", "/api/usage", record(virtual_key=key["value"]))
+        status, deleted = await api.call("DELETE", f"{keys}/{key['id']}")
+        assert status == 200, deleted
+        await api.caught_up(deleted["position"])
+        after_delete = await api.call("POST", "/api/usage", by_id)
+
+    position = taken[1]["position"]
+    assert single == (202, {"position": position, "duplicate": True})
+    assert batch[1] == {
+        "accepted": 0,
+        "duplicates": 1,
+        "rejected": [],
+        "position": position,
+    }
+    assert (frame["duplicates"], frame["rejected"], frame["position"]) == (
+        1,
+        [],
+        position,
+    )
+    assert (new[0], new[1]["error"]["code"]) == (400, "unknown_virtual_key")
+    assert after_delete == (
+        202,
+        {"position": taken_by_id[1]["position"], "duplicate": True},
+    )

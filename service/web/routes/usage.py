@@ -144,6 +144,7 @@ async def _record_one(request: web.Request, body: bytes) -> web.Response:
         _now(),
         _metadata(request),
         _refresher(request),
+        request.app[pool_key],
     )
     if rejected:
         metrics.count_records(rejected=1)
@@ -173,6 +174,7 @@ async def _record_batch(request: web.Request, body: bytes) -> web.Response:
         _now(),
         _metadata(request),
         _refresher(request),
+        request.app[pool_key],
     )
     rejected = _merge(bad, rejected)
     if rejected:
@@ -260,6 +262,7 @@ async def _accept_frame(
             _now(),
             metadata,
             _refresher(request),
+            request.app[pool_key],
         )
     except Exception as exc:  # the socket is upgraded: no HTTP answer can follow
         return _ready(_failed_frame(exc, frame.seq))
