@@ -134,6 +134,11 @@ class IdempotencyConflict(ServiceError):
     code = "idempotency_conflict"
 
 
+class UnreadableBody(Invalid):
+    """A body that cannot be read to its end (a coding that does not decode, a
+    connection closed mid-body): the connection cannot carry another request."""
+
+
 class BodyTimeout(ServiceError):
     """A declared body did not arrive in time (a slow or stalled sender)."""
 

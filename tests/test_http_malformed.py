@@ -298,3 +298,19 @@ async def test_a_content_type_that_is_no_media_type_is_a_400(
         {"error": {"code": "invalid_request", "message": sentence}},
     )
     assert await pool.fetchval("SELECT count(*) FROM events") == before
+
+
+async def test_a_body_that_cannot_be_read_to_its_end_closes_the_connection(
+    edge,
+) -> None:
+    """What is left of such a body is still on the connection: the 400 says the
+    connection ends (the next request on it met a reset before)."""
+    status, headers, body, closed = await exchange(
+        *edge,
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 8\r\n\r\ngarbage!",
+    )
+
+    assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_request")
+    assert (headers.get("Connection"), closed) == ("close", True)

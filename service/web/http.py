@@ -33,6 +33,7 @@ from service.errors import (
     ServiceError,
     Unauthorized,
     Unavailable,
+    UnreadableBody,
     UnsupportedMediaType,
     VersionConflict,
 )
@@ -203,9 +204,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         ) from None
     except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, not gzip
         why = getattr(exc.__cause__, "message", None) or "it is malformed"
-        raise Invalid(f"the request body cannot be read: {why}") from None
+        raise UnreadableBody(f"the request body cannot be read: {why}") from None
     except OSError:  # the client closed its side mid-body: not the database's doing
-        raise Invalid(
+        raise UnreadableBody(
             "the request body was cut short: the connection closed before all of"
             " it arrived"
         ) from None
@@ -384,6 +385,9 @@ def guarded(
                 response.headers["Allow"] = exc.headers["Allow"]
         except Exception as exc:
             response = _answer_error(exc)
+            if isinstance(exc, UnreadableBody | BodyTimeout):
+                # What is left of the body is still on the connection: say it ends.
+                response.force_close()
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         status = response.status
