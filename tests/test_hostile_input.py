@@ -207,6 +207,7 @@ async def test_the_document_describes_every_endpoint_with_rights_and_bodies(api)
         ],
         "description": "At least 0 and below 10^12, at most 9 fractional digits",
     }
+    assert schemas["UsageFrame"]["properties"]["records"]["maxItems"] == 10_000
     assert [sorted(b["required"]) for b in schemas["UsageRecord"]["oneOf"]] == [
         ["virtual_key"],
         ["virtual_key_id"],

@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
+from typing import Annotated
 
 import msgspec
 import structlog
@@ -63,7 +64,11 @@ class UsageFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A client text frame of GET /api/usage/stream."""
 
     seq: int
-    records: list[UsageRecord]
+    # Stated, not enforced here: a longer list is answered too_many_records.
+    records: Annotated[
+        list[UsageRecord],
+        msgspec.Meta(extra_json_schema={"maxItems": MAX_FRAME_RECORDS}),
+    ]
 
 
 class _RawFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
