@@ -2,6 +2,12 @@
 // contract's reconciliation by reset_duration ("Budget periods", "Budgets in a PUT").
 // Pure: no DOM, no requests.
 
+import { compareDecimal, plainDecimal } from "./format.js";
+
+// The periods a calendar has: one day, week, month, quarter or year (the service
+// refuses calendar alignment for any other duration).
+const ALIGNABLE = /^0*1[dwMQY]$/;
+
 /**
  * The outcome of replacing an owner's budgets `current` by the form's `rows`.
  *
@@ -13,6 +19,7 @@
  * Answers `{rows: [outcome per row], dropped: [budget]}`. An outcome's `kind`:
  * - "blank": no reset_duration yet;
  * - "duplicate": an earlier row has the same reset_duration (the service refuses it);
+ * - "unalignable": calendar aligned, but not a calendar period (refused too);
  * - "new": no budget has this reset_duration: a new budget, usage 0;
  * - "kept": the budget with this reset_duration keeps its id and its usage;
  * - "reset": kept, but calendar_aligned turns false → true: usage back to 0;
@@ -31,12 +38,14 @@ export function reconcile(current, rows) {
     if (!duration) return { kind: "blank", origin };
     if (taken.has(duration)) return { kind: "duplicate", duration, origin };
     taken.add(duration);
+    const aligned = Boolean(row.calendar_aligned);
+    if (aligned && !ALIGNABLE.test(duration)) return { kind: "unalignable", duration, origin };
     const budget = byDuration.get(duration);
     if (!budget) return { kind: "new", duration, origin };
-    const aligned = Boolean(row.calendar_aligned);
     const limit = String(row.max_limit ?? "").trim();
     const limitChanged =
-      limit !== "" && Number.isFinite(Number(limit)) && Number(limit) !== Number(budget.max_limit);
+      /^[0-9]+(?:\.[0-9]+)?$/.test(plainDecimal(limit)) &&
+      compareDecimal(limit, budget.max_limit) !== 0;
     let kind = "kept";
     if (aligned && !budget.calendar_aligned) kind = "reset";
     else if (!aligned && budget.calendar_aligned) kind = "unaligned";
@@ -59,6 +68,9 @@ export function describe(outcome, money = String) {
     case "duplicate":
       return `Another budget already has reset duration ${duration}: an owner has one` +
         " budget per reset duration, so this cannot be saved.";
+    case "unalignable":
+      return `A ${duration} period is not one of the calendar's (1d, 1w, 1M, 1Q, 1Y):` +
+        " it cannot be calendar aligned, so this cannot be saved.";
     case "new": {
       if (!moved) return "A new budget: its usage starts at 0.";
       const deleted = outcome.originDropped
@@ -69,21 +81,25 @@ export function describe(outcome, money = String) {
     }
     case "kept": {
       const what = moved ? `This is the existing ${duration} budget: its` : "Usage kept: the";
-      const limit = outcome.limitChanged
-        ? `; the limit changes from ${money(budget.max_limit)} to ${money(outcome.limit)}`
-        : "";
-      return `${what} current usage (${usage}) stays${limit}.`;
+      return `${what} current usage (${usage}) stays${limitChange(outcome, money)}.`;
     }
     case "reset":
       return "Turning calendar alignment on resets this budget: its usage goes from" +
-        ` ${usage} to 0, and its periods follow the calendar from now on.`;
+        ` ${usage} to 0, and its periods follow the calendar from now on` +
+        `${limitChange(outcome, money)}.`;
     case "unaligned":
       return "Turning calendar alignment off keeps the usage of the current calendar" +
         ` period (up to ${usage}) in the new rolling period; usage from before it` +
-        " never counts again.";
+        ` never counts again${limitChange(outcome, money)}.`;
     default:
       return "";
   }
+}
+
+function limitChange(outcome, money) {
+  return outcome.limitChanged
+    ? `; the limit changes from ${money(outcome.budget.max_limit)} to ${money(outcome.limit)}`
+    : "";
 }
 
 /** One sentence for a budget the save deletes. */

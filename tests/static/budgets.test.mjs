@@ -131,3 +131,27 @@ test("a provider config left out or renamed is removed with its budgets and usag
     "Provider local is removed.",
   );
 });
+
+test("calendar alignment asked of a period the calendar has not is refused before saving", () => {
+  const hour = { ...day, id: "b-hour", reset_duration: "1h", calendar_aligned: false };
+  const { rows } = reconcile([hour], [row("1h", true, "10", "1h"), row("2d", true, "5")]);
+  assert.deepEqual(rows.map((r) => r.kind), ["unalignable", "unalignable"]);
+  assert.equal(
+    describe(rows[0]),
+    "A 1h period is not one of the calendar's (1d, 1w, 1M, 1Q, 1Y): it cannot be" +
+      " calendar aligned, so this cannot be saved.",
+  );
+});
+
+test("a reset or unaligned budget also says when its limit changes, compared exactly", () => {
+  const { rows } = reconcile([day, month], [row("1d", true, "20", "1d"), row("1M", false, "100.0", "1M")]);
+  assert.equal(
+    describe(rows[0]),
+    "Turning calendar alignment on resets this budget: its usage goes from 2.5 to 0, and its" +
+      " periods follow the calendar from now on; the limit changes from 10 to 20.",
+  );
+  assert.equal(rows[1].limitChanged, false);
+  const big = { ...day, max_limit: "123456789012345678" };
+  const [kept] = reconcile([big], [row("1d", false, "123456789012345679", "1d")]).rows;
+  assert.equal(kept.limitChanged, true);
+});
