@@ -322,20 +322,24 @@ _EXACT = Context(prec=60, traps=[InvalidOperation])
 def _validate_max_limit(spec: BudgetSpec) -> None:
     limit = spec.max_limit
     what = f"max_limit of the {_shown(spec.reset_duration)} budget"
+    given = _shown(_as_typed(limit))
     if not limit.is_finite():
-        raise InvalidMaxLimit(
-            f"{what} must be a finite number, got {_shown(str(limit))}"
-        )
+        raise InvalidMaxLimit(f"{what} must be a finite number, got {given}")
     if limit <= 0:
-        raise InvalidMaxLimit(
-            f"{what} must be greater than 0, got {_shown(str(limit))}"
-        )
+        raise InvalidMaxLimit(f"{what} must be greater than 0, got {given}")
     if limit >= _MAX_LIMIT_CEILING:
-        raise InvalidMaxLimit(f"{what} must be below 10^18, got {_shown(str(limit))}")
+        raise InvalidMaxLimit(f"{what} must be below 10^18, got {given}")
     if limit.quantize(_NANO, context=_EXACT) != limit:
-        raise InvalidMaxLimit(
-            f"{what} has more than 9 fractional digits: {_shown(str(limit))}"
-        )
+        raise InvalidMaxLimit(f"{what} has more than 9 fractional digits: {given}")
+
+
+def _as_typed(amount: Decimal) -> str:
+    """A fraction in plain digits, as a form sends it (0.0000000001, which str()
+    writes 1E-10), while it takes fewer than 40 digits; any other amount as str()
+    writes it (1E+30 and 0E-20 were spelled so, as numbers)."""
+    if amount and amount.is_finite() and -40 < amount.adjusted() < 0:
+        return format(amount, "f")
+    return str(amount)
 
 
 def _validate_specs(requested: Sequence[BudgetSpec]) -> None:

@@ -5,7 +5,7 @@
 // (`data-path`), which is how an error answer finds the field it concerns.
 
 import { describe, describeDropped, describeRemovedProvider, reconcile } from "./budgets.js";
-import { el, money, plainDecimal } from "./format.js";
+import { el, money, plainDecimal, typedMoney } from "./format.js";
 
 let lastId = 0;
 function nextId(prefix) {
@@ -165,7 +165,7 @@ export function budgetsEditor(budgets, current) {
       place(r.aligned, `${where}.calendar_aligned`, who);
       r.remove.setAttribute("aria-label", `Remove ${who.toLowerCase()}`);
       return {
-        max_limit: r.limit.value.trim(),
+        max_limit: typedMoney(r.limit.value),
         reset_duration: r.duration.value.trim(),
         calendar_aligned: r.aligned.checked,
       };
@@ -179,7 +179,7 @@ export function budgetsEditor(budgets, current) {
     const outcome = reconcile(
       current(),
       shown.map((r) => ({
-        max_limit: r.limit.value,
+        max_limit: typedMoney(r.limit.value),
         reset_duration: r.duration.value,
         calendar_aligned: r.aligned.checked,
         origin: r.row.dataset.origin || null,

@@ -30,6 +30,14 @@ function numberText(n) {
   return Number.isInteger(n) ? String(n) : n.toFixed(9);
 }
 
+/** An amount as typed into a form: the board's own spelling, "1,000.5", is taken
+ * as 1000.5 (commas only between groups of three digits); anything else goes as
+ * typed, for the service to name what is wrong with it. */
+export function typedMoney(text) {
+  const t = String(text).trim();
+  return /^[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$/.test(t) ? t.replaceAll(",", "") : t;
+}
+
 /** -1, 0 or 1 as decimal a is below, equal to or above b, exactly. */
 export function compareDecimal(a, b) {
   const [sa, wa, fa] = decimalParts(a);

@@ -569,7 +569,8 @@ def test_no_id_is_drawn_when_a_later_spec_is_invalid() -> None:
         ),
         (
             "0.0000000001",
-            "max_limit of the '1d' budget has more than 9 fractional digits: '1E-10'",
+            "max_limit of the '1d' budget has more than 9 fractional digits:"
+            " '0.0000000001'",
         ),
         (
             "1.0000000001",

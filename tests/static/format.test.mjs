@@ -3,7 +3,13 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 
-import { compareDecimal, money, percent, utcLabel } from "../../service/static/format.js";
+import {
+  compareDecimal,
+  money,
+  percent,
+  typedMoney,
+  utcLabel,
+} from "../../service/static/format.js";
 
 test("money shows every digit the service wrote, grouped by thousands", () => {
   assert.equal(money("0.000000001"), "0.000000001");
@@ -43,4 +49,12 @@ test("a reset instant names its year when not this one, its seconds when not 0",
   assert.equal(utcLabel(new Date("2026-12-07T00:00:00Z"), now), "Dec 7, 00:00 UTC");
   assert.equal(utcLabel(new Date("2027-12-05T05:02:00Z"), now), "Dec 5 2027, 05:02 UTC");
   assert.equal(utcLabel(new Date("2026-12-05T05:00:15Z"), now), "Dec 5, 05:00:15 UTC");
+});
+
+test("an amount typed as the board shows it is taken without its commas", () => {
+  assert.equal(typedMoney("1,000"), "1000");
+  assert.equal(typedMoney(" 1,234,567.25 "), "1234567.25");
+  assert.equal(typedMoney("1000"), "1000");
+  assert.equal(typedMoney("1,00"), "1,00"); // not thousands: as typed
+  assert.equal(typedMoney("12,3456"), "12,3456");
 });
