@@ -541,49 +541,35 @@ async def test_the_page_shows_budget_bars_and_follows_usage_live(database, chrom
                 await browser.close()
 
 
-async def test_the_page_shows_money_exactly_as_the_service_keeps_it(database, chromium):
+async def test_the_page_shows_money_exactly_as_the_service_keeps_it(api, chromium):
     """Every digit, from the snapshot stream too: 0.999999999 of 1 is not "1 / 1 ·
     100%" (nor full), and a limit of 18 integer digits is not a float's."""
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
-    async with serve(database, Settings(**TOKENS)) as api:
-        team = await create_team(
-            api,
-            {"max_limit": 1, "reset_duration": "1d"},
-            {"max_limit": "123456789012345678.123456789", "reset_duration": "1w"},
+    team = await create_team(
+        api,
+        {"max_limit": 1, "reset_duration": "1d"},
+        {"max_limit": "123456789012345678.123456789", "reset_duration": "1w"},
+    )
+    day, week = (b["id"] for b in team["budgets"])
+    key = await create_key(api, team_id=team["id"])
+    await record(api, key["value"], "0.999999999")
+    async with browser_for(chromium) as browser:
+        reader = await signed_in(browser, api, READER)
+
+        def meter(budget_id: str, part: str) -> Any:
+            return reader.page.locator(f'[data-budget-id="{budget_id}"] {part}')
+
+        await expect(meter(day, ".amount")).to_have_text(
+            "0.999999999 / 1", timeout=10_000
         )
-        day, week = (b["id"] for b in team["budgets"])
-        key = await create_key(api, team_id=team["id"])
-        await record(api, key["value"], "0.999999999")
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=chromium, args=CHROMIUM_ARGS
-            )
-            try:
-                page = await browser.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                await page.goto(api.url("/"))
-                await page.fill("#token", READER)
-                await page.click("#token-form button[type=submit]")
-
-                def meter(budget_id: str, part: str) -> Any:
-                    return page.locator(f'[data-budget-id="{budget_id}"] {part}')
-
-                await expect(meter(day, ".amount")).to_have_text(
-                    "0.999999999 / 1", timeout=10_000
-                )
-                await expect(meter(day, ".pct")).to_have_text("99.9%")
-                await expect(meter(day, ".fill.ok, .fill.warn")).to_have_count(1)
-                await expect(meter(week, ".amount")).to_have_text(
-                    "0.999999999 / 123,456,789,012,345,678.123456789"
-                )
-                await expect(
-                    page.locator(f'.row[data-id="{key["id"]}"]')
-                ).to_have_attribute("data-status", "ok")
-                assert errors == []
-            finally:
-                await browser.close()
+        await expect(meter(day, ".pct")).to_have_text("99.9%")
+        await expect(meter(day, ".fill.ok, .fill.warn")).to_have_count(1)
+        await expect(meter(week, ".amount")).to_have_text(
+            "0.999999999 / 123,456,789,012,345,678.123456789"
+        )
+        await expect(reader.row(key["id"])).to_have_attribute("data-status", "ok")
+        assert reader.errors == []
 
 
 # --- the page's pure modules, under node ------------------------------------------
