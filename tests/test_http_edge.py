@@ -93,7 +93,7 @@ def test_an_unreachable_database_is_a_503() -> None:
 async def test_an_authorization_header_that_is_not_utf8_is_a_401(server) -> None:
     status, _, body = await raw_request(
         server,
-        b"GET /api/governance/teams HTTP/1.1\r\nHost: x\r\n"
+        b"GET /api/governance/teams HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Authorization: Bearer \xff\xfe\r\n",
     )
     assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized")
@@ -102,7 +102,7 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401(server) -> None
 async def test_an_x_request_id_that_is_not_utf8_is_a_400(server) -> None:
     status, headers, body = await raw_request(
         server,
-        b"GET /api/governance/teams HTTP/1.1\r\nHost: x\r\n"
+        b"GET /api/governance/teams HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Authorization: Bearer adm-secret\r\nX-Request-Id: \xff\r\n",
     )
     assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_request")
@@ -112,7 +112,9 @@ async def test_an_x_request_id_that_is_not_utf8_is_a_400(server) -> None:
 async def test_an_overlong_x_request_id_is_a_400(server) -> None:
     status, _, _ = await raw_request(
         server,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + b"a" * 201 + b"\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: "
+        + b"a" * 201
+        + b"\r\n",
     )
     assert status == 400
 
@@ -359,7 +361,7 @@ async def test_open_mode_takes_a_body_declared_as_json(open_server) -> None:
 async def test_with_tokens_a_body_without_content_type_is_still_read(server) -> None:
     status, _, _ = await raw_request(
         server,
-        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Authorization: Bearer adm-secret\r\nContent-Length: 16\r\n",
         b'{"name": "acme"}',
     )
@@ -399,6 +401,39 @@ async def test_open_mode_refuses_a_websocket_from_a_foreign_origin(
             assert (response.status, body["error"]["code"]) == (403, "forbidden")
 
 
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8080", True),
+        ("localhost", True),
+        ("LOCALHOST:8080", True),
+        ("[::1]:8080", True),
+        ("127.0.0.2", True),
+        ("app.localhost:8080", True),
+        ("console.example", True),  # listed in GOVLEDGER_ALLOWED_ORIGINS
+        ("rebind.attacker.example:8080", False),
+        ("10.0.0.5", False),
+        ("[fe80::1]:8080", False),
+    ],
+)
+async def test_open_mode_answers_only_requests_addressed_to_a_loopback_name(
+    open_server, host, allowed
+) -> None:
+    """A page that rebinds its own name to 127.0.0.1 is same-origin to the browser,
+    so no cross-site rule stops it (its WebSocket's Origin matched the Host it
+    sent): but its requests name its host, and without tokens only a loopback name
+    (or a listed origin's host) is answered."""
+    status, _, body = await raw_request(
+        open_server,
+        b"GET /api/governance/teams HTTP/1.1\r\nHost: " + host.encode() + b"\r\n",
+    )
+    if allowed:
+        assert status == 200, body
+    else:
+        assert (status, json.loads(body)["error"]["code"]) == (403, "forbidden")
+        assert host in json.loads(body)["error"]["message"]
+
+
 async def test_open_mode_takes_a_websocket_from_its_own_origin(open_server) -> None:
     own = f"http://{open_server.host}:{open_server.port}"
     async with TestClient(open_server) as client:
@@ -416,7 +451,7 @@ async def test_a_body_shorter_than_its_content_length_times_out_with_a_408(
     async with TestServer(create_app(settings, database)) as slow:
         status, _, body = await raw_request(
             slow,
-            b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+            b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100\r\n",
             b'{"name":',
@@ -430,7 +465,7 @@ async def test_a_request_head_that_never_ends_is_closed(database) -> None:
     await slow.start_server(keepalive_timeout=keepalive_timeout(settings))
     try:
         reader, writer = await asyncio.open_connection(slow.host, slow.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         await writer.drain()
         closed = await asyncio.wait_for(reader.read(), 5)
         writer.close()
@@ -449,7 +484,7 @@ async def created_customer(server: TestServer) -> str:
     """A new customer's id, once the read model has applied it."""
     status, _, body = await raw_request(
         server,
-        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
         b"Content-Length: 12\r\n",
         b'{"name":"c"}',
@@ -469,7 +504,7 @@ async def get(
         path += ("&" if "?" in path else "?") + f"min_position={min_position}"
     return await raw_request(
         server,
-        f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Authorization: Bearer adm-secret\r\n".encode(),
     )
 
@@ -500,7 +535,7 @@ async def test_a_header_sent_twice_is_refused(server, headers, status):
 
     answer = await raw_request(
         server,
-        f"PUT {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: x\r\n".encode()
+        f"PUT {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
         + headers
         + b"Content-Type: application/json\r\nContent-Length: 18\r\n",
         body,
@@ -565,7 +600,7 @@ async def test_a_delete_with_a_form_body_is_refused_and_deletes_nothing(
 
     status, _, body = await raw_request(
         server,
-        f"DELETE {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: x\r\n".encode()
+        f"DELETE {CUSTOMERS}/{customer} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
         + b"Authorization: Bearer adm-secret\r\nContent-Type: "
         + content_type
         + b"\r\nContent-Length: 3\r\n",
@@ -581,7 +616,7 @@ async def test_a_delete_with_a_form_body_is_refused_and_deletes_nothing(
 
 
 CREATE_HEAD = (
-    b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+    b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Authorization: Bearer adm-secret\r\nContent-Type: application/json\r\n"
     b"Content-Length: 12\r\n"
 )
@@ -624,7 +659,7 @@ async def test_an_unknown_expectation_is_passed_over_and_the_request_answered(
 
 
 async def test_a_target_that_is_not_a_path_is_answered_by_the_edge(server) -> None:
-    answer = await raw_request(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n")
+    answer = await raw_request(server, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n")
 
     assert (answer[0], answer[1]["Content-Type"], json.loads(answer[2])) == (
         404,
@@ -645,7 +680,7 @@ async def test_a_websocket_handshake_of_another_version_or_key_says_what_it_take
 ) -> None:
     answer = await raw_request(
         server,
-        b"GET /api/usage/stream HTTP/1.1\r\nHost: x\r\n"
+        b"GET /api/usage/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Authorization: Bearer rec-secret\r\n"
         b"Connection: Upgrade\r\nUpgrade: websocket\r\n" + handshake,
     )

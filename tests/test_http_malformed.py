@@ -40,44 +40,50 @@ async def edge(database: str) -> AsyncIterator[tuple[str, int]]:
 
 MALFORMED = [
     (
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
         "invalid character in Content-Length",
     ),
     (
-        b"POST /api/usage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /api/usage HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
         b"zz\r\nabc\r\n0\r\n\r\n",
         "invalid character in chunk size",
     ),
     (
-        b"POST /api/usage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"POST /api/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Length: 3\r\n\r\n0\r\n\r\n",
         "Content-Length can't be present with Transfer-Encoding",
     ),
-    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n", "invalid header token"),
-    (b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", "invalid method encountered"),
     (
-        b"GET /healthz HTTP/7.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nNo Colon\r\n\r\n",
+        "invalid header token",
+    ),
+    (b"G@T /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "invalid method encountered"),
+    (
+        b"GET /healthz HTTP/7.1\r\nHost: 127.0.0.1\r\n\r\n",
         "bad status line: invalid HTTP version",
     ),
     (
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: "
+        + b"a" * 9000
+        + b"\r\n\r\n",
         "got more than 8190 bytes when reading",
     ),
     (
-        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         "the request target is neither a path nor an absolute URL",
     ),
     (
-        b"GET http://[" + SECRET.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://[" + SECRET.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         "the request target is neither a path nor an absolute URL",
     ),
     (
-        b"CONNECT :: HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"CONNECT :: HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         "the request target is neither a path nor an absolute URL",
     ),
-    (b"GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n", "invalid char in url path"),
+    (b"GET /a\x7f HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "invalid char in url path"),
     (
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
         + SECRET.encode()
         + b"\x01\r\n\r\n",
         "invalid header value char",
@@ -112,7 +118,7 @@ async def test_a_request_that_is_not_http_gets_the_services_json_400(
 
 async def test_a_well_formed_request_on_the_same_runner_is_served(edge) -> None:
     status, headers, body, _ = await exchange(
-        *edge, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        *edge, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
 
     assert (status, headers["Content-Type"], json.loads(body)) == (
@@ -134,7 +140,9 @@ async def test_connect_is_routed_as_any_method_no_route_takes(
     edge, target, status, code, allow
 ) -> None:
     answer, headers, body, _ = await exchange(
-        *edge, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", close_within=0
+        *edge,
+        b"CONNECT " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        close_within=0,
     )
 
     assert (answer, headers["Content-Type"], headers.get("Allow")) == (
@@ -151,8 +159,8 @@ async def test_after_a_refused_connect_the_connection_serves_the_next_request(
     reader, writer = await asyncio.open_connection(*edge)
     try:
         writer.write(
-            b"CONNECT /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"CONNECT /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         )
         answers = await asyncio.wait_for(reader.read(), 10)
     finally:
@@ -184,7 +192,7 @@ async def test_a_body_coding_not_decoded_here_is_a_415_naming_those_that_are(
 ) -> None:
     status, headers, body, closed = await exchange(
         *edge,
-        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Encoding: "
         + coding.encode()
         + b"\r\nContent-Length: 2\r\n\r\n{}",
@@ -245,7 +253,9 @@ async def test_govledger_serve_answers_a_request_that_is_not_http_in_json(
         async with aiohttp.ClientSession() as session:
             await served.ready(session)
         status, headers, body, closed = await exchange(
-            "127.0.0.1", served.port, b"GET /healthz HTTP/7.1\r\nHost: x\r\n\r\n"
+            "127.0.0.1",
+            served.port,
+            b"GET /healthz HTTP/7.1\r\nHost: 127.0.0.1\r\n\r\n",
         )
         assert served.stop() == 0
         lines = [json.loads(line) for line in served.log_text().splitlines()]
@@ -287,7 +297,7 @@ async def test_a_content_type_that_is_no_media_type_is_a_400(
 
     status, _, body, _ = await exchange(
         *edge,
-        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         + declared
         + b'Content-Length: 12\r\nConnection: close\r\n\r\n{"name":"a"}',
         close_within=0,
@@ -307,7 +317,7 @@ async def test_a_body_that_cannot_be_read_to_its_end_closes_the_connection(
     connection ends (the next request on it met a reset before)."""
     status, headers, body, closed = await exchange(
         *edge,
-        b"POST /api/governance/customers HTTP/1.1\r\nHost: x\r\n"
+        b"POST /api/governance/customers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
         b"Content-Length: 8\r\n\r\ngarbage!",
     )

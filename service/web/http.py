@@ -19,7 +19,7 @@ import structlog
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
-from service.config import Settings
+from service.config import Settings, is_loopback
 from service.domain.bounds import id_or_none
 from service.errors import (
     BodyTimeout,
@@ -348,6 +348,8 @@ def guarded(
     What the settings decide is decided here once, not on every request."""
     needs_role = right is not Right.PUBLIC and not settings.is_open
     checks_origin = websocket and settings.is_open
+    checks_host = settings.is_open
+    local_hosts: set[str] = set()
 
     async def guard(request: web.Request) -> web.StreamResponse:
         # No clear_contextvars() (it cost a check a tenth of its time in process):
@@ -374,6 +376,8 @@ def guarded(
                 raise refusal
             if needs_role:
                 _authorize(request, settings, right)
+            if checks_host:
+                _refuse_other_hosts(headers.get("Host"), settings, local_hosts)
             if checks_origin and headers.get("Upgrade", "").lower() == "websocket":
                 _refuse_cross_site_upgrade(request, settings)
             response = await handler(request)
@@ -499,6 +503,35 @@ def _authorize(request: web.Request, settings: Settings, right: Right) -> None:
     role = authenticate(settings, authorization(request))
     if right not in ROLE_RIGHTS[role]:
         raise Forbidden(f"the {role} role may not call {request.method} {request.path}")
+
+
+def _refuse_other_hosts(host: str | None, settings: Settings, known: set[str]) -> None:
+    """In open mode the service answers only requests addressed to a loopback name.
+    A page that rebinds its own name to 127.0.0.1 (DNS rebinding) is same-origin to
+    the browser, so no cross-site rule stops it; its requests still name its host.
+    `known`: Host values found local already (at most 64: a client picks them)."""
+    if host is None or host in known:
+        return
+    if not _is_local(host, settings):
+        raise Forbidden(
+            f"without tokens this service answers only requests addressed to it by"
+            f" a loopback name (localhost, 127.0.0.1, [::1]); the Host header names"
+            f" {host[:100]!r}: list its origin in GOVLEDGER_ALLOWED_ORIGINS or"
+            f" configure tokens"
+        )
+    if len(known) < 64:
+        known.add(host)
+
+
+def _is_local(host: str, settings: Settings) -> bool:
+    name = host.lower()
+    if name.startswith("["):  # [::1]:8080
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name == "localhost" or name.endswith(".localhost") or is_loopback(name):
+        return True
+    return any(URL(o).host == name for o in settings.allowed_origins)
 
 
 def _refuse_cross_site_upgrade(request: web.Request, settings: Settings) -> None:
