@@ -193,16 +193,7 @@ export function budgetsEditor(budgets, current) {
       r.preview.dataset.kind = o.kind;
       r.row.dataset.kind = o.kind;
     });
-    const deleted = outcome.dropped.map((b) => describeDropped(b, money));
-    if ([...dropped.children].map((item) => item.textContent).join("\n") !== deleted.join("\n")) {
-      dropped.replaceChildren(
-        ...deleted.map((text) => {
-          const item = el("li", "preview", text);
-          item.dataset.kind = "dropped";
-          return item;
-        }),
-      );
-    }
+    showDropped(dropped, outcome.dropped.map((b) => describeDropped(b, money)));
   }
 
   add.addEventListener("click", () => {
@@ -224,6 +215,21 @@ function integer(text) {
   if (t === "") return null;
   // Anything else goes as typed: the service names what is wrong with it.
   return /^[0-9]+$/.test(t) && Number.isSafeInteger(Number(t)) ? Number(t) : t;
+}
+
+/** `list` shows `texts`, one item each, as what the save deletes; left as it is
+ * when they are the same (a screen reader hears the live region only on change). */
+function showDropped(list, texts) {
+  if ([...list.children].map((item) => item.textContent).join("\n") === texts.join("\n")) {
+    return;
+  }
+  list.replaceChildren(
+    ...texts.map((text) => {
+      const item = el("li", "preview", text);
+      item.dataset.kind = "dropped";
+      return item;
+    }),
+  );
 }
 
 /** The rate-limit fieldset: tokens and requests, each a limit and its window. */
@@ -310,18 +316,9 @@ export function providersEditor(configs, current) {
   // The configs the save removes: those whose provider no entry names any more.
   function refreshRemoved() {
     const named = new Set(entries.map((e) => e.provider.input.value.trim()));
-    const texts = current
-      .filter((c) => !named.has(c.provider))
-      .map((c) => describeRemovedProvider(c, money));
-    if ([...removed.children].map((item) => item.textContent).join("\n") === texts.join("\n")) {
-      return;
-    }
-    removed.replaceChildren(
-      ...texts.map((text) => {
-        const item = el("li", "preview", text);
-        item.dataset.kind = "dropped";
-        return item;
-      }),
+    showDropped(
+      removed,
+      current.filter((c) => !named.has(c.provider)).map((c) => describeRemovedProvider(c, money)),
     );
   }
 
