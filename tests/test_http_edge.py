@@ -410,6 +410,8 @@ async def test_open_mode_refuses_a_websocket_from_a_foreign_origin(
         ("[::1]:8080", True),
         ("127.0.0.2", True),
         ("app.localhost:8080", True),
+        ("0.0.0.0:8080", True),  # what some clients address loopback by
+        ("[::]:8080", True),
         ("console.example", True),  # listed in GOVLEDGER_ALLOWED_ORIGINS
         ("rebind.attacker.example:8080", False),
         ("10.0.0.5", False),

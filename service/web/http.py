@@ -531,6 +531,8 @@ def _is_local(host: str, settings: Settings) -> bool:
         name = name.split(":", 1)[0]
     if name == "localhost" or name.endswith(".localhost") or is_loopback(name):
         return True
+    if name in ("0.0.0.0", "::"):  # Linux delivers these to loopback; no name rebinds
+        return True
     return any(URL(o).host == name for o in settings.allowed_origins)
 
 
